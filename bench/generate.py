@@ -5,8 +5,8 @@
     python bench/generate.py --skip-transformers  # ours only (e.g. real 20b shapes on CPU)
 
 Prints one JSON object: machine, versions, config, and for each engine decode tokens/s at
-batch 1 and 8 (steady state, compile excluded), prefill tokens/s for a 512-token prompt, time to
-first token, compile time, peak RSS, plus decode bytes/token and the implied GB/s against a
+batch 1 and 8 (steady state, compile excluded), prefill tokens/s for a 512-token prompt and time to
+first token (median of 3 runs each), compile time, peak RSS, plus decode bytes/token and the implied GB/s against a
 measured memory-copy bandwidth (the roofline for batch-1 decode).
 """
 
@@ -24,6 +24,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+PREFILL_REPEATS = 3  # prefill times are the median of this many runs (both engines)
 
 
 def copy_bandwidth_gbs(nbytes: int = 1 << 28) -> float:
@@ -70,9 +72,14 @@ def bench_ours(path, dtype, prompt_len, new_tokens, batches):
         out[f"compile_s_batch{b}"] = eng.compile(prompt_len, num_prompts=b, sampling=greedy)
         prompts = [rng.integers(0, 200000, size=prompt_len).tolist() for _ in range(b)]
         samp = [greedy] * b
-        t = time.perf_counter()
-        eng.add(prompts, samp, [new_tokens] * b, [()] * b)
-        ttft = time.perf_counter() - t
+        ttfts = []
+        for _ in range(PREFILL_REPEATS):  # a single prefill is too noisy to report alone
+            for slot in list(eng.seqs):
+                eng.release(slot)
+            t = time.perf_counter()
+            eng.add(prompts, samp, [new_tokens] * b, [()] * b)
+            ttfts.append(time.perf_counter() - t)
+        ttft = float(np.median(ttfts))
         steps = 0
         t = time.perf_counter()
         while eng.seqs and steps < new_tokens - 1:
@@ -103,9 +110,12 @@ def bench_transformers(path, dtype, prompt_len, new_tokens, batches):
         ids = torch.tensor(rng.integers(0, 200000, size=(b, prompt_len)))
         with torch.no_grad():
             model(ids[:, :8], use_cache=True)  # warm-up
-            t = time.perf_counter()
-            res = model(ids, use_cache=True)
-            prefill = time.perf_counter() - t
+            times = []
+            for _ in range(PREFILL_REPEATS):
+                t = time.perf_counter()
+                res = model(ids, use_cache=True)
+                times.append(time.perf_counter() - t)
+            prefill = float(np.median(times))
             past, tok = res.past_key_values, res.logits[:, -1].argmax(-1, keepdim=True)
             t = time.perf_counter()
             for _ in range(new_tokens - 1):  # steady-state greedy decode with the KV cache

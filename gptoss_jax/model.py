@@ -42,9 +42,10 @@ class Runtime:
 
 
 class LayerCache(NamedTuple):
-    """One layer's KV cache; slots are a ring buffer on sliding layers."""
-    k: jax.Array  # [b, s, k, h]
-    v: jax.Array  # [b, s, k, h]
+    """One layer's KV cache; slots are a ring buffer on sliding layers. Heads before slots: the
+    layout the attention matmuls read, so a decode step never transposes the cache."""
+    k: jax.Array  # [b, k, s, h]
+    v: jax.Array  # [b, k, s, h]
     pos: jax.Array  # [b, s] int32 absolute position in each slot, -1 = empty
 
 
@@ -53,7 +54,7 @@ def init_cache(c: GptOssConfig, batch: int, max_len: int, dtype) -> list[LayerCa
     out = []
     for layer in range(c.num_hidden_layers):
         s = min(c.sliding_window, max_len) if c.is_sliding(layer) else max_len
-        shape = (batch, s, c.num_key_value_heads, c.head_dim)
+        shape = (batch, c.num_key_value_heads, s, c.head_dim)
         out.append(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                               jnp.full((batch, s), -1, jnp.int32)))
     return out
@@ -70,9 +71,20 @@ def _proj(eq: str, x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     weight to f32 (a full-size temporary) and runs ~10x slower than with 8 rows. Decode has 1-2
     rows per step, so rows are zero-padded to 8 there (same bytes read, no temporary).
     """
-    feat = len(eq.split(",")[0]) - 1  # x's trailing feature axes
+    x_axes, rest = eq.split(",")
+    w_axes, out_axes = rest.split("->")
+    feat = len(x_axes) - 1  # x's trailing feature axes
     lead = x.shape[: x.ndim - feat]
     rows = math.prod(lead)
+    if (rows == 1 and jax.default_backend() == "cpu" and w_axes.endswith(x_axes[1:])
+            and out_axes == "r" + w_axes[: len(w_axes) - feat]):
+        # One row against a weight stored [out..., in...] (the unembedding): written as
+        # ``x @ W^T`` in f32, XLA fuses the conversion into a vector-matrix loop that streams the
+        # bf16 weight once (~2x faster than the 8-row GEMM, which is compute-bound here).
+        k = math.prod(x.shape[x.ndim - feat:])
+        vec = x.reshape(1, k).astype(jnp.float32)
+        out = (vec @ w.reshape(-1, k).T.astype(jnp.float32)).reshape(lead + w.shape[:-feat])
+        return out if out_dtype is None else out.astype(out_dtype)
     flat = x.reshape((rows,) + x.shape[x.ndim - feat:])
     pad = CPU_MIN_ROWS - rows
     if pad > 0 and x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
@@ -93,19 +105,21 @@ def attention_core(q, k, v, q_pos, k_pos, sinks, window: int | None, q_seg=None,
                    k_seg=None) -> jax.Array:
     """Softmax attention with sinks.
 
-    q ``[b, t, k, g, h]``, k/v ``[b, s, k, h]``, q_pos ``[b, t]``, k_pos ``[b, s]`` (-1 = no key),
-    sinks ``[k, g]`` f32. Returns ``[b, t, k, g, h]``. Optional segment ids q_seg ``[b, t]`` /
-    k_seg ``[b, s]`` (packed training rows): a query sees only keys of its own segment.
+    q ``[b, t, k, g, h]``, k/v ``[b, k, s, h]`` (the cache layout), q_pos ``[b, t]``, k_pos
+    ``[b, s]`` (-1 = no key), sinks ``[k, g]`` f32. Returns ``[b, t, k, g, h]``. Optional segment
+    ids q_seg ``[b, t]`` / k_seg ``[b, s]`` (packed training rows): a query sees only keys of its
+    own segment.
     """
     b, t, kh, g, h = q.shape
-    # Operands laid out [b, k, (g t), h] / [b, k, s, h]: plain batched matmuls. Decode-sized
-    # products (few query rows) run in f32 on CPU, where XLA's bf16 path is slow below 8 rows.
-    dt = jnp.float32 if (g * t < 8 and jax.default_backend() == "cpu") else q.dtype
-    qt = jnp.transpose(q, (0, 2, 3, 1, 4)).reshape(b, kh, g * t, h).astype(dt)
-    kt = jnp.transpose(k, (0, 2, 1, 3)).astype(dt)
-    vt = jnp.transpose(v, (0, 2, 1, 3)).astype(dt)
-    scores = jnp.einsum("bkqh,bksh->bkqs", qt, kt, preferred_element_type=jnp.float32)
-    scores = scores.reshape(b, kh, g, t, -1) * h ** -0.5  # [b, k, g, t, s]
+    # Operands laid out [b, k, (g t), h] / [b, k, s, h]: plain batched matmuls. On CPU, XLA's
+    # bf16 matmul is slow below 8 rows: decode-sized query blocks are zero-padded to 8 rows
+    # (converting the cache to f32 instead would copy all of it every step).
+    qt = jnp.transpose(q, (0, 2, 3, 1, 4)).reshape(b, kh, g * t, h).astype(k.dtype)
+    pad = CPU_MIN_ROWS - g * t
+    if pad > 0 and k.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
+        qt = jnp.pad(qt, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    scores = jnp.einsum("bkqh,bksh->bkqs", qt, k, preferred_element_type=jnp.float32)
+    scores = scores[:, :, : g * t].reshape(b, kh, g, t, -1) * h ** -0.5  # [b, k, g, t, s]
     qp, kp = q_pos[:, None, None, :, None], k_pos[:, None, None, None, :]
     allowed = (kp >= 0) & (kp <= qp)
     if window is not None:
@@ -116,13 +130,20 @@ def attention_core(q, k, v, q_pos, k_pos, sinks, window: int | None, q_seg=None,
     # The sink is one extra logit per head that takes probability mass and outputs nothing.
     sink = jnp.broadcast_to(sinks[None, :, :, None, None], scores.shape[:-1] + (1,))
     probs = jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1]
-    out = jnp.einsum("bkqs,bksh->bkqh", probs.reshape(b, kh, g * t, -1).astype(dt), vt,
-                     preferred_element_type=jnp.float32)
+    probs = probs.reshape(b, kh, g * t, -1).astype(v.dtype)
+    if pad > 0 and v.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
+        probs = jnp.pad(probs, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    out = jnp.einsum("bkqs,bksh->bkqh", probs, v, preferred_element_type=jnp.float32)[:, :, : g * t]
     return jnp.transpose(out.reshape(b, kh, g, t, h), (0, 3, 1, 2, 4)).astype(q.dtype)
 
 
+def _heads_first(x: jax.Array) -> jax.Array:
+    """``[b, t, k, h]`` projections -> ``[b, k, t, h]``, the layout of the cache and the core."""
+    return jnp.transpose(x, (0, 2, 1, 3))
+
+
 def _write_cache(cache: LayerCache, k, v, pos, ring: bool) -> LayerCache:
-    """Scatter new keys into their slots (slot = pos mod size on a ring)."""
+    """Scatter new keys ``[b, t, k, h]`` into their slots (slot = pos mod size on a ring)."""
     b, size = cache.pos.shape
     slot = pos % size if ring else pos
     if ring:
@@ -131,10 +152,42 @@ def _write_cache(cache: LayerCache, k, v, pos, ring: bool) -> LayerCache:
         last = jnp.max(pos, axis=1, keepdims=True)
         slot = jnp.where(pos > last - size, slot, size)
     slot = jnp.where(pos >= 0, slot, size)  # padding: out of bounds, dropped
+    if pos.shape[1] == 1:
+        return _write_one(cache, k, v, pos, slot)
     rows = jnp.arange(b)[:, None]
-    return LayerCache(cache.k.at[rows, slot].set(k, mode="drop"),
-                      cache.v.at[rows, slot].set(v, mode="drop"),
+    # (advanced indices around a slice: the indexed view is [b, t, k, h], the new keys' layout)
+    return LayerCache(cache.k.at[rows, :, slot].set(k.astype(cache.k.dtype), mode="drop"),
+                      cache.v.at[rows, :, slot].set(v.astype(cache.v.dtype), mode="drop"),
                       cache.pos.at[rows, slot].set(pos, mode="drop"))
+
+
+def _write_one(cache: LayerCache, k, v, pos, slot) -> LayerCache:
+    """The decode write (one key per row) as in-place row updates.
+
+    A scatter would do, but XLA:CPU widens a bf16 scatter's whole operand (the cache) to f32
+    and back on every step; dynamic-update-slices stay in place. Out-of-range slots (padding,
+    idle rows) rewrite what is there.
+    """
+    b, size = cache.pos.shape
+
+    def body(i, c: LayerCache) -> LayerCache:
+        s = slot[i, 0]
+        keep = s >= size
+        s = jnp.minimum(s, size - 1)
+
+        def put(buf, new, start):
+            cur = jax.lax.dynamic_slice(buf, start, new.shape)
+            return jax.lax.dynamic_update_slice(buf, jnp.where(keep, cur, new.astype(buf.dtype)),
+                                                start)
+
+        zero = jnp.zeros((), jnp.int32)
+        kv_at = (i, zero, s, zero)
+        row_k = jax.lax.dynamic_slice_in_dim(k, i, 1).transpose(0, 2, 1, 3)  # [1, k, 1, h]
+        row_v = jax.lax.dynamic_slice_in_dim(v, i, 1).transpose(0, 2, 1, 3)
+        return LayerCache(put(c.k, row_k, kv_at), put(c.v, row_v, kv_at),
+                          put(c.pos, jax.lax.dynamic_slice_in_dim(pos, i, 1), (i, s)))
+
+    return jax.lax.fori_loop(0, b, body, cache)
 
 
 def attention(x, p: dict, c: GptOssConfig, layer: int, pos, cos, sin, cache: LayerCache | None,
@@ -162,15 +215,22 @@ def attention(x, p: dict, c: GptOssConfig, layer: int, pos, cos, sin, cache: Lay
         v = constrain(v, ("batch", None, "kv_heads", None), mesh)
     sliding = c.is_sliding(layer)
     if cache is None or fresh:
-        keys, values, k_pos, new_cache = k, v, pos, None
+        keys, values, k_pos, new_cache = _heads_first(k), _heads_first(v), pos, None
         if cache is not None:
             new_cache = _write_cache(cache, k.astype(cache.k.dtype), v.astype(cache.v.dtype), pos,
                                      ring=sliding)
+    elif t == 1:
+        # Decode: store first, then attend over the cache alone. On a ring the slot written held
+        # position pos - window, which the window already excludes; on full layers it was empty.
+        new_cache = _write_cache(cache, k.astype(cache.k.dtype), v.astype(cache.v.dtype), pos,
+                                 ring=sliding)
+        keys, values, k_pos = new_cache.k, new_cache.v, new_cache.pos
     else:
         assert segment_ids is None, "segment ids are for training rows, not the KV cache"
-        # Attend over what the cache held before this chunk plus the chunk itself, then store.
-        keys = jnp.concatenate([cache.k, k.astype(cache.k.dtype)], axis=1).astype(dt)
-        values = jnp.concatenate([cache.v, v.astype(cache.v.dtype)], axis=1).astype(dt)
+        # A chunk after earlier ones: attend over what the cache held before it plus the chunk
+        # itself (writing first could overwrite ring slots the chunk's early queries still see).
+        keys = jnp.concatenate([cache.k, _heads_first(k).astype(cache.k.dtype)], axis=2)
+        values = jnp.concatenate([cache.v, _heads_first(v).astype(cache.v.dtype)], axis=2)
         k_pos = jnp.concatenate([cache.pos, pos], axis=1)
         new_cache = _write_cache(cache, k.astype(cache.k.dtype), v.astype(cache.v.dtype), pos,
                                  ring=sliding)

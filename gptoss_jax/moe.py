@@ -182,33 +182,78 @@ def _grouped_vjp_bwd(name, res, g):
 _grouped_vjp.defvjp(_grouped_vjp_fwd, _grouped_vjp_bwd)
 
 
+# Expanded (dequantized) expert bytes one grouped call may hold at once: experts expand in static
+# chunks of at most this size, one chunk after the other.
+EXPAND_BUDGET_BYTES = 256 << 20
+
+
+def _expand_chunk(w_shape: tuple, packed: bool, itemsize: int, num_experts: int) -> int:
+    """Experts per expansion chunk so one chunk's expanded weight stays within the budget."""
+    n, k = (w_shape[1], w_shape[2] * w_shape[3] * 2) if packed else (w_shape[1], w_shape[2])
+    return max(1, min(num_experts, EXPAND_BUDGET_BYTES // (n * k * itemsize)))
+
+
+def _after(tree, *deps):
+    """``tree`` unchanged, but only computable once ``deps`` exist.
+
+    Keeps XLA from hoisting weight expansions (which depend on parameters only) to the start of
+    the program, where every layer's expansion would be live at once. An optimization barrier
+    cannot do this: XLA:CPU removes barriers before scheduling. The select on an always-false
+    flag that XLA cannot prove false (``|d| < 0``) fuses into the expansion for free.
+    """
+    flags = [jnp.abs(d.reshape(-1)[0]) < 0 for d in deps]
+    never = functools.reduce(jnp.logical_or, flags)
+    return jax.tree.map(lambda a: jnp.where(never, jnp.zeros((), a.dtype), a), tree)
+
+
 def _grouped_loop(lhs, experts, name, group_sizes, transpose: bool):
-    """The tiled per-expert loop: ``W[e(r)] @ lhs[r]``, or ``W[e(r)]^T @ lhs[r]`` (``transpose``)."""
+    """The tiled per-expert loop: ``W[e(r)] @ lhs[r]``, or ``W[e(r)]^T @ lhs[r]`` (``transpose``).
+
+    Experts expand in static chunks *outside* the loops (XLA's CPU code for the 4-bit expansion
+    runs ~7x slower when the expert is picked by a loop index): all of a layer's experts at once
+    when they fit :data:`EXPAND_BUDGET_BYTES` (small models), a few at a time otherwise (20b:
+    a chunk of 7 gate_up experts is 230 MB). Each chunk is tied by an optimization barrier to the
+    rows and to the previous chunk's results, so XLA cannot hoist the expansions of every chunk
+    (or every layer) to the start of the program and hold them all at once (:func:`_after`).
+    """
     m, k = lhs.shape
-    w_shape = experts[name + "_blocks"].shape if name + "_blocks" in experts else experts[name].shape
-    n = w_shape[1] if not transpose else (
-        w_shape[2] * w_shape[3] * 2 if name + "_blocks" in experts else w_shape[2])
+    packed = name + "_blocks" in experts
+    w_shape = experts[name + "_blocks"].shape if packed else experts[name].shape
+    n = w_shape[1] if not transpose else (w_shape[2] * w_shape[3] * 2 if packed else w_shape[2])
     num_experts = group_sizes.shape[0]
     tile = int(min(64, max(8, 1 << max(0, (m // num_experts - 1)).bit_length())))
     padded = jnp.concatenate([lhs, jnp.zeros((tile, k), lhs.dtype)])  # slices never clamp
     starts = jnp.cumsum(group_sizes) - group_sizes
+    chunk = _expand_chunk(w_shape, packed, lhs.dtype.itemsize, num_experts)
+    parts = {s: experts[s] for s in (name, name + "_blocks", name + "_scales") if s in experts}
+    out = jnp.zeros((m + tile, n), jnp.float32)
+    for c0 in range(0, num_experts, chunk):
+        c1 = min(num_experts, c0 + chunk)
+        sub = _after({s: v[c0:c1] for s, v in parts.items()}, padded, out)
+        # [c, N, K] split order; kept as raw bf16 bits (uint16) until sliced in the loop
+        w = expert_weight(sub, name, lhs.dtype, split=True)
+        as_bits = w.dtype == jnp.bfloat16
+        if as_bits:
+            w = jax.lax.bitcast_convert_type(w, jnp.uint16)
 
-    def per_expert(e, out):
-        w = expert_weight(experts, name, lhs.dtype, e, split=True)  # [N, K] split order, expert e
-        start, size = starts[e], group_sizes[e]
+        def per_expert(e, out, w=w, c0=c0):
+            we = w[e - c0]
+            if as_bits:
+                we = jax.lax.bitcast_convert_type(we, jnp.bfloat16)
+            start, size = starts[e], group_sizes[e]
 
-        def per_tile(i, out):
-            r0 = start + i * tile
-            x = jax.lax.dynamic_slice_in_dim(padded, r0, tile)
-            y = jnp.einsum("tn,nk->tk" if transpose else "tk,nk->tn", x, w,
-                           preferred_element_type=jnp.float32)
-            mine = (jnp.arange(tile) < size - i * tile)[:, None]  # rows of the next expert stay
-            cur = jax.lax.dynamic_slice_in_dim(out, r0, tile)
-            return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(mine, y, cur), r0, 0)
+            def per_tile(i, out):
+                r0 = start + i * tile
+                x = jax.lax.dynamic_slice_in_dim(padded, r0, tile)
+                y = jnp.einsum("tn,nk->tk" if transpose else "tk,nk->tn", x, we,
+                               preferred_element_type=jnp.float32)
+                mine = (jnp.arange(tile) < size - i * tile)[:, None]  # next expert's rows stay
+                cur = jax.lax.dynamic_slice_in_dim(out, r0, tile)
+                return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(mine, y, cur), r0, 0)
 
-        return jax.lax.fori_loop(0, (size + tile - 1) // tile, per_tile, out)
+            return jax.lax.fori_loop(0, (size + tile - 1) // tile, per_tile, out)
 
-    out = jax.lax.fori_loop(0, num_experts, per_expert, jnp.zeros((m + tile, n), jnp.float32))
+        out = jax.lax.fori_loop(c0, c1, per_expert, out)
     return out[:m]
 
 

@@ -231,7 +231,7 @@ def shard_model(model, mesh: Mesh):
 
 def cache_shardings(config: GptOssConfig, mesh: Mesh, batch: int, max_len: int) -> list:
     """``LayerCache`` of shardings per layer, matching ``model.init_cache(config, batch, max_len)``:
-    k/v ``[b, s, k, h]`` with batch on ``data`` (when it divides) and kv heads on ``tensor``;
+    k/v ``[b, k, s, h]`` with batch on ``data`` (when it divides) and kv heads on ``tensor``;
     positions ``[b, s]`` with batch on ``data``."""
     from gptoss_jax.model import LayerCache  # model imports this module
 
@@ -239,8 +239,8 @@ def cache_shardings(config: GptOssConfig, mesh: Mesh, batch: int, max_len: int) 
     out = []
     for layer in range(config.num_hidden_layers):
         s = min(config.sliding_window, max_len) if config.is_sliding(layer) else max_len
-        kv = (batch, s, config.num_key_value_heads, config.head_dim)
-        kv_s = NamedSharding(mesh, logical_spec(("batch", None, "kv_heads", None), mesh, kv,
+        kv = (batch, config.num_key_value_heads, s, config.head_dim)
+        kv_s = NamedSharding(mesh, logical_spec(("batch", "kv_heads", None, None), mesh, kv,
                                                 strict=False))
         pos_s = NamedSharding(mesh, logical_spec(("batch", None), mesh, (batch, s), strict=False))
         out.append(LayerCache(kv_s, kv_s, pos_s))

@@ -168,8 +168,9 @@ def test_attention_with_sinks_matches_eager(rng, window):
         t(v).transpose(1, 2), mask, scaling=h ** -0.5)  # [b, t, n, h]
     pos = np.where(np.arange(tt)[None] < lengths[:, None], np.arange(tt)[None], -1)
     pos = jnp.asarray(pos, jnp.int32)
-    ours = M.attention_core(jnp.asarray(q).reshape(b, tt, kvh, g, h), jnp.asarray(k),
-                            jnp.asarray(v), pos, pos, jnp.asarray(sinks).reshape(kvh, g), window)
+    heads_first = lambda a: jnp.asarray(a).transpose(0, 2, 1, 3)  # noqa: E731 (the cache layout)
+    ours = M.attention_core(jnp.asarray(q).reshape(b, tt, kvh, g, h), heads_first(k),
+                            heads_first(v), pos, pos, jnp.asarray(sinks).reshape(kvh, g), window)
     ours = np.asarray(ours).reshape(b, tt, kvh * g, h)
     for bi, length in enumerate(lengths):  # padded query rows are unspecified
         close(ours[bi, :length], ref[bi, :length])
