@@ -127,9 +127,12 @@ def attention_core(q, k, v, q_pos, k_pos, sinks, window: int | None, q_seg=None,
     if q_seg is not None:
         allowed &= q_seg[:, None, None, :, None] == k_seg[:, None, None, None, :]
     scores = jnp.where(allowed, scores, NEG_INF)
-    # The sink is one extra logit per head that takes probability mass and outputs nothing.
-    sink = jnp.broadcast_to(sinks[None, :, :, None, None], scores.shape[:-1] + (1,))
-    probs = jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1]
+    # The sink is one extra logit per head that takes probability mass and outputs nothing:
+    # a softmax over [scores, sink] without materializing the extra column.
+    sink = sinks[None, :, :, None, None]
+    top = jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), sink)
+    e = jnp.exp(scores - top)
+    probs = e / (jnp.sum(e, axis=-1, keepdims=True) + jnp.exp(sink - top))
     probs = probs.reshape(b, kh, g * t, -1).astype(v.dtype)
     if pad > 0 and v.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
         probs = jnp.pad(probs, ((0, 0), (0, 0), (0, pad), (0, 0)))

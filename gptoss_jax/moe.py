@@ -138,15 +138,26 @@ def _experts_gather(x, weights, idx, experts, c: GptOssConfig, rt: MoeRuntime):
     return jnp.einsum("tkd,tk->td", y, weights).astype(out_dtype)
 
 
+def _take_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
+    """``x[rows]``; bf16 moves as its 16-bit pattern (XLA:CPU widens a bf16 gather to f32)."""
+    if x.dtype != jnp.bfloat16:
+        return x[rows]
+    bits = jax.lax.bitcast_convert_type
+    return bits(bits(x, jnp.uint16)[rows], jnp.bfloat16)
+
+
 def _sort_pairs(idx: jax.Array, num_experts: int):
     """Sort the T*k (token, slot) pairs by expert: (order, token of each sorted pair, group sizes)."""
     flat = idx.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
+    pair = jnp.arange(flat.size, dtype=jnp.int32)
+    # the token ids ride along in the sort (an ``order // k`` would be recomputed, division and
+    # all, for every element of the row gathers XLA fuses it into)
+    _, order, token = jax.lax.sort((flat, pair, pair // idx.shape[1]), num_keys=1, is_stable=True)
     group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-    return order, order // idx.shape[1], group_sizes
+    return order, token, group_sizes
 
 
-def _grouped_xla(lhs, experts, name, group_sizes):
+def _grouped_xla(lhs, experts, name, group_sizes, ordered: bool = False):
     """``out[r] = W[e(r)] @ lhs[r]`` for rows sorted by expert, in plain XLA.
 
     Per expert: dequantize its weight once, then walk its rows in tiles (a loop with a dynamic
@@ -155,11 +166,15 @@ def _grouped_xla(lhs, experts, name, group_sizes):
     A loop with a dynamic trip count has no reverse-mode rule, so the gradient w.r.t. ``lhs``
     (LoRA training backpropagates through the frozen experts) is given by a custom VJP: the same
     loop with each weight transposed. The expert weights are frozen: their cotangent is zero.
+    A ``name + "_bias"`` in ``experts`` (``[E, N]``) is added to each row's product.
     """
-    parts = {k: v for k, v in experts.items() if k in (name, name + "_blocks", name + "_scales")}
+    parts = {k: v for k, v in experts.items()
+             if k in (name, name + "_blocks", name + "_scales", name + "_bias")}
     # packed weights expand in split order: permute the rows' K axis to match (autodiff maps the
     # gradient back through the permutation)
-    return _grouped_vjp(contract_order(parts, name, lhs), parts, group_sizes, name)
+    # (``ordered``: the caller already permuted them)
+    return _grouped_vjp(lhs if ordered else contract_order(parts, name, lhs), parts, group_sizes,
+                        name)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -226,6 +241,7 @@ def _grouped_loop(lhs, experts, name, group_sizes, transpose: bool):
     starts = jnp.cumsum(group_sizes) - group_sizes
     chunk = _expand_chunk(w_shape, packed, lhs.dtype.itemsize, num_experts)
     parts = {s: experts[s] for s in (name, name + "_blocks", name + "_scales") if s in experts}
+    bias = None if transpose else experts.get(name + "_bias")
     out = jnp.zeros((m + tile, n), jnp.float32)
     for c0 in range(0, num_experts, chunk):
         c1 = min(num_experts, c0 + chunk)
@@ -247,14 +263,17 @@ def _grouped_loop(lhs, experts, name, group_sizes, transpose: bool):
                 x = jax.lax.dynamic_slice_in_dim(padded, r0, tile)
                 y = jnp.einsum("tn,nk->tk" if transpose else "tk,nk->tn", x, we,
                                preferred_element_type=jnp.float32)
-                mine = (jnp.arange(tile) < size - i * tile)[:, None]  # next expert's rows stay
-                cur = jax.lax.dynamic_slice_in_dim(out, r0, tile)
-                return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(mine, y, cur), r0, 0)
+                if bias is not None:
+                    y = y + bias[e].astype(jnp.float32)
+                # a tile running past this expert's rows writes junk into the next expert's,
+                # which that expert (later in the loop) overwrites
+                return jax.lax.dynamic_update_slice_in_dim(out, y, r0, 0)
 
             return jax.lax.fori_loop(0, (size + tile - 1) // tile, per_tile, out)
 
         out = jax.lax.fori_loop(c0, c1, per_expert, out)
-    return out[:m]
+    # rows in no group (expert parallel: pairs of other shards' experts) may hold junk
+    return jnp.where((jnp.arange(m) < jnp.sum(group_sizes))[:, None], out[:m], 0.0)
 
 
 def _experts_grouped(x, weights, idx, experts, c: GptOssConfig, rt: MoeRuntime, out_dtype=None):
@@ -264,9 +283,8 @@ def _experts_grouped(x, weights, idx, experts, c: GptOssConfig, rt: MoeRuntime, 
     ids ``>=`` its count sort last, fall in no group, and need routing weight 0."""
     t, k = idx.shape
     order, token, group_sizes = _sort_pairs(idx, experts["gate_up_bias"].shape[0])
-    expert_of = idx.reshape(-1)[order]
     row_w = weights.reshape(-1)[order]  # routing weight of each sorted pair
-    xs = x[token]  # [T*k, d]
+    xs = _take_rows(x, token)  # [T*k, d]
     if rt.use_pallas() and "gate_up_blocks" in experts and not lora.has_expert_adapter(experts):
         from pallas_kernels import grouped_mxfp4_matmul
 
@@ -279,14 +297,73 @@ def _experts_grouped(x, weights, idx, experts, c: GptOssConfig, rt: MoeRuntime, 
             experts["down_bias"], row_scale=row_w, out_dtype=jnp.float32,
             interpret=rt.interpret)
     else:
-        h = _grouped_xla(xs, experts, "gate_up", group_sizes)
-        h = h + experts["gate_up_bias"][expert_of].astype(jnp.float32)
-        h = h + lora.expert_delta_grouped(xs, experts, "gate_up", group_sizes)
-        a = swiglu(h, c.swiglu_limit, c.swiglu_alpha).astype(x.dtype)
+        y = _grouped_xla_mlp(x, xs, token, row_w, group_sizes, experts, c)
+    # back to (token, slot) order and sum each token's k rows: a gather instead of a
+    # scatter-add into zeros (XLA:CPU copies a fresh zero buffer for every scatter)
+    _, back = jax.lax.sort((order, jnp.arange(t * k, dtype=jnp.int32)), num_keys=1)
+    y = jnp.sum(y[back].reshape(t, k, -1), axis=1)
+    return y.astype(out_dtype or x.dtype)
+
+
+def _swiglu_rows(f: int, split: bool) -> np.ndarray:
+    """A static row order of the gate_up weight: all gate rows, then all up rows, each in the
+    contraction order of the down weight (``split``: MXFP4 split order). With it the SwiGLU reads
+    two contiguous halves and writes the down matmul's input in the order it needs."""
+    i = np.arange(f)
+    if split:
+        i = i.reshape(f // 32, 16, 2).swapaxes(-1, -2).reshape(f)  # == mxfp4.split_order
+    return np.concatenate([2 * i, 2 * i + 1])
+
+
+def _swiglu_order(a: jax.Array, split: bool) -> jax.Array:
+    """``a[:, _swiglu_rows(f, split)]`` for a gate_up tensor ``[E, 2f, ...]``, as a reshape and a
+    transpose (row ``64b + 4q + 2s + g`` of the interleaved layout moves to ``(g, b, s, q)``)."""
+    e, two_f, *rest = a.shape
+    f = two_f // 2
+    if split:
+        a = a.reshape(e, f // 32, 16, 2, 2, *rest)  # [e, b, q, s, g, ...]
+        a = jnp.moveaxis(a, (4, 3), (1, 3))  # [e, g, b, s, q, ...]
+    else:
+        a = jnp.moveaxis(a.reshape(e, f, 2, *rest), 2, 1)  # [e, g, i, ...]
+    return a.reshape(e, two_f, *rest)
+
+
+def _grouped_xla_mlp(x, xs, token, row_w, group_sizes, experts, c: GptOssConfig):
+    """The XLA grouped expert MLP on rows sorted by expert: f32 ``[T*k, d]`` before the sum
+    over each token's pairs (routing weight applied; each expert's biases added in its loop).
+
+    With many rows per expert (prefill) the gate_up rows are reordered (:func:`_swiglu_rows`):
+    the SwiGLU on the interleaved layout plus the down input's permutation cost more per row
+    than the reordering costs per weight. With few rows (batched decode) it is the other way.
+    """
+    f, m = c.intermediate_size, xs.shape[0]
+    split = "down_blocks" in experts
+    reorder = m >= 4 * group_sizes.shape[0]
+    gate_up = {s: experts[s] for s in ("gate_up", "gate_up_blocks", "gate_up_scales",
+                                          "gate_up_bias") if s in experts}
+    if reorder:
+        gate_up = {s: _swiglu_order(v, split) for s, v in gate_up.items()}
+    # permute the T rows for the expansion's K order before gathering T*k of them
+    xo = _take_rows(contract_order(experts, "gate_up", x), token)
+    h = _grouped_xla(xo, gate_up, "gate_up", group_sizes, ordered=True)
+    delta = lora.expert_delta_grouped(xs, experts, "gate_up", group_sizes)
+    if not reorder:
+        a = swiglu(h + delta, c.swiglu_limit, c.swiglu_alpha).astype(x.dtype)
         y = _grouped_xla(a, experts, "down", group_sizes)
-        y = y + lora.expert_delta_grouped(a, experts, "down", group_sizes)
-        y = (y + experts["down_bias"][expert_of].astype(jnp.float32)) * row_w[:, None]
-    return jax.ops.segment_sum(y, token, num_segments=t).astype(out_dtype or x.dtype)
+        return (y + lora.expert_delta_grouped(a, experts, "down", group_sizes)) * row_w[:, None]
+    rows = _swiglu_rows(f, split)
+    if lora.has_expert_adapter(experts):
+        h = h + delta[:, rows]
+    gate = jnp.minimum(h[:, :f], c.swiglu_limit)  # the clamped SwiGLU of ``swiglu``, on halves
+    up = jnp.clip(h[:, f:], -c.swiglu_limit, c.swiglu_limit)
+    a = (gate * jax.nn.sigmoid(c.swiglu_alpha * gate) * (up + 1.0)).astype(x.dtype)  # down order
+    down = {s: experts[s] for s in ("down", "down_blocks", "down_scales", "down_bias")
+            if s in experts}
+    y = _grouped_xla(a, down, "down", group_sizes, ordered=True)
+    if lora.has_expert_adapter(experts):
+        natural = jnp.zeros_like(a).at[:, rows[:f] // 2].set(a)  # a in the natural f order
+        y = y + lora.expert_delta_grouped(natural, experts, "down", group_sizes)
+    return y * row_w[:, None]
 
 
 def moe(x: jax.Array, layer: dict, c: GptOssConfig, rt: MoeRuntime, mesh=None) -> jax.Array:

@@ -56,7 +56,8 @@ def test_fresh_adapter_is_the_base(tiny_model_f32, tiny_config, tokens):
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(base))
 
 
-@pytest.mark.parametrize("t", [1, 2, 23])  # 1-2 tokens: gather path; 23: grouped ragged_dot path
+# 1-2 tokens: gather path; 5: grouped path; 23: grouped path with the gate_up rows reordered
+@pytest.mark.parametrize("t", [1, 2, 5, 23])
 def test_adapter_equals_dense_merge(tiny_model_f32, tiny_config, tokens, t):
     lc = lora.LoraConfig(rank=5, alpha=7.0, targets=ALL)
     ad = random_adapters(tiny_config, lc)
