@@ -214,8 +214,10 @@ def _after(tree, *deps):
     Keeps XLA from hoisting weight expansions (which depend on parameters only) to the start of
     the program, where every layer's expansion would be live at once. An optimization barrier
     cannot do this: XLA:CPU removes barriers before scheduling. The select on an always-false
-    flag that XLA cannot prove false (``|d| < 0``) fuses into the expansion for free.
+    flag that XLA cannot prove false (``|d| < 0`` on a float; on an unsigned int it could)
+    fuses into the expansion for free.
     """
+    assert all(jnp.issubdtype(d.dtype, jnp.floating) for d in deps), "float deps only"
     flags = [jnp.abs(d.reshape(-1)[0]) < 0 for d in deps]
     never = functools.reduce(jnp.logical_or, flags)
     return jax.tree.map(lambda a: jnp.where(never, jnp.zeros((), a.dtype), a), tree)
@@ -237,7 +239,11 @@ def _grouped_loop(lhs, experts, name, group_sizes, transpose: bool):
     n = w_shape[1] if not transpose else (w_shape[2] * w_shape[3] * 2 if packed else w_shape[2])
     num_experts = group_sizes.shape[0]
     tile = int(min(64, max(8, 1 << max(0, (m // num_experts - 1)).bit_length())))
-    padded = jnp.concatenate([lhs, jnp.zeros((tile, k), lhs.dtype)])  # slices never clamp
+    # rows padded so that tile slices never clamp; bf16 moves as 16-bit patterns (else XLA:CPU
+    # keeps this buffer in f32 and converts every tile)
+    as_bits = lhs.dtype == jnp.bfloat16
+    padded = jax.lax.bitcast_convert_type(lhs, jnp.uint16) if as_bits else lhs
+    padded = jnp.concatenate([padded, jnp.zeros((tile, k), padded.dtype)])
     starts = jnp.cumsum(group_sizes) - group_sizes
     chunk = _expand_chunk(w_shape, packed, lhs.dtype.itemsize, num_experts)
     parts = {s: experts[s] for s in (name, name + "_blocks", name + "_scales") if s in experts}
@@ -245,10 +251,9 @@ def _grouped_loop(lhs, experts, name, group_sizes, transpose: bool):
     out = jnp.zeros((m + tile, n), jnp.float32)
     for c0 in range(0, num_experts, chunk):
         c1 = min(num_experts, c0 + chunk)
-        sub = _after({s: v[c0:c1] for s, v in parts.items()}, padded, out)
+        sub = _after({s: v[c0:c1] for s, v in parts.items()}, lhs, out)
         # [c, N, K] split order; kept as raw bf16 bits (uint16) until sliced in the loop
         w = expert_weight(sub, name, lhs.dtype, split=True)
-        as_bits = w.dtype == jnp.bfloat16
         if as_bits:
             w = jax.lax.bitcast_convert_type(w, jnp.uint16)
 
@@ -261,6 +266,8 @@ def _grouped_loop(lhs, experts, name, group_sizes, transpose: bool):
             def per_tile(i, out):
                 r0 = start + i * tile
                 x = jax.lax.dynamic_slice_in_dim(padded, r0, tile)
+                if as_bits:
+                    x = jax.lax.bitcast_convert_type(x, jnp.bfloat16)
                 y = jnp.einsum("tn,nk->tk" if transpose else "tk,nk->tn", x, we,
                                preferred_element_type=jnp.float32)
                 if bias is not None:

@@ -150,11 +150,13 @@ def _hf_mask(b, tt, window, lengths):
     return torch.where(allowed, 0.0, torch.finfo(torch.float32).min)
 
 
+# 12 tokens: > 2x the window; 300: three query blocks of model.self_attention
+@pytest.mark.parametrize("tt", [12, 300])
 @pytest.mark.parametrize("window", [None, C.sliding_window], ids=["full", "sliding"])
-def test_attention_with_sinks_matches_eager(rng, window):
-    b, tt = 2, 12  # > 2x the window
+def test_attention_with_sinks_matches_eager(rng, window, tt):
+    b = 2
     kvh, g, h = C.num_key_value_heads, C.q_per_kv, C.head_dim
-    lengths = np.array([tt, 8])
+    lengths = np.array([tt, 2 * tt // 3])
     q = rng.standard_normal((b, tt, kvh * g, h)).astype(np.float32)
     k = rng.standard_normal((b, tt, kvh, h)).astype(np.float32)
     v = rng.standard_normal((b, tt, kvh, h)).astype(np.float32)
@@ -169,11 +171,28 @@ def test_attention_with_sinks_matches_eager(rng, window):
     pos = np.where(np.arange(tt)[None] < lengths[:, None], np.arange(tt)[None], -1)
     pos = jnp.asarray(pos, jnp.int32)
     heads_first = lambda a: jnp.asarray(a).transpose(0, 2, 1, 3)  # noqa: E731 (the cache layout)
-    ours = M.attention_core(jnp.asarray(q).reshape(b, tt, kvh, g, h), heads_first(k),
+    ours = M.self_attention(jnp.asarray(q).reshape(b, tt, kvh, g, h), heads_first(k),
                             heads_first(v), pos, pos, jnp.asarray(sinks).reshape(kvh, g), window)
     ours = np.asarray(ours).reshape(b, tt, kvh * g, h)
     for bi, length in enumerate(lengths):  # padded query rows are unspecified
         close(ours[bi, :length], ref[bi, :length])
+
+
+@pytest.mark.parametrize("window", [None, C.sliding_window], ids=["full", "sliding"])
+def test_blocked_self_attention_keeps_packed_segments_apart(rng, window):
+    """Packed training rows (positions restart per document) through the query-block path give
+    what the unblocked core (checked against transformers above) gives."""
+    b, tt = 2, 300
+    kvh, g, h = C.num_key_value_heads, C.q_per_kv, C.head_dim
+    seg = np.stack([np.repeat([0, 1, 2], [140, 100, 60]), np.repeat([0, 1], [250, 50])])
+    pos = np.stack([np.concatenate([np.arange(n) for n in np.bincount(row)]) for row in seg])
+    q = jnp.asarray(rng.standard_normal((b, tt, kvh, g, h)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((b, kvh, tt, h)), jnp.float32) for _ in range(2))
+    sinks = jnp.asarray(rng.standard_normal((kvh, g)), jnp.float32)
+    pos, seg = jnp.asarray(pos, jnp.int32), jnp.asarray(seg, jnp.int32)
+    ours = M.self_attention(q, k, v, pos, pos, sinks, window, seg, seg)
+    ref = M.attention_core(q, k, v, pos, pos, sinks, window, seg, seg)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=1e-5, rtol=1e-5)
 
 
 def test_attention_block_matches_module(rng):
