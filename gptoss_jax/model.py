@@ -73,24 +73,34 @@ def _proj(eq: str, x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     """
     x_axes, rest = eq.split(",")
     w_axes, out_axes = rest.split("->")
-    feat = len(x_axes) - 1  # x's trailing feature axes
+    x_feat = x_axes[1:]
+    feat = len(x_feat)  # x's trailing feature axes
     lead = x.shape[: x.ndim - feat]
-    rows = math.prod(lead)
-    if (rows == 1 and jax.default_backend() == "cpu" and w_axes.endswith(x_axes[1:])
-            and out_axes == "r" + w_axes[: len(w_axes) - feat]):
-        # One row against a weight stored [out..., in...] (the unembedding): written as
-        # ``x @ W^T`` in f32, XLA fuses the conversion into a vector-matrix loop that streams the
-        # bf16 weight once (~2x faster than the 8-row GEMM, which is compute-bound here).
-        k = math.prod(x.shape[x.ndim - feat:])
-        vec = x.reshape(1, k).astype(jnp.float32)
-        out = (vec @ w.reshape(-1, k).T.astype(jnp.float32)).reshape(lead + w.shape[:-feat])
+    rows, k = math.prod(lead), math.prod(x.shape[x.ndim - feat:])
+    cpu = jax.default_backend() == "cpu"
+    # As a plain 2-D product on the weight viewed as a matrix (a free reshape): left to an
+    # N-D einsum, XLA:CPU may transpose the whole weight every call to match the activations.
+    if w_axes.startswith(x_feat) and out_axes == "r" + w_axes[feat:]:
+        w2, spec, out_feat = w.reshape(k, -1), "rk,kn->rn", w.shape[feat:]
+    elif w_axes.endswith(x_feat) and out_axes == "r" + w_axes[: len(w_axes) - feat]:
+        w2, spec, out_feat = w.reshape(-1, k), "rk,nk->rn", w.shape[: w.ndim - feat]
+        if rows == 1 and cpu:
+            # One row against a weight stored [out, in] (the unembedding): written as ``x @ W^T``
+            # in f32, XLA fuses the conversion into a vector-matrix loop that streams the bf16
+            # weight once (~2x faster than the 8-row GEMM, which is compute-bound here).
+            vec = x.reshape(1, k).astype(jnp.float32)
+            out = (vec @ w2.T.astype(jnp.float32)).reshape(lead + out_feat)
+            return out if out_dtype is None else out.astype(out_dtype)
+    else:
+        out = jnp.einsum(eq, x.reshape((rows,) + x.shape[x.ndim - feat:]), w,
+                         preferred_element_type=jnp.float32)
+        out = out.reshape(lead + out.shape[1:])
         return out if out_dtype is None else out.astype(out_dtype)
-    flat = x.reshape((rows,) + x.shape[x.ndim - feat:])
-    pad = CPU_MIN_ROWS - rows
-    if pad > 0 and x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
-        flat = jnp.pad(flat, [(0, pad)] + [(0, 0)] * feat)
-    out = jnp.einsum(eq, flat, w, preferred_element_type=jnp.float32)[:rows]
-    out = out.reshape(lead + out.shape[1:])
+    flat = x.reshape(rows, k)
+    if rows < CPU_MIN_ROWS and x.dtype == jnp.bfloat16 and cpu:
+        flat = jnp.pad(flat, [(0, CPU_MIN_ROWS - rows), (0, 0)])
+    out = jnp.einsum(spec, flat, w2, preferred_element_type=jnp.float32)[:rows]
+    out = out.reshape(lead + out_feat)
     return out if out_dtype is None else out.astype(out_dtype)
 
 
