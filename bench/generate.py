@@ -6,8 +6,10 @@
 
 Prints one JSON object: machine, versions, config, and for each engine decode tokens/s at
 batch 1 and 8 (steady state, compile excluded), prefill tokens/s for a 512-token prompt and time to
-first token (median of 3 runs each), compile time, peak RSS, plus decode bytes/token and the implied GB/s against a
-measured memory-copy bandwidth (the roofline for batch-1 decode).
+first token (median of 3 prefills), compile time, peak RSS, plus decode bytes/token and the implied
+GB/s against a measured memory-copy bandwidth (the roofline for batch-1 decode). The engines take
+turns (``--rounds``, medians reported, every round kept in the JSON): machine speed drifts between
+runs, and the ratio is only meaningful when both engines see the same spell.
 """
 
 from __future__ import annotations
@@ -57,21 +59,33 @@ def decode_bytes_per_token(model) -> int:
     return total
 
 
-def bench_ours(path, dtype, prompt_len, new_tokens, batches):
-    import gptoss_jax
-    from gptoss_jax.sampler import Engine, SamplingParams
+class Ours:
+    """gptoss_jax: ``load()`` once, then ``run(b)`` per batch size (compile excluded)."""
 
-    out = {}
-    t = time.perf_counter()
-    model = gptoss_jax.load(path, dtype=dtype, progress=False)
-    out["load_s"] = time.perf_counter() - t
-    rng = np.random.default_rng(0)
-    for b in batches:
-        eng = Engine(model, max_batch=b, max_len=prompt_len + new_tokens + 16)
+    def __init__(self, path, dtype, prompt_len, new_tokens):
+        import gptoss_jax
+
+        self.prompt_len, self.new_tokens = prompt_len, new_tokens
+        t = time.perf_counter()
+        self.model = gptoss_jax.load(path, dtype=dtype, progress=False)
+        self.info = {"load_s": time.perf_counter() - t,
+                     "decode_bytes_per_token": decode_bytes_per_token(self.model)}
+        self.engines = {}
+
+    def run(self, b: int) -> dict:
+        from gptoss_jax.sampler import Engine, SamplingParams
+
         greedy = SamplingParams(temperature=0.0)
-        out[f"compile_s_batch{b}"] = eng.compile(prompt_len, num_prompts=b, sampling=greedy)
-        prompts = [rng.integers(0, 200000, size=prompt_len).tolist() for _ in range(b)]
-        samp = [greedy] * b
+        if b not in self.engines:
+            eng = Engine(self.model, max_batch=b, max_len=self.prompt_len + self.new_tokens + 16)
+            self.info[f"compile_s_batch{b}"] = eng.compile(self.prompt_len, num_prompts=b,
+                                                           sampling=greedy)
+            self.engines[b] = eng
+        eng = self.engines[b]
+        rng = np.random.default_rng(b)
+        vocab = min(200000, self.model.config.vocab_size)  # random ids below the special tokens
+        prompts = [rng.integers(0, vocab, size=self.prompt_len).tolist() for _ in range(b)]
+        samp, new_tokens = [greedy] * b, self.new_tokens
         ttfts = []
         for _ in range(PREFILL_REPEATS):  # a single prefill is too noisy to report alone
             for slot in list(eng.seqs):
@@ -86,28 +100,36 @@ def bench_ours(path, dtype, prompt_len, new_tokens, batches):
             eng.step()
             steps += 1
         dt = time.perf_counter() - t
-        out[f"batch{b}"] = {"prefill_tokens_per_s": b * prompt_len / ttft, "time_to_first_token_s": ttft,
-                            "decode_tokens_per_s": b * steps / dt, "decode_step_ms": 1e3 * dt / steps}
-    out["decode_bytes_per_token"] = decode_bytes_per_token(model)
-    return out
+        return {"prefill_tokens_per_s": b * self.prompt_len / ttft, "time_to_first_token_s": ttft,
+                "decode_tokens_per_s": b * steps / dt, "decode_step_ms": 1e3 * dt / steps}
 
 
-def bench_transformers(path, dtype, prompt_len, new_tokens, batches):
-    import torch
-    import transformers
+class Transformers:
+    """transformers' GptOssForCausalLM (experts dequantized at load, as it does on CPU)."""
 
-    torch.manual_seed(0)
-    tdtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
-    t = time.perf_counter()
-    kw = {}
-    with open(os.path.join(path, "config.json")) as f:
-        if "quantization_config" in json.load(f):
-            kw["quantization_config"] = transformers.Mxfp4Config(dequantize=True)
-    model = transformers.GptOssForCausalLM.from_pretrained(path, dtype=tdtype, **kw).eval()
-    out = {"load_s": time.perf_counter() - t, "threads": torch.get_num_threads()}
-    rng = np.random.default_rng(0)
-    for b in batches:
-        ids = torch.tensor(rng.integers(0, 200000, size=(b, prompt_len)))
+    def __init__(self, path, dtype, prompt_len, new_tokens):
+        import torch
+        import transformers
+
+        torch.manual_seed(0)
+        self.prompt_len, self.new_tokens = prompt_len, new_tokens
+        tdtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+        t = time.perf_counter()
+        kw = {}
+        with open(os.path.join(path, "config.json")) as f:
+            if "quantization_config" in json.load(f):
+                kw["quantization_config"] = transformers.Mxfp4Config(dequantize=True)
+        self.model = transformers.GptOssForCausalLM.from_pretrained(path, dtype=tdtype, **kw).eval()
+        self.info = {"load_s": time.perf_counter() - t, "threads": torch.get_num_threads(),
+                     "version": transformers.__version__}
+
+    def run(self, b: int) -> dict:
+        import torch
+
+        model, new_tokens = self.model, self.new_tokens
+        rng = np.random.default_rng(b)
+        vocab = min(200000, model.config.vocab_size)  # as in Ours.run
+        ids = torch.tensor(rng.integers(0, vocab, size=(b, self.prompt_len)))
         with torch.no_grad():
             model(ids[:, :8], use_cache=True)  # warm-up
             times = []
@@ -122,10 +144,9 @@ def bench_transformers(path, dtype, prompt_len, new_tokens, batches):
                 res = model(tok, past_key_values=past, use_cache=True)
                 past, tok = res.past_key_values, res.logits[:, -1].argmax(-1, keepdim=True)
             decode = (time.perf_counter() - t) / (new_tokens - 1)
-        out[f"batch{b}"] = {"prefill_tokens_per_s": b * prompt_len / prefill,
-                            "time_to_first_token_s": prefill, "decode_tokens_per_s": b / decode,
-                            "decode_step_ms": 1e3 * decode}
-    return out
+        return {"prefill_tokens_per_s": b * self.prompt_len / prefill,
+                "time_to_first_token_s": prefill, "decode_tokens_per_s": b / decode,
+                "decode_step_ms": 1e3 * decode}
 
 
 def main(argv=None):
@@ -137,6 +158,8 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--batches", default="1,8")
     p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="times each engine runs each batch size, taking turns (median reported)")
     a = p.parse_args(argv)
     batches = [int(x) for x in a.batches.split(",")]
 
@@ -160,20 +183,35 @@ def main(argv=None):
     }
     with open(os.path.join(path, "config.json")) as f:
         result["config"] = json.load(f)
-    ours = bench_ours(path, a.dtype, a.prompt_len, a.new_tokens, batches)
-    ours["peak_rss_gib_after_ours"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    engines = {"gptoss_jax": Ours(path, a.dtype, a.prompt_len, a.new_tokens)}
+    result["peak_rss_gib_after_ours_load"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if not a.skip_transformers:
+        engines["transformers"] = Transformers(path, a.dtype, a.prompt_len, a.new_tokens)
+    # The engines take turns on each batch size, `--rounds` times, so that a slow spell of the
+    # machine (runs drift by 10-30% over minutes here) hits both; each figure is the median over
+    # the rounds.
+    runs = {name: {b: [] for b in batches} for name in engines}
+    for _ in range(a.rounds):
+        for b in batches:
+            for name, eng in engines.items():
+                runs[name][b].append(eng.run(b))
+    for name, eng in engines.items():
+        out = dict(eng.info)
+        for b in batches:
+            out[f"batch{b}"] = {k: float(np.median([r[k] for r in runs[name][b]]))
+                                for k in runs[name][b][0]}
+            out[f"batch{b}"]["rounds"] = runs[name][b]
+        result[name] = out
+    result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    ours = result["gptoss_jax"]
     b1 = ours.get("batch1")
     if b1:
         gbs = ours["decode_bytes_per_token"] * b1["decode_tokens_per_s"] / 1e9
         ours["batch1_effective_gbs"] = gbs
         ours["batch1_fraction_of_copy_bandwidth"] = gbs / result["copy_bandwidth_gbs"]
         ours["batch1_roofline_tokens_per_s"] = result["copy_bandwidth_gbs"] * 1e9 / ours["decode_bytes_per_token"]
-    result["gptoss_jax"] = ours
-    if not a.skip_transformers:
-        import transformers
-        result["transformers_version"] = transformers.__version__
-        ref = bench_transformers(path, a.dtype, a.prompt_len, a.new_tokens, batches)
-        result["transformers"] = ref
+    if "transformers" in result:
+        ref = result["transformers"]
         result["speedup"] = {
             f"{k}_batch{b}": ours[f"batch{b}"][k] / ref[f"batch{b}"][k]
             for b in batches for k in ("decode_tokens_per_s", "prefill_tokens_per_s")}
