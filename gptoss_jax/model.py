@@ -8,7 +8,9 @@ Notable choices (each gpt-oss quirk is commented where it happens):
 * one attention routine for every case: keys carry their absolute positions (-1 = empty or
   padding), so a plain forward, a padded batch, a prefill into a KV cache and a decode step
   into a sliding-window ring buffer are all the same mask ``0 <= pos_k <= pos_q`` (and
-  ``pos_q - pos_k < window`` on sliding layers).
+  ``pos_q - pos_k < window`` on sliding layers). A chunk attending to itself (forward,
+  prefill) runs it per query block over only the keys the block can see (``self_attention``);
+* the KV cache is laid out heads-first ``[b, k, s, h]``, the layout the attention matmuls read.
 
 Einsum alphabet: b batch, t query time, s key time, d model, n q heads, k kv heads,
 g q heads per kv head, h head_dim, e experts, f expert width, v vocab.
