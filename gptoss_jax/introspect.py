@@ -32,7 +32,6 @@ from gptoss_jax import model as M
 from gptoss_jax import moe as moe_lib
 from gptoss_jax import rope
 from gptoss_jax.config import GptOssConfig
-from gptoss_jax.lora import lora_delta
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,44 +71,12 @@ class Trace:
         return np.stack([lt.sink_probs.mean(axis=-1) for lt in self.layers])
 
 
-def attention_probs(q, k, q_pos, k_pos, sinks, window: int | None) -> jax.Array:
-    """Softmax of ``model.attention_core`` with the sink column kept: ``[b, k, g, t, s + 1]`` f32.
-
-    Same scores, mask and f32 softmax as ``attention_core`` (q ``[b, t, k, g, h]``, k
-    ``[b, s, k, h]``, sinks ``[k, g]``); the last column is the sink's probability.
-    """
-    scale = q.shape[-1] ** -0.5
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    qp, kp = q_pos[:, None, None, :, None], k_pos[:, None, None, None, :]
-    allowed = (kp >= 0) & (kp <= qp)
-    if window is not None:
-        allowed &= qp - kp < window  # the window counts the query itself
-    scores = jnp.where(allowed, scores, M.NEG_INF)
-    sink = jnp.broadcast_to(sinks[None, :, :, None, None], scores.shape[:-1] + (1,))
-    return jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)
-
-
 def _attention(x, p, c: GptOssConfig, layer: int, pos, cos, sin):
-    """``model.attention`` without a cache, also returning its probabilities."""
-    dt = x.dtype
-    b, t, _ = x.shape
-    q = jnp.einsum("btd,dnh->btnh", x, p["q_w"].astype(dt)) + p["q_b"].astype(dt)
-    k = jnp.einsum("btd,dkh->btkh", x, p["k_w"].astype(dt)) + p["k_b"].astype(dt)
-    v = jnp.einsum("btd,dkh->btkh", x, p["v_w"].astype(dt)) + p["v_b"].astype(dt)
-    q = q + lora_delta(x, p, "q", "btd,dr->btr", "btr,rnh->btnh")
-    k = k + lora_delta(x, p, "k", "btd,dr->btr", "btr,rkh->btkh")
-    v = v + lora_delta(x, p, "v", "btd,dr->btr", "btr,rkh->btkh")
-    q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
-    kvh, g = c.num_key_value_heads, c.q_per_kv
-    window = c.sliding_window if c.is_sliding(layer) else None
-    probs = attention_probs(q.reshape(b, t, kvh, g, c.head_dim), k, pos, pos,
-                            p["sinks"].astype(jnp.float32).reshape(kvh, g), window)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs[..., :-1].astype(v.dtype), v,
-                     preferred_element_type=jnp.float32).astype(dt)
-    heads = out.reshape(b, t, -1, c.head_dim)
-    out = jnp.einsum("btnh,nhd->btd", heads, p["o_w"].astype(dt))
-    out = out + p["o_b"].astype(dt) + lora_delta(heads, p, "o", "btnh,nhr->btr", "btr,rd->btd")
-    return out, probs.reshape(b, kvh * g, t, t + 1)  # heads in q-head order n = k * g + g_i
+    """``model.attention`` without a cache, also returning its probabilities ``[n, t, t + 1]``
+    per sequence (heads in q-head order n = k * g + g_i, the sink's probability last)."""
+    out, _, probs = M.attention(x, p, c, layer, pos, cos, sin, None, return_probs=True)
+    b, kvh, g, t, s1 = probs.shape
+    return out, probs.reshape(b, kvh * g, t, s1)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))

@@ -114,13 +114,14 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
 
 
 def attention_core(q, k, v, q_pos, k_pos, sinks, window: int | None, q_seg=None,
-                   k_seg=None) -> jax.Array:
+                   k_seg=None, return_probs: bool = False):
     """Softmax attention with sinks.
 
     q ``[b, t, k, g, h]``, k/v ``[b, k, s, h]`` (the cache layout), q_pos ``[b, t]``, k_pos
     ``[b, s]`` (-1 = no key), sinks ``[k, g]`` f32. Returns ``[b, t, k, g, h]``. Optional segment
     ids q_seg ``[b, t]`` / k_seg ``[b, s]`` (packed training rows): a query sees only keys of its
-    own segment.
+    own segment. ``return_probs``: also the f32 probabilities ``[b, k, g, t, s + 1]``, the sink's
+    in the last column (for inspection, ``introspect.py``).
     """
     b, t, kh, g, h = q.shape
     # Operands laid out [b, k, (g t), h] / [b, k, s, h]: plain batched matmuls. On CPU, XLA's
@@ -144,12 +145,17 @@ def attention_core(q, k, v, q_pos, k_pos, sinks, window: int | None, q_seg=None,
     sink = sinks[None, :, :, None, None]
     top = jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), sink)
     e = jnp.exp(scores - top)
-    probs = e / (jnp.sum(e, axis=-1, keepdims=True) + jnp.exp(sink - top))
-    probs = probs.reshape(b, kh, g * t, -1).astype(v.dtype)
+    denom = jnp.sum(e, axis=-1, keepdims=True) + jnp.exp(sink - top)
+    probs5 = e / denom
+    probs = probs5.reshape(b, kh, g * t, -1).astype(v.dtype)
     if pad > 0 and v.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
         probs = jnp.pad(probs, ((0, 0), (0, 0), (0, pad), (0, 0)))
     out = jnp.einsum("bkqs,bksh->bkqh", probs, v, preferred_element_type=jnp.float32)[:, :, : g * t]
-    return jnp.transpose(out.reshape(b, kh, g, t, h), (0, 3, 1, 2, 4)).astype(q.dtype)
+    out = jnp.transpose(out.reshape(b, kh, g, t, h), (0, 3, 1, 2, 4)).astype(q.dtype)
+    if return_probs:
+        sink_p = jnp.broadcast_to(jnp.exp(sink - top) / denom, probs5.shape[:-1] + (1,))
+        return out, jnp.concatenate([probs5, sink_p], axis=-1)
+    return out
 
 
 def self_attention(q, k, v, q_pos, k_pos, sinks, window: int | None, q_seg=None, k_seg=None):
@@ -228,8 +234,9 @@ def _write_one(cache: LayerCache, k, v, pos, slot) -> LayerCache:
 
 
 def attention(x, p: dict, c: GptOssConfig, layer: int, pos, cos, sin, cache: LayerCache | None,
-              segment_ids=None, mesh=None, fresh: bool = False):
-    """Self-attention block body (x already normed). Returns (out [b, t, d], new cache).
+              segment_ids=None, mesh=None, fresh: bool = False, return_probs: bool = False):
+    """Self-attention block body (x already normed). Returns (out [b, t, d], new cache), plus the
+    attention probabilities ``[b, k, g, t, s + 1]`` (sink last) with ``return_probs``.
 
     ``fresh``: the cache is known to be empty (a prefill from scratch), so the chunk attends only
     to itself and the cache is just written.
@@ -273,15 +280,18 @@ def attention(x, p: dict, c: GptOssConfig, layer: int, pos, cos, sin, cache: Lay
                                  ring=sliding)
     kvh, g = c.num_key_value_heads, c.q_per_kv
     with jax.named_scope("attend"):
-        core = self_attention if (cache is None or fresh) else attention_core
+        core = self_attention if (cache is None or fresh) and not return_probs else attention_core
         out = core(q.reshape(b, t, kvh, g, c.head_dim), keys, values, pos, k_pos,
                    p["sinks"].astype(jnp.float32).reshape(kvh, g),
-                   c.sliding_window if sliding else None, segment_ids, segment_ids)
+                   c.sliding_window if sliding else None, segment_ids, segment_ids,
+                   **({"return_probs": True} if return_probs else {}))
+        if return_probs:
+            out, probs = out
     with jax.named_scope("out_proj"):
         heads = out.reshape(b, t, -1, c.head_dim)
         out = _proj("rnh,nhd->rd", heads, p["o_w"].astype(dt), dt)
         out = out + p["o_b"].astype(dt) + lora_delta(heads, p, "o", "btnh,nhr->btr", "btr,rd->btd")
-    return out, new_cache
+    return (out, new_cache, probs) if return_probs else (out, new_cache)
 
 
 def block(x, p: dict, c: GptOssConfig, layer: int, pos, cos, sin, cache, rt: Runtime,
