@@ -180,6 +180,8 @@ def main(argv=None):
         "devices": [str(d) for d in jax.devices()][:8], "checkpoint": path, "dtype": a.dtype,
         "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
         "copy_bandwidth_gbs": copy_bandwidth_gbs(),
+        # allocator settings change CPU figures (e.g. glibc.malloc.hugetlb=1): recorded as run
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
     }
     with open(os.path.join(path, "config.json")) as f:
         result["config"] = json.load(f)
