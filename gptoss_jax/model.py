@@ -303,7 +303,7 @@ def block(x, p: dict, c: GptOssConfig, layer: int, pos, cos, sin, cache, rt: Run
     with jax.named_scope("moe"):
         b, t, d = x.shape
         h = moe(rms_norm(x, p["mlp_norm"], c.rms_norm_eps).reshape(b * t, d), p, c, rt.moe,
-                rt.mesh)
+                rt.mesh, valid=(pos >= 0).reshape(-1))
         x = x + h.reshape(b, t, d)
     return x, cache
 

@@ -312,6 +312,8 @@ def _experts_grouped(x, weights, idx, experts, c: GptOssConfig, rt: MoeRuntime, 
             interpret=rt.interpret)
     else:
         y = _grouped_xla_mlp(x, xs, token, row_w, group_sizes, experts, c)
+    # rows of pairs in no group (other shards' experts, masked rows): zero whatever the path left
+    y = jnp.where((jnp.arange(t * k) < jnp.sum(group_sizes))[:, None], y, 0.0)
     # back to (token, slot) order and sum each token's k rows: a gather instead of a
     # scatter-add into zeros (XLA:CPU copies a fresh zero buffer for every scatter)
     _, back = jax.lax.sort((order, jnp.arange(t * k, dtype=jnp.int32)), num_keys=1)
@@ -380,11 +382,19 @@ def _grouped_xla_mlp(x, xs, token, row_w, group_sizes, experts, c: GptOssConfig)
     return y * row_w[:, None]
 
 
-def moe(x: jax.Array, layer: dict, c: GptOssConfig, rt: MoeRuntime, mesh=None) -> jax.Array:
+def moe(x: jax.Array, layer: dict, c: GptOssConfig, rt: MoeRuntime, mesh=None,
+        valid: jax.Array | None = None) -> jax.Array:
     """The MoE MLP on ``x`` ``[T, d]`` (already normed). The one place choosing the expert path;
-    a ``mesh`` with an ``expert`` axis > 1 runs it expert-parallel (``sharding.py``)."""
+    a ``mesh`` with an ``expert`` axis > 1 runs it expert-parallel (``sharding.py``).
+
+    ``valid`` (bool ``[T]``, optional): rows that matter. The grouped paths route the others
+    (prompt padding up to a length bucket, idle decode slots) to no expert, so they cost
+    nothing there; their output is 0."""
     weights, idx = route(x, layer["router"], c.num_experts_per_tok)
     t, k = idx.shape
+    if valid is not None and t * k > c.num_local_experts:
+        idx = jnp.where(valid[:, None], idx, c.num_local_experts)  # sorts last, in no group
+        weights = jnp.where(valid[:, None], weights, 0.0)
     if mesh is not None and mesh.shape.get("expert", 1) > 1:
         from gptoss_jax import sharding  # imports this module
 
