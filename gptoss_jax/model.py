@@ -195,7 +195,7 @@ def _write_cache(cache: LayerCache, k, v, pos, ring: bool) -> LayerCache:
         last = jnp.max(pos, axis=1, keepdims=True)
         slot = jnp.where(pos > last - size, slot, size)
     slot = jnp.where(pos >= 0, slot, size)  # padding: out of bounds, dropped
-    if pos.shape[1] == 1:
+    if pos.shape[1] == 1 and jax.default_backend() == "cpu":
         return _write_one(cache, k, v, pos, slot)
     rows = jnp.arange(b)[:, None]
     # (advanced indices around a slice: the indexed view is [b, t, k, h], the new keys' layout)
@@ -205,11 +205,11 @@ def _write_cache(cache: LayerCache, k, v, pos, ring: bool) -> LayerCache:
 
 
 def _write_one(cache: LayerCache, k, v, pos, slot) -> LayerCache:
-    """The decode write (one key per row) as in-place row updates.
+    """The decode write (one key per row) as in-place row updates, on CPU.
 
-    A scatter would do, but XLA:CPU widens a bf16 scatter's whole operand (the cache) to f32
-    and back on every step; dynamic-update-slices stay in place. Out-of-range slots (padding,
-    idle rows) rewrite what is there.
+    A scatter would do (and does elsewhere), but XLA:CPU widens a bf16 scatter's whole operand
+    (the cache) to f32 and back on every step; dynamic-update-slices stay in place. Out-of-range
+    slots (padding, idle rows) rewrite what is there.
     """
     b, size = cache.pos.shape
 
