@@ -82,27 +82,27 @@ def _proj(eq: str, x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     cpu = jax.default_backend() == "cpu"
     # As a plain 2-D product on the weight viewed as a matrix (a free reshape): left to an
     # N-D einsum, XLA:CPU may transpose the whole weight every call to match the activations.
+    flat = x.reshape(rows, k)
     if w_axes.startswith(x_feat) and out_axes == "r" + w_axes[feat:]:
         w2, spec, out_feat = w.reshape(k, -1), "rk,kn->rn", w.shape[feat:]
     elif w_axes.endswith(x_feat) and out_axes == "r" + w_axes[: len(w_axes) - feat]:
         w2, spec, out_feat = w.reshape(-1, k), "rk,nk->rn", w.shape[: w.ndim - feat]
-        if rows == 1 and cpu:
-            # One row against a weight stored [out, in] (the unembedding): written as ``x @ W^T``
-            # in f32, XLA fuses the conversion into a vector-matrix loop that streams the bf16
-            # weight once (~2x faster than the 8-row GEMM, which is compute-bound here).
-            vec = x.reshape(1, k).astype(jnp.float32)
-            out = (vec @ w2.T.astype(jnp.float32)).reshape(lead + out_feat)
-            return out if out_dtype is None else out.astype(out_dtype)
     else:
+        w2 = spec = None
+    if w2 is None:
         out = jnp.einsum(eq, x.reshape((rows,) + x.shape[x.ndim - feat:]), w,
                          preferred_element_type=jnp.float32)
-        out = out.reshape(lead + out.shape[1:])
-        return out if out_dtype is None else out.astype(out_dtype)
-    flat = x.reshape(rows, k)
-    if rows < CPU_MIN_ROWS and x.dtype == jnp.bfloat16 and cpu:
-        flat = jnp.pad(flat, [(0, CPU_MIN_ROWS - rows), (0, 0)])
-    out = jnp.einsum(spec, flat, w2, preferred_element_type=jnp.float32)[:rows]
-    out = out.reshape(lead + out_feat)
+        out_feat = out.shape[1:]
+    elif rows == 1 and cpu and spec == "rk,nk->rn":
+        # One row against a weight stored [out, in] (the unembedding): written as ``x @ W^T`` in
+        # f32, XLA fuses the conversion into a vector-matrix loop that streams the bf16 weight
+        # once (~2x faster than the 8-row GEMM, which is compute-bound here).
+        out = flat.astype(jnp.float32) @ w2.T.astype(jnp.float32)
+    else:
+        if rows < CPU_MIN_ROWS and x.dtype == jnp.bfloat16 and cpu:
+            flat = jnp.pad(flat, [(0, CPU_MIN_ROWS - rows), (0, 0)])
+        out = jnp.einsum(spec, flat, w2, preferred_element_type=jnp.float32)[:rows]
+    out = out.reshape(lead + tuple(out_feat))
     return out if out_dtype is None else out.astype(out_dtype)
 
 
@@ -129,8 +129,9 @@ def attention_core(q, k, v, q_pos, k_pos, sinks, window: int | None, q_seg=None,
     # (converting the cache to f32 instead would copy all of it every step).
     qt = jnp.transpose(q, (0, 2, 3, 1, 4)).reshape(b, kh, g * t, h).astype(k.dtype)
     pad = CPU_MIN_ROWS - g * t
-    if pad > 0 and k.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
-        qt = jnp.pad(qt, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    pad = pad if pad > 0 and k.dtype == jnp.bfloat16 and jax.default_backend() == "cpu" else 0
+    rows_pad = ((0, 0), (0, 0), (0, pad), (0, 0))
+    qt = jnp.pad(qt, rows_pad) if pad else qt
     scores = jnp.einsum("bkqh,bksh->bkqs", qt, k, preferred_element_type=jnp.float32)
     scores = scores[:, :, : g * t].reshape(b, kh, g, t, -1) * h ** -0.5  # [b, k, g, t, s]
     qp, kp = q_pos[:, None, None, :, None], k_pos[:, None, None, None, :]
@@ -148,8 +149,7 @@ def attention_core(q, k, v, q_pos, k_pos, sinks, window: int | None, q_seg=None,
     denom = jnp.sum(e, axis=-1, keepdims=True) + jnp.exp(sink - top)
     probs5 = e / denom
     probs = probs5.reshape(b, kh, g * t, -1).astype(v.dtype)
-    if pad > 0 and v.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
-        probs = jnp.pad(probs, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    probs = jnp.pad(probs, rows_pad) if pad else probs
     out = jnp.einsum("bkqs,bksh->bkqh", probs, v, preferred_element_type=jnp.float32)[:, :, : g * t]
     out = jnp.transpose(out.reshape(b, kh, g, t, h), (0, 3, 1, 2, 4)).astype(q.dtype)
     if return_probs:
@@ -186,7 +186,8 @@ def _heads_first(x: jax.Array) -> jax.Array:
 
 
 def _write_cache(cache: LayerCache, k, v, pos, ring: bool) -> LayerCache:
-    """Scatter new keys ``[b, t, k, h]`` into their slots (slot = pos mod size on a ring)."""
+    """Scatter new keys ``[b, t, k, h]`` (cast to the cache's dtype) into their slots (slot =
+    pos mod size on a ring)."""
     b, size = cache.pos.shape
     slot = pos % size if ring else pos
     if ring:
@@ -261,13 +262,11 @@ def attention(x, p: dict, c: GptOssConfig, layer: int, pos, cos, sin, cache: Lay
     if cache is None or fresh:
         keys, values, k_pos, new_cache = _heads_first(k), _heads_first(v), pos, None
         if cache is not None:
-            new_cache = _write_cache(cache, k.astype(cache.k.dtype), v.astype(cache.v.dtype), pos,
-                                     ring=sliding)
+            new_cache = _write_cache(cache, k, v, pos, ring=sliding)
     elif t == 1:
         # Decode: store first, then attend over the cache alone. On a ring the slot written held
         # position pos - window, which the window already excludes; on full layers it was empty.
-        new_cache = _write_cache(cache, k.astype(cache.k.dtype), v.astype(cache.v.dtype), pos,
-                                 ring=sliding)
+        new_cache = _write_cache(cache, k, v, pos, ring=sliding)
         keys, values, k_pos = new_cache.k, new_cache.v, new_cache.pos
     else:
         assert segment_ids is None, "segment ids are for training rows, not the KV cache"
@@ -276,17 +275,16 @@ def attention(x, p: dict, c: GptOssConfig, layer: int, pos, cos, sin, cache: Lay
         keys = jnp.concatenate([cache.k, _heads_first(k).astype(cache.k.dtype)], axis=2)
         values = jnp.concatenate([cache.v, _heads_first(v).astype(cache.v.dtype)], axis=2)
         k_pos = jnp.concatenate([cache.pos, pos], axis=1)
-        new_cache = _write_cache(cache, k.astype(cache.k.dtype), v.astype(cache.v.dtype), pos,
-                                 ring=sliding)
+        new_cache = _write_cache(cache, k, v, pos, ring=sliding)
     kvh, g = c.num_key_value_heads, c.q_per_kv
     with jax.named_scope("attend"):
-        core = self_attention if (cache is None or fresh) and not return_probs else attention_core
-        out = core(q.reshape(b, t, kvh, g, c.head_dim), keys, values, pos, k_pos,
-                   p["sinks"].astype(jnp.float32).reshape(kvh, g),
-                   c.sliding_window if sliding else None, segment_ids, segment_ids,
-                   **({"return_probs": True} if return_probs else {}))
-        if return_probs:
-            out, probs = out
+        args = (q.reshape(b, t, kvh, g, c.head_dim), keys, values, pos, k_pos,
+                p["sinks"].astype(jnp.float32).reshape(kvh, g),
+                c.sliding_window if sliding else None, segment_ids, segment_ids)
+        if return_probs:  # every score kept, so no query blocks
+            out, probs = attention_core(*args, return_probs=True)
+        else:
+            out = (self_attention if cache is None or fresh else attention_core)(*args)
     with jax.named_scope("out_proj"):
         heads = out.reshape(b, t, -1, c.head_dim)
         out = _proj("rnh,nhd->rd", heads, p["o_w"].astype(dt), dt)

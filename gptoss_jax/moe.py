@@ -176,9 +176,8 @@ def _grouped_xla(lhs, experts, name, group_sizes, ordered: bool = False):
     """
     parts = {k: v for k, v in experts.items()
              if k in (name, name + "_blocks", name + "_scales", name + "_bias")}
-    # packed weights expand in split order: permute the rows' K axis to match (autodiff maps the
-    # gradient back through the permutation)
-    # (``ordered``: the caller already permuted them)
+    # packed weights expand in split order: permute the rows' K axis to match, unless the
+    # caller did (``ordered``); autodiff maps the gradient back through the permutation
     return _grouped_vjp(lhs if ordered else contract_order(parts, name, lhs), parts, group_sizes,
                         name)
 
@@ -310,10 +309,11 @@ def _experts_grouped(x, weights, idx, experts, c: GptOssConfig, rt: MoeRuntime, 
             a, experts["down_blocks"], experts["down_scales"], group_sizes,
             experts["down_bias"], row_scale=row_w, out_dtype=jnp.float32,
             interpret=rt.interpret)
+        # rows of pairs in no group (other shards' experts, masked rows): the kernel leaves
+        # them unspecified (the XLA loop zeroes them itself)
+        y = jnp.where((jnp.arange(t * k) < jnp.sum(group_sizes))[:, None], y, 0.0)
     else:
         y = _grouped_xla_mlp(x, xs, token, row_w, group_sizes, experts, c)
-    # rows of pairs in no group (other shards' experts, masked rows): zero whatever the path left
-    y = jnp.where((jnp.arange(t * k) < jnp.sum(group_sizes))[:, None], y, 0.0)
     # back to (token, slot) order and sum each token's k rows: a gather instead of a
     # scatter-add into zeros (XLA:CPU copies a fresh zero buffer for every scatter)
     _, back = jax.lax.sort((order, jnp.arange(t * k, dtype=jnp.int32)), num_keys=1)
@@ -327,7 +327,8 @@ def _swiglu_rows(f: int, split: bool) -> np.ndarray:
     two contiguous halves and writes the down matmul's input in the order it needs."""
     i = np.arange(f)
     if split:
-        i = i.reshape(f // 32, 16, 2).swapaxes(-1, -2).reshape(f)  # == mxfp4.split_order
+        with jax.ensure_compile_time_eval():  # a constant even when called under jit
+            i = np.asarray(mxfp4.split_order(i))
     return np.concatenate([2 * i, 2 * i + 1])
 
 

@@ -180,19 +180,30 @@ def test_attention_with_sinks_matches_eager(rng, window, tt):
 
 @pytest.mark.parametrize("window", [None, C.sliding_window], ids=["full", "sliding"])
 def test_blocked_self_attention_keeps_packed_segments_apart(rng, window):
-    """Packed training rows (positions restart per document) through the query-block path give
-    what the unblocked core (checked against transformers above) gives."""
-    b, tt = 2, 300
+    """Packed training rows (positions restart per document) through the query-block path,
+    against transformers' eager attention with the document mask built here in numpy."""
+    b, tt = 2, 300  # three query blocks
     kvh, g, h = C.num_key_value_heads, C.q_per_kv, C.head_dim
     seg = np.stack([np.repeat([0, 1, 2], [140, 100, 60]), np.repeat([0, 1], [250, 50])])
     pos = np.stack([np.concatenate([np.arange(n) for n in np.bincount(row)]) for row in seg])
-    q = jnp.asarray(rng.standard_normal((b, tt, kvh, g, h)), jnp.float32)
-    k, v = (jnp.asarray(rng.standard_normal((b, kvh, tt, h)), jnp.float32) for _ in range(2))
-    sinks = jnp.asarray(rng.standard_normal((kvh, g)), jnp.float32)
+    q = rng.standard_normal((b, tt, kvh * g, h)).astype(np.float32)
+    k = rng.standard_normal((b, tt, kvh, h)).astype(np.float32)
+    v = rng.standard_normal((b, tt, kvh, h)).astype(np.float32)
+    sinks = (2.0 * rng.standard_normal(kvh * g)).astype(np.float32)
+    qp, kp = pos[:, :, None], pos[:, None, :]
+    allowed = (seg[:, :, None] == seg[:, None, :]) & (kp <= qp)
+    if window is not None:
+        allowed &= qp - kp < window
+    mask = torch.where(torch.tensor(allowed)[:, None], 0.0, torch.finfo(torch.float32).min)
+    ref, _ = hf.eager_attention_forward(
+        _Module(t(sinks), g).eval(), t(q).transpose(1, 2), t(k).transpose(1, 2),
+        t(v).transpose(1, 2), mask, scaling=h ** -0.5)  # [b, t, n, h]
+    heads_first = lambda a: jnp.asarray(a).transpose(0, 2, 1, 3)  # noqa: E731 (the cache layout)
     pos, seg = jnp.asarray(pos, jnp.int32), jnp.asarray(seg, jnp.int32)
-    ours = M.self_attention(q, k, v, pos, pos, sinks, window, seg, seg)
-    ref = M.attention_core(q, k, v, pos, pos, sinks, window, seg, seg)
-    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=1e-5, rtol=1e-5)
+    ours = M.self_attention(jnp.asarray(q).reshape(b, tt, kvh, g, h), heads_first(k),
+                            heads_first(v), pos, pos, jnp.asarray(sinks).reshape(kvh, g), window,
+                            seg, seg)
+    close(np.asarray(ours).reshape(b, tt, kvh * g, h), ref)
 
 
 def test_attention_block_matches_module(rng):
