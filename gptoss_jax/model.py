@@ -205,6 +205,21 @@ def _write_cache(cache: LayerCache, k, v, pos, ring: bool) -> LayerCache:
                       cache.pos.at[rows, slot].set(pos, mode="drop"))
 
 
+def _write_fresh(cache: LayerCache, k, v, pos, ring: bool) -> LayerCache:
+    """The first write into an empty cache (``fresh`` prefill): positions are 0..len-1 then -1
+    (``positions_from_lengths``), so token j lands in slot j and a pad does what the scatter
+    would, without XLA:CPU's f32 copy of the cache (and without reading the empty cache at all).
+    A ring shorter than the chunk keeps the scatter (its slots wrap)."""
+    size, t = cache.pos.shape[1], pos.shape[1]
+    if t > size:
+        return _write_cache(cache, k, v, pos, ring)
+    keep = (pos >= 0)[:, :, None, None]
+    k, v = (_heads_first(jnp.where(keep, a, 0).astype(cache.k.dtype)) for a in (k, v))
+    tail = [(0, 0), (0, 0), (0, size - t), (0, 0)]  # [b, k, s, h]: more slots on axis 2
+    return LayerCache(jnp.pad(k, tail), jnp.pad(v, tail),
+                      jnp.pad(pos, tail[1:3], constant_values=-1))
+
+
 def _write_one(cache: LayerCache, k, v, pos, slot) -> LayerCache:
     """The decode write (one key per row) as in-place row updates, on CPU.
 
@@ -262,7 +277,7 @@ def attention(x, p: dict, c: GptOssConfig, layer: int, pos, cos, sin, cache: Lay
     if cache is None or fresh:
         keys, values, k_pos, new_cache = _heads_first(k), _heads_first(v), pos, None
         if cache is not None:
-            new_cache = _write_cache(cache, k, v, pos, ring=sliding)
+            new_cache = _write_fresh(cache, k, v, pos, ring=sliding)
     elif t == 1:
         # Decode: store first, then attend over the cache alone. On a ring the slot written held
         # position pos - window, which the window already excludes; on full layers it was empty.
