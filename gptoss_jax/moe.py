@@ -41,14 +41,20 @@ import numpy as np
 
 from gptoss_jax import lora
 from gptoss_jax.config import GptOssConfig
-from pallas_kernels import mxfp4
+from pallas_kernels import cpu_mxfp4, mxfp4
 
-MOE_IMPLS = ("auto", "xla", "pallas")
+MOE_IMPLS = ("auto", "xla", "pallas", "cpu")
+# The CPU kernel (``pallas_kernels.cpu_mxfp4``) decodes each weight block once per 8 rows of its
+# expert; with more rows than this per expert (long prefills) XLA's expand-then-GEMM is faster.
+CPU_KERNEL_MAX_ROWS_PER_EXPERT = 32
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MoeRuntime:
-    impl: str = "auto"  # "auto": Pallas kernel on GPU, XLA elsewhere; "xla" / "pallas" force
+    # "auto": the Pallas kernel on GPU; on CPU the C++ kernel for packed experts with few rows
+    # per expert (decode, short prompts) where it builds, XLA otherwise. "xla" / "pallas" /
+    # "cpu" force one (the CPU kernel still serves packed experts only).
+    impl: str = "auto"
     interpret: bool = False  # run the Pallas kernel in interpret mode (CPU tests)
     # dtype of the XLA path's matmuls on dequantized experts; None = automatic: the activation
     # dtype, except float32 for the CPU gather path's matrix-vector products (XLA's CPU bf16
@@ -71,6 +77,19 @@ class MoeRuntime:
         if self.impl == "auto":
             return jax.default_backend() == "gpu"
         return self.impl == "pallas"
+
+    def use_cpu_kernel(self, experts: dict, rows: int) -> bool:
+        """Whether the grouped expert matmuls of ``rows`` (token, expert) pairs run in the CPU
+        kernel (packed experts only)."""
+        if "gate_up_blocks" not in experts or self.impl not in ("auto", "cpu"):
+            return False
+        if self.impl == "cpu":
+            if not cpu_mxfp4.available():
+                raise RuntimeError("moe impl 'cpu': the CPU MXFP4 kernel is not available here")
+            return True
+        num_experts = experts["gate_up_blocks"].shape[0]
+        return (jax.default_backend() == "cpu" and rows <= CPU_KERNEL_MAX_ROWS_PER_EXPERT
+                * num_experts and cpu_mxfp4.available())
 
 
 def route(x: jax.Array, router: dict, k: int) -> tuple[jax.Array, jax.Array]:
@@ -163,7 +182,7 @@ def _sort_pairs(idx: jax.Array, num_experts: int):
     return order, token, group_sizes
 
 
-def _grouped_xla(lhs, experts, name, group_sizes, ordered: bool = False):
+def _grouped_xla(lhs, experts, name, group_sizes, ordered: bool = False, kernel: bool = False):
     """``out[r] = W[e(r)] @ lhs[r]`` for rows sorted by expert, in plain XLA.
 
     Per expert: dequantize its weight once, then walk its rows in tiles (a loop with a dynamic
@@ -173,25 +192,31 @@ def _grouped_xla(lhs, experts, name, group_sizes, ordered: bool = False):
     (LoRA training backpropagates through the frozen experts) is given by a custom VJP: the same
     loop with each weight transposed. The expert weights are frozen: their cotangent is zero.
     A ``name + "_bias"`` in ``experts`` (``[E, N]``) is added to each row's product.
+    ``kernel``: the forward product runs in the CPU kernel instead (packed weights; the gradient
+    stays the XLA loop's).
     """
     parts = {k: v for k, v in experts.items()
              if k in (name, name + "_blocks", name + "_scales", name + "_bias")}
     # packed weights expand in split order: permute the rows' K axis to match, unless the
     # caller did (``ordered``); autodiff maps the gradient back through the permutation
     return _grouped_vjp(lhs if ordered else contract_order(parts, name, lhs), parts, group_sizes,
-                        name)
+                        name, kernel)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _grouped_vjp(lhs, parts, group_sizes, name):
-    return _grouped_loop(lhs, parts, name, group_sizes, False)
+def _grouped_forward(lhs, parts, group_sizes, name, kernel):
+    return (_grouped_kernel if kernel else _grouped_loop)(lhs, parts, name, group_sizes, False)
 
 
-def _grouped_vjp_fwd(lhs, parts, group_sizes, name):
-    return _grouped_loop(lhs, parts, name, group_sizes, False), (parts, group_sizes, lhs[:0])
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _grouped_vjp(lhs, parts, group_sizes, name, kernel):
+    return _grouped_forward(lhs, parts, group_sizes, name, kernel)
 
 
-def _grouped_vjp_bwd(name, res, g):
+def _grouped_vjp_fwd(lhs, parts, group_sizes, name, kernel):
+    return _grouped_forward(lhs, parts, group_sizes, name, kernel), (parts, group_sizes, lhs[:0])
+
+
+def _grouped_vjp_bwd(name, kernel, res, g):
     parts, group_sizes, lhs0 = res
     d_lhs = _grouped_loop(g.astype(lhs0.dtype), parts, name, group_sizes, True).astype(lhs0.dtype)
     zero = lambda a: (jnp.zeros_like(a) if jnp.issubdtype(a.dtype, jnp.floating)  # noqa: E731
@@ -227,6 +252,19 @@ def _after(tree, *deps):
     flags = [jnp.abs(d.reshape(-1)[0]) < 0 for d in deps]
     never = functools.reduce(jnp.logical_or, flags)
     return jax.tree.map(lambda a: jnp.where(never, jnp.zeros((), a.dtype), a), tree)
+
+
+def _grouped_kernel(lhs, experts, name, group_sizes, transpose: bool):
+    """:func:`_grouped_loop`'s forward product in the CPU kernel (``lhs`` in split order)."""
+    assert not transpose
+    m, num_experts = lhs.shape[0], group_sizes.shape[0]
+    out = cpu_mxfp4.grouped_matmul(lhs, experts[name + "_blocks"], experts[name + "_scales"],
+                                   group_sizes, split_order=True)
+    used = (jnp.arange(m) < jnp.sum(group_sizes))[:, None]
+    if name + "_bias" in experts:
+        expert = jnp.repeat(jnp.arange(num_experts), group_sizes, total_repeat_length=m)
+        out = jnp.where(used, out + experts[name + "_bias"][expert].astype(jnp.float32), 0.0)
+    return out
 
 
 def _grouped_loop(lhs, experts, name, group_sizes, transpose: bool):
@@ -293,7 +331,8 @@ def _grouped_loop(lhs, experts, name, group_sizes, transpose: bool):
 
 
 def _experts_grouped(x, weights, idx, experts, c: GptOssConfig, rt: MoeRuntime, out_dtype=None):
-    """Many tokens: pairs sorted by expert, grouped matmuls (Pallas kernel or tiled XLA).
+    """Many tokens: pairs sorted by expert, grouped matmuls (the Pallas kernel on GPU; on CPU the
+    C++ kernel or the tiled XLA loop).
 
     ``experts`` may be a slice of the experts (expert parallel: ``sharding.moe_expert_parallel``);
     ids ``>=`` its count sort last, fall in no group, and need routing weight 0."""
@@ -316,7 +355,8 @@ def _experts_grouped(x, weights, idx, experts, c: GptOssConfig, rt: MoeRuntime, 
         # them unspecified (the XLA loop zeroes them itself)
         y = jnp.where((jnp.arange(t * k) < jnp.sum(group_sizes))[:, None], y, 0.0)
     else:
-        y = _grouped_xla_mlp(x, xs, token, row_w, group_sizes, experts, c)
+        y = _grouped_xla_mlp(x, xs, token, row_w, group_sizes, experts, c,
+                             kernel=rt.use_cpu_kernel(experts, t * k))
     # back to (token, slot) order and sum each token's k rows: a gather instead of a
     # scatter-add into zeros (XLA:CPU copies a fresh zero buffer for every scatter)
     _, back = jax.lax.sort((order, jnp.arange(t * k, dtype=jnp.int32)), num_keys=1)
@@ -348,28 +388,30 @@ def _swiglu_order(a: jax.Array, split: bool) -> jax.Array:
     return a.reshape(e, two_f, *rest)
 
 
-def _grouped_xla_mlp(x, xs, token, row_w, group_sizes, experts, c: GptOssConfig):
+def _grouped_xla_mlp(x, xs, token, row_w, group_sizes, experts, c: GptOssConfig,
+                     kernel: bool = False):
     """The XLA grouped expert MLP on rows sorted by expert: f32 ``[T*k, d]`` before the sum
     over each token's pairs (routing weight applied; each expert's biases added in its loop).
 
     With many rows per expert (prefill) the gate_up rows are reordered (:func:`_swiglu_rows`):
     the SwiGLU on the interleaved layout plus the down input's permutation cost more per row
     than the reordering costs per weight. With few rows (batched decode) it is the other way.
+    ``kernel``: the matmuls run in the CPU kernel (no reordering: it reads the packed weights).
     """
     f, m = c.intermediate_size, xs.shape[0]
     split = "down_blocks" in experts
-    reorder = m >= 4 * group_sizes.shape[0]
+    reorder = m >= 4 * group_sizes.shape[0] and not kernel
     gate_up = {s: experts[s] for s in ("gate_up", "gate_up_blocks", "gate_up_scales",
                                           "gate_up_bias") if s in experts}
     if reorder:
         gate_up = {s: _swiglu_order(v, split) for s, v in gate_up.items()}
     # permute the T rows for the expansion's K order before gathering T*k of them
     xo = _take_rows(contract_order(experts, "gate_up", x), token)
-    h = _grouped_xla(xo, gate_up, "gate_up", group_sizes, ordered=True)
+    h = _grouped_xla(xo, gate_up, "gate_up", group_sizes, ordered=True, kernel=kernel)
     delta = lora.expert_delta_grouped(xs, experts, "gate_up", group_sizes)
     if not reorder:
         a = swiglu(h + delta, c.swiglu_limit, c.swiglu_alpha).astype(x.dtype)
-        y = _grouped_xla(a, experts, "down", group_sizes)
+        y = _grouped_xla(a, experts, "down", group_sizes, kernel=kernel)
         return (y + lora.expert_delta_grouped(a, experts, "down", group_sizes)) * row_w[:, None]
     rows = _swiglu_rows(f, split)
     if lora.has_expert_adapter(experts):
@@ -403,7 +445,9 @@ def moe(x: jax.Array, layer: dict, c: GptOssConfig, rt: MoeRuntime, mesh=None,
         from gptoss_jax import sharding  # imports this module
 
         return sharding.moe_expert_parallel(x, weights, idx, layer["experts"], c, rt, mesh)
-    xla_only = not rt.use_pallas() or lora.has_expert_adapter(layer["experts"])
-    if t * k <= c.num_local_experts and xla_only:
-        return _experts_gather(x, weights, idx, layer["experts"], c, rt)
-    return _experts_grouped(x, weights, idx, layer["experts"], c, rt)
+    experts = layer["experts"]
+    kernel = (rt.use_pallas() and not lora.has_expert_adapter(experts)
+              or rt.use_cpu_kernel(experts, t * k))
+    if t * k <= c.num_local_experts and not kernel:
+        return _experts_gather(x, weights, idx, experts, c, rt)
+    return _experts_grouped(x, weights, idx, experts, c, rt)

@@ -8,13 +8,16 @@ problem is a different number (M, K, N, E) so a swapped axis fails.
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import mxfp4
+from pallas_kernels import cpu_mxfp4, mxfp4
 from pallas_kernels import grouped_mxfp4 as op
 from pallas_kernels import grouped_mxfp4_mosaic as mosaic
 from pallas_kernels import grouped_mxfp4_triton as triton
@@ -293,3 +296,40 @@ def test_bench_smoke_runs(capsys):
     assert bench.main(["--smoke"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["results"] and all(r["kernel_us"] > 0 for r in report["results"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The CPU kernel (C++ via XLA FFI) against numpy on the hand-checked format.
+
+@pytest.mark.skipif(not cpu_mxfp4.available(), reason="the CPU MXFP4 kernel does not build here")
+@pytest.mark.parametrize("split_order", [False, True])
+def test_cpu_grouped_matmul_matches_numpy(split_order):
+    rng = np.random.default_rng(7)
+    e, n, k, m = 5, 72, 160, 23  # N not a multiple of the kernel's 32-column slices
+    blocks, scales = mxfp4.random_packed(rng, (e, n, k))
+    scales = scales.copy()
+    scales[0, :3, 0], scales[2, 5, 1], scales[2, 6, 2] = 1, 200, 60  # far from the usual range
+    # an empty group, a group of 11 (> the kernel's 8 rows per pass), 3 rows in no group
+    group_sizes = np.array([4, 0, 11, 3, 2], np.int32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = mxfp4.dequantize_np(blocks, scales).astype(np.float64)  # [e, n, k]
+    expert = np.repeat(np.arange(e), group_sizes)
+    want = np.zeros((m, n))
+    for r, ex in enumerate(expert):
+        want[r] = w[ex] @ x[r]
+    lhs = mxfp4.split_order(jnp.asarray(x)) if split_order else x
+    got = jax.jit(functools.partial(cpu_mxfp4.grouped_matmul, split_order=split_order))(
+        lhs, blocks, scales, group_sizes)
+    assert got.shape == (m, n) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    np.testing.assert_array_equal(np.asarray(got)[-3:], 0.0)
+    ref = cpu_mxfp4.grouped_matmul_reference(x, blocks, scales, group_sizes)
+    np.testing.assert_allclose(np.asarray(ref), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_cpu_kernel_off_by_environment():
+    code = "from pallas_kernels import cpu_mxfp4; print(cpu_mxfp4.available())"
+    env = {**os.environ, "GPTOSS_JAX_CPU_KERNELS": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,169 @@
+// Grouped matmul on packed MXFP4 experts for x86 CPUs with AVX-512, as an XLA FFI handler.
+//
+//   out[r, n] = sum_k W[e(r), n, k] * lhs[r, k]      rows r sorted by expert, group_sizes[e] each
+//
+// The weights are never expanded to memory: each 32-element block is decoded in registers (a
+// 16-entry float table indexed by the 4-bit codes, times the block's power-of-two scale) and
+// multiplied with every row of the group while it is there. That is the point on CPU: XLA can
+// only expand a whole expert to memory and read it back (a bandwidth-bound write of 4x the packed
+// bytes), which dominates batched decode.
+//
+// lhs comes in MXFP4 *split order* (pallas_kernels.mxfp4.split_order: per 32-block the 16 even
+// elements, then the 16 odd ones), so a block's low nibbles multiply lhs[32b : 32b+16] and its
+// high nibbles lhs[32b+16 : 32b+32]. Rows past sum(group_sizes) come out as zeros.
+// The work (expert, slice of N) is shared between the calling thread and XLA's intra-op pool.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kBlock = 32;        // elements per MXFP4 block
+constexpr int kBlockBytes = 16;   // packed bytes per block
+constexpr int kRowsPerPass = 8;   // rows multiplied per decoded weight row (accumulators)
+constexpr int64_t kSliceN = 32;   // output columns per task
+
+// e2m1 code -> value; bit 3 is the sign.
+alignas(64) constexpr float kFp4[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
+                                        -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+
+inline float ScaleValue(uint8_t s) {
+  // e8m0: 2**(s - 127) from the bits; s == 0 is 2**-127 (an f32 subnormal), as the reference.
+  if (s == 0) return 5.877471754111438e-39f;
+  uint32_t bits = static_cast<uint32_t>(s) << 23;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// `rows` (<= kRowsPerPass) rows of lhs against weight rows [n0, n1) of one expert.
+template <int R>
+void RowsTimesSlice(const float* lhs, int64_t k, const uint8_t* blocks, const uint8_t* scales,
+                    int64_t n0, int64_t n1, float* out, int64_t n_total) {
+  const __m512 table = _mm512_load_ps(kFp4);
+  const __m512i low4 = _mm512_set1_epi32(15);
+  const int64_t kb_count = k / kBlock;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* b = blocks + n * kb_count * kBlockBytes;
+    const uint8_t* s = scales + n * kb_count;
+    __m512 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t kb = 0; kb < kb_count; ++kb) {
+      const __m512i codes = _mm512_cvtepu8_epi32(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + kb * kBlockBytes)));
+      const __m512 scale = _mm512_set1_ps(ScaleValue(s[kb]));
+      const __m512 lo = _mm512_mul_ps(
+          _mm512_permutexvar_ps(_mm512_and_si512(codes, low4), table), scale);
+      const __m512 hi = _mm512_mul_ps(
+          _mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4), table), scale);
+      const float* x = lhs + kb * kBlock;
+      for (int r = 0; r < R; ++r) {
+        acc[r] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x + r * k), acc[r]);
+        acc[r] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + r * k + 16), acc[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) out[r * n_total + n] = _mm512_reduce_add_ps(acc[r]);
+  }
+}
+
+using SliceFn = void (*)(const float*, int64_t, const uint8_t*, const uint8_t*, int64_t, int64_t,
+                         float*, int64_t);
+constexpr SliceFn kSliceFns[kRowsPerPass + 1] = {
+    nullptr, RowsTimesSlice<1>, RowsTimesSlice<2>, RowsTimesSlice<3>, RowsTimesSlice<4>,
+    RowsTimesSlice<5>, RowsTimesSlice<6>, RowsTimesSlice<7>, RowsTimesSlice<8>};
+
+struct Task {
+  int64_t row0, rows, expert, n0, n1;
+};
+
+// Shared by the threads working on one call; the last one out frees it.
+struct Work {
+  std::vector<Task> tasks;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  const float* lhs;
+  const uint8_t* blocks;
+  const uint8_t* scales;
+  float* out;
+  int64_t k, n, expert_stride_blocks, expert_stride_scales;
+
+  void Run() {
+    for (int64_t i = next.fetch_add(1); i < static_cast<int64_t>(tasks.size());
+         i = next.fetch_add(1)) {
+      const Task& t = tasks[i];
+      for (int64_t r = 0; r < t.rows; r += kRowsPerPass) {
+        const int64_t rows = std::min<int64_t>(kRowsPerPass, t.rows - r);
+        kSliceFns[rows](lhs + (t.row0 + r) * k, k, blocks + t.expert * expert_stride_blocks,
+                        scales + t.expert * expert_stride_scales, t.n0, t.n1,
+                        out + (t.row0 + r) * n, n);
+      }
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+ffi::Error Mxfp4GroupedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs,
+                            ffi::Buffer<ffi::U8> blocks, ffi::Buffer<ffi::U8> scales,
+                            ffi::Buffer<ffi::S32> group_sizes, ffi::ResultBuffer<ffi::F32> out) {
+  const auto ld = lhs.dimensions(), bd = blocks.dimensions(), sd = scales.dimensions();
+  if (ld.size() != 2 || bd.size() != 4 || sd.size() != 3 || bd[3] != kBlockBytes ||
+      sd[0] != bd[0] || sd[1] != bd[1] || sd[2] != bd[2] || ld[1] != bd[2] * kBlock ||
+      group_sizes.dimensions().size() != 1 || group_sizes.dimensions()[0] != bd[0]) {
+    return ffi::Error::InvalidArgument(
+        "mxfp4_grouped: expected lhs [M, K], blocks [E, N, K/32, 16], scales [E, N, K/32], "
+        "group_sizes [E]");
+  }
+  const int64_t m = ld[0], k = ld[1], e_count = bd[0], n = bd[1];
+  float* o = out->typed_data();
+  const int32_t* gs = group_sizes.typed_data();
+
+  auto work = std::make_shared<Work>();
+  work->lhs = lhs.typed_data();
+  work->blocks = blocks.typed_data();
+  work->scales = scales.typed_data();
+  work->out = o;
+  work->k = k;
+  work->n = n;
+  work->expert_stride_blocks = n * (k / kBlock) * kBlockBytes;
+  work->expert_stride_scales = n * (k / kBlock);
+  int64_t row = 0;
+  for (int64_t e = 0; e < e_count && row < m; ++e) {
+    const int64_t rows = std::min<int64_t>(std::max<int32_t>(gs[e], 0), m - row);
+    if (rows == 0) continue;
+    for (int64_t n0 = 0; n0 < n; n0 += kSliceN) {
+      work->tasks.push_back({row, rows, e, n0, std::min(n, n0 + kSliceN)});
+    }
+    row += rows;
+  }
+  if (row < m) std::memset(o + row * n, 0, sizeof(float) * (m - row) * n);
+
+  const int64_t helpers =
+      std::min<int64_t>(pool.num_threads(), static_cast<int64_t>(work->tasks.size()) - 1);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Run(); });
+  work->Run();  // the caller works too; then waits only for tasks already being run by others
+  const int64_t total = static_cast<int64_t>(work->tasks.size());
+  while (work->done.load(std::memory_order_acquire) < total) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossMxfp4Grouped, Mxfp4GroupedImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // lhs [M, K], split order
+                                  .Arg<ffi::Buffer<ffi::U8>>()    // blocks [E, N, K/32, 16]
+                                  .Arg<ffi::Buffer<ffi::U8>>()    // scales [E, N, K/32]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // group_sizes [E]
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // out [M, N]
