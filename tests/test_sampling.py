@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptoss_jax.sampling import filter_logits, sample
+from gptoss_jax.sampling import argmax, filter_logits, sample
 
 V = 37
 N = 6000  # draws per case
@@ -76,3 +76,16 @@ def test_greedy_rows_take_the_argmax():
     toks = sample(jnp.asarray(logits), keys, jnp.zeros(4), jnp.zeros(4, jnp.int32), jnp.ones(4),
                   jnp.zeros(4), max_top_k=0)
     np.testing.assert_array_equal(np.asarray(toks), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("v", [211, 128 * 37])  # the plain and the chunked search
+def test_argmax_first_index_of_the_maximum(v):
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(5, v)).astype(np.float32)
+    logits[1, [7, 150, v - 1]] = 9.0  # ties across chunks: the first wins
+    logits[2, [130, 131]] = 9.0  # ties inside a chunk
+    logits[3] = -np.inf  # nothing left after filtering: index 0, as numpy
+    logits[4, v - 1] = 9.0  # the very last entry
+    got = jax.jit(argmax)(jnp.asarray(logits))
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got), logits.argmax(-1))
