@@ -236,8 +236,7 @@ def _write_one(cache: LayerCache, k, v, pos, slot) -> LayerCache:
 
         def put(buf, new, start):
             cur = jax.lax.dynamic_slice(buf, start, new.shape)
-            return jax.lax.dynamic_update_slice(buf, jnp.where(keep, cur, new.astype(buf.dtype)),
-                                                start)
+            return jax.lax.dynamic_update_slice(buf, jnp.where(keep, cur, new), start)
 
         zero = jnp.zeros((), jnp.int32)
         kv_at = (i, zero, s, zero)
@@ -246,7 +245,19 @@ def _write_one(cache: LayerCache, k, v, pos, slot) -> LayerCache:
         return LayerCache(put(c.k, row_k, kv_at), put(c.v, row_v, kv_at),
                           put(c.pos, jax.lax.dynamic_slice_in_dim(pos, i, 1), (i, s)))
 
-    return jax.lax.fori_loop(0, b, body, cache)
+    # bf16 moves as 16-bit patterns, converted outside the loop: XLA:CPU runs a bf16 update as
+    # an f32 one over a converted copy of the whole buffer, and a conversion inside the loop
+    # keeps the update from being done in place
+    k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
+    as_bits = cache.k.dtype == jnp.bfloat16
+    bits = jax.lax.bitcast_convert_type
+    if as_bits:
+        cache = cache._replace(k=bits(cache.k, jnp.uint16), v=bits(cache.v, jnp.uint16))
+        k, v = bits(k, jnp.uint16), bits(v, jnp.uint16)
+    cache = jax.lax.fori_loop(0, b, body, cache)
+    if as_bits:
+        cache = cache._replace(k=bits(cache.k, jnp.bfloat16), v=bits(cache.v, jnp.bfloat16))
+    return cache
 
 
 def attention(x, p: dict, c: GptOssConfig, layer: int, pos, cos, sin, cache: LayerCache | None,
