@@ -41,10 +41,10 @@ import numpy as np
 
 from gptoss_jax import lora
 from gptoss_jax.config import GptOssConfig
-from pallas_kernels import cpu_mxfp4, mxfp4
+from pallas_kernels import cpu_kernels, mxfp4
 
 MOE_IMPLS = ("auto", "xla", "pallas", "cpu")
-# The CPU kernel (``pallas_kernels.cpu_mxfp4``) decodes each weight block once per 8 rows of its
+# The CPU kernel (``pallas_kernels.cpu_kernels``) decodes each weight block once per 8 rows of its
 # expert; with more rows than this per expert (long prefills) XLA's expand-then-GEMM is faster.
 CPU_KERNEL_MAX_ROWS_PER_EXPERT = 32
 
@@ -84,12 +84,12 @@ class MoeRuntime:
         if "gate_up_blocks" not in experts or self.impl not in ("auto", "cpu"):
             return False
         if self.impl == "cpu":
-            if not cpu_mxfp4.available():
+            if not cpu_kernels.available("mxfp4_grouped"):
                 raise RuntimeError("moe impl 'cpu': the CPU MXFP4 kernel is not available here")
             return True
         num_experts = experts["gate_up_blocks"].shape[0]
         return (jax.default_backend() == "cpu" and rows <= CPU_KERNEL_MAX_ROWS_PER_EXPERT
-                * num_experts and cpu_mxfp4.available())
+                * num_experts and cpu_kernels.available("mxfp4_grouped"))
 
 
 def route(x: jax.Array, router: dict, k: int) -> tuple[jax.Array, jax.Array]:
@@ -258,7 +258,7 @@ def _grouped_kernel(lhs, experts, name, group_sizes, transpose: bool):
     """:func:`_grouped_loop`'s forward product in the CPU kernel (``lhs`` in split order)."""
     assert not transpose
     m, num_experts = lhs.shape[0], group_sizes.shape[0]
-    out = cpu_mxfp4.grouped_matmul(lhs, experts[name + "_blocks"], experts[name + "_scales"],
+    out = cpu_kernels.grouped_matmul(lhs, experts[name + "_blocks"], experts[name + "_scales"],
                                    group_sizes, split_order=True)
     used = (jnp.arange(m) < jnp.sum(group_sizes))[:, None]
     if name + "_bias" in experts:

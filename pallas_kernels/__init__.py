@@ -4,7 +4,7 @@
 * :mod:`pallas_kernels.grouped_mxfp4`: grouped (MoE) matmul on packed MXFP4 experts, with the
   gpt-oss SwiGLU / routing-weight epilogues; backends in ``grouped_mxfp4_triton`` (Triton-style,
   the fallback) and ``grouped_mxfp4_mosaic`` (Mosaic GPU, Hopper).
-* :mod:`pallas_kernels.cpu_mxfp4`: not Pallas: the same grouped MXFP4 product for CPUs (C++ with
+* :mod:`pallas_kernels.cpu_kernels`: not Pallas: the same grouped MXFP4 product for CPUs (C++ with
   AVX-512 behind XLA's FFI, built on first use), for decode-sized row counts.
 """
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import cpu_mxfp4, mxfp4
+from pallas_kernels import cpu_kernels, mxfp4
 from pallas_kernels import grouped_mxfp4 as op
 from pallas_kernels import grouped_mxfp4_mosaic as mosaic
 from pallas_kernels import grouped_mxfp4_triton as triton
@@ -301,7 +301,8 @@ def test_bench_smoke_runs(capsys):
 # ---------------------------------------------------------------------------------------------
 # The CPU kernel (C++ via XLA FFI) against numpy on the hand-checked format.
 
-@pytest.mark.skipif(not cpu_mxfp4.available(), reason="the CPU MXFP4 kernel does not build here")
+@pytest.mark.skipif(not cpu_kernels.available("mxfp4_grouped"),
+                    reason="the CPU MXFP4 kernel does not build here")
 @pytest.mark.parametrize("split_order", [False, True])
 def test_cpu_grouped_matmul_matches_numpy(split_order):
     rng = np.random.default_rng(7)
@@ -318,17 +319,17 @@ def test_cpu_grouped_matmul_matches_numpy(split_order):
     for r, ex in enumerate(expert):
         want[r] = w[ex] @ x[r]
     lhs = mxfp4.split_order(jnp.asarray(x)) if split_order else x
-    got = jax.jit(functools.partial(cpu_mxfp4.grouped_matmul, split_order=split_order))(
+    got = jax.jit(functools.partial(cpu_kernels.grouped_matmul, split_order=split_order))(
         lhs, blocks, scales, group_sizes)
     assert got.shape == (m, n) and got.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     np.testing.assert_array_equal(np.asarray(got)[-3:], 0.0)
-    ref = cpu_mxfp4.grouped_matmul_reference(x, blocks, scales, group_sizes)
+    ref = cpu_kernels.grouped_matmul_reference(x, blocks, scales, group_sizes)
     np.testing.assert_allclose(np.asarray(ref), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 def test_cpu_kernel_off_by_environment():
-    code = "from pallas_kernels import cpu_mxfp4; print(cpu_mxfp4.available())"
+    code = "from pallas_kernels import cpu_kernels; print(cpu_kernels.available('mxfp4_grouped'))"
     env = {**os.environ, "GPTOSS_JAX_CPU_KERNELS": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True)

@@ -26,7 +26,7 @@ from gptoss_jax import model as M  # noqa: E402
 from gptoss_jax import rope  # noqa: E402
 from gptoss_jax.config import GPT_OSS_20B, TINY, GptOssConfig  # noqa: E402
 from gptoss_jax.moe import MoeRuntime, moe, route, swiglu  # noqa: E402
-from pallas_kernels import cpu_mxfp4  # noqa: E402
+from pallas_kernels import cpu_kernels  # noqa: E402
 from pallas_kernels import mxfp4  # noqa: E402
 
 # d=96, f=160, n=6 over k=2 (g=3), h=10, e=7 top-3, window 5, vocab 211
@@ -307,7 +307,8 @@ def test_moe_matches_gpt_oss_mlp(rng, tokens, fmt):
     close(ours, ref[0], rtol=2e-5)
 
 
-@pytest.mark.skipif(not cpu_mxfp4.available(), reason="the CPU MXFP4 kernel does not build here")
+@pytest.mark.skipif(not cpu_kernels.available("mxfp4_grouped"),
+                    reason="the CPU MXFP4 kernel does not build here")
 @pytest.mark.parametrize("tokens", [2, 29])
 def test_moe_cpu_kernel_matches_gpt_oss_mlp(rng, tokens):
     """The C++ kernel path (values and the gradient w.r.t. the input, which LoRA training takes
