@@ -47,19 +47,24 @@ inline float ScaleValue(uint8_t s) {
   return f;
 }
 
-// `rows` (<= kRowsPerPass) rows of lhs against weight rows [n0, n1) of one expert.
+// `R` (<= kRowsPerPass) rows of lhs against weight rows [n0, n1) of one expert. Each row sums
+// into C independent accumulators (C = 4 for one or two rows, else fewer: registers), so that a
+// lone decode row is not bound by the latency of one chain of dependent FMAs.
 template <int R>
 void RowsTimesSlice(const float* lhs, int64_t k, const uint8_t* blocks, const uint8_t* scales,
                     int64_t n0, int64_t n1, float* out, int64_t n_total) {
+  constexpr int C = R <= 2 ? 4 : (R <= 4 ? 2 : 1);
   const __m512 table = _mm512_load_ps(kFp4);
   const __m512i low4 = _mm512_set1_epi32(15);
   const int64_t kb_count = k / kBlock;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* b = blocks + n * kb_count * kBlockBytes;
     const uint8_t* s = scales + n * kb_count;
-    __m512 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-    for (int64_t kb = 0; kb < kb_count; ++kb) {
+    __m512 acc[R][C];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+    // block kb into accumulators lo_c (low nibbles) and hi_c (high nibbles)
+    auto block = [&](int64_t kb, int lo_c, int hi_c) {
       const __m512i codes = _mm512_cvtepu8_epi32(
           _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + kb * kBlockBytes)));
       const __m512 scale = _mm512_set1_ps(ScaleValue(s[kb]));
@@ -69,11 +74,23 @@ void RowsTimesSlice(const float* lhs, int64_t k, const uint8_t* blocks, const ui
           _mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4), table), scale);
       const float* x = lhs + kb * kBlock;
       for (int r = 0; r < R; ++r) {
-        acc[r] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x + r * k), acc[r]);
-        acc[r] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + r * k + 16), acc[r]);
+        acc[r][lo_c] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x + r * k), acc[r][lo_c]);
+        acc[r][hi_c] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + r * k + 16), acc[r][hi_c]);
+      }
+    };
+    int64_t kb = 0;
+    if constexpr (C == 4) {
+      for (; kb + 2 <= kb_count; kb += 2) {
+        block(kb, 0, 1);
+        block(kb + 1, 2, 3);
       }
     }
-    for (int r = 0; r < R; ++r) out[r * n_total + n] = _mm512_reduce_add_ps(acc[r]);
+    for (; kb < kb_count; ++kb) block(kb, 0, C - 1);
+    for (int r = 0; r < R; ++r) {
+      __m512 sum = acc[r][0];
+      for (int c = 1; c < C; ++c) sum = _mm512_add_ps(sum, acc[r][c]);
+      out[r * n_total + n] = _mm512_reduce_add_ps(sum);
+    }
   }
 }
 
