@@ -334,3 +334,19 @@ def test_cpu_kernel_off_by_environment():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.skipif(not cpu_kernels.available("bf16_matvec"),
+                    reason="the CPU bf16 matvec kernel does not build here")
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_cpu_bf16_matvec_matches_numpy(rows):
+    rng = np.random.default_rng(rows)
+    k, n = 112, 16 * 16 * 2 + 16 * 3 + 5  # full 256-column slices, single vectors, a scalar tail
+    w = jnp.asarray(rng.standard_normal((k, n)), jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
+    want = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+    got = jax.jit(cpu_kernels.bf16_matvec)(x, w)
+    assert got.shape == (rows, n) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    with pytest.raises(ValueError, match="rows"):
+        cpu_kernels.bf16_matvec(jnp.zeros((9, k)), w)

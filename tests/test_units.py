@@ -307,6 +307,25 @@ def test_moe_matches_gpt_oss_mlp(rng, tokens, fmt):
     close(ours, ref[0], rtol=2e-5)
 
 
+@pytest.mark.skipif(not cpu_kernels.available("bf16_matvec"),
+                    reason="the CPU bf16 matvec kernel does not build here")
+def test_projection_kernel_path_value_and_gradient(rng):
+    """Decode-sized projections of a bf16 weight stored [in, heads, head_dim] take the CPU kernel;
+    values and both gradients against numpy."""
+    d, n, h = C.hidden_size, C.num_attention_heads, C.head_dim
+    w = jnp.asarray(0.1 * rng.standard_normal((d, n, h)), jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((1, 2, d)), jnp.bfloat16)
+    g = rng.standard_normal((1, 2, n, h)).astype(np.float32)
+    f = lambda x, w: M._proj("rd,dnh->rnh", x, w)  # noqa: E731
+    assert "gptoss_bf16_matvec" in jax.jit(f).lower(x, w).as_text()
+    x64, w64 = np.asarray(x, np.float64).reshape(2, d), np.asarray(w, np.float64).reshape(d, -1)
+    close(f(x, w), (x64 @ w64).reshape(1, 2, n, h), rtol=1e-5)
+    dx, dw = jax.grad(lambda x, w: jnp.sum(f(x, w) * g), argnums=(0, 1))(x, w)
+    g2 = g.reshape(2, -1).astype(np.float64)
+    close(dx.astype(jnp.float32), (g2 @ w64.T).reshape(x.shape), rtol=1e-2)  # bf16 results
+    close(dw.astype(jnp.float32), (x64.T @ g2).reshape(w.shape), rtol=1e-2)
+
+
 @pytest.mark.skipif(not cpu_kernels.available("mxfp4_grouped"),
                     reason="the CPU MXFP4 kernel does not build here")
 @pytest.mark.parametrize("tokens", [2, 29])
