@@ -46,14 +46,39 @@ class Runtime:
 
 class LayerCache(NamedTuple):
     """One layer's KV cache; slots are a ring buffer on sliding layers. Heads before slots: the
-    layout the attention matmuls read, so a decode step never transposes the cache."""
+    layout the attention matmuls read, so a decode step never transposes the cache.
+
+    On CPU a bf16 cache is stored as its 16-bit patterns (uint16; :func:`cache_values` reads
+    them back): XLA:CPU turns every update of a bf16 buffer into an f32 rewrite of the whole
+    buffer, a cost per step that grows with the context."""
     k: jax.Array  # [b, k, s, h]
     v: jax.Array  # [b, k, s, h]
     pos: jax.Array  # [b, s] int32 absolute position in each slot, -1 = empty
 
 
+def cache_storage_dtype(dtype) -> jnp.dtype:
+    """The dtype a cache of ``dtype`` values is stored in (see :class:`LayerCache`)."""
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.uint16) if dtype == jnp.bfloat16 and jax.default_backend() == "cpu" \
+        else dtype
+
+
+def cache_values(a: jax.Array) -> jax.Array:
+    """Cache keys or values as numbers (bf16 back from stored 16-bit patterns)."""
+    return jax.lax.bitcast_convert_type(a, jnp.bfloat16) if a.dtype == jnp.uint16 else a
+
+
+def _to_cache(x: jax.Array, stored: jax.Array) -> jax.Array:
+    """``x`` in the storage dtype of the cache array ``stored``."""
+    if stored.dtype == jnp.uint16:
+        return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16)
+    return x.astype(stored.dtype)
+
+
 def init_cache(c: GptOssConfig, batch: int, max_len: int, dtype) -> list[LayerCache]:
-    """Empty cache: ``sliding_window`` slots on sliding layers, ``max_len`` on full ones."""
+    """Empty cache: ``sliding_window`` slots on sliding layers, ``max_len`` on full ones; ``dtype``
+    of the keys and values (stored as :func:`cache_storage_dtype`)."""
+    dtype = cache_storage_dtype(dtype)
     out = []
     for layer in range(c.num_hidden_layers):
         s = min(c.sliding_window, max_len) if c.is_sliding(layer) else max_len
@@ -229,8 +254,8 @@ def _write_cache(cache: LayerCache, k, v, pos, ring: bool) -> LayerCache:
         return _write_one(cache, k, v, pos, slot)
     rows = jnp.arange(b)[:, None]
     # (advanced indices around a slice: the indexed view is [b, t, k, h], the new keys' layout)
-    return LayerCache(cache.k.at[rows, :, slot].set(k.astype(cache.k.dtype), mode="drop"),
-                      cache.v.at[rows, :, slot].set(v.astype(cache.v.dtype), mode="drop"),
+    return LayerCache(cache.k.at[rows, :, slot].set(_to_cache(k, cache.k), mode="drop"),
+                      cache.v.at[rows, :, slot].set(_to_cache(v, cache.v), mode="drop"),
                       cache.pos.at[rows, slot].set(pos, mode="drop"))
 
 
@@ -243,7 +268,7 @@ def _write_fresh(cache: LayerCache, k, v, pos, ring: bool) -> LayerCache:
     if t > size:
         return _write_cache(cache, k, v, pos, ring)
     keep = (pos >= 0)[:, :, None, None]
-    k, v = (_heads_first(jnp.where(keep, a, 0).astype(cache.k.dtype)) for a in (k, v))
+    k, v = (_heads_first(_to_cache(jnp.where(keep, a, 0), cache.k)) for a in (k, v))
     tail = [(0, 0), (0, 0), (0, size - t), (0, 0)]  # [b, k, s, h]: more slots on axis 2
     return LayerCache(jnp.pad(k, tail), jnp.pad(v, tail),
                       jnp.pad(pos, tail[1:3], constant_values=-1))
@@ -252,9 +277,9 @@ def _write_fresh(cache: LayerCache, k, v, pos, ring: bool) -> LayerCache:
 def _write_one(cache: LayerCache, k, v, pos, slot) -> LayerCache:
     """The decode write (one key per row) as in-place row updates, on CPU.
 
-    A scatter would do (and does elsewhere), but XLA:CPU widens a bf16 scatter's whole operand
-    (the cache) to f32 and back on every step; dynamic-update-slices stay in place. Out-of-range
-    slots (padding, idle rows) rewrite what is there.
+    A scatter would do (and does elsewhere); these dynamic-update-slices stay in place (on the
+    cache's 16-bit patterns for bf16, see :class:`LayerCache`). Out-of-range slots (padding,
+    idle rows) rewrite what is there.
     """
     b, size = cache.pos.shape
 
@@ -274,19 +299,8 @@ def _write_one(cache: LayerCache, k, v, pos, slot) -> LayerCache:
         return LayerCache(put(c.k, row_k, kv_at), put(c.v, row_v, kv_at),
                           put(c.pos, jax.lax.dynamic_slice_in_dim(pos, i, 1), (i, s)))
 
-    # bf16 moves as 16-bit patterns, converted outside the loop: XLA:CPU runs a bf16 update as
-    # an f32 one over a converted copy of the whole buffer, and a conversion inside the loop
-    # keeps the update from being done in place
-    k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
-    as_bits = cache.k.dtype == jnp.bfloat16
-    bits = jax.lax.bitcast_convert_type
-    if as_bits:
-        cache = cache._replace(k=bits(cache.k, jnp.uint16), v=bits(cache.v, jnp.uint16))
-        k, v = bits(k, jnp.uint16), bits(v, jnp.uint16)
-    cache = jax.lax.fori_loop(0, b, body, cache)
-    if as_bits:
-        cache = cache._replace(k=bits(cache.k, jnp.bfloat16), v=bits(cache.v, jnp.bfloat16))
-    return cache
+    k, v = _to_cache(k, cache.k), _to_cache(v, cache.v)
+    return jax.lax.fori_loop(0, b, body, cache)
 
 
 def attention(x, p: dict, c: GptOssConfig, layer: int, pos, cos, sin, cache: LayerCache | None,
@@ -322,13 +336,13 @@ def attention(x, p: dict, c: GptOssConfig, layer: int, pos, cos, sin, cache: Lay
         # Decode: store first, then attend over the cache alone. On a ring the slot written held
         # position pos - window, which the window already excludes; on full layers it was empty.
         new_cache = _write_cache(cache, k, v, pos, ring=sliding)
-        keys, values, k_pos = new_cache.k, new_cache.v, new_cache.pos
+        keys, values, k_pos = cache_values(new_cache.k), cache_values(new_cache.v), new_cache.pos
     else:
         assert segment_ids is None, "segment ids are for training rows, not the KV cache"
         # A chunk after earlier ones: attend over what the cache held before it plus the chunk
         # itself (writing first could overwrite ring slots the chunk's early queries still see).
-        keys = jnp.concatenate([cache.k, _heads_first(k).astype(cache.k.dtype)], axis=2)
-        values = jnp.concatenate([cache.v, _heads_first(v).astype(cache.v.dtype)], axis=2)
+        keys = cache_values(jnp.concatenate([cache.k, _to_cache(_heads_first(k), cache.k)], 2))
+        values = cache_values(jnp.concatenate([cache.v, _to_cache(_heads_first(v), cache.v)], 2))
         k_pos = jnp.concatenate([cache.pos, pos], axis=1)
         new_cache = _write_cache(cache, k, v, pos, ring=sliding)
     kvh, g = c.num_key_value_heads, c.q_per_kv
