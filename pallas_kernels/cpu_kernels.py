@@ -80,15 +80,17 @@ def _build(kernel: Kernel, cxx: str) -> Path:
     source = CPU_DIR / kernel.source
     include = jax.ffi.include_dir()
     flags = (*BASE_FLAGS, *kernel.extra_flags)
-    key = hashlib.sha256(source.read_bytes() + " ".join((cxx, *flags, include,
-                                                         jax.__version__)).encode())
+    headers = b"".join(h.read_bytes() for h in sorted(CPU_DIR.glob("*.h")))
+    key = hashlib.sha256(source.read_bytes() + headers + " ".join((cxx, *flags, include,
+                                                                   jax.__version__)).encode())
     lib = _cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
     if lib.exists():
         return lib
     lib.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
         out = Path(tmp) / lib.name
-        proc = subprocess.run([cxx, *flags, "-I", include, str(source), "-o", str(out)],
+        proc = subprocess.run([cxx, *flags, "-I", include, "-I", str(CPU_DIR), str(source),
+                               "-o", str(out)],
                               capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"{cxx} failed on {source}:\n{proc.stderr[-2000:]}")

@@ -9,11 +9,9 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <memory>
-#include <thread>
 
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -75,41 +73,20 @@ constexpr ColumnsFn kColumns[kMaxRows + 1] = {nullptr,    Columns<1>, Columns<2>
                                               Columns<3>, Columns<4>, Columns<5>,
                                               Columns<6>, Columns<7>, Columns<8>};
 
-struct Work {
-  const float* x;
-  const uint16_t* w;
-  float* out;
-  int64_t m, k, n, slice, tasks;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-
-  void Run() {
-    for (int64_t i = next.fetch_add(1); i < tasks; i = next.fetch_add(1)) {
-      kColumns[m](x, w, k, n, i * slice, std::min(n, (i + 1) * slice), out);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
 ffi::Error Bf16MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                           ffi::Buffer<ffi::BF16> w, ffi::ResultBuffer<ffi::F32> out) {
   const auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0] || xd[0] < 1 || xd[0] > kMaxRows) {
     return ffi::Error::InvalidArgument("bf16_matvec: expected x [M, K] (1 <= M <= 8), w [K, N]");
   }
-  auto work = std::make_shared<Work>();
-  work->x = x.typed_data();
-  work->w = reinterpret_cast<const uint16_t*>(w.untyped_data());
-  work->out = out->typed_data();
-  work->m = xd[0];
-  work->k = xd[1];
-  work->n = wd[1];
-  work->slice = 256;  // columns a task: 16 of them for a 4096-wide projection
-  work->tasks = (work->n + work->slice - 1) / work->slice;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->tasks - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Run(); });
-  work->Run();
-  while (work->done.load(std::memory_order_acquire) < work->tasks) std::this_thread::yield();
+  const int64_t m = xd[0], k = xd[1], n = wd[1];
+  constexpr int64_t kSlice = 256;  // columns a task: 16 of them for a 4096-wide projection
+  const float* xs = x.typed_data();
+  const uint16_t* ws = reinterpret_cast<const uint16_t*>(w.untyped_data());
+  float* o = out->typed_data();
+  gptoss_cpu::ParallelFor(pool, (n + kSlice - 1) / kSlice, [&](int64_t i) {
+    kColumns[m](xs, ws, k, n, i * kSlice, std::min(n, (i + 1) * kSlice), o);
+  });
   return ffi::Error::Success();
 }
 

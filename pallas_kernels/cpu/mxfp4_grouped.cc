@@ -16,13 +16,11 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -104,32 +102,6 @@ struct Task {
   int64_t row0, rows, expert, n0, n1;
 };
 
-// Shared by the threads working on one call; the last one out frees it.
-struct Work {
-  std::vector<Task> tasks;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  const float* lhs;
-  const uint8_t* blocks;
-  const uint8_t* scales;
-  float* out;
-  int64_t k, n, expert_stride_blocks, expert_stride_scales;
-
-  void Run() {
-    for (int64_t i = next.fetch_add(1); i < static_cast<int64_t>(tasks.size());
-         i = next.fetch_add(1)) {
-      const Task& t = tasks[i];
-      for (int64_t r = 0; r < t.rows; r += kRowsPerPass) {
-        const int64_t rows = std::min<int64_t>(kRowsPerPass, t.rows - r);
-        kSliceFns[rows](lhs + (t.row0 + r) * k, k, blocks + t.expert * expert_stride_blocks,
-                        scales + t.expert * expert_stride_scales, t.n0, t.n1,
-                        out + (t.row0 + r) * n, n);
-      }
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
 ffi::Error Mxfp4GroupedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs,
                             ffi::Buffer<ffi::U8> blocks, ffi::Buffer<ffi::U8> scales,
                             ffi::Buffer<ffi::S32> group_sizes, ffi::ResultBuffer<ffi::F32> out) {
@@ -142,35 +114,33 @@ ffi::Error Mxfp4GroupedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs,
         "group_sizes [E]");
   }
   const int64_t m = ld[0], k = ld[1], e_count = bd[0], n = bd[1];
+  const float* x = lhs.typed_data();
+  const uint8_t* b = blocks.typed_data();
+  const uint8_t* s = scales.typed_data();
   float* o = out->typed_data();
   const int32_t* gs = group_sizes.typed_data();
+  const int64_t expert_blocks = n * (k / kBlock) * kBlockBytes, expert_scales = n * (k / kBlock);
 
-  auto work = std::make_shared<Work>();
-  work->lhs = lhs.typed_data();
-  work->blocks = blocks.typed_data();
-  work->scales = scales.typed_data();
-  work->out = o;
-  work->k = k;
-  work->n = n;
-  work->expert_stride_blocks = n * (k / kBlock) * kBlockBytes;
-  work->expert_stride_scales = n * (k / kBlock);
+  std::vector<Task> tasks;  // (expert, slice of N), over the experts that have rows
   int64_t row = 0;
   for (int64_t e = 0; e < e_count && row < m; ++e) {
     const int64_t rows = std::min<int64_t>(std::max<int32_t>(gs[e], 0), m - row);
     if (rows == 0) continue;
     for (int64_t n0 = 0; n0 < n; n0 += kSliceN) {
-      work->tasks.push_back({row, rows, e, n0, std::min(n, n0 + kSliceN)});
+      tasks.push_back({row, rows, e, n0, std::min(n, n0 + kSliceN)});
     }
     row += rows;
   }
   if (row < m) std::memset(o + row * n, 0, sizeof(float) * (m - row) * n);
 
-  const int64_t helpers =
-      std::min<int64_t>(pool.num_threads(), static_cast<int64_t>(work->tasks.size()) - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Run(); });
-  work->Run();  // the caller works too; then waits only for tasks already being run by others
-  const int64_t total = static_cast<int64_t>(work->tasks.size());
-  while (work->done.load(std::memory_order_acquire) < total) std::this_thread::yield();
+  gptoss_cpu::ParallelFor(pool, static_cast<int64_t>(tasks.size()), [&](int64_t i) {
+    const Task& t = tasks[i];
+    for (int64_t r = 0; r < t.rows; r += kRowsPerPass) {
+      const int64_t rows = std::min<int64_t>(kRowsPerPass, t.rows - r);
+      kSliceFns[rows](x + (t.row0 + r) * k, k, b + t.expert * expert_blocks,
+                      s + t.expert * expert_scales, t.n0, t.n1, o + (t.row0 + r) * n, n);
+    }
+  });
   return ffi::Error::Success();
 }
 
