@@ -17,6 +17,10 @@ dequantizes only what a step needs:
 * ``grouped`` (prefill, batched decode) sorts the pairs by expert, expands a layer's experts
   (in bounded chunks) once, and walks each expert's rows in tiles with its bias added there.
 
+On an x86-64 CPU with AVX-512 the grouped product of decode-sized row counts runs in a C++ kernel
+instead (``pallas_kernels.cpu_kernels.grouped_matmul``): each MXFP4 block is decoded in registers
+and used by every row of its expert, so no expert is ever expanded to memory.
+
 Written for XLA:CPU's habits, each measured: bf16 gathers, scatters and loop inputs widen to f32
 unless moved as 16-bit patterns; expansions picked by a loop index run ~7x slower than outside
 the loop; a bf16 dot with fewer than 8 rows is slow, a 1-row dot fused with its weight's
@@ -259,10 +263,10 @@ def _grouped_kernel(lhs, experts, name, group_sizes, transpose: bool):
     assert not transpose
     m, num_experts = lhs.shape[0], group_sizes.shape[0]
     out = cpu_kernels.grouped_matmul(lhs, experts[name + "_blocks"], experts[name + "_scales"],
-                                   group_sizes, split_order=True)
-    used = (jnp.arange(m) < jnp.sum(group_sizes))[:, None]
+                                     group_sizes, split_order=True)  # rows in no group: zeros
     if name + "_bias" in experts:
         expert = jnp.repeat(jnp.arange(num_experts), group_sizes, total_repeat_length=m)
+        used = (jnp.arange(m) < jnp.sum(group_sizes))[:, None]
         out = jnp.where(used, out + experts[name + "_bias"][expert].astype(jnp.float32), 0.0)
     return out
 
@@ -293,8 +297,8 @@ def _grouped_loop(lhs, experts, name, group_sizes, transpose: bool):
     parts = {s: experts[s] for s in (name, name + "_blocks", name + "_scales") if s in experts}
     bias = None if transpose else experts.get(name + "_bias")
     # a layer's own output buffer, made when the layer runs: a plain zeros would be one constant
-    # shared by every layer, copied into eight buffers all live at once (prefill's temporaries
-    # were 123 MB instead of 37 MB on the bench config, every page of it faulted in per call)
+    # shared by every layer, copied into a buffer per layer, all live at once (most of the bench
+    # config's 123 MB of prefill temporaries, every page of them faulted in on each call)
     out = _after(jnp.zeros((m + tile, n), jnp.float32), lhs)
     for c0 in range(0, num_experts, chunk):
         c1 = min(num_experts, c0 + chunk)
