@@ -1,6 +1,5 @@
 """CPU kernels for decode-sized products (C++ with AVX-512 behind XLA's FFI), each next to a
-plain-jnp reference. (A bf16 few-rows GEMM for the unembedding was tried and dropped: at 8 rows it
-is compute-bound on this class of CPU and ran no faster than XLA's, 10.4 vs 9.8 ms.)
+plain-jnp reference.
 
 * :func:`grouped_matmul` (``cpu/mxfp4_grouped.cc``): for rows sorted by expert,
   ``out[r] = W[e(r)] @ lhs[r]`` in float32 straight from packed MXFP4 weights: each 32-element
@@ -9,6 +8,9 @@ is compute-bound on this class of CPU and ran no faster than XLA's, 10.4 vs 9.8 
 * :func:`bf16_matvec` (``cpu/bf16_matvec.cc``): ``x @ w`` for up to 8 rows against a bf16 ``w``
   stored ``[K, N]`` (decode's attention projections), streaming ``w`` once near the memory
   bandwidth where XLA:CPU reaches about a third of it.
+* :func:`bf16_rows` (``cpu/bf16_rows.cc``): ``x @ w.T`` for a few bf16 rows against a large bf16
+  ``w`` stored ``[V, D]`` (batched decode's unembedding) with AVX-512 BF16 dot products, each
+  weight row read once and the stream prefetched ahead so it overlaps the arithmetic.
 
 Each source is compiled on first use with the system's C++ compiler (``$CXX``, else ``g++``)
 against the XLA FFI headers that ship with jaxlib, and cached under ``$GPTOSS_JAX_CACHE``
@@ -56,6 +58,8 @@ KERNELS = {
     "mxfp4_grouped": Kernel("mxfp4_grouped.cc", "GptossMxfp4Grouped",
                             ("avx512f", "avx512bw", "fma")),
     "bf16_matvec": Kernel("bf16_matvec.cc", "GptossBf16Matvec", ("avx512f", "avx512bw", "fma")),
+    "bf16_rows": Kernel("bf16_rows.cc", "GptossBf16Rows", ("avx512f", "avx512bw", "avx512_bf16"),
+                        ("-mavx512bf16",)),
 }
 MATVEC_MAX_ROWS = 8
 
@@ -173,3 +177,20 @@ def bf16_matvec(x: jax.Array, w: jax.Array) -> jax.Array:
 def bf16_matvec_reference(x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.matmul(x.astype(jnp.float32), w.astype(jnp.float32),
                       precision=jax.lax.Precision.HIGHEST)
+
+
+def bf16_rows(x: jax.Array, w: jax.Array) -> jax.Array:
+    """f32 ``x @ w.T`` for a few rows ``x`` ``[M, D]`` and bf16 ``w`` ``[V, D]`` (D a multiple of
+    32; both taken as bf16). CPU with AVX-512 BF16; see :func:`available`."""
+    kernel = _require("bf16_rows")
+    if x.shape[-1] % 32 or w.dtype != jnp.bfloat16:
+        raise ValueError(f"bf16_rows takes D a multiple of 32 and a bf16 weight, got D "
+                         f"{x.shape[-1]} and {w.dtype}")
+    call = jax.ffi.ffi_call(kernel.target, jax.ShapeDtypeStruct((x.shape[0], w.shape[0]),
+                                                                jnp.float32))
+    return call(x.astype(jnp.bfloat16), w)
+
+
+def bf16_rows_reference(x: jax.Array, w: jax.Array) -> jax.Array:
+    return jnp.einsum("md,vd->mv", x.astype(jnp.bfloat16).astype(jnp.float32),
+                      w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)

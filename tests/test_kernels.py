@@ -350,3 +350,19 @@ def test_cpu_bf16_matvec_matches_numpy(rows):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     with pytest.raises(ValueError, match="rows"):
         cpu_kernels.bf16_matvec(jnp.zeros((9, k)), w)
+
+
+@pytest.mark.skipif(not cpu_kernels.available("bf16_rows"),
+                    reason="the CPU bf16 rows kernel does not build here (needs AVX-512 BF16)")
+@pytest.mark.parametrize("rows", [1, 5, 8, 11])  # 11: a full pass of 8, then 3
+def test_cpu_bf16_rows_matches_numpy(rows):
+    rng = np.random.default_rng(20 + rows)
+    v, d = 1031, 96  # V odd (a lone last weight row), not a multiple of the 512-row slices
+    w = jnp.asarray(rng.standard_normal((v, d)), jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((rows, d)), jnp.bfloat16)
+    want = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
+    got = jax.jit(cpu_kernels.bf16_rows)(x, w)
+    assert got.shape == (rows, v) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    with pytest.raises(ValueError, match="multiple of 32"):
+        cpu_kernels.bf16_rows(x[:, :80], w[:, :80])

@@ -326,6 +326,24 @@ def test_projection_kernel_path_value_and_gradient(rng):
     close(dw.astype(jnp.float32), (x64.T @ g2).reshape(w.shape), rtol=1e-2)
 
 
+@pytest.mark.skipif(not cpu_kernels.available("bf16_rows"),
+                    reason="the CPU bf16 rows kernel does not build here")
+def test_unembedding_kernel_path_value_and_gradient(rng):
+    """Batched decode's unembedding (weight [vocab, d], 2-8 rows, bf16) takes the CPU kernel;
+    values and both gradients against numpy."""
+    d, v = C.hidden_size, C.vocab_size
+    w = jnp.asarray(0.1 * rng.standard_normal((v, d)), jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((3, d)), jnp.bfloat16)
+    g = rng.standard_normal((3, v)).astype(np.float32)
+    f = lambda x, w: M.unembed({"unembed": w}, x)  # noqa: E731
+    assert "gptoss_bf16_rows" in jax.jit(f).lower(x, w).as_text()
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    close(f(x, w), x64 @ w64.T, rtol=1e-5)
+    dx, dw = jax.grad(lambda x, w: jnp.sum(f(x, w) * g), argnums=(0, 1))(x, w)
+    close(dx.astype(jnp.float32), g @ w64, rtol=1e-2)  # bf16 results
+    close(dw.astype(jnp.float32), g.T @ x64, rtol=1e-2)
+
+
 @pytest.mark.skipif(not cpu_kernels.available("mxfp4_grouped"),
                     reason="the CPU MXFP4 kernel does not build here")
 @pytest.mark.parametrize("tokens", [2, 29])
