@@ -128,11 +128,12 @@ def available(name: str) -> bool:
     return True
 
 
-def _require(name: str) -> Kernel:
+def _call(name: str, out_shape: tuple[int, ...]):
+    """The FFI call of kernel ``name`` returning f32 ``out_shape`` (built and registered first)."""
     if not available(name):
         raise RuntimeError(f"the CPU kernel {name} is not available here (see "
                            "pallas_kernels.cpu_kernels.available)")
-    return KERNELS[name]
+    return jax.ffi.ffi_call(KERNELS[name].target, jax.ShapeDtypeStruct(out_shape, jnp.float32))
 
 
 def grouped_matmul(lhs: jax.Array, blocks: jax.Array, scales: jax.Array,
@@ -142,9 +143,7 @@ def grouped_matmul(lhs: jax.Array, blocks: jax.Array, scales: jax.Array,
     ``[M, K]`` in natural order (``split_order``: already permuted by
     :func:`pallas_kernels.mxfp4.split_order`). Rows past ``sum(group_sizes)`` are zeros. CPU only;
     see :func:`available`."""
-    kernel = _require("mxfp4_grouped")
-    m, n = lhs.shape[0], blocks.shape[1]
-    call = jax.ffi.ffi_call(kernel.target, jax.ShapeDtypeStruct((m, n), jnp.float32))
+    call = _call("mxfp4_grouped", (lhs.shape[0], blocks.shape[1]))
     lhs = lhs.astype(jnp.float32)
     return call(lhs if split_order else mxfp4.split_order(lhs), blocks, scales,
                 group_sizes.astype(jnp.int32))
@@ -161,17 +160,13 @@ def grouped_matmul_reference(lhs, blocks, scales, group_sizes) -> jax.Array:
     return jnp.where((jnp.arange(m) < jnp.sum(group_sizes))[:, None], out, 0.0)
 
 
-
 def bf16_matvec(x: jax.Array, w: jax.Array) -> jax.Array:
     """f32 ``x @ w`` for ``x`` ``[M, K]`` (``M <= MATVEC_MAX_ROWS``, any float dtype) and bf16 ``w``
     ``[K, N]``. CPU with AVX-512; see :func:`available`."""
-    kernel = _require("bf16_matvec")
     if not 1 <= x.shape[0] <= MATVEC_MAX_ROWS or w.dtype != jnp.bfloat16:
         raise ValueError(f"bf16_matvec takes 1..{MATVEC_MAX_ROWS} rows and a bf16 weight, got "
                          f"{x.shape[0]} rows and {w.dtype}")
-    call = jax.ffi.ffi_call(kernel.target, jax.ShapeDtypeStruct((x.shape[0], w.shape[1]),
-                                                                jnp.float32))
-    return call(x.astype(jnp.float32), w)
+    return _call("bf16_matvec", (x.shape[0], w.shape[1]))(x.astype(jnp.float32), w)
 
 
 def bf16_matvec_reference(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -182,13 +177,10 @@ def bf16_matvec_reference(x: jax.Array, w: jax.Array) -> jax.Array:
 def bf16_rows(x: jax.Array, w: jax.Array) -> jax.Array:
     """f32 ``x @ w.T`` for a few rows ``x`` ``[M, D]`` and bf16 ``w`` ``[V, D]`` (D a multiple of
     32; both taken as bf16). CPU with AVX-512 BF16; see :func:`available`."""
-    kernel = _require("bf16_rows")
     if x.shape[-1] % 32 or w.dtype != jnp.bfloat16:
         raise ValueError(f"bf16_rows takes D a multiple of 32 and a bf16 weight, got D "
                          f"{x.shape[-1]} and {w.dtype}")
-    call = jax.ffi.ffi_call(kernel.target, jax.ShapeDtypeStruct((x.shape[0], w.shape[0]),
-                                                                jnp.float32))
-    return call(x.astype(jnp.bfloat16), w)
+    return _call("bf16_rows", (x.shape[0], w.shape[0]))(x.astype(jnp.bfloat16), w)
 
 
 def bf16_rows_reference(x: jax.Array, w: jax.Array) -> jax.Array:
