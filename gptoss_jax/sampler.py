@@ -60,7 +60,7 @@ def _prefill(params, slots: Slots, batch, config, runtime, mode: SampleMode):
     tokens, lengths, slot_ids = batch["tokens"], batch["lengths"], batch["slot"]
     n, t = tokens.shape
     max_len = max(c.pos.shape[1] for c in slots.cache)  # the engine's full-layer length
-    fresh = M.init_cache(config, n, max_len, slots.cache[0].k.dtype)
+    fresh = M.init_cache(config, n, max_len, M.cache_values(slots.cache[0].k).dtype)
     pos = M.positions_from_lengths(tokens, lengths)
     x, fresh = M.hidden_states(params, tokens, pos, config, cache=fresh, rt=runtime, fresh=True)
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [n, d]

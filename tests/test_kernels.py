@@ -348,6 +348,8 @@ def test_cpu_bf16_matvec_matches_numpy(rows):
     got = jax.jit(cpu_kernels.bf16_matvec)(x, w)
     assert got.shape == (rows, n) and got.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    ref = cpu_kernels.bf16_matvec_reference(x, w)
+    np.testing.assert_allclose(np.asarray(ref), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     with pytest.raises(ValueError, match="rows"):
         cpu_kernels.bf16_matvec(jnp.zeros((9, k)), w)
 
@@ -364,5 +366,7 @@ def test_cpu_bf16_rows_matches_numpy(rows):
     got = jax.jit(cpu_kernels.bf16_rows)(x, w)
     assert got.shape == (rows, v) and got.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    ref = cpu_kernels.bf16_rows_reference(x, w)
+    np.testing.assert_allclose(np.asarray(ref), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     with pytest.raises(ValueError, match="multiple of 32"):
         cpu_kernels.bf16_rows(x[:, :80], w[:, :80])
