@@ -43,7 +43,9 @@ def run_ours(args) -> dict:
     import numpy as np
 
     import gptoss_jax
-    from gptoss_jax import data, lora, train
+    from gptoss_jax.finetune import data
+    from gptoss_jax.finetune import lora
+    from gptoss_jax.finetune import train
 
     model = gptoss_jax.load(args.checkpoint, dtype="bfloat16", progress=False)
     c = model.config
@@ -118,7 +120,7 @@ def main() -> None:
 
     from convert.random_weights import random_getter
     from convert.writer import write_checkpoint
-    from gptoss_jax.config import BENCH
+    from gptoss_jax.model.config import BENCH
 
     with tempfile.TemporaryDirectory() as tmp:
         write_checkpoint(random_getter(BENCH, seed=0), BENCH, tmp, progress=False)

@@ -73,7 +73,7 @@ class Ours:
         self.engines = {}
 
     def run(self, b: int) -> dict:
-        from gptoss_jax.sampler import Engine, SamplingParams
+        from gptoss_jax.inference.engine import Engine, SamplingParams
 
         greedy = SamplingParams(temperature=0.0)
         if b not in self.engines:
@@ -165,7 +165,7 @@ def main(argv=None):
 
     import jax
 
-    from gptoss_jax.config import PRESETS
+    from gptoss_jax.model.config import PRESETS
     path = a.checkpoint
     if path is None:
         from convert.random_weights import random_getter

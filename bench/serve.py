@@ -127,17 +127,17 @@ def main(argv=None) -> int:
     import jax
 
     import gptoss_jax
-    from gptoss_jax import sampler
+    from gptoss_jax.inference import engine as sampler
     from gptoss_jax.server import Scheduler, create_app
-    from gptoss_jax.server.app import BackgroundServer
-    from gptoss_jax.tokenizer import load_tokenizer
+    from gptoss_jax.server.background import BackgroundServer
+    from gptoss_jax.chat.tokenizer import load_tokenizer
 
     tmp = None
     ckpt = args.checkpoint
     if ckpt is None:
         from convert.random_weights import random_getter
         from convert.writer import write_checkpoint
-        from gptoss_jax.config import TINY_CHAT
+        from gptoss_jax.model.config import TINY_CHAT
 
         tmp = tempfile.TemporaryDirectory(prefix="gptoss-bench-")
         ckpt = os.path.join(tmp.name, "tiny-chat")

@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from gptoss_jax.config import GptOssConfig
+from gptoss_jax.model.config import GptOssConfig
 
 LAYOUTS = ("hf_mxfp4", "hf_bf16", "original")
 Path = tuple  # a path into the parameter tree, e.g. ("layers", 3, "attn", "q_w")

@@ -15,8 +15,8 @@ import zlib
 
 import numpy as np
 
-from gptoss_jax import params as P
-from gptoss_jax.config import GptOssConfig
+from gptoss_jax.model import params as P
+from gptoss_jax.model.config import GptOssConfig
 from pallas_kernels import mxfp4
 
 FP4_RMS = 3.2  # rms of a uniformly random e2m1 code

@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 
 from convert import layouts
 from convert.safetensors_io import CheckpointError, SafetensorsFile
-from gptoss_jax import params as P
-from gptoss_jax.config import GptOssConfig
+from gptoss_jax.model import params as P
+from gptoss_jax.model.config import GptOssConfig
 from pallas_kernels import mxfp4
 
 INDEX = "model.safetensors.index.json"

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from convert import layouts
 from convert import safetensors_io as sio
-from gptoss_jax.config import GptOssConfig
+from gptoss_jax.model.config import GptOssConfig
 from pallas_kernels import mxfp4
 
 BF16 = np.dtype(ml_dtypes.bfloat16)

@@ -28,10 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptoss_jax import model as M
-from gptoss_jax import moe as moe_lib
-from gptoss_jax import rope
-from gptoss_jax.config import GptOssConfig
+from gptoss_jax.model import transformer as M
+from gptoss_jax.model import moe as moe_lib
+from gptoss_jax.model import rope
+from gptoss_jax.model.config import GptOssConfig
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,8 +14,8 @@ import pytest
 
 from convert.random_weights import random_getter
 from convert.writer import write_checkpoint
-from gptoss_jax.config import TINY
-from gptoss_jax.tokenizer import configure_offline
+from gptoss_jax.model.config import TINY
+from gptoss_jax.chat.tokenizer import configure_offline
 
 SEED = 1234
 
@@ -74,7 +74,7 @@ def tiny_model_f32(tiny_ckpts):
 @pytest.fixture(scope="session")
 def tiny_chat_ckpt(tmp_path_factory):
     """A tiny random model with the real 201088-token vocabulary (harmony ids fit), HF MXFP4."""
-    from gptoss_jax.config import TINY_CHAT
+    from gptoss_jax.model.config import TINY_CHAT
 
     folder = tmp_path_factory.mktemp("ckpt") / "tiny_chat"
     write_checkpoint(random_getter(TINY_CHAT, seed=SEED), TINY_CHAT, str(folder), "hf_mxfp4",

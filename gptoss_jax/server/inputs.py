@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from gptoss_jax import harmony
+from gptoss_jax.chat import harmony
 from gptoss_jax.server.errors import APIError, unsupported
 
 EFFORTS = ("low", "medium", "high")

@@ -21,7 +21,7 @@ import dataclasses
 import secrets
 from typing import Union
 
-from gptoss_jax import harmony
+from gptoss_jax.chat import harmony
 
 
 def new_id(prefix: str) -> str:

@@ -27,9 +27,9 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from gptoss_jax import harmony
+from gptoss_jax.chat import harmony
 from gptoss_jax.server import inputs
-from gptoss_jax.server.app import (STOP_TOKENS, SSEResponse, ServerState, check_extra,
+from gptoss_jax.server.state import (STOP_TOKENS, SSEResponse, ServerState, check_extra,
                                    sampling_of, sse, state, wait_job)
 from gptoss_jax.server.errors import APIError, unsupported
 from gptoss_jax.server.reply import Close, Delta, Item, Open, ReplyTracker, new_id

@@ -30,7 +30,7 @@ import threading
 import time
 from typing import AsyncIterator, Sequence
 
-from gptoss_jax.sampling import SamplingParams
+from gptoss_jax.inference.sampling import SamplingParams
 
 log = logging.getLogger("gptoss_jax.server")
 _ids = itertools.count(1)

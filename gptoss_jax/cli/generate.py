@@ -1,0 +1,306 @@
+"""``python -m gptoss_jax.generate``: chat with (or continue text from) a gpt-oss checkpoint.
+
+    python -m gptoss_jax.generate --checkpoint openai/gpt-oss-20b --prompt "Hi" --reasoning-effort low
+    python -m gptoss_jax.generate --checkpoint DIR --raw --prompt "Once upon a time"
+    python -m gptoss_jax.generate --checkpoint DIR --prompt-ids 200006,17360,200008 --json
+    python -m gptoss_jax.generate --checkpoint DIR            # interactive multi-turn chat
+
+Thin CLI over :func:`gptoss_jax.inference.api.generate_stream` and ``gptoss_jax.harmony``. Bad
+arguments give a one-line error and exit code 2. """
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from gptoss_jax.inference import api
+from gptoss_jax.inference import engine as sampler
+from gptoss_jax.parallel.distributed import add_distributed_args, setup_from_args
+from gptoss_jax.inference.sampling import SamplingParams
+
+EFFORTS = ("low", "medium", "high")
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported in one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m gptoss_jax.generate", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", default="openai/gpt-oss-20b",
+                   help="local folder (HF MXFP4/bf16 or original/) or hub id (default: %(default)s)")
+    p.add_argument("--prompt", help="user message (chat) or text (--raw); omit for interactive chat")
+    p.add_argument("--prompt-ids", help="comma-separated token ids fed as-is (no chat format)")
+    p.add_argument("--raw", action="store_true", help="plain-text continuation, no chat format")
+    p.add_argument("--system", help="developer instructions for the chat")
+    p.add_argument("--reasoning-effort", default="medium", help="low | medium | high")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="bfloat16", help="bfloat16 | float32")
+    p.add_argument("--show-reasoning", action="store_true", help="print the analysis channel")
+    p.add_argument("--json", action="store_true", help="print one JSON object (tokens, text, channels, timings)")
+    p.add_argument("--adapter", help="LoRA adapter folder written by gptoss_jax.finetune")
+    add_distributed_args(p)
+    return p
+
+
+def check_args(args) -> None:
+    if args.reasoning_effort not in EFFORTS:
+        raise UsageError(f"--reasoning-effort must be one of {', '.join(EFFORTS)}, "
+                         f"got {args.reasoning_effort!r}")
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not args.temperature >= 0:
+        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise UsageError(f"--top-k must be >= 0, got {args.top_k}")
+    if not 0 <= args.min_p < 1:
+        raise UsageError(f"--min-p must be in [0, 1), got {args.min_p}")
+    if args.dtype not in ("bfloat16", "bf16", "float32", "f32", "fp32"):
+        raise UsageError(f"--dtype must be bfloat16 or float32, got {args.dtype!r}")
+    if args.prompt is not None and not args.prompt.strip():
+        raise UsageError("--prompt is empty")
+    if args.prompt is not None and args.prompt_ids is not None:
+        raise UsageError("give either --prompt or --prompt-ids, not both")
+    if args.prompt_ids is not None:
+        try:
+            args.prompt_ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+        except ValueError:
+            raise UsageError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
+        if not args.prompt_ids:
+            raise UsageError("--prompt-ids is empty")
+    if args.raw and args.prompt is None and args.prompt_ids is None:
+        raise UsageError("--raw needs --prompt (interactive mode is a chat)")
+
+
+def _log(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def load_model(args, quiet: bool, parser=None):
+    import gptoss_jax
+
+    mesh = setup_from_args(args, parser)
+    t0 = time.perf_counter()
+    model = gptoss_jax.load(args.checkpoint, dtype=args.dtype, progress=not quiet, mesh=mesh)
+    if args.adapter:
+        from gptoss_jax.finetune.export import load_adapter
+        model = load_adapter(model, args.adapter)
+    _log(f"loaded {model.path} in {time.perf_counter() - t0:.1f}s", quiet)
+    return model
+
+
+class Session:
+    """One model + engine; runs a prompt and reports timings."""
+
+    def __init__(self, model, args):
+        self.model, self.args = model, args
+        self.engine = None
+
+    def run(self, prompt_ids: list[int], on_token) -> tuple[list[int], str, dict]:
+        a, c = self.args, self.model.config
+        if len(prompt_ids) + a.max_new_tokens > c.max_position_embeddings:
+            raise UsageError(f"prompt of {len(prompt_ids)} tokens + --max-new-tokens "
+                             f"{a.max_new_tokens} exceeds the model's context of "
+                             f"{c.max_position_embeddings} tokens")
+        need = sampler.bucket(len(prompt_ids) + a.max_new_tokens)
+        if self.engine is None or self.engine.max_len < len(prompt_ids) + a.max_new_tokens:
+            self.engine = sampler.Engine(self.model, max_batch=1,
+                                         max_len=min(max(need, 1024), c.max_position_embeddings))
+        if not a.json:
+            print("compiling...", end="", file=sys.stderr, flush=True)
+        compile_s = self.engine.compile(len(prompt_ids), sampling=SamplingParams(
+            temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p, seed=a.seed))
+        if not a.json:
+            print(f" {compile_s:.1f}s", file=sys.stderr, flush=True)
+        tokens, reason, t_first = [], "length", None
+        t0 = time.perf_counter()
+        for ev in api.generate_stream(
+                self.model, [prompt_ids], max_new_tokens=a.max_new_tokens,
+                temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
+                seed=a.seed, engine=self.engine):
+            if t_first is None:
+                t_first = time.perf_counter() - t0
+            tokens.append(ev.token)
+            on_token(ev.token)
+            if ev.finish_reason:
+                reason = ev.finish_reason
+        total = time.perf_counter() - t0
+        decode = total - t_first
+        timings = {"prompt_tokens": len(prompt_ids), "new_tokens": len(tokens),
+                   "compile_s": round(compile_s, 3),
+                   "time_to_first_token_s": round(t_first, 4), "decode_s": round(decode, 4),
+                   "decode_tokens_per_s": round((len(tokens) - 1) / decode, 2) if len(tokens) > 1 and decode > 0 else None}
+        return tokens, reason, timings
+
+
+def _report(t: dict, quiet: bool) -> None:
+    rate = t["decode_tokens_per_s"]
+    _log(f"[{t['prompt_tokens']} prompt tokens, first token after {t['time_to_first_token_s']:.2f}s, "
+         f"{t['new_tokens']} new tokens, decode {rate if rate is not None else '-'} tok/s]", quiet)
+
+
+def run_once(args, model) -> int:
+    from gptoss_jax.chat import harmony
+    from gptoss_jax.chat.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(model.path if _has_tokenizer(model.path) else None)
+    chat = not args.raw and args.prompt_ids is None
+    if args.prompt_ids is not None:
+        prompt_ids = args.prompt_ids
+    elif args.raw:
+        prompt_ids = tok.encode(args.prompt)
+    else:
+        prompt_ids = harmony.render_prompt([{"role": "user", "content": args.prompt}],
+                                           reasoning_effort=args.reasoning_effort,
+                                           instructions=args.system)
+    bad = [t for t in prompt_ids if not 0 <= t < model.config.vocab_size]
+    if bad:
+        raise UsageError(f"prompt token {bad[0]} is outside the model's vocabulary "
+                         f"({model.config.vocab_size})")
+    session = Session(model, args)
+    stream = harmony.ReplyStream() if chat else None
+    printer = _Printer(args, tok, stream)
+    tokens, reason, timings = session.run(prompt_ids, printer.on_token)
+    printer.close()
+    reply = harmony.parse_reply(tokens) if chat else None
+    if args.json:
+        out = {"prompt_tokens": prompt_ids, "tokens": tokens, "text": tok.decode(tokens),
+               "finish_reason": reason, "timings": timings}
+        if reply is not None:
+            out["channels"] = {"analysis": reply.analysis, "final": reply.final,
+                               "commentary": reply.commentary,
+                               "tool_calls": [{"name": c.name, "arguments": c.arguments}
+                                              for c in reply.tool_calls],
+                               "error": reply.error}
+        print(json.dumps(out, ensure_ascii=False))
+    _report(timings, args.json)
+    return 0
+
+
+def _has_tokenizer(path: str) -> bool:
+    import os
+    return bool(path) and os.path.isfile(os.path.join(path, "tokenizer.json"))
+
+
+class _Printer:
+    """Streams text to stdout as tokens arrive: the final channel (and analysis if asked)."""
+
+    def __init__(self, args, tok, stream):
+        self.args, self.tok, self.stream = args, tok, stream
+        self.pending: list[int] = []
+        self.channel = None
+        self.tokens: list[int] = []
+        self.shown = False
+
+    def on_token(self, token: int) -> None:
+        self.tokens.append(token)
+        if self.args.json:
+            if self.stream:
+                self.stream.feed(token)
+            return
+        if self.stream is None:
+            self.pending.append(token)
+            text = self.tok.decode(self.pending)
+            if not text.endswith("\ufffd"):  # wait for a complete UTF-8 character
+                sys.stdout.write(text)
+                sys.stdout.flush()
+                self.pending = []
+            return
+        from gptoss_jax.chat import harmony
+        for ev in self.stream.feed(token):
+            if isinstance(ev, harmony.TextDelta):
+                show = ev.channel in (None, "final") or (self.args.show_reasoning and ev.channel == "analysis")
+                if show:
+                    if ev.channel != self.channel:
+                        if self.channel is not None:
+                            sys.stdout.write("\n")
+                        if ev.channel == "analysis":
+                            sys.stdout.write("[reasoning] ")
+                        self.channel = ev.channel
+                    sys.stdout.write(ev.text)
+                    sys.stdout.flush()
+                    self.shown = True
+            elif isinstance(ev, harmony.ToolCallStart):
+                sys.stdout.write(f"\n[tool call {ev}]\n")
+
+    def close(self) -> None:
+        if not self.args.json:
+            if self.stream is None and self.pending:
+                sys.stdout.write(self.tok.decode(self.pending))
+            if self.stream is not None and not self.shown:
+                reply = self.stream.reply
+                why = f" ({reply.error})" if reply.error else ""
+                hidden = " (reasoning only; --show-reasoning prints it)" if reply.analysis else ""
+                sys.stdout.write(f"[no final answer in the harmony format{why}{hidden}; raw text: "
+                                 f"{self.tok.decode(self.tokens)!r}]")
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+
+
+def interactive(args, model) -> int:
+    """Multi-turn chat; history kept, past reasoning dropped (harmony.render_prompt does that)."""
+    from gptoss_jax.chat import harmony
+    from gptoss_jax.chat.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(model.path if _has_tokenizer(model.path) else None)
+    session = Session(model, args)
+    history: list = []
+    print("Interactive chat. Empty line or Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        history.append({"role": "user", "content": line})
+        prompt = harmony.render_prompt(history, reasoning_effort=args.reasoning_effort,
+                                       instructions=args.system)
+        stream = harmony.ReplyStream()
+        printer = _Printer(args, tok, stream)
+        try:
+            tokens, _, timings = session.run(prompt, printer.on_token)
+        except UsageError as e:
+            print(f"error: {e}", file=sys.stderr)
+            history.pop()
+            continue
+        printer.close()
+        reply = harmony.parse_reply(tokens)
+        if reply.error:
+            print(f"[note: the reply did not parse cleanly: {reply.error}]", file=sys.stderr)
+        history.append({"role": "assistant", "content": reply.final, "thinking": reply.analysis or None})
+        _report(timings, False)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_args(args)
+        model = load_model(args, quiet=args.json, parser=parser)
+        if args.prompt is None and args.prompt_ids is None:
+            return interactive(args, model)
+        return run_once(args, model)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as e:  # CheckpointError / ConfigError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
