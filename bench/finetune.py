@@ -43,9 +43,7 @@ def run_ours(args) -> dict:
     import numpy as np
 
     import gptoss_jax
-    from gptoss_jax.finetune import data
-    from gptoss_jax.finetune import lora
-    from gptoss_jax.finetune import train
+    from gptoss_jax.finetune import data, lora, train
 
     model = gptoss_jax.load(args.checkpoint, dtype="bfloat16", progress=False)
     c = model.config

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pallas_kernels import mxfp4  # noqa: E402
-from pallas_kernels.grouped_mxfp4 import grouped_mxfp4_matmul, pick_backend, validate  # noqa: E402
+from pallas_kernels import mxfp4
+from pallas_kernels.grouped_mxfp4 import grouped_mxfp4_matmul, pick_backend, validate
 
 TOP_K = 4
 MODELS = {"20b": 32, "120b": 128}  # experts

@@ -90,9 +90,9 @@ def main(argv=None) -> int:
         print(json.dumps(child(args.child, args.dtype)))
         return 0
 
-    from gptoss_jax.model.config import PRESETS, ConfigError, GptOssConfig
     from gptoss_jax.cli.convert import main as convert_main
     from gptoss_jax.cli.convert import summarize
+    from gptoss_jax.model.config import PRESETS, ConfigError, GptOssConfig
 
     if args.preset not in PRESETS:
         parser.error(f"unknown preset {args.preset!r}; one of {sorted(PRESETS)}")

@@ -7,7 +7,8 @@ completions each (fixed prompt length, ``--max-tokens`` new tokens, greedy). Rep
 requests/s, generated tokens/s, mean / p50 / p90 latency and time to first token, and the decode
 batch sizes the server ran. The comparison measured in the same run: the engine driven directly
 (``gptoss_jax.generate``, no HTTP, an engine with the server's slot count, one batch of
-``concurrency`` prompts) on the same workload, so the HTTP + scheduling overhead reads off as the ratio of the two token rates.
+``concurrency`` prompts) on the same workload, so the HTTP + scheduling overhead reads off as
+the ratio of the two token rates.
 
     python bench/serve.py                                  # tiny-chat random checkpoint, CPU OK
     python bench/serve.py --checkpoint /data/gpt-oss-20b --concurrency 1,8,32,64 --max-tokens 128
@@ -127,10 +128,10 @@ def main(argv=None) -> int:
     import jax
 
     import gptoss_jax
+    from gptoss_jax.chat.tokenizer import load_tokenizer
     from gptoss_jax.inference import engine as sampler
     from gptoss_jax.server import Scheduler, create_app
     from gptoss_jax.server.background import BackgroundServer
-    from gptoss_jax.chat.tokenizer import load_tokenizer
 
     tmp = None
     ckpt = args.checkpoint

@@ -15,7 +15,7 @@ import dataclasses
 import glob
 import json
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np

@@ -2,6 +2,5 @@
 conversations to prompt tokens and parsing replies into channels and tool calls. The code lives
 in :mod:`gptoss_jax.chat`."""
 
-from gptoss_jax.chat.harmony import *  # noqa: F401,F403
-from gptoss_jax.chat.harmony import (CALL, END, ENDOFTEXT, MESSAGE, RETURN, ROLES, START,  # noqa: F401
-                                     harmony_encoding)
+from gptoss_jax.chat.harmony import *  # noqa: F403
+from gptoss_jax.chat.harmony import CALL, END, ENDOFTEXT, MESSAGE, RETURN, ROLES, START, harmony_encoding  # noqa: F401

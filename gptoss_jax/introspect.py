@@ -28,9 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptoss_jax.model import transformer as M
 from gptoss_jax.model import moe as moe_lib
 from gptoss_jax.model import rope
+from gptoss_jax.model import transformer as M
 from gptoss_jax.model.config import GptOssConfig
 
 

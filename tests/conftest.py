@@ -14,8 +14,8 @@ import pytest
 
 from convert.random_weights import random_getter
 from convert.writer import write_checkpoint
-from gptoss_jax.model.config import TINY
 from gptoss_jax.chat.tokenizer import configure_offline
+from gptoss_jax.model.config import TINY
 
 SEED = 1234
 

@@ -40,7 +40,8 @@ import datetime
 import functools
 import json
 import os
-from typing import Any, Iterable, Mapping, Sequence, Union
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import openai_harmony as oh
 
@@ -126,7 +127,7 @@ class Message:
         object.__setattr__(self, "tool_calls", calls)
 
 
-MessageLike = Union[Message, Mapping[str, Any]]
+MessageLike = Message | Mapping[str, Any]
 
 
 def _qualified_tool_name(name: str) -> str:
@@ -600,7 +601,7 @@ class Done:
     reply: Reply
 
 
-Event = Union[ChannelStart, TextDelta, ToolCallStart, ToolCallDelta, Done]
+Event = ChannelStart | TextDelta | ToolCallStart | ToolCallDelta | Done
 
 
 class ReplyStream:

@@ -19,8 +19,8 @@ import numpy as np
 from convert import reader
 from convert.safetensors_io import CheckpointError
 from gptoss_jax.model import transformer as M
-from gptoss_jax.model.model import Model
 from gptoss_jax.model.config import ConfigError, GptOssConfig
+from gptoss_jax.model.model import Model
 
 HUB_FILES = ["config.json", "generation_config.json", "model.safetensors.index.json",
              "*.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -76,7 +76,7 @@ def _download(repo_id: str, revision: str | None) -> str:
 
 def load(path_or_hub_id: str, *, dtype: Any = "bfloat16", experts: str = "auto",
          runtime: M.Runtime | None = None, revision: str | None = None,
-         mesh: "jax.sharding.Mesh | str | None" = None, progress: bool = True) -> Model:
+         mesh: jax.sharding.Mesh | str | None = None, progress: bool = True) -> Model:
     """Load a gpt-oss checkpoint (see module doc) as a :class:`Model`.
 
     ``dtype``: compute and storage dtype of the dense weights (bf16 default, float32 on

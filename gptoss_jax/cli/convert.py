@@ -31,14 +31,15 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import ml_dtypes
 import numpy as np
 
 from convert import layouts
-from convert.reader import open_files, read_params
 from convert.random_weights import random_getter
+from convert.reader import open_files, read_params
 from convert.safetensors_io import CheckpointError
 from convert.writer import tree_getter, write_checkpoint
 from gptoss_jax.model import params as P

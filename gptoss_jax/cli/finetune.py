@@ -80,8 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _configs(args):
-    from gptoss_jax.finetune import lora
-    from gptoss_jax.finetune import train
+    from gptoss_jax.finetune import lora, train
 
     try:
         lc = lora.LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
@@ -106,9 +105,7 @@ def run(args, log) -> dict:
     import jax
 
     import gptoss_jax
-    from gptoss_jax.finetune import data
-    from gptoss_jax.finetune import export
-    from gptoss_jax.finetune import train
+    from gptoss_jax.finetune import data, export, train
     from gptoss_jax.model import transformer as M
 
     mesh = None
@@ -142,9 +139,10 @@ def run(args, log) -> dict:
 
     place = None
     if mesh is not None:
-        from jax.sharding import NamedSharding, PartitionSpec as P
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
         rows = NamedSharding(mesh, P(None, "data"))
-        place = lambda batch: jax.device_put(batch, rows)  # noqa: E731
+        place = lambda batch: jax.device_put(batch, rows)
     rt = M.Runtime(remat=True, mesh=mesh, moe=model.runtime.moe)
     t0 = time.perf_counter()
     result = train.train(model.params, c, lc, tc, train_data, output_dir=args.output,

@@ -17,8 +17,8 @@ import time
 
 from gptoss_jax.inference import api
 from gptoss_jax.inference import engine as sampler
-from gptoss_jax.parallel.distributed import add_distributed_args, setup_from_args
 from gptoss_jax.inference.sampling import SamplingParams
+from gptoss_jax.parallel.distributed import add_distributed_args, setup_from_args
 
 EFFORTS = ("low", "medium", "high")
 
@@ -139,7 +139,8 @@ class Session:
         timings = {"prompt_tokens": len(prompt_ids), "new_tokens": len(tokens),
                    "compile_s": round(compile_s, 3),
                    "time_to_first_token_s": round(t_first, 4), "decode_s": round(decode, 4),
-                   "decode_tokens_per_s": round((len(tokens) - 1) / decode, 2) if len(tokens) > 1 and decode > 0 else None}
+                   "decode_tokens_per_s": (round((len(tokens) - 1) / decode, 2)
+                                           if len(tokens) > 1 and decode > 0 else None)}
         return tokens, reason, timings
 
 

@@ -81,11 +81,11 @@ def main(argv=None) -> int:
 
     import uvicorn
 
+    from gptoss_jax.chat.tokenizer import load_tokenizer
+    from gptoss_jax.cli import generate
     from gptoss_jax.inference import engine as sampler
     from gptoss_jax.server import Scheduler, create_app
     from gptoss_jax.server.background import bind_socket
-    from gptoss_jax.cli import generate
-    from gptoss_jax.chat.tokenizer import load_tokenizer
 
     try:
         sock = bind_socket(args.host, args.port)  # before loading: a taken port fails fast

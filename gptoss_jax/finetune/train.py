@@ -26,7 +26,7 @@ import json
 import math
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -34,10 +34,10 @@ import numpy as np
 import optax
 
 from gptoss_jax.finetune import lora
-from gptoss_jax.model import transformer as M
-from gptoss_jax.model.config import GptOssConfig
 from gptoss_jax.finetune.checkpoints import Checkpoints
 from gptoss_jax.finetune.data import ROW_FIELDS, PackedData, empty_rows
+from gptoss_jax.model import transformer as M
+from gptoss_jax.model.config import GptOssConfig
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -19,14 +19,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Iterable, Iterator, NamedTuple, Sequence
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptoss_jax.model import transformer as M
 from gptoss_jax.inference.sampling import SampleMode, SamplingParams, sample
+from gptoss_jax.model import transformer as M
 
 MIN_BUCKET = 16
 HARMONY_STOPS = (200002, 200012, 199999)  # <|return|>, <|call|>, <|endoftext|>

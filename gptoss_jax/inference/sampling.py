@@ -13,7 +13,8 @@ are all kept.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -68,7 +69,7 @@ class SampleMode(NamedTuple):
     sample: bool = True  # some row samples (temperature > 0); False = all greedy
 
     @classmethod
-    def of(cls, params: "Sequence[SamplingParams]", vocab_size: int) -> "SampleMode":
+    def of(cls, params: Sequence[SamplingParams], vocab_size: int) -> SampleMode:
         """The mode for a batch; top-k's bound is rounded up to a power of two (few compiles)."""
         k = max((p.top_k for p in params), default=0)
         return cls(max_top_k=min(max(8, 1 << (k - 1).bit_length()), vocab_size) if k else 0,

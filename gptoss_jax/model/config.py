@@ -16,7 +16,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -97,7 +98,7 @@ class GptOssConfig:
 
     # -- reading ---------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any], *, source: str = "config.json") -> "GptOssConfig":
+    def from_dict(cls, raw: Mapping[str, Any], *, source: str = "config.json") -> GptOssConfig:
         """Build from a parsed config.json in any of the three spellings (see module doc)."""
         if not isinstance(raw, Mapping):
             raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
@@ -181,7 +182,7 @@ class GptOssConfig:
             raise ConfigError(f"{source}: {e}") from None
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "GptOssConfig":
+    def from_json(cls, path: str | os.PathLike) -> GptOssConfig:
         path = os.fspath(path)
         try:
             with open(path) as f:

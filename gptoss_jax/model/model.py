@@ -36,7 +36,7 @@ class Model:
     def dtype(self):
         return self.params["embed"].dtype
 
-    def with_runtime(self, **changes) -> "Model":
+    def with_runtime(self, **changes) -> Model:
         return self.replace(runtime=dataclasses.replace(self.runtime, **changes))
 
 

@@ -43,9 +43,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import cpu_kernels
 from gptoss_jax.model import lora
 from gptoss_jax.model.config import GptOssConfig
-import cpu_kernels
 from pallas_kernels import mxfp4
 
 MOE_IMPLS = ("auto", "xla", "pallas", "cpu")
@@ -224,7 +224,7 @@ def _grouped_vjp_fwd(lhs, parts, group_sizes, name, kernel):
 def _grouped_vjp_bwd(name, kernel, res, g):
     parts, group_sizes, lhs0 = res
     d_lhs = _grouped_loop(g.astype(lhs0.dtype), parts, name, group_sizes, True).astype(lhs0.dtype)
-    zero = lambda a: (jnp.zeros_like(a) if jnp.issubdtype(a.dtype, jnp.floating)  # noqa: E731
+    zero = lambda a: (jnp.zeros_like(a) if jnp.issubdtype(a.dtype, jnp.floating)
                       else np.zeros(a.shape, jax.dtypes.float0))
     return d_lhs, jax.tree.map(zero, parts), zero(group_sizes)
 

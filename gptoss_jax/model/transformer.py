@@ -27,12 +27,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+import cpu_kernels
 from gptoss_jax.model import rope
 from gptoss_jax.model.config import GptOssConfig
 from gptoss_jax.model.lora import lora_delta
 from gptoss_jax.model.moe import MoeRuntime, moe
 from gptoss_jax.parallel.sharding import constrain
-import cpu_kernels
 
 NEG_INF = -1e30  # finite: a fully masked row still has its sink, never NaN
 

@@ -70,7 +70,7 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 
 
 def setup_from_args(args: argparse.Namespace,
-                    parser: argparse.ArgumentParser | None = None) -> "jax.sharding.Mesh | None":
+                    parser: argparse.ArgumentParser | None = None) -> jax.sharding.Mesh | None:
     """Initialize multi-host JAX if asked to, then build the ``--mesh`` (``None`` without one).
 
     Errors (a mesh not matching the device count, bad process arguments) go to

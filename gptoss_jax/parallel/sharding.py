@@ -35,12 +35,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from gptoss_jax.model import params as PD
 from gptoss_jax.model.config import GptOssConfig
@@ -91,7 +92,7 @@ class MeshConfig:
         return ",".join(f"{n}={s}" for n, s in zip(AXES, self.shape))
 
     @classmethod
-    def parse(cls, spec: str) -> "MeshConfig":
+    def parse(cls, spec: str) -> MeshConfig:
         """Syntax only: ``"data=1,expert=4,tensor=2"``; omitted axes are 1."""
         sizes: dict[str, int] = {}
         for part in str(spec).split(","):
@@ -118,7 +119,7 @@ class MeshConfig:
         return cls(**sizes)
 
     @classmethod
-    def of(cls, mesh: "Mesh | MeshConfig | str") -> "MeshConfig":
+    def of(cls, mesh: Mesh | MeshConfig | str) -> MeshConfig:
         if isinstance(mesh, MeshConfig):
             return mesh
         if isinstance(mesh, str):
@@ -126,7 +127,7 @@ class MeshConfig:
         return cls(**{n: int(mesh.shape.get(n, 1)) for n in AXES})
 
 
-def parse_mesh(spec: "str | MeshConfig", num_devices: int | None = None) -> MeshConfig:
+def parse_mesh(spec: str | MeshConfig, num_devices: int | None = None) -> MeshConfig:
     """Parse ``--mesh`` and check that the axes multiply to ``num_devices`` (default: every
     device of every process, ``jax.device_count()``)."""
     cfg = MeshConfig.of(spec)
@@ -137,7 +138,7 @@ def parse_mesh(spec: "str | MeshConfig", num_devices: int | None = None) -> Mesh
     return cfg
 
 
-def make_mesh(spec: "str | MeshConfig", devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(spec: str | MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A ``Mesh`` with axes ``("data", "expert", "tensor")`` over ``devices`` (default: all
     devices of all processes). Axes are ``Auto`` so GSPMD propagates shardings."""
     devices = list(jax.devices() if devices is None else devices)
@@ -150,7 +151,7 @@ def axis_size(mesh: Mesh | None, name: str) -> int:
     return 1 if mesh is None else int(mesh.shape.get(name, 1))
 
 
-def validate(config: GptOssConfig, mesh: "Mesh | MeshConfig | str") -> None:
+def validate(config: GptOssConfig, mesh: Mesh | MeshConfig | str) -> None:
     """Raise :class:`ShardingError` (one line, every problem) unless ``config`` shards on ``mesh``."""
     m = MeshConfig.of(mesh)
     checks = [("num_local_experts", config.num_local_experts, "expert", m.expert),

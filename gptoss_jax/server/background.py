@@ -39,7 +39,7 @@ class BackgroundServer:
         self.scheduler: Scheduler = app.state.gptoss.scheduler
         self.thread = None
 
-    def start(self, timeout: float = 600.0) -> "BackgroundServer":
+    def start(self, timeout: float = 600.0) -> BackgroundServer:
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name="gptoss-uvicorn", daemon=True)
         self.thread.start()

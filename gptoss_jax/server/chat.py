@@ -20,12 +20,20 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from gptoss_jax.server import inputs
-from gptoss_jax.server.state import (STOP_TOKENS, SSEResponse, ServerState, check_extra,
-                                   sampling_of, sse, state, wait_job)
 from gptoss_jax.server.errors import APIError, unsupported
 from gptoss_jax.server.reply import Close, Delta, Open, ReplyTracker, new_id
 from gptoss_jax.server.scheduler import EngineError
 from gptoss_jax.server.schemas import ChatCompletionRequest, CompletionRequest
+from gptoss_jax.server.state import (
+    STOP_TOKENS,
+    ServerState,
+    SSEResponse,
+    check_extra,
+    sampling_of,
+    sse,
+    state,
+    wait_job,
+)
 
 router = APIRouter()
 

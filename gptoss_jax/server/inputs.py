@@ -12,7 +12,8 @@ naming the offending field.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from gptoss_jax.chat import harmony
 from gptoss_jax.server.errors import APIError, unsupported

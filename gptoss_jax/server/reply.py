@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
-from typing import Union
 
 from gptoss_jax.chat import harmony
 
@@ -56,7 +55,7 @@ class Close:
     item: Item
 
 
-Op = Union[Open, Delta, Close]
+Op = Open | Delta | Close
 
 
 class ReplyTracker:

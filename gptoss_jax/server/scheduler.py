@@ -28,7 +28,7 @@ import logging
 import queue
 import threading
 import time
-from typing import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 
 from gptoss_jax.inference.sampling import SamplingParams
 

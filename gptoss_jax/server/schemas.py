@@ -8,7 +8,7 @@ using them gets a clear "not supported" error instead of "unrecognized".
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
@@ -28,7 +28,7 @@ class ReasoningParam(_Body):
 
 class ResponsesRequest(_Body):
     model: StrictStr | None = None
-    input: Union[StrictStr, list[Any]]
+    input: StrictStr | list[Any]
     instructions: StrictStr | None = None
     max_output_tokens: StrictInt | None = None
     temperature: StrictFloat | None = Temperature
@@ -86,7 +86,7 @@ class ChatCompletionRequest(_Body):
     safety_identifier: StrictStr | None = None
     prompt_cache_key: StrictStr | None = None
     # not supported (400 unless at the default)
-    stop: Union[StrictStr, list[StrictStr], None] = None
+    stop: StrictStr | list[StrictStr] | None = None
     logprobs: StrictBool | None = None
     top_logprobs: StrictInt | None = None
     presence_penalty: StrictFloat | None = None
@@ -102,7 +102,7 @@ class ChatCompletionRequest(_Body):
 
 class CompletionRequest(_Body):
     model: StrictStr | None = None
-    prompt: Union[StrictStr, list[StrictInt], list[list[StrictInt]], list[StrictStr]]
+    prompt: StrictStr | list[StrictInt] | list[list[StrictInt]] | list[StrictStr]
     max_tokens: StrictInt | None = 16
     temperature: StrictFloat | None = Temperature
     top_p: StrictFloat | None = TopP
@@ -114,7 +114,7 @@ class CompletionRequest(_Body):
     # not supported (400 unless at the default)
     echo: StrictBool | None = None
     logprobs: StrictInt | None = None
-    stop: Union[StrictStr, list[StrictStr], None] = None
+    stop: StrictStr | list[StrictStr] | None = None
     suffix: StrictStr | None = None
     best_of: StrictInt | None = None
     presence_penalty: StrictFloat | None = None

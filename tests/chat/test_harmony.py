@@ -376,7 +376,7 @@ def test_stream_stops_itself_on_stop_token(enc):
 
 
 def malformed_cases(enc):
-    e = lambda text: enc.encode(text, allowed_special="all")  # noqa: E731
+    e = lambda text: enc.encode(text, allowed_special="all")
     rng = random.Random(0)
     cases = {f"random{i}": [rng.randrange(0, 201088) for _ in range(rng.randrange(1, 40))] for i in range(6)}
     cases.update({

@@ -192,7 +192,7 @@ def test_folder_without_tokenizer_json_uses_o200k(tmp_path, offline_dir, ref):
 def test_every_special_id_decodes_like_tiktoken():
     import tiktoken
 
-    from gptoss_jax.chat.tokenizer import VOCAB_SIZE, NUM_BPE_RANKS, configure_offline, load_tokenizer
+    from gptoss_jax.chat.tokenizer import NUM_BPE_RANKS, VOCAB_SIZE, configure_offline, load_tokenizer
 
     configure_offline()
     ours, ref = load_tokenizer(), tiktoken.get_encoding("o200k_harmony")

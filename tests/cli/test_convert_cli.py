@@ -18,8 +18,8 @@ import gptoss_jax
 from convert import safetensors_io as sio
 from convert.random_weights import random_getter
 from convert.writer import write_checkpoint
-from gptoss_jax.model.config import GptOssConfig
 from gptoss_jax.cli.convert import main, summarize
+from gptoss_jax.model.config import GptOssConfig
 from pallas_kernels import mxfp4
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

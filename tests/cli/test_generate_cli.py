@@ -7,11 +7,17 @@ import subprocess
 import sys
 
 import pytest
-from openai_harmony import (Conversation, HarmonyEncodingName, Message, ReasoningEffort, Role,
-                            SystemContent, load_harmony_encoding)
+from openai_harmony import (
+    Conversation,
+    HarmonyEncodingName,
+    Message,
+    ReasoningEffort,
+    Role,
+    SystemContent,
+    load_harmony_encoding,
+)
 
 import gptoss_jax
-
 from gptoss_jax.cli import generate as cli  # the CLI module (gptoss_jax.generate is the function)
 from gptoss_jax.inference.api import generate
 

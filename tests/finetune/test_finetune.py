@@ -16,9 +16,7 @@ import pytest
 import gptoss_jax
 from convert.random_weights import random_getter
 from convert.writer import write_checkpoint
-from gptoss_jax.finetune import data, export
-from gptoss_jax.finetune import lora
-from gptoss_jax.finetune import train
+from gptoss_jax.finetune import data, export, lora, train
 from gptoss_jax.model.config import GptOssConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

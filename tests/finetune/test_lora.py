@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import gptoss_jax
-from gptoss_jax.finetune import export
-from gptoss_jax.finetune import lora
+from gptoss_jax.finetune import export, lora
 from gptoss_jax.model import transformer as M
+
 from tests.conftest import hf_logits
 
 ALL = ("q", "k", "v", "o", "experts")

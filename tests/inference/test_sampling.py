@@ -22,7 +22,8 @@ def _probs():
 def _expected(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
     """Reference filter in plain numpy with a full sort."""
     z = logits / temperature
-    p = np.exp(z - z.max()); p /= p.sum()
+    p = np.exp(z - z.max())
+    p /= p.sum()
     order = np.argsort(-p)
     keep = np.zeros(V, bool)
     if top_k:
@@ -34,7 +35,8 @@ def _expected(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
     nucleus[order[: int(np.searchsorted(cum, top_p - 1e-7)) + 1]] = True
     keep &= nucleus
     keep &= p >= min_p * p.max()
-    q = np.where(keep, p, 0); return q / q.sum()
+    q = np.where(keep, p, 0)
+    return q / q.sum()
 
 
 def _draw(logits, n, **kw):

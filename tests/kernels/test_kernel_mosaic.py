@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
 from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+from test_kernels import INTERPRET, assert_close, make_problem
 
 from pallas_kernels import grouped_mxfp4 as op
-from pallas_kernels import grouped_mxfp4_mosaic as mosaic
 from pallas_kernels import grouped_mxfp4_matmul, grouped_mxfp4_matmul_reference
-from test_kernels import INTERPRET, assert_close, make_problem
+from pallas_kernels import grouped_mxfp4_mosaic as mosaic
 
 
 def test_transpose_k_steps_layout():

@@ -18,11 +18,10 @@ import numpy as np
 import pytest
 
 import cpu_kernels
-from pallas_kernels import mxfp4
 from pallas_kernels import grouped_mxfp4 as op
+from pallas_kernels import grouped_mxfp4_matmul, grouped_mxfp4_matmul_reference, mxfp4
 from pallas_kernels import grouped_mxfp4_mosaic as mosaic
 from pallas_kernels import grouped_mxfp4_triton as triton
-from pallas_kernels import grouped_mxfp4_matmul, grouped_mxfp4_matmul_reference
 
 ON_GPU = jax.default_backend() == "gpu"
 INTERPRET = not ON_GPU

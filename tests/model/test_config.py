@@ -11,8 +11,15 @@ import json
 
 import pytest
 
-from gptoss_jax.model.config import (FULL, GPT_OSS_20B, GPT_OSS_120B, PRESETS, SLIDING, ConfigError,
-                               GptOssConfig)
+from gptoss_jax.model.config import (
+    FULL,
+    GPT_OSS_20B,
+    GPT_OSS_120B,
+    PRESETS,
+    SLIDING,
+    ConfigError,
+    GptOssConfig,
+)
 
 
 def _layer_types(n):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from gptoss_jax.model.transformer import Runtime
 from gptoss_jax.model.moe import MoeRuntime
+from gptoss_jax.model.transformer import Runtime
 
 
 def test_pallas_moe_path_matches_xla(tiny_model_f32, tiny_config):

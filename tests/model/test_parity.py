@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import gptoss_jax
+
 from tests.conftest import hf_logits
 
 T = 31  # > 3x the tiny sliding window (5) and past original_max_position_embeddings (13)
@@ -94,5 +95,6 @@ def test_bf16_model_keeps_bf16_activations(tiny_ckpts, tiny_config):
     for t in (1, 9):  # decode-sized (gather path) and prefill-sized (grouped path)
         tokens = jnp.zeros((1, t), jnp.int32)
         pos = jnp.zeros((1, t), jnp.int32)
-        x = jax.eval_shape(lambda p: M.hidden_states(p, tokens, pos, tiny_config)[0], model.params)
+        x = jax.eval_shape(lambda p, tokens=tokens, pos=pos: M.hidden_states(p, tokens, pos, tiny_config)[0],
+                           model.params)
         assert x.dtype == jnp.bfloat16

@@ -22,11 +22,11 @@ from transformers import masking_utils  # noqa: E402
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
 from transformers.models.gpt_oss import modeling_gpt_oss as hf  # noqa: E402
 
-from gptoss_jax.model import transformer as M  # noqa: E402
+import cpu_kernels  # noqa: E402
 from gptoss_jax.model import rope  # noqa: E402
+from gptoss_jax.model import transformer as M  # noqa: E402
 from gptoss_jax.model.config import GPT_OSS_20B, TINY, GptOssConfig  # noqa: E402
 from gptoss_jax.model.moe import MoeRuntime, moe, route, swiglu  # noqa: E402
-import cpu_kernels  # noqa: E402
 from pallas_kernels import mxfp4  # noqa: E402
 
 # d=96, f=160, n=6 over k=2 (g=3), h=10, e=7 top-3, window 5, vocab 211
@@ -50,7 +50,7 @@ def hf_config(c: GptOssConfig):
     )
 
 
-def t(x) -> "torch.Tensor":
+def t(x) -> torch.Tensor:
     return torch.tensor(np.asarray(x, dtype=np.float32))
 
 
@@ -172,7 +172,7 @@ def test_attention_with_sinks_matches_eager(rng, window, tt):
         t(v).transpose(1, 2), mask, scaling=h ** -0.5)  # [b, t, n, h]
     pos = np.where(np.arange(tt)[None] < lengths[:, None], np.arange(tt)[None], -1)
     pos = jnp.asarray(pos, jnp.int32)
-    heads_first = lambda a: jnp.asarray(a).transpose(0, 2, 1, 3)  # noqa: E731 (the cache layout)
+    heads_first = lambda a: jnp.asarray(a).transpose(0, 2, 1, 3)
     ours = M.self_attention(jnp.asarray(q).reshape(b, tt, kvh, g, h), heads_first(k),
                             heads_first(v), pos, pos, jnp.asarray(sinks).reshape(kvh, g), window)
     ours = np.asarray(ours).reshape(b, tt, kvh * g, h)
@@ -200,7 +200,7 @@ def test_blocked_self_attention_keeps_packed_segments_apart(rng, window):
     ref, _ = hf.eager_attention_forward(
         _Module(t(sinks), g).eval(), t(q).transpose(1, 2), t(k).transpose(1, 2),
         t(v).transpose(1, 2), mask, scaling=h ** -0.5)  # [b, t, n, h]
-    heads_first = lambda a: jnp.asarray(a).transpose(0, 2, 1, 3)  # noqa: E731 (the cache layout)
+    heads_first = lambda a: jnp.asarray(a).transpose(0, 2, 1, 3)
     pos, seg = jnp.asarray(pos, jnp.int32), jnp.asarray(seg, jnp.int32)
     ours = M.self_attention(jnp.asarray(q).reshape(b, tt, kvh, g, h), heads_first(k),
                             heads_first(v), pos, pos, jnp.asarray(sinks).reshape(kvh, g), window,
@@ -316,7 +316,7 @@ def test_projection_kernel_path_value_and_gradient(rng):
     w = jnp.asarray(0.1 * rng.standard_normal((d, n, h)), jnp.bfloat16)
     x = jnp.asarray(rng.standard_normal((1, 2, d)), jnp.bfloat16)
     g = rng.standard_normal((1, 2, n, h)).astype(np.float32)
-    f = lambda x, w: M._proj("rd,dnh->rnh", x, w)  # noqa: E731
+    f = lambda x, w: M._proj("rd,dnh->rnh", x, w)
     assert "gptoss_bf16_matvec" in jax.jit(f).lower(x, w).as_text()
     x64, w64 = np.asarray(x, np.float64).reshape(2, d), np.asarray(w, np.float64).reshape(d, -1)
     close(f(x, w), (x64 @ w64).reshape(1, 2, n, h), rtol=1e-5)
@@ -335,7 +335,7 @@ def test_unembedding_kernel_path_value_and_gradient(rng):
     w = jnp.asarray(0.1 * rng.standard_normal((v, d)), jnp.bfloat16)
     x = jnp.asarray(rng.standard_normal((3, d)), jnp.bfloat16)
     g = rng.standard_normal((3, v)).astype(np.float32)
-    f = lambda x, w: M.unembed({"unembed": w}, x)  # noqa: E731
+    f = lambda x, w: M.unembed({"unembed": w}, x)
     assert "gptoss_bf16_rows" in jax.jit(f).lower(x, w).as_text()
     x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
     close(f(x, w), x64 @ w64.T, rtol=1e-5)

@@ -15,15 +15,15 @@ import sys
 import jax
 import numpy as np
 import pytest
-from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
+from jax.sharding import AbstractMesh, AxisType
+from jax.sharding import PartitionSpec as P
 
 import gptoss_jax
 from convert.random_weights import random_getter
 from convert.writer import write_checkpoint
-from gptoss_jax.parallel import distributed
 from gptoss_jax.model import params as PD
-from gptoss_jax.parallel import sharding
 from gptoss_jax.model.config import GptOssConfig
+from gptoss_jax.parallel import distributed, sharding
 
 HERE = os.path.dirname(__file__)
 SCRIPTS = os.path.join(HERE, "sharding_scripts")

@@ -20,12 +20,12 @@ import pytest
 
 import gptoss_jax
 from gptoss_jax import harmony
+from gptoss_jax.chat.tokenizer import load_tokenizer
 from gptoss_jax.inference import engine as sampler
 from gptoss_jax.model.config import TINY_CHAT
 from gptoss_jax.server import Scheduler, create_app
 from gptoss_jax.server.background import BackgroundServer
 from gptoss_jax.server.reply import ReplyTracker
-from gptoss_jax.chat.tokenizer import load_tokenizer
 
 MODEL = "tiny-chat"
 MAX_LEN = 256

@@ -18,10 +18,10 @@ import openai_harmony as oh
 import pytest
 
 from gptoss_jax import harmony
+from gptoss_jax.chat.tokenizer import load_tokenizer
 from gptoss_jax.inference.engine import SlotSequence
 from gptoss_jax.server import Scheduler, create_app
 from gptoss_jax.server.background import BackgroundServer
-from gptoss_jax.chat.tokenizer import load_tokenizer
 
 KEY = "test-key"
 MODEL = "stub-oss"
@@ -44,7 +44,8 @@ def _reply(*messages: oh.Message, stop: int) -> list[int]:
 
 
 A = oh.Role.ASSISTANT
-ANALYSIS_CALL = oh.Message.from_role_and_content(A, "The user wants the weather. Call get_weather.").with_channel("analysis")
+ANALYSIS_CALL = oh.Message.from_role_and_content(
+    A, "The user wants the weather. Call get_weather.").with_channel("analysis")
 ANALYSIS_DONE = oh.Message.from_role_and_content(A, "The tool says sunny.").with_channel("analysis")
 FINAL = oh.Message.from_role_and_content(A, "It is sunny in Paris.").with_channel("final")
 HELLO = oh.Message.from_role_and_content(A, "Hello! How can I help?").with_channel("final")

@@ -14,13 +14,13 @@ import sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from convert import safetensors_io  # noqa: E402
-from gptoss_jax.parallel import distributed  # noqa: E402
+from convert import safetensors_io
+from gptoss_jax.parallel import distributed
 
 sys.path.insert(0, os.path.dirname(__file__))
-from inputs import batch  # noqa: E402
+from inputs import batch
 
 
 def main(ckpt, out_dir, coordinator, num_processes, process_id, mesh_spec):

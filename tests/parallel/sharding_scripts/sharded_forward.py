@@ -16,15 +16,15 @@ import sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-import gptoss_jax  # noqa: E402
-from convert import safetensors_io  # noqa: E402
-from gptoss_jax.parallel import sharding  # noqa: E402
-from gptoss_jax.model.moe import MoeRuntime  # noqa: E402
+import gptoss_jax
+from convert import safetensors_io
+from gptoss_jax.model.moe import MoeRuntime
+from gptoss_jax.parallel import sharding
 
 sys.path.insert(0, os.path.dirname(__file__))
-from inputs import PROMPTS, batch  # noqa: E402
+from inputs import PROMPTS, batch
 
 
 def main(ckpt: str, out: str, meshes: list[str]) -> None:
