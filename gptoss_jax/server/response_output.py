@@ -1,8 +1,8 @@
 """The Responses API's output: the response object, its output items, and its stream events.
 
-:class:`ResponseRun` is one response being generated (the consumer of its job's tokens, see
-``server.generation``); ``json()`` is the response object at any moment. :class:`StreamEvents`
-turns the reply's item operations (``server.reply.Op``) into the event sequence::
+:class:`ResponseRun` is one response being generated: its ``tracker`` consumes the job's
+tokens (``server.generation``), ``complete()`` ends it, ``json()`` is the response object at
+any moment. :class:`StreamEvents` turns the reply's item operations (``server.reply.Op``) into the event sequence::
 
     response.created, response.in_progress,
     per item: response.output_item.added,
@@ -72,22 +72,13 @@ class ResponseRun:
         self.status = "in_progress"
         self.error: dict | None = None
 
-    # -- the consumer of the job's tokens (server.generation) ---------------------------------
-    @property
-    def stopped(self) -> bool:
-        return self.tracker.stopped
-
-    def feed(self, token: int, finish: str | None) -> list[Op]:
-        ops = self.tracker.feed(token)
-        return ops + self.end(finish) if finish is not None else ops
-
-    def end(self, finish: str = "stop") -> list[Op]:
-        if self.status != "in_progress":
-            return []
-        ops = self.tracker.end(finish)
-        self.status = "incomplete" if self.tracker.cut else "completed"
-        self.completed_at = int(time.time())
-        return ops
+    def complete(self) -> None:
+        """The generation is over (call after the job's tokens were fed to ``tracker``):
+        completed, or incomplete when the token budget cut the reply."""
+        if self.status == "in_progress":
+            self.tracker.end("stop")  # no-op unless the job was cancelled before it finished
+            self.status = "incomplete" if self.tracker.cut else "completed"
+            self.completed_at = int(time.time())
 
     def fail(self, message: str) -> None:
         self.status = "failed"

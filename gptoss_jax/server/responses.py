@@ -92,7 +92,8 @@ async def create_response(req: ResponsesRequest, request: Request):
     if req.stream:
         events = _stream(run, job, st, lambda: _save(st, run, messages, call_names))
         return SSEResponse(events, on_close=lambda: st.scheduler.cancel(job))
-    await generation.collect(job, run, request, st.scheduler)
+    await generation.collect(job, run.tracker, request, st.scheduler)
+    run.complete()
     _save(st, run, messages, call_names)
     return JSONResponse(run.json())
 
@@ -102,7 +103,7 @@ async def _stream(run: ResponseRun, job: Job, st: ServerState, save):
     yield ev.response("response.created")
     yield ev.response("response.in_progress")
     try:
-        async for ops in generation.stream(job, run, st.scheduler):
+        async for ops in generation.stream(job, run.tracker, st.scheduler):
             for s in ev.ops(ops):
                 yield s
     except EngineError as e:
@@ -110,6 +111,7 @@ async def _stream(run: ResponseRun, job: Job, st: ServerState, save):
         yield ev.event("error", code="server_error", message=run.error["message"], param=None)
         yield ev.response("response.failed")
         return
+    run.complete()
     save()
     yield ev.response("response.incomplete" if run.status == "incomplete" else "response.completed")
 
