@@ -41,6 +41,7 @@ _EFFORTS = {
     "medium": oh.ReasoningEffort.MEDIUM,
     "high": oh.ReasoningEffort.HIGH,
 }
+EFFORTS = tuple(_EFFORTS)  # the reasoning efforts gpt-oss was trained with
 
 
 def _effort(value: Any) -> oh.ReasoningEffort:

@@ -43,6 +43,7 @@ from convert.random_weights import random_getter
 from convert.reader import open_files, read_params
 from convert.safetensors_io import CheckpointError
 from convert.writer import tree_getter, write_checkpoint
+from gptoss_jax.checkpoint.load import resolve_checkpoint
 from gptoss_jax.cli import common
 from gptoss_jax.model import params as P
 from gptoss_jax.model.config import PRESETS, GptOssConfig
@@ -115,8 +116,6 @@ def cmd_random(args) -> dict:
 
 
 def cmd_export(args) -> dict:
-    from gptoss_jax.checkpoint.load import resolve_checkpoint
-
     src = resolve_checkpoint(args.checkpoint)
     config = GptOssConfig.from_json(os.path.join(src, "config.json"))
     # Host-side read: numpy leaves, dense weights kept in bf16 (what every layout stores),
@@ -164,8 +163,6 @@ def summarize(config: GptOssConfig) -> dict[str, Any]:
 
 
 def cmd_info(args) -> dict:
-    from gptoss_jax.checkpoint.load import resolve_checkpoint
-
     src = resolve_checkpoint(args.checkpoint)
     config = GptOssConfig.from_json(os.path.join(src, "config.json"))
     by_key = open_files(src)

@@ -16,6 +16,7 @@ import sys
 import time
 
 from gptoss_jax.chat import parse, render
+from gptoss_jax.chat.render import EFFORTS
 from gptoss_jax.cli import common
 from gptoss_jax.cli.common import UsageError
 from gptoss_jax.inference import api
@@ -23,7 +24,6 @@ from gptoss_jax.inference import engine as sampler
 from gptoss_jax.inference.sampling import SamplingParams
 
 PROG = "python -m gptoss_jax.generate"
-EFFORTS = ("low", "medium", "high")
 
 
 def build_parser() -> argparse.ArgumentParser:

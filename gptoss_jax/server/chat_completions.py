@@ -72,12 +72,11 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     if req.modalities not in (None, ["text"]):
         raise unsupported("modalities", "only text output is supported")
     params.output_format(req.response_format, "response_format")
-    params.tool_choice(req.tool_choice)
+    choice = params.tool_choice(req.tool_choice)
     messages = inputs.chat_messages(req.messages)
     effort = params.effort_of(req.reasoning_effort, "reasoning_effort")
     tools = inputs.function_tools(req.tools)
-    prompt = inputs.render(messages, reasoning_effort=effort,
-                           tools=[] if req.tool_choice == "none" else tools)
+    prompt = inputs.render(messages, reasoning_effort=effort, tools=[] if choice == "none" else tools)
     limit, param = ((req.max_completion_tokens, "max_completion_tokens")
                     if req.max_completion_tokens is not None else (req.max_tokens, "max_tokens"))
     max_new = params.token_budget(st, len(prompt), limit, param, "messages")

@@ -15,11 +15,10 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
+from gptoss_jax.chat.render import EFFORTS
 from gptoss_jax.inference.sampling import SamplingParams
 from gptoss_jax.server.errors import APIError, unsupported
 from gptoss_jax.server.state import ServerState
-
-EFFORTS = ("low", "medium", "high")
 
 # Chat and text completions: parameter -> the value(s) that mean "off" (anything else: a 400).
 _OFF_VALUES = {

@@ -84,8 +84,9 @@ async def create_response(req: ResponsesRequest, request: Request):
     messages, call_names = _conversation(st, req)
     effort = params.effort_of(req.reasoning.effort if req.reasoning else None, "reasoning.effort")
     tools = inputs.function_tools(req.tools)
+    choice = params.tool_choice(req.tool_choice)
     prompt = inputs.render(messages, reasoning_effort=effort, instructions=req.instructions,
-                           tools=[] if req.tool_choice == "none" else tools)
+                           tools=[] if choice == "none" else tools)
     max_new = params.token_budget(st, len(prompt), req.max_output_tokens, "max_output_tokens", "input")
     run = ResponseRun(req, model=st.model_name, prompt_len=len(prompt), effort=effort, tools=tools)
     job = generation.submit(st, prompt, params.sampling_of(req.temperature, req.top_p, None), max_new)
