@@ -1,0 +1,1 @@
+"""Built-in tools for the harmony tool loop (placeholder, filled below)."""
