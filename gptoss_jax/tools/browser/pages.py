@@ -145,7 +145,7 @@ def _walk(node, out: list[str], links: _LinkTable, images: list[int], pre: bool)
 
 
 def _tidy(raw: str) -> str:
-    lines = [_SPACES.sub(" ", line).strip().replace(_NBSP, " ").rstrip() for line in raw.split("\n")]
+    lines = [_SPACES.sub(" ", line).strip(" ").replace(_NBSP, " ").rstrip() for line in raw.split("\n")]
     text = "\n".join(lines)
     return re.sub(r"\n{3,}", "\n\n", text).strip()
 
@@ -170,9 +170,9 @@ def text_to_page(text: str, url: str, title: str | None = None, *, markdown: boo
     links = _LinkTable(url)
     if markdown:
         text = _MD_LINK.sub(lambda m: links.marker(m.group(2), m.group(1)) or m.group(0), text)
-    if not title:
+    if not title:  # the first line (a markdown heading's text), else the file name
         first = next((line.strip() for line in text.split("\n") if line.strip()), "")
-        title = first.lstrip("#").strip()[:120] if markdown and first.startswith("#") else _fallback_title(url)
+        title = (first.lstrip("#").strip() if markdown else first)[:120] or _fallback_title(url)
     return Page(url=url, title=title, text=text.strip("\n"), links=links.links)
 
 

@@ -35,7 +35,7 @@ from jupyter_client import AsyncKernelManager
 
 from ..base import ToolSetupError
 from .executor import ExecResult, Executor
-from .sandbox import NOBODY, SandboxLimits, _limits_preexec, clean_environment
+from .sandbox import NOBODY, SandboxLimits, clean_environment, limits_prefix
 
 log = logging.getLogger(__name__)
 KERNEL_LIMITS = SandboxLimits(memory_bytes=4 << 30)  # a kernel holds a session's data: more room
@@ -141,11 +141,10 @@ class JupyterExecutor(Executor):
         os.chmod(workdir, 0o700)
         manager = _SandboxedKernelManager(kernel_name=self.kernel_name, transport="ipc",
                                           ip=os.path.join(workdir, ".kernel"))
-        manager.sandbox_prefix = self._prefix
+        # The kernel lives on between calls: no CPU-seconds cap (the per-call timeout interrupts).
+        manager.sandbox_prefix = (*limits_prefix(self.limits, cpu=False), *self._prefix)
         manager.connection_file = os.path.join(workdir, ".kernel.json")
-        limits = dataclasses.replace(self.limits, cpu_seconds=10**9)  # the kernel lives on: no CPU cap
-        await manager.start_kernel(cwd=workdir, env=clean_environment(workdir),
-                                   preexec_fn=_limits_preexec(limits, None))
+        await manager.start_kernel(cwd=workdir, env=clean_environment(workdir))
         client = manager.client()
         client.start_channels()
         try:

@@ -17,8 +17,11 @@ afterwards) with:
   supplementary groups: files only the server's user may read stay unreadable;
 - resource limits: CPU seconds (``RLIMIT_CPU``), address space (``RLIMIT_AS``), processes
   (``RLIMIT_NPROC``; effective for an unprivileged uid, i.e. always when dropping from root),
-  file size (``RLIMIT_FSIZE``), open files, no core dumps, ``PR_SET_NO_NEW_PRIVS``; a wall-clock
+  file size (``RLIMIT_FSIZE``), open files, no core dumps, ``no_new_privs``; a wall-clock
   timeout and an output cap, past which the whole namespace is killed.
+
+All of it is set up by util-linux tools in the exec chain (``prlimit``, ``setpriv``,
+``unshare``), never by Python code between fork and exec, which is unsafe in a threaded server.
 
 What it does not do: restrict reads of world-readable files (as ``nobody`` the code sees what
 any local user sees), or bound the disk space of many small files beyond the wall-clock limit.
@@ -29,11 +32,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
 import os
 import pathlib
-import resource
 import shutil
 import signal
 import subprocess
@@ -50,7 +51,6 @@ NOBODY = 65534
 # ignores signals it has no handler for, so the code must not be it (RLIMIT_CPU's SIGXCPU would
 # be ignored), and the shell reports a signalled child as the exit code 128 + signo.
 _INIT = ("/bin/sh", "-c", '"$@"; exit $?', "sh")
-_PR_SET_NO_NEW_PRIVS = 38
 _SYSTEM_PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3")
 
 
@@ -90,30 +90,21 @@ def clean_environment(workdir: str, extra: dict[str, str] | None = None) -> dict
     return env
 
 
-def _limits_preexec(limits: SandboxLimits, drop_to: int | None):
-    """The function the child runs between fork and exec: limits, no_new_privs, uid drop."""
-    cpu = max(1, int(limits.cpu_seconds))
-
-    def preexec() -> None:
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-        resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
-        resource.setrlimit(resource.RLIMIT_NPROC, (limits.max_processes, limits.max_processes))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limits.max_file_bytes, limits.max_file_bytes))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limits.max_open_files, limits.max_open_files))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-        if drop_to is not None:  # only without `unshare`, which otherwise drops after entering
-            os.setgroups([])
-            os.setgid(drop_to)
-            os.setuid(drop_to)
-
-    return preexec
+def limits_prefix(limits: SandboxLimits, *, cpu: bool = True) -> tuple[str, ...]:
+    """``prlimit ... setpriv --no-new-privs --``: the limits, set by util-linux tools in the exec
+    chain rather than by Python code between fork and exec (unsafe in a threaded server)."""
+    prlimit, setpriv = shutil.which("prlimit"), shutil.which("setpriv")
+    if prlimit is None or setpriv is None:
+        raise ToolSetupError("python sandbox: the util-linux tools prlimit and setpriv are needed")
+    cpu_limit = (f"--cpu={int(limits.cpu_seconds)}:{int(limits.cpu_seconds) + 1}",) if cpu else ()
+    return (prlimit, *cpu_limit, f"--as={limits.memory_bytes}", f"--nproc={limits.max_processes}",
+            f"--fsize={limits.max_file_bytes}", f"--nofile={limits.max_open_files}", "--core=0", "--",
+            setpriv, "--no-new-privs", "--")
 
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-    prefix: tuple[str, ...]   # `unshare ...` or empty
-    drop_in_preexec: int | None
+    prefix: tuple[str, ...]   # namespaces and uid: `unshare ...`, `setpriv --reuid ...` or empty
     network_isolated: bool
     pid_namespace: bool
     uid: int
@@ -133,11 +124,15 @@ def _unshare_prefixes(uid: int | None) -> list[tuple[tuple[str, ...], bool]]:
     return [((*base, *pid, *drop, "--", *_INIT), True), ((*base, *drop, "--"), False)]
 
 
-def _probe(argv: list[str], preexec, cwd: str) -> str | None:
+def _drop_prefix(uid: int) -> tuple[str, ...]:
+    """Without namespaces, root still leaves for ``uid`` (``setpriv``, no supplementary groups)."""
+    return (shutil.which("setpriv") or "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--")
+
+
+def _probe(argv: list[str], cwd: str) -> str | None:
     """Run ``argv`` once; None when it printed ``ok``, else what went wrong."""
     try:
-        proc = subprocess.run(argv, cwd=cwd, env=clean_environment(cwd), capture_output=True, timeout=20,
-                              preexec_fn=preexec)
+        proc = subprocess.run(argv, cwd=cwd, env=clean_environment(cwd), capture_output=True, timeout=20)
     except (OSError, subprocess.SubprocessError) as e:
         return f"{type(e).__name__}: {e}"
     if proc.returncode == 0 and proc.stdout.strip() == b"ok":
@@ -169,8 +164,9 @@ class SubprocessExecutor(Executor):
         candidates = [c for c in candidates if c and os.path.exists(c)]
         if not candidates:
             raise ToolSetupError(f"python sandbox: interpreter {python!r} not found")
-        plans = [_Plan(prefix, None, True, pid, uid) for prefix, pid in _unshare_prefixes(uid if root else None)]
-        plans.append(_Plan((), uid if root else None, False, False, uid))
+        self._limits_prefix = limits_prefix(self.limits)
+        plans = [_Plan(prefix, True, pid, uid) for prefix, pid in _unshare_prefixes(uid if root else None)]
+        plans.append(_Plan(_drop_prefix(uid) if root else (), False, False, uid))
         tried: list[str] = []
         with tempfile.TemporaryDirectory(prefix="gptoss-py-probe-", dir=self.workdir_parent) as tmp:
             if root:
@@ -179,8 +175,8 @@ class SubprocessExecutor(Executor):
                 if not plan.network_isolated and not self.allow_network:
                     continue
                 for exe in candidates:
-                    argv = [*plan.prefix, exe, "-I", "-B", "-c", "print('ok')"]
-                    problem = _probe(argv, _limits_preexec(self.limits, plan.drop_in_preexec), tmp)
+                    argv = [*self._limits_prefix, *plan.prefix, exe, "-I", "-B", "-c", "print('ok')"]
+                    problem = _probe(argv, tmp)
                     tried.append(f"{' '.join((*plan.prefix, exe))}: {problem or 'ok'}")
                     if problem is None:
                         return plan, exe, tried
@@ -219,11 +215,11 @@ class SubprocessExecutor(Executor):
                 for p in (workdir, script):
                     os.chown(p, self._plan.uid, self._plan.uid)
             os.chmod(workdir, 0o700)
-            argv = [*self._plan.prefix, self.python, "-I", "-B", "-u", "main.py"]
+            argv = [*self._limits_prefix, *self._plan.prefix, self.python, "-I", "-B", "-u", "main.py"]
             proc = await asyncio.create_subprocess_exec(
                 *argv, cwd=workdir, env=clean_environment(workdir, self.extra_env),
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-                preexec_fn=_limits_preexec(self.limits, self._plan.drop_in_preexec), start_new_session=True)
+                start_new_session=True)
             return await self._collect(proc)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
