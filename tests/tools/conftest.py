@@ -12,6 +12,7 @@ import pytest
 import uvicorn
 
 from gptoss_jax.chat import tokenizer
+from gptoss_jax.tools import Tool, ToolResult
 
 
 @pytest.fixture(scope="session")
@@ -66,3 +67,20 @@ def scripted(encoding: oh.HarmonyEncoding, replies: list[str], seen: list | None
             yield token
 
     return generate
+
+
+class Echo(Tool):
+    """A stand-in ``python`` tool: instant and deterministic ("ran N chars"), recording calls."""
+
+    namespace = "python"
+
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def config(self) -> oh.ToolNamespaceConfig:
+        return oh.ToolNamespaceConfig.python()
+
+    async def call(self, recipient, arguments, *, state):
+        self.calls.append(arguments)
+        return ToolResult(text=f"ran {len(arguments)} chars", item={"type": "code_interpreter_call",
+                                                                   "code": arguments})
