@@ -12,6 +12,7 @@ where the kernel allows it — the client talks to it over ZeroMQ ``ipc`` socket
 kernel's directory), which work across network namespaces where TCP on loopback would not.
 It runs as the server's user (or, for root, as ``nobody`` when the interpreter is reachable for
 that uid), so it is weaker than the ``subprocess`` sandbox: use it for trusted, local work.
+Kernel clients are bound to the event loop that started them: drive one executor from one loop.
 """
 
 from __future__ import annotations
@@ -81,6 +82,10 @@ class JupyterExecutor(Executor):
 
     @staticmethod
     def _plan(allow_network: bool) -> tuple[tuple[str, ...], int, bool]:
+        env = clean_environment(tempfile.gettempdir())
+        if subprocess.run([sys.executable, "-c", "import ipykernel"], capture_output=True, env=env,
+                          timeout=60).returncode != 0:
+            raise ToolSetupError("python backend jupyter: ipykernel is not installed (pip install ipykernel)")
         exe = shutil.which("unshare")
         root = os.geteuid() == 0
         candidates = []
@@ -91,7 +96,7 @@ class JupyterExecutor(Executor):
             candidates.append(((*base, "--"), os.getuid()))
         for prefix, uid in candidates:
             probe = subprocess.run([*prefix, sys.executable, "-c", "import ipykernel"], capture_output=True,
-                                   timeout=30, env=clean_environment(tempfile.gettempdir()))
+                                   timeout=60, env=env)
             if probe.returncode == 0:
                 return prefix, uid, True
         if not allow_network:
