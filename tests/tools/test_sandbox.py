@@ -47,7 +47,7 @@ def test_no_network_to_a_local_listener(executor):
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen(1)
-        server.settimeout(3)
+        server.settimeout(1)
         port = server.getsockname()[1]
 
         def accept():
@@ -163,11 +163,12 @@ def test_no_process_outlives_a_call(executor):
 
 
 def test_the_tool_reports_failures_to_the_model(executor):
-    tool = PythonTool(executor)
-    result = asyncio.run(tool.call("python", "while True: pass", state=None))
-    assert result.error and "CPU time limit" in result.text
-    assert result.item["type"] == "code_interpreter_call" and result.item["code"] == "while True: pass"
+    tool = PythonTool(SubprocessExecutor(limits=SandboxLimits(wall_seconds=1)))
+    result = asyncio.run(tool.call("python", "import time; time.sleep(30)", state=None))
+    assert result.error and "time limit" in result.text
+    assert result.item["type"] == "code_interpreter_call" and result.item["code"] == "import time; time.sleep(30)"
     assert result.item["outputs"] == [{"type": "logs", "logs": result.text}]
+    tool = PythonTool(executor)
     ok = asyncio.run(tool.call("python", "print(6 * 7)", state=None))
     assert not ok.error and ok.text == "42"
     empty = asyncio.run(tool.call("python", "  ", state=None))
