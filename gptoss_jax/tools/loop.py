@@ -144,19 +144,25 @@ async def run_tool_loop(conversation: Sequence[oh.Message], generate: Generate, 
         emitted = 0
         error = None
         last_token = None
-        async for token in generate(messages, budget):
-            generated += 1
-            last_token = token
-            try:
-                parser.process(token)
-            except oh.HarmonyError as e:
-                error = str(e)
-                break
-            yield TokenEvent(token, parser.last_content_delta, parser.current_channel, parser.current_recipient,
-                             iteration)
-            for message in parser.messages[emitted:]:
-                yield MessageEvent(message, iteration)
-            emitted = len(parser.messages)
+        stream = generate(messages, budget)
+        try:
+            async for token in stream:
+                generated += 1
+                last_token = token
+                try:
+                    parser.process(token)
+                except oh.HarmonyError as e:
+                    error = str(e)
+                    break
+                yield TokenEvent(token, parser.last_content_delta, parser.current_channel, parser.current_recipient,
+                                 iteration)
+                for message in parser.messages[emitted:]:
+                    yield MessageEvent(message, iteration)
+                emitted = len(parser.messages)
+        finally:  # stop the generator (free its slot) when we leave early or are closed
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
         complete = parser.state == oh.StreamState.EXPECT_START
         if error is None and not complete:
             try:  # generation stopped inside a message: keep what it said

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import logging
 import os
 import queue
 import re
@@ -38,7 +37,6 @@ from ..base import ToolSetupError
 from .executor import ExecResult, Executor
 from .sandbox import NOBODY, SandboxLimits, clean_environment, limits_prefix
 
-log = logging.getLogger(__name__)
 KERNEL_LIMITS = SandboxLimits(memory_bytes=4 << 30)  # a kernel holds a session's data: more room
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
