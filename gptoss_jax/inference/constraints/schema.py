@@ -25,6 +25,8 @@ schema can otherwise fill an object with whitespace until its budget runs out.
 
 from __future__ import annotations
 
+import json
+import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -40,6 +42,10 @@ UNSUPPORTED_KEYWORDS = frozenset({
     "uniqueItems", "propertyNames", "additionalItems", "$dynamicRef", "$dynamicAnchor",
     "$recursiveRef", "$recursiveAnchor",
 })
+
+CHECKED_CACHE = 1024
+_checked: dict[tuple, None] = {}
+_lock = threading.Lock()
 
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 _SCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems")
@@ -109,6 +115,12 @@ def check_schema(schema: Any, *, strict: bool, whitespace: Whitespace, param: st
         raise ConstraintError(f"Invalid schema for {what}: a schema must be a JSON object, "
                               f"got {type(schema).__name__}", param=param)
     schema = dict(schema)
+    try:
+        key = (json.dumps(schema, separators=(",", ":")), strict, whitespace)
+    except (TypeError, ValueError) as e:
+        raise ConstraintError(f"Invalid schema for {what}: not JSON ({e})", param=param) from None
+    if key in _checked:
+        return with_options(schema, json_options(whitespace, strict))
     validator = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     try:
         validator.check_schema(schema)
@@ -128,4 +140,14 @@ def check_schema(schema: Any, *, strict: bool, whitespace: Whitespace, param: st
         llguidance.LLMatcher.grammar_from_json_schema(compiled))
     if failed:
         raise ConstraintError(f"Invalid schema for {what}: {messages[0]}", param=param)
+    _remember(key)
     return compiled
+
+
+def _remember(key) -> None:
+    """Schemas that passed, so a client repeating one skips the metaschema check (~2 ms for
+    2020-12 in ``jsonschema``); bounded, oldest forgotten first."""
+    with _lock:
+        _checked[key] = None
+        while len(_checked) > CHECKED_CACHE:
+            _checked.pop(next(iter(_checked)))
