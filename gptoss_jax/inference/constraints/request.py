@@ -191,12 +191,12 @@ def _function_body(fn: Mapping[str, Any], name: str, api: Api, param: str,
         raise ConstraintError(f"Invalid schema for {what}: schema must be a JSON Schema of "
                               f"'type: \"object\"', got 'type: {json.dumps(params.get('type'))}'.",
                               param=pparam)
-    if strict is None:
-        strict_schema = api == "responses"  # the API's default; enforced, unsupported ignored
-        check_schema(params, strict=False, whitespace=whitespace, param=pparam, what=what)
-        return JsonSchema(dict(params), strict=False, name=name) if strict_schema else JsonObject()
-    check_schema(params, strict=strict, whitespace=whitespace, param=pparam, what=what)
-    return JsonSchema(dict(params), strict=True, name=name) if strict else JsonObject()
+    check_schema(params, strict=bool(strict), whitespace=whitespace, param=pparam, what=what)
+    if strict:
+        return JsonSchema(dict(params), strict=True, name=name)
+    if strict is None and api == "responses":  # its default: enforced, unenforceable keywords ignored
+        return JsonSchema(dict(params), strict=False, name=name)
+    return JsonObject()
 
 
 def _grammar_body(syntax: Any, definition: Any, param: str, syntax_param: str) -> Body:
@@ -442,6 +442,8 @@ def generate_constraint(response_format: Any, *, harmony: bool = True,
     """The constraint for ``generate(..., response_format=...)``: the whole harmony turn when
     the prompt is a chat (``harmony``), else the bare body. None for free text."""
     body = response_format_body(response_format)
+    if isinstance(body, Text):
+        return None
     if isinstance(body, JsonSchema):
         check_schema(body.schema, strict=body.strict, whitespace=whitespace,
                      param="response_format", what=f"response_format '{body.name}'")

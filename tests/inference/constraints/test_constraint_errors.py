@@ -16,9 +16,15 @@ from gptoss_jax.inference.constraints import (
     UNSUPPORTED_KEYWORDS,
     ConstraintBatch,
     ConstraintError,
+    JsonObject,
+    JsonSchema,
+    Lark,
+    Regex,
+    Text,
     from_chat,
     from_responses,
     generate_constraint,
+    response_format_body,
 )
 
 OK_SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
@@ -170,3 +176,21 @@ def test_openai_client_parse_formats(sampler, enc):
         batch.attach(0, rc.constraint)
         tokens = run_turn(batch, 0, sampler, np.random.default_rng(seed), 0.8)
         Solution.model_validate(json.loads(parse(enc, tokens)[-1][3]))
+
+
+def test_python_api_response_formats():
+    assert response_format_body(Solution) == JsonSchema(Solution.model_json_schema(), strict=True,
+                                                        name="Solution")
+    assert response_format_body(OK_SCHEMA) == JsonSchema(OK_SCHEMA, strict=True)
+    assert response_format_body(json.dumps(OK_SCHEMA)) == JsonSchema(OK_SCHEMA, strict=True)
+    assert response_format_body({"type": "json_object"}) == JsonObject()
+    assert response_format_body({"type": "text"}) == Text()
+    assert response_format_body({"type": "regex", "pattern": "a+"}) == Regex("a+")
+    assert response_format_body({"type": "lark", "definition": 'start: "x"'}) == Lark('start: "x"')
+    chat_style = type_to_response_format_param(Solution)
+    assert response_format_body(chat_style).name == "Solution"
+    assert generate_constraint(Solution).harmony and not generate_constraint(OK_SCHEMA, harmony=False).harmony
+    assert generate_constraint(Text()) is None and generate_constraint(Text(), harmony=False) is None
+    _raises(lambda: response_format_body("a+"), "response_format", "Regex")
+    _raises(lambda: generate_constraint({"type": "object", "properties": {"a": {"not": {}}}}),
+            "response_format", "'not'")

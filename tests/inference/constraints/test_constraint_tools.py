@@ -13,7 +13,7 @@ import jsonschema
 import numpy as np
 import openai_harmony as oh
 import pytest
-from constraint_helpers import parse, run_turn
+from constraint_helpers import allowed_of, parse, run_turn
 
 from gptoss_jax.inference.constraints import ConstraintBatch, SlotState, from_chat, from_responses
 
@@ -95,8 +95,10 @@ def test_required_forces_a_call(sampler, enc):
     rc = from_responses({"text": {"format": {"type": "json_object"}}, "tools": RESPONSES_TOOLS,
                          "tool_choice": "required", "parallel_tool_calls": False})
     names = set()
-    for tokens, _ in _turns(rc, sampler, range(20)):
+    for tokens, batch in _turns(rc, sampler, range(20)):
         assert tokens[-1] == 200012
+        after = np.flatnonzero(allowed_of(batch.fill()[0], sampler.vocab))
+        assert after.tolist() == [199999]  # one call only: nothing may follow but the end
         msgs = parse(enc, tokens)
         assert all(m[0] != "final" for m in msgs)
         names.add(_check_call(msgs[-1]))
@@ -170,3 +172,17 @@ def test_harmony_renderings_of_a_call_are_accepted(enc):
     for ids in (rendered[2:], model_style):
         m = rc.constraint.matcher()
         assert m.validate_tokens(ids) == len(ids) and m.consume_tokens(ids) and m.is_accepting()
+
+
+def test_strict_defaults_per_api(enc):
+    """Absent ``strict``: Responses enforces the parameters (its default is true), Chat only asks
+    for a JSON object (its default is false)."""
+    def accepts(rc, args):
+        ids = enc.encode("<|channel|>commentary to=functions.get_time <|constrain|>json<|message|>"
+                         f"{args}<|call|>", allowed_special="all")
+        return rc.constraint.matcher().validate_tokens(ids) == len(ids)
+
+    responses = from_responses({"tools": [{"type": "function", "name": "get_time", "parameters": TIME}]})
+    chat = from_chat({"tools": [{"type": "function", "function": {"name": "get_time", "parameters": TIME}}]})
+    assert accepts(responses, '{"tz":"UTC"}') and not accepts(responses, '{"x":1}')
+    assert accepts(chat, '{"tz":"UTC"}') and accepts(chat, '{"x":1}') and not accepts(chat, "[1]")
