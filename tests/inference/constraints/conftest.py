@@ -3,7 +3,7 @@
 import pytest
 from constraint_helpers import Sampler
 
-from gptoss_jax.chat.harmony import harmony_encoding
+from gptoss_jax.chat.encoding import harmony_encoding
 from gptoss_jax.chat.tokenizer import load_tokenizer
 
 
