@@ -55,6 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import gpu_check_model as gm
 from pallas_kernels import backend_available, common, grouped_mxfp4_matmul, grouped_mxfp4_matmul_reference, tuning
 from pallas_kernels.grouped_mxfp4 import backend_module
 
@@ -67,97 +68,6 @@ FLOOR = {"environment": 0.01, "probes": 0.05, "kernels": 0.05, "tokens": 0.04,
 BACKENDS = ("triton", "mosaic")
 MATMULS = {"gate_up": "swiglu", "down": "none"}
 TOP_K = 4  # gpt-oss's experts per token
-
-
-# ---------------------------------------------------------------------------------------------
-# The model entry points this script uses: the one place to adapt when they change.
-
-def model_api():
-    import gptoss_jax
-    from gptoss_jax.model import params as P
-    return gptoss_jax, P
-
-
-def model_configs(dry: bool) -> dict:
-    gptoss_jax, _ = model_api()
-    from gptoss_jax.model.config import TINY
-    if dry:
-        return {"20b": TINY, "120b": dataclasses.replace(
-            TINY, num_local_experts=11, num_hidden_layers=4, layer_types=())}
-    return {"20b": gptoss_jax.GPT_OSS_20B, "120b": gptoss_jax.GPT_OSS_120B}
-
-
-def truncated(config, layers: int):
-    return dataclasses.replace(config, num_hidden_layers=layers,
-                               layer_types=config.layer_types[:layers])
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
-def _init_leaf(key, shape, dtype, kind, std):
-    if kind == "blocks":
-        return jax.random.bits(key, shape, jnp.uint8)
-    if kind == "scales":  # E8M0 118..124: weights of order 2**-9 .. 2**-3 times the FP4 value
-        return (jax.random.bits(key, shape, jnp.uint8) % 7 + 118).astype(jnp.uint8)
-    if kind == "ones":
-        return jnp.ones(shape, dtype)
-    return (jax.random.normal(key, shape, jnp.float32) * std).astype(dtype)
-
-
-def random_params(config, seed: int = 0) -> dict:
-    """Random parameters for ``config`` made on the default device (nothing on the host)."""
-    _, P = model_api()
-    specs = P.declare(config)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(specs, is_leaf=P.is_spec)
-    leaves = []
-    for i, (path, spec) in enumerate(flat):
-        name = str(getattr(path[-1], "key", path[-1]))
-        fan_in = math.prod(spec.shape[1:]) if name in ("unembed",) else (
-            math.prod(spec.shape[:-1]) if name == "o_w" else spec.shape[0])
-        kind = ("blocks" if name.endswith("_blocks") else "scales" if name.endswith("_scales")
-                else "ones" if name.endswith("norm") else "normal")
-        std = 1.0 if name in ("embed", "sinks") else (
-            1.0 / math.sqrt(fan_in) if name.endswith("_w") or name in ("w", "unembed") else 0.02)
-        leaves.append(_init_leaf(jax.random.key(seed * 100003 + i), tuple(spec.shape),
-                                 jnp.dtype(spec.dtype), kind, std))
-    return jax.tree_util.tree_unflatten(treedef, leaves)
-
-
-def make_engine(params, config, max_batch: int, max_len: int):
-    gptoss_jax, _ = model_api()
-    model = gptoss_jax.Model(params=params, config=config)
-    return gptoss_jax.Engine(model, max_batch=max_batch, max_len=max_len), repr(model.runtime)
-
-
-def greedy_sampling():
-    gptoss_jax, _ = model_api()
-    return gptoss_jax.SamplingParams(temperature=0.0)
-
-
-def compile_engine(engine, prompt_len: int, num_prompts: int) -> float:
-    """Compiles the engine's prefill (this bucket) and decode ahead of time; returns seconds."""
-    return engine.compile(prompt_len, num_prompts, greedy_sampling())
-
-
-def greedy(engine, prompts: list[list[int]], new_tokens: int):
-    """Prefill ``prompts`` into the engine (greedy, no stop tokens); returns the slots."""
-    samp = [greedy_sampling()] * len(prompts)
-    return [s for s, _ in engine.add(prompts, samp, [new_tokens] * len(prompts),
-                                     [()] * len(prompts))]
-
-
-def write_tiny_checkpoint(folder: str) -> None:
-    from convert.random_weights import random_getter
-    from convert.writer import write_checkpoint
-    from gptoss_jax.model.config import TINY
-    write_checkpoint(random_getter(TINY, seed=7), TINY, folder, "hf_mxfp4", progress=False)
-
-
-def greedy_tokens(folder: str, prompt: list[int], new_tokens: int) -> list[int]:
-    gptoss_jax, _ = model_api()
-    model = gptoss_jax.load(folder, dtype="float32", progress=False)
-    out = gptoss_jax.generate(model, [prompt], max_new_tokens=new_tokens, temperature=0.0,
-                              stop_tokens=(), decode_text=False)
-    return [int(t) for t in out[0].tokens]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,18 +223,18 @@ def weight_bytes(c: dict) -> int:
 # ---------------------------------------------------------------------------------------------
 # Sections.
 
-def section_environment(ctx: Ctx) -> dict:
+def section_environment(ctx: Ctx, out: dict) -> None:
     dev = jax.devices()[0]
     stats = dev.memory_stats() or {}
     n = (1 << 16) if ctx.args.dry_run else (1 << 29)  # 1 GiB of bf16
     x = jnp.ones((n,), jnp.bfloat16)
     t = timed(jax.jit(lambda a: a * 2), x, iters=ctx.sizes.iters, gpu=ctx.gpu)
     ctx.copy_gbps = 2 * n * 2 / (t["us"] * 1e-6) / 1e9
-    return {"device_kind": dev.device_kind, "platform": dev.platform,
-            "sm_count": ctx.sm_count, "compute_capability": getattr(dev, "compute_capability", None),
-            "bytes_limit": stats.get("bytes_limit"), "backends_loading": {
-                b: backend_available(b) for b in BACKENDS},
-            "copy_GBps": ctx.copy_gbps, "copy_timing": t["timing"]}
+    out.update(device_kind=dev.device_kind, platform=dev.platform, sm_count=ctx.sm_count,
+               compute_capability=getattr(dev, "compute_capability", None),
+               bytes_limit=stats.get("bytes_limit"),
+               backends_loading={b: backend_available(b) for b in BACKENDS},
+               copy_GBps=ctx.copy_gbps, copy_timing=t["timing"])
 
 
 def _grid_rows(ctx: Ctx) -> list:
@@ -348,8 +258,8 @@ def _grid_rows(ctx: Ctx) -> list:
     return rows
 
 
-def section_probes(ctx: Ctx) -> dict:
-    out = {"sm_count": ctx.sm_count, "grid": _grid_rows(ctx), "dequant": [], "mosaic_wrapper": []}
+def section_probes(ctx: Ctx, out: dict) -> None:
+    out.update(sm_count=ctx.sm_count, grid=_grid_rows(ctx), dequant=[], mosaic_wrapper=[])
     it, gpu = ctx.sizes.iters, ctx.gpu
     tokens_of = {"decode": ctx.sizes.decode_tokens[0], "prefill": ctx.sizes.prefill_tokens}
     for model in ctx.sizes.models:
@@ -377,8 +287,13 @@ def section_probes(ctx: Ctx) -> dict:
                 out["dequant"].append(row)
                 if backend == "mosaic" and "error" not in row:
                     ctx.budget.check()
-                    out["mosaic_wrapper"].append(_mosaic_wrapper(ctx, c, p, cfg, row))
-    return out
+                    try:
+                        out["mosaic_wrapper"].append(_mosaic_wrapper(ctx, c, p, cfg, row))
+                    except OutOfTime:
+                        raise
+                    except Exception as e:
+                        out["mosaic_wrapper"].append({"model": model, "regime": regime,
+                                                      "error": f"{type(e).__name__}: {e}"[:1000]})
 
 
 def _mosaic_wrapper(ctx: Ctx, c: dict, p: common.Problem, cfg, row: dict) -> dict:
@@ -411,8 +326,9 @@ def error_stats(out, ref, tol: float) -> dict:
             "nonfinite": nonfinite, "ok": nonfinite == 0 and err / scale <= tol}
 
 
-def section_kernels(ctx: Ctx) -> dict:
-    rows = []
+def section_kernels(ctx: Ctx, out: dict) -> None:
+    rows = out.setdefault("cases", [])
+    out.update(tolerance_rel=1e-4, out_dtype="float32")
     regimes = [("decode", ctx.sizes.decode_tokens[1]), ("prefill", ctx.sizes.prefill_tokens)]
     for model in ctx.sizes.models:
         for regime, tokens in regimes:
@@ -430,23 +346,23 @@ def section_kernels(ctx: Ctx) -> dict:
                     ctx.budget.check()
                     row = {**base, "backend": backend}
                     try:
-                        out = kernel(ctx, matmul, backend)(*a)
-                        row.update(error_stats(out, ref, tol=1e-4))  # f32 out: summation order
+                        got = kernel(ctx, matmul, backend)(*a)
+                        row.update(error_stats(got, ref, tol=1e-4))  # f32 out: summation order
                     except Exception as e:
                         row.update(ok=False, error=f"{type(e).__name__}: {e}"[:1000])
                     rows.append(row)
-    return {"tolerance_rel": 1e-4, "out_dtype": "float32", "cases": rows,
-            "all_ok": {b: all(r["ok"] for r in rows if r["backend"] == b) for b in BACKENDS}}
+    out["all_ok"] = {b: all(r["ok"] for r in rows if r["backend"] == b) for b in BACKENDS}
 
 
 TOKENS_PROMPT, TOKENS_NEW = [1, 5, 9, 3, 7, 2], 12
 
 
-def section_tokens(ctx: Ctx) -> dict:
+def section_tokens(ctx: Ctx, out: dict) -> None:
     folder = tempfile.mkdtemp(prefix="gpu_check_tiny_")
-    write_tiny_checkpoint(folder)
+    gm.write_tiny_checkpoint(folder)
     with jax.default_matmul_precision("highest"):  # f32 without TF32, as the CPU computes
-        here = greedy_tokens(folder, TOKENS_PROMPT, TOKENS_NEW)
+        here = gm.greedy_tokens(folder, TOKENS_PROMPT, TOKENS_NEW)
+    out.update(platform=jax.default_backend(), prompt=TOKENS_PROMPT, tokens_here=here)
     ctx.budget.check(5)
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, __file__, "--tokens-worker", folder], env=env,
@@ -456,46 +372,26 @@ def section_tokens(ctx: Ctx) -> dict:
         raise RuntimeError(f"CPU worker failed: {proc.stderr[-1500:]}")
     cpu = json.loads(proc.stdout.strip().splitlines()[-1])["tokens"]
     mismatch = next((i for i, (a, b) in enumerate(zip(here, cpu)) if a != b), None)
-    return {"platform": jax.default_backend(), "prompt": TOKENS_PROMPT, "tokens_here": here,
-            "tokens_cpu": cpu, "equal": here == cpu, "first_mismatch": mismatch}
+    out.update(tokens_cpu=cpu, equal=here == cpu, first_mismatch=mismatch)
 
 
-def step_bytes(config, batch: int, kv_len: int, prefill: bool = False) -> dict:
-    """Bytes one decode step reads (or one prefill pass, every expert touched), from the specs:
-    attention and norms per layer, the experts a step selects (batch 1: top-k; batch b: the
-    expected number of distinct experts under uniform routing), the unembedding, the KV cache."""
-    _, P = model_api()
-    specs = P.declare(config)
-    nb = lambda tree: sum(math.prod(s.shape) * jnp.dtype(s.dtype).itemsize
-                          for s in jax.tree.leaves(tree, is_leaf=P.is_spec))
-    e, k = config.num_local_experts, config.num_experts_per_tok
-    touched = e if prefill else (k if batch == 1 else e * (1 - (1 - k / e) ** batch))
-    layers = specs["layers"]
-    attn = sum(nb({x: v for x, v in la.items() if x != "experts"}) for la in layers)
-    experts = sum(nb(la["experts"]) for la in layers) * touched / e
-    kv = sum(2 * config.num_key_value_heads * config.head_dim * 2 * batch
-             * (min(config.sliding_window, kv_len) if config.is_sliding(i) else kv_len)
-             for i in range(config.num_hidden_layers))
-    unembed = nb(specs["unembed"]) + nb(specs["final_norm"])
-    return {"attention_norms_router": attn, "experts": experts, "unembed": unembed,
-            "kv_cache": kv, "total": attn + experts + unembed + kv}
-
-
-def _run_depth(ctx: Ctx, config, layers: int) -> dict:
+def _run_depth(ctx: Ctx, config, layers: int, out: dict) -> None:
+    """Batch-1 (prefill + decode) and batch-8 (decode) engines over ``layers`` layers; fills
+    ``out`` as it goes."""
     s = ctx.sizes
-    cfg = truncated(config, layers)
-    params = random_params(cfg)
-    out = {"layers": layers}
+    cfg = gm.truncated(config, layers)
+    params = gm.random_params(cfg)
+    out["layers"] = layers
     long_len = min(cfg.max_position_embeddings, 1 << (s.prompt_len + s.decode_steps + 2).bit_length())
     for batch in (1, 8):
         ctx.budget.check(5)
         plen = s.prompt_len if batch == 1 else 16 if not ctx.args.dry_run else 4
         max_len = long_len if batch == 1 else min(cfg.max_position_embeddings, 64)
-        eng, runtime = make_engine(params, cfg, batch, max_len)
-        compile_s = compile_engine(eng, plen, batch)
+        eng, runtime = gm.make_engine(params, cfg, batch, max_len)
+        compile_s = gm.compile_engine(eng, plen, batch)
         prompts = [[(7 * i + j) % cfg.vocab_size for j in range(plen)] for i in range(batch)]
         t = time.perf_counter()
-        slots = greedy(eng, prompts, s.decode_steps + 3)
+        slots = gm.greedy(eng, prompts, s.decode_steps + 3)
         prefill_s = time.perf_counter() - t
         eng.step()  # the first decode step (compiled ahead) once before timing
         t = time.perf_counter()
@@ -508,43 +404,40 @@ def _run_depth(ctx: Ctx, config, layers: int) -> dict:
                "decode_tokens_per_s": batch / step_s, "timing": "wall", "moe_runtime": runtime}
         if batch == 1:
             row.update(prefill_tokens=plen, prefill_s=prefill_s, prefill_tokens_per_s=plen / prefill_s)
-        out[f"batch{batch}"] = row
+        out[f"batch{batch}"] = _with_bytes(ctx, cfg, row, step_s, batch, max_len,
+                                           row.get("prefill_s"), row.get("prefill_tokens", 0))
         del eng
     del params
     gc.collect()
-    return out
 
 
 def _with_bytes(ctx: Ctx, config, row: dict, step_s: float, batch: int, kv_len: int,
                 prefill_s: float | None = None, prefill_tokens: int = 0) -> dict:
-    b = step_bytes(config, batch, kv_len)
+    b = gm.step_bytes(config, batch, kv_len)
     out = {**row, "bytes_per_step": b["total"], "bytes_breakdown": b,
            "decode_GBps": b["total"] / step_s / 1e9}
     out["decode_frac_of_copy_bw"] = out["decode_GBps"] / ctx.copy_gbps if ctx.copy_gbps else None
     if prefill_s is not None:
-        pb = step_bytes(config, 1, prefill_tokens, prefill=True)["total"]
+        pb = gm.step_bytes(config, 1, prefill_tokens, prefill=True)["total"]
         out.update(prefill_bytes=pb, prefill_GBps=pb / prefill_s / 1e9)
     return out
 
 
-def section_throughput(ctx: Ctx) -> dict:
-    out = {}
-    configs = model_configs(ctx.args.dry_run)
+def section_throughput(ctx: Ctx, out: dict) -> None:
+    ctx.cases.clear()  # the kernel sections' problems: device memory the models need now
+    models = out.setdefault("models", {})
+    configs = gm.model_configs(ctx.args.dry_run)
     for name in ctx.sizes.models:
         config = configs[name]
         full = config.num_hidden_layers
         depths = ctx.sizes.depths or (full,)
         runs = []
+        models[name] = {"full_layers": full, "runs": runs}
         for layers in depths:
             ctx.budget.check(10)
-            runs.append(_run_depth(ctx, config, layers))
-        for r in runs:
-            cfg = truncated(config, r["layers"])
-            for b in (1, 8):
-                x = r[f"batch{b}"]
-                r[f"batch{b}"] = _with_bytes(ctx, cfg, x, x["decode_step_s"], b, x["kv_len"],
-                                             x.get("prefill_s"), x.get("prefill_tokens", 0))
-        entry = {"full_layers": full, "runs": runs}
+            runs.append({})
+            _run_depth(ctx, config, layers, runs[-1])
+        entry = models[name]
         if len(runs) == 1:
             entry.update(method="measured at full depth", **{f"batch{b}": runs[0][f"batch{b}"]
                                                              for b in (1, 8)})
@@ -564,27 +457,29 @@ def section_throughput(ctx: Ctx) -> dict:
                 if pre is not None:
                     row.update(prefill_tokens=x2["prefill_tokens"], prefill_s=pre,
                                prefill_tokens_per_s=x2["prefill_tokens"] / pre if pre > 0 else None)
-                entry[f"batch{b}"] = (_with_bytes(ctx, config, row, step, b, row["kv_len"], pre,
-                                                  row.get("prefill_tokens", 0))
-                                      if step > 0 and (pre is None or pre > 0) else row)
-        out[name] = entry
-    return {"models": out}
+                if step > 0 and (pre is None or pre > 0):
+                    row = _with_bytes(ctx, config, row, step, b, row["kv_len"], pre,
+                                      row.get("prefill_tokens", 0))
+                else:
+                    row["note"] = "the deeper run was not slower (noise): no extrapolation"
+                entry[f"batch{b}"] = row
 
 
-def section_memory(ctx: Ctx) -> dict:
-    config = model_configs(ctx.args.dry_run)["120b"]
+def section_memory(ctx: Ctx, out: dict) -> None:
+    ctx.cases.clear()
+    gc.collect()
+    config = gm.model_configs(ctx.args.dry_run)["120b"]
     dev = jax.devices()[0]
     max_len = min(ctx.sizes.memory_len, config.max_position_embeddings)
-    _, P = model_api()
-    params = random_params(config, seed=1)
+    params = gm.random_params(config, seed=1)
     jax.block_until_ready(params)
-    param_bytes = P.nbytes(params)
-    result = {"layers": config.num_hidden_layers, "kv_cache_tokens": max_len,
-              "param_bytes": param_bytes,
-              "kv_cache_bytes": step_bytes(config, 1, max_len)["kv_cache"]}
+    param_bytes = gm.P.nbytes(params)
+    result = out
+    result.update(layers=config.num_hidden_layers, kv_cache_tokens=max_len,
+                  param_bytes=param_bytes, kv_cache_bytes=gm.step_bytes(config, 1, max_len)["kv_cache"])
     try:
-        eng, _ = make_engine(params, config, 1, max_len)
-        slots = greedy(eng, [[3, 1, 4, 1, 5, 9, 2, 6] * 2], 4)
+        eng, _ = gm.make_engine(params, config, 1, max_len)
+        slots = gm.greedy(eng, [[3, 1, 4, 1, 5, 9, 2, 6] * 2], 4)
         for _ in range(3):
             eng.step()
         eng.release(slots[0])
@@ -600,7 +495,6 @@ def section_memory(ctx: Ctx) -> dict:
                   if stats else "memory_stats() is not available on this platform")
     if stats.get("peak_bytes_in_use") and stats.get("bytes_limit"):
         result["peak_frac_of_limit"] = stats["peak_bytes_in_use"] / stats["bytes_limit"]
-    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -627,21 +521,22 @@ def run(args) -> dict:
            "throughput": section_throughput, "memory": section_memory}
     if "environment" not in sections:  # the copy bandwidth that GB/s figures are read against
         try:
-            section_environment(ctx)
+            section_environment(ctx, {})
         except Exception:
             pass
     for name in sections:
         ctx.budget.open(name)
         t = time.perf_counter()
+        out: dict = {}  # filled as the section goes: what it measured survives a stop
         try:
-            entry = {"status": "ok", **fns[name](ctx)}
+            fns[name](ctx, out)
+            status = {"status": "ok"}
         except OutOfTime as e:
-            entry = {"status": "skipped", "reason": str(e)}
+            status = {"status": "incomplete" if out else "skipped", "reason": str(e)}
         except Exception as e:
-            entry = {"status": "error", "error": f"{type(e).__name__}: {e}"[:2000],
-                     "traceback": traceback.format_exc()[-3000:]}
-        entry["seconds"] = time.perf_counter() - t
-        report["sections"][name] = entry
+            status = {"status": "error", "error": f"{type(e).__name__}: {e}"[:2000],
+                      "traceback": traceback.format_exc()[-3000:]}
+        report["sections"][name] = {**status, **out, "seconds": time.perf_counter() - t}
     report["elapsed_s"] = ctx.budget.elapsed()
     report["summary"] = summary(report["sections"])
     return report
@@ -662,14 +557,18 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU")
     ap.add_argument("--only", choices=SECTIONS, help="run one section")
-    ap.add_argument("--budget", type=float, default=270.0, help="seconds for the whole run")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds for the whole run (270 on a GPU; 900 for --dry-run, whose "
+                         "interpreted kernels are slow on a busy CPU)")
     ap.add_argument("--layers", choices=["extrapolate", "full"], default="extrapolate",
                     help="throughput at 2 and 4 layers extrapolated, or the real depth")
     ap.add_argument("--iters", type=int, default=None, help="timed calls per kernel figure")
     ap.add_argument("--tokens-worker", metavar="DIR", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.budget is None:
+        args.budget = 900.0 if args.dry_run else 270.0
     if args.tokens_worker:  # the CPU half of the tokens section (JAX_PLATFORMS=cpu)
-        print(json.dumps({"tokens": greedy_tokens(args.tokens_worker, TOKENS_PROMPT, TOKENS_NEW)}))
+        print(json.dumps({"tokens": gm.greedy_tokens(args.tokens_worker, TOKENS_PROMPT, TOKENS_NEW)}))
         return 0
     print(json.dumps(run(args), indent=1, default=str))
     return 0

@@ -97,12 +97,16 @@ def test_dry_run_throughput_figures_are_consistent(dry_run):
         for run in [*entry["runs"], entry]:
             for b in (1, 8):
                 x = run[f"batch{b}"]
+                if run is entry and "note" in x:  # a noisy CPU may time the deeper run faster
+                    assert x["decode_tokens_per_s"] is None or x.get("prefill_s", 1) <= 0
+                    continue
                 assert x["decode_tokens_per_s"] > 0
                 assert math.isclose(x["decode_tokens_per_s"], b / x["decode_step_s"])
                 parts = x["bytes_breakdown"]
                 assert math.isclose(parts["total"], sum(v for k, v in parts.items() if k != "total"))
                 assert math.isclose(x["decode_GBps"], x["bytes_per_step"] / x["decode_step_s"] / 1e9)
-            assert run["batch1"]["prefill_tokens_per_s"] > 0 and run["batch1"]["prefill_GBps"] > 0
+            if "note" not in run["batch1"]:
+                assert run["batch1"]["prefill_tokens_per_s"] > 0 and run["batch1"]["prefill_GBps"] > 0
 
 
 def test_step_bytes_of_gpt_oss_20b_by_hand():
@@ -125,19 +129,25 @@ def test_sections_are_isolated(monkeypatch, capsys):
     """A section that raises is recorded with its traceback and the next still runs; one out of
     time is marked skipped; --only runs just that section."""
     gpu_check = load_script()
-    monkeypatch.setattr(gpu_check, "section_environment", lambda ctx: {"copy_GBps": 1.0})
-    monkeypatch.setattr(gpu_check, "section_probes", lambda ctx: 1 / 0)
-    monkeypatch.setattr(gpu_check, "section_kernels", lambda ctx: ctx.budget.check(1e9))
-    for name in ("tokens", "throughput", "memory"):
-        monkeypatch.setattr(gpu_check, f"section_{name}", lambda ctx, n=name: {"ran": n})
+    def kernels(ctx, out):
+        out["cases"] = ["first"]
+        ctx.budget.check(1e9)
+
+    monkeypatch.setattr(gpu_check, "section_environment", lambda ctx, out: out.update(x=1))
+    monkeypatch.setattr(gpu_check, "section_probes", lambda ctx, out: 1 / 0)
+    monkeypatch.setattr(gpu_check, "section_kernels", kernels)
+    monkeypatch.setattr(gpu_check, "section_tokens", lambda ctx, out: ctx.budget.check(1e9))
+    for name in ("throughput", "memory"):
+        monkeypatch.setattr(gpu_check, f"section_{name}", lambda ctx, out, n=name: out.update(ran=n))
     assert gpu_check.main(["--dry-run"]) == 0
     report = json.loads(capsys.readouterr().out)
     s = report["sections"]
     assert s["probes"]["status"] == "error" and "ZeroDivisionError" in s["probes"]["traceback"]
-    assert s["kernels"]["status"] == "skipped" and "budget" in s["kernels"]["reason"]
-    assert [s[n]["ran"] for n in ("tokens", "throughput", "memory")] == ["tokens", "throughput",
-                                                                         "memory"]
-    assert report["summary"]["sections_failed"] == ["probes", "kernels"]
+    # out of time: what was measured stays ("incomplete"), or nothing was ("skipped")
+    assert s["kernels"]["status"] == "incomplete" and s["kernels"]["cases"] == ["first"]
+    assert s["tokens"]["status"] == "skipped" and "budget" in s["tokens"]["reason"]
+    assert [s[n]["ran"] for n in ("throughput", "memory")] == ["throughput", "memory"]
+    assert report["summary"]["sections_failed"] == ["probes", "kernels", "tokens"]
     assert gpu_check.main(["--dry-run", "--only", "memory"]) == 0
     assert list(json.loads(capsys.readouterr().out)["sections"]) == ["memory"]
 
