@@ -466,35 +466,34 @@ def section_throughput(ctx: Ctx, out: dict) -> None:
 
 
 def section_memory(ctx: Ctx, out: dict) -> None:
+    """The whole 120b, a batch-1 engine whose cache holds ``memory_len`` tokens, a short prompt
+    and three decode steps (each step reads the whole cache): it fits if that runs."""
     ctx.cases.clear()
     gc.collect()
     config = gm.model_configs(ctx.args.dry_run)["120b"]
-    dev = jax.devices()[0]
     max_len = min(ctx.sizes.memory_len, config.max_position_embeddings)
-    params = gm.random_params(config, seed=1)
-    jax.block_until_ready(params)
-    param_bytes = gm.P.nbytes(params)
-    result = out
-    result.update(layers=config.num_hidden_layers, kv_cache_tokens=max_len,
-                  param_bytes=param_bytes, kv_cache_bytes=gm.step_bytes(config, 1, max_len)["kv_cache"])
+    out.update(layers=config.num_hidden_layers, kv_cache_tokens=max_len,
+               kv_cache_bytes=gm.step_bytes(config, 1, max_len)["kv_cache"])
     try:
+        params = jax.block_until_ready(gm.random_params(config, seed=1))
+        out["param_bytes"] = gm.P.nbytes(params)
         eng, _ = gm.make_engine(params, config, 1, max_len)
         slots = gm.greedy(eng, [[3, 1, 4, 1, 5, 9, 2, 6] * 2], 4)
         for _ in range(3):
             eng.step()
         eng.release(slots[0])
-        result.update(ran=True, fits=True)
+        out.update(ran=True, fits=True)
     except Exception as e:
         if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
             raise
-        result.update(ran=False, fits=False, error=f"{type(e).__name__}: {e}"[:1000])
-    stats = dev.memory_stats() or {}
-    result.update(peak_bytes_in_use=stats.get("peak_bytes_in_use"),
-                  bytes_limit=stats.get("bytes_limit"),
-                  peak_note="process-wide peak (includes earlier sections)"
-                  if stats else "memory_stats() is not available on this platform")
+        out.update(ran=False, fits=False, error=f"{type(e).__name__}: {e}"[:1000])
+    stats = jax.devices()[0].memory_stats() or {}
+    out.update(peak_bytes_in_use=stats.get("peak_bytes_in_use"),
+               bytes_limit=stats.get("bytes_limit"),
+               peak_note="process-wide peak (includes earlier sections)"
+               if stats else "memory_stats() is not available on this platform")
     if stats.get("peak_bytes_in_use") and stats.get("bytes_limit"):
-        result["peak_frac_of_limit"] = stats["peak_bytes_in_use"] / stats["bytes_limit"]
+        out["peak_frac_of_limit"] = stats["peak_bytes_in_use"] / stats["bytes_limit"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -113,9 +113,9 @@ def test_step_bytes_of_gpt_oss_20b_by_hand():
     """Batch-1 decode of gpt-oss-20b reads ~3.7 GB (shared NOTES): per layer q/o [2880, 64*64] and
     k/v [2880, 8*64] bf16, 4 of 32 experts of MXFP4 gate_up [5760, 2880] + down [2880, 2880]
     (half a byte per value, a scale byte per 32, bf16 biases); unembedding [201088, 2880] bf16."""
-    gpu_check = load_script()
     import gptoss_jax
-    b = gpu_check.step_bytes(gptoss_jax.GPT_OSS_20B, 1, kv_len=0)
+    from bench import gpu_check_model
+    b = gpu_check_model.step_bytes(gptoss_jax.GPT_OSS_20B, 1, kv_len=0)
     d, layers = 2880, 24
     attn = layers * 2 * (2 * d * 4096 + 2 * d * 512 + 2 * 4096 + 2 * 512 + 2 * 512 + 2 * d)
     assert abs(b["attention_norms_router"] - attn) / attn < 0.01  # + norms, sinks, router
