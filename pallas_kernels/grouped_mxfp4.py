@@ -44,6 +44,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import common, mxfp4
 from pallas_kernels import tuning as tuning_lib
+from pallas_kernels.common import Problem, validate  # also importable from here (notebooks)
 
 BACKENDS = ("auto", "mosaic", "triton")
 BACKEND_MODULES = {"triton": "pallas_kernels.grouped_mxfp4_triton",
@@ -88,7 +89,7 @@ def _on_hopper() -> bool:
     return dev.platform == "gpu" and cc is not None and str(cc).startswith("9")
 
 
-def pick_backend(p: common.Problem, backend: str, interpret: bool) -> str:
+def pick_backend(p: Problem, backend: str, interpret: bool) -> str:
     """Resolves ``"auto"``: Mosaic GPU on a Hopper GPU once it is verified there (and supports
     ``p``), else Triton-style (whose import then fails with a clear error on a JAX without it:
     callers that want another fallback check :func:`backend_available` first)."""
@@ -133,8 +134,8 @@ def grouped_mxfp4_matmul(
       backend: ``"mosaic"``, ``"triton"`` or ``"auto"`` (see :func:`pick_backend`).
       interpret: run on the CPU (plain interpreter for triton, the GPU interpreter for mosaic).
     """
-    p = common.validate(lhs, blocks, scales, group_sizes, bias, epilogue=epilogue,
-                        row_scale=row_scale, out_dtype=out_dtype)
+    p = validate(lhs, blocks, scales, group_sizes, bias, epilogue=epilogue, row_scale=row_scale,
+                 out_dtype=out_dtype)
     backend = pick_backend(p, backend, interpret)
     if tuning is not None:
         tuning_lib.check_tuning(backend, tuning)
@@ -157,8 +158,8 @@ def grouped_mxfp4_matmul_reference(
     ``tuning``, ``backend`` and ``interpret`` are accepted for signature parity and ignored.
     """
     del tuning, backend, interpret
-    p = common.validate(lhs, blocks, scales, group_sizes, bias, epilogue=epilogue,
-                        row_scale=row_scale, out_dtype=out_dtype)
+    p = validate(lhs, blocks, scales, group_sizes, bias, epilogue=epilogue, row_scale=row_scale,
+                 out_dtype=out_dtype)
     _, ends = common.group_bounds(group_sizes, p.m)
     row_expert = jnp.searchsorted(ends, jnp.arange(p.m), side="right")  # [M], E for padding
     x = lhs.astype(jnp.float32)

@@ -6,9 +6,12 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_kernels_bench_smoke(capsys):
     spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "bench" / "kernels.py")
     bench = importlib.util.module_from_spec(spec)
