@@ -285,8 +285,7 @@ def test_common_prefix():
 
 def test_n_copies_share_prompt_pages():
     kv = KVPages(num_pages=64, page_size=4, max_pages_per_seq=16)
-    sched, dev = Scheduler(kv, max_running=4, prefill_tokens=64), None
-    dev = FakeDevice(kv)
+    sched, dev = Scheduler(kv, max_running=4, prefill_tokens=64), FakeDevice(kv)
     prompt = list(range(1, 23))  # 22 tokens: 5 full pages within 21
     reqs = [Request(i, prompt, 3) for i in range(4)]
     drive(sched, dev, {0: reqs})
@@ -322,7 +321,7 @@ def test_preemption_frees_everything_and_output_continues():
         assert held == int(kv.pool.refs.sum())  # nothing held outside running sequences
         sampled = {c.request.id: dev.run(c.request, c.start, c.end) for c in plan.prefill}
         sampled.update({r.id: dev.run(r, len(r.tokens) - 1, len(r.tokens)) for r in plan.decode})
-        sched.complete(plan, {k: v for k, v in sampled.items()})
+        sched.complete(plan, sampled)
     assert preempted_at, "the pool was meant to be too small for all three"
     assert sum(r.preemptions for r in reqs) == len(preempted_at)
     for r in reqs:
