@@ -190,6 +190,18 @@ def test_prefix_hits_full_pages_only_within_len_minus_one():
     assert kv.stats["hit_tokens"] == 12 + 8 + 4
 
 
+def test_release_puts_tail_pages_first_in_line_for_eviction():
+    kv = KVPages(num_pages=5, page_size=4, max_pages_per_seq=5)
+    toks = list(range(17))  # 4 full pages + 1
+    _run_alone(kv, "a", toks)
+    kv.release("a")
+    assert (kv.pool.num_free, kv.pool.num_idle) == (1, 4)
+    assert kv.admit("b", [99] * 8) == 0  # 2 pages: the free one, then one eviction
+    assert kv.pool.evictions == 1
+    assert kv.lookup(toks)[0] == 3  # the evicted page was the tail: the head still hits
+    kv.check()
+
+
 def test_generated_tokens_are_cached_for_the_next_round():
     """A tool-loop / multi-turn round re-sends prompt + output + more: the output's full pages
     hit too."""
@@ -312,7 +324,10 @@ def test_preemption_frees_everything_and_output_continues():
     for r in reqs:
         sched.submit(r)
     while not sched.idle:
+        order = [r.id for r in sched.running]
         plan = sched.plan()
+        if plan.preempted:  # the most recently admitted go first
+            assert [v.id for v in plan.preempted] == order[::-1][:len(plan.preempted)]
         for victim in plan.preempted:
             assert victim.id not in kv and victim.slot is None and sched.waiting[0] is victim
             preempted_at.append(len(victim.output))
