@@ -214,4 +214,5 @@ def test_kernel_lowers_for_cuda(tuning, t, window):
             jax.ShapeDtypeStruct((kh, g), jnp.float32))
     fn = jax.jit(lambda *a: pa.paged_attention(*a, window=window, tuning=tuning))
     text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert "triton" in text
+    # the kernel itself went through Triton's lowering (its IR rides in the custom call)
+    assert "__gpu$xla.gpu.triton" in text and 'name = "paged_attention_triton"' in text
