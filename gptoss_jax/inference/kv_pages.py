@@ -13,8 +13,8 @@ Model of the cache
 * A sequence holds, per group, a table row ``[max_pages_per_seq]`` mapping logical page
   ``j`` (positions ``j*S .. j*S+S-1``) to a page id. Full groups keep every page; a group with a
   window ``W`` releases pages that have left the window of the next query (positions below
-  ``computed - W + 1``), so a running sequence holds at most ``ceil((W - 1) / S) + 1`` of them
-  (more while a prefill chunk is in flight).
+  ``computed - W + 1``), so a decoding sequence holds about ``ceil((W - 1) / S) + 1`` of them
+  (more while a prefill chunk is in flight; :meth:`KVPages.peak_pages` bounds both).
 * Prefix cache: a *full* page whose KV is computed is keyed by ``(group, hash)``, the hash
   chained over the whole token prefix (``page_hashes``: blake2b of the parent hash and the
   page's tokens; the chain starts from a *salt*, e.g. the adapter a request runs with, since the

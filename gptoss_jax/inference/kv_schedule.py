@@ -15,8 +15,9 @@ One :meth:`Scheduler.plan` is one model step:
 * when a running request needs a page and none is left, the most recently admitted request is
   preempted: its pages are released (its full pages stay in the prefix cache until evicted)
   and it goes back to the front of the queue with prompt + output as its new prompt. Its
-  output continues identically: the recomputed prefix gives the same logits, and the engine
-  keys each sample by (seed, ``len(output)``), not by the step it happens in.
+  output continues identically provided the engine keys each sample by (seed,
+  ``len(output)``) rather than by the step it happens in: the recomputed prefix gives the same
+  logits, hence the same token.
 
 :meth:`Scheduler.complete` takes the sampled tokens back; stop tokens and cancellation are the
 engine's to decide (:meth:`Scheduler.finish`). References: vLLM's v1 scheduler (one token
