@@ -174,13 +174,16 @@ def row_settings(params: Sequence[SamplingParams], stop_tokens: Sequence[Iterabl
 
 
 def seed_keys(seeds: Iterable[int]) -> jax.Array:
-    """PRNG keys [n] of request seeds, all 64 bits of each used (``key(seed)`` for seeds in
-    [0, 2**32), the high word folded in above that; negative seeds taken modulo 2**64)."""
-    def key(seed: int):
-        seed %= 1 << 64
-        k = jax.random.key(seed & 0xFFFFFFFF)
-        return jax.random.fold_in(k, seed >> 32) if seed >> 32 else k
-    return jnp.stack([key(int(s)) for s in seeds])
+    """PRNG keys [n] of request seeds, all 64 bits of each used: ``key(seed)`` for seeds in
+    [0, 2**32), the high word folded in above that; negative seeds are taken modulo 2**64."""
+    s = np.asarray([int(x) % (1 << 64) for x in seeds], np.uint64)
+    lo, hi = jnp.asarray((s & 0xFFFFFFFF).astype(np.uint32)), (s >> 32).astype(np.uint32)
+    keys = jax.vmap(jax.random.key)(lo)
+    if not hi.any():
+        return keys
+    folded = jax.vmap(jax.random.fold_in)(keys, jnp.asarray(hi))
+    data = jnp.where(jnp.asarray(hi != 0)[:, None], jax.random.key_data(folded), jax.random.key_data(keys))
+    return jax.random.wrap_key_data(data)
 
 
 def _top_p_threshold(logits, top_p):
