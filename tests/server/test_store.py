@@ -111,23 +111,28 @@ def test_update_only_from_expected_statuses(store):
     assert not store.update("resp_missing", done)
 
 
+def _race(store, rid):
+    """A completion and a cancel of running ``rid`` at the same moment; returns who won."""
+    wins, barrier = [], threading.Barrier(2)
+
+    def finish(status):
+        barrier.wait()
+        if store.update(rid, {"id": rid, "status": status}, expect=("queued", "in_progress")):
+            wins.append(status)
+
+    threads = [threading.Thread(target=finish, args=(s,)) for s in ("completed", "cancelled")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return wins
+
+
 def test_cancel_and_complete_race_exactly_one_wins(store):
     for trial in range(5):
         rid = f"resp_race_{trial}"
         store.put(_record(rid, status="in_progress", background=True))
-        wins = []
-        barrier = threading.Barrier(2)
-
-        def finish(status):
-            barrier.wait()
-            if store.update(rid, {"id": rid, "status": status}, expect=("queued", "in_progress")):
-                wins.append(status)
-
-        threads = [threading.Thread(target=finish, args=(s,)) for s in ("completed", "cancelled")]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        wins = _race(store, rid)
         assert len(wins) == 1 and store.get(rid).status == wins[0]
 
 
