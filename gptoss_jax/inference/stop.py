@@ -75,15 +75,17 @@ class StopMatcher:
         self._pending = ""  # text held back: it may be the start of a stop string
         self.stopped: str | None = None
 
-    def feed(self, text: str) -> StopResult:
-        """Add generated ``text``; returns what may be emitted now."""
+    def feed(self, text: str, *, match: bool = True) -> StopResult:
+        """Add generated ``text``; returns what may be emitted now. ``match=False`` (while
+        ``min_tokens`` are not reached, as vLLM) only holds back a possible start of a stop
+        string: a stop that completes later, starting in that held text, is still found."""
         if self.stopped is not None:
             return StopResult("", True, self.stopped)
         buf = self._pending + text
         if not self.stops:
             self._pending = ""
             return StopResult(buf, False)
-        hits = [(i, s) for s in self.stops if (i := buf.find(s)) >= 0]
+        hits = [(i, s) for s in self.stops if (i := buf.find(s)) >= 0] if match else []
         if hits:
             at, stop = min(hits, key=lambda h: (h[0] + len(h[1]), h[0]))  # ends first, then longest
             self.stopped, self._pending = stop, ""
@@ -109,26 +111,33 @@ class StopMatcher:
 
 
 class StopStream:
-    """Token bytes in, emit-ready text out: :class:`Utf8Stream` then :class:`StopMatcher`."""
+    """Token bytes in, emit-ready text out: :class:`Utf8Stream` then :class:`StopMatcher`.
+    ``min_tokens``: stop strings count only from the token after the first ``min_tokens``
+    (vLLM's rule: its stop check waits for more than ``min_tokens`` output tokens)."""
 
-    def __init__(self, stops: Sequence[str], *, include_stop: bool = False):
+    def __init__(self, stops: Sequence[str], *, include_stop: bool = False, min_tokens: int = 0):
         self.utf8 = Utf8Stream()
         self.matcher = StopMatcher(stops, include_stop=include_stop)
+        self.min_tokens, self.tokens = min_tokens, 0
 
     @property
     def stopped(self) -> str | None:
         return self.matcher.stopped
 
     def feed(self, data: bytes) -> StopResult:
-        return self.matcher.feed(self.utf8.feed(data))
+        """One token's bytes."""
+        self.tokens += 1
+        return self.matcher.feed(self.utf8.feed(data), match=self.tokens > self.min_tokens)
 
-    def feed_text(self, text: str) -> StopResult:
-        """Text already decoded (e.g. one channel's content from the harmony parser)."""
-        return self.matcher.feed(text)
+    def feed_text(self, text: str, *, tokens: int = 1) -> StopResult:
+        """Text already decoded (e.g. one channel's content from the harmony parser), made of
+        ``tokens`` tokens."""
+        self.tokens += tokens
+        return self.matcher.feed(text, match=self.tokens > self.min_tokens)
 
     def finish(self) -> str:
         """The rest of the text at the end of generation without a stop."""
         if self.matcher.stopped is not None:
             return ""
-        tail = self.matcher.feed(self.utf8.finish())
+        tail = self.matcher.feed(self.utf8.finish(), match=self.tokens > self.min_tokens)
         return tail.text if tail.stopped else tail.text + self.matcher.finish()

@@ -148,6 +148,10 @@ class ResponseStore(abc.ABC):
         """The record, or None (never stored, deleted or evicted)."""
 
     @abc.abstractmethod
+    def status(self, response_id: str) -> str | None:
+        """The response's status (cheap: for polling loops), or None if there is no response."""
+
+    @abc.abstractmethod
     def update(self, response_id: str, response: dict, *, expect: Collection[str] | None = None,
                conversation: Any = None, call_names: dict | None = None,
                events: Sequence[dict] = ()) -> bool:
@@ -183,11 +187,11 @@ class ResponseStore(abc.ABC):
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._changed:
             while True:
-                record = self.get(response_id)
-                if record is None:
+                status = self.status(response_id)
+                if status is None:
                     return [], True
                 new = self.events(response_id, starting_after=starting_after) or []
-                finished = record.status not in ACTIVE
+                finished = status not in ACTIVE
                 if new or finished:
                     return new, finished
                 left = None if deadline is None else deadline - time.monotonic()
@@ -254,6 +258,11 @@ class MemoryResponseStore(ResponseStore):
                 return None
             self._records.move_to_end(response_id)
             return _copy_record(record)
+
+    def status(self, response_id: str) -> str | None:
+        with self._lock:
+            record = self._records.get(response_id)
+            return None if record is None else record.status
 
     def update(self, response_id: str, response: dict, *, expect: Collection[str] | None = None,
                conversation: Any = None, call_names: dict | None = None,

@@ -184,6 +184,10 @@ class SQLiteResponseStore(ResponseStore):
         return StoredResponse(response_id, json.loads(row[1]), tuple(json.loads(i) for (i,) in items),
                               json.loads(row[2]), json.loads(row[3]), bool(row[0]))
 
+    def status(self, response_id: str) -> str | None:
+        with self._lock:
+            return self._status(response_id)[1]
+
     def update(self, response_id: str, response: dict, *, expect: Collection[str] | None = None,
                conversation: Any = None, call_names: dict | None = None,
                events: Sequence[dict] = ()) -> bool:

@@ -126,6 +126,19 @@ def test_finish_after_stop_and_feed_after_stop():
     assert s.finish() == ""
 
 
+def test_min_tokens_defers_stop_strings_as_vllm():
+    """Stop strings count from the token after the first ``min_tokens``; one that started in
+    text held back before is still found."""
+    s = StopStream(["END"], min_tokens=2)
+    assert s.feed(b"a END b").text == "a END b"  # token 1: not checked
+    assert s.feed(b" E").text == ""  # token 2: not checked, but " E" may start a stop
+    r = s.feed(b"ND!")  # token 3: checked, the stop started in the held text
+    assert r.stopped and r.text == " "
+    s = StopStream(["END"], min_tokens=5)
+    assert [s.feed(b).text for b in (b"x", b"EN")] == ["x", ""]
+    assert s.finish() == "EN"
+
+
 def test_check_stop():
     assert check_stop(None) == ()
     assert check_stop("x") == ("x",)

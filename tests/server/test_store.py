@@ -32,10 +32,10 @@ def test_put_get_delete(store):
     rec = _record()
     store.put(rec)
     got = store.get("resp_1")
-    assert got == rec and got.status == "completed"
+    assert got == rec and got.status == "completed" and store.status("resp_1") == "completed"
     got.response["status"] = "mutated"  # a copy: the store is not changed through it
     assert store.get("resp_1").status == "completed"
-    assert store.get("resp_nope") is None
+    assert store.get("resp_nope") is None and store.status("resp_nope") is None
     assert store.delete("resp_1") is True
     assert store.get("resp_1") is None
     assert store.input_items("resp_1") is None and store.events("resp_1") is None
