@@ -3,10 +3,12 @@
 Device side, :func:`token_logprobs`: the log-softmax of the logits in float32 (the caller passes
 the model's logits, before penalties, bias, temperature and filters: vLLM's default
 ``raw_logprobs``), the sampled token's value and the top ``k`` ids and values. It reads the
-vocabulary twice (a log-sum-exp and a top-k) and never materialises the log-softmax: a
-logprob is ``logit - logsumexp``. On the 2-core CPU of this project the top-k costs the same
-for k = 1 and k = 20, so the step computes the top 20 whenever a row wants any and the host
-keeps each row's ``k``.
+vocabulary twice (a log-sum-exp and a max per chunk of 128) and never materialises the
+log-softmax: a logprob is ``logit - logsumexp``. :func:`top_k` finds the top ``k`` among the
+``k`` chunks with the largest maxima (exact, ties to the lower id as ``lax.top_k``): on the
+2-core CPU of this project, batch 8 x 201,088, 0.2 ms instead of ``lax.top_k``'s 1.7 ms.
+Its cost barely depends on ``k``, so the step computes the top 20 whenever a row wants any
+and the host keeps each row's ``k``.
 
 Host side: :class:`TokenBytes` gives a token's text and exact bytes (a token may hold part of a
 UTF-8 character: its text then carries U+FFFD, its bytes are exact; special tokens are their
@@ -38,6 +40,26 @@ class StepLogprobs(NamedTuple):
     top_logprobs: jax.Array  # [B, K] f32 their logprobs
 
 
+def top_k(x, k: int, chunk: int = 128):
+    """``lax.top_k(x, k)`` over the last axis of ``x`` [B, V] (values, int32 ids), in two small
+    passes when ``V`` is a multiple of ``chunk`` and ``k`` chunks are a small part of it.
+
+    Exact: an element among the top ``k`` lies in one of the ``k`` chunks ranked first by
+    (maximum, then lower chunk index), since each better-ranked chunk's maximum ranks above it.
+    Those chunks, taken in index order, keep ``lax.top_k``'s lower-id-first order for ties."""
+    b, v = x.shape
+    if v % chunk or 4 * k * chunk > v:
+        values, ids = jax.lax.top_k(x, k)
+        return values, ids.astype(jnp.int32)
+    xc = x.reshape(b, v // chunk, chunk)
+    _, best = jax.lax.top_k(jnp.max(xc, axis=-1), k)  # [B, k] chunk ids
+    best = jnp.sort(best, axis=-1)
+    cand = jnp.take_along_axis(xc, best[:, :, None], axis=1).reshape(b, k * chunk)
+    values, j = jax.lax.top_k(cand, k)
+    ids = jnp.take_along_axis(best, j // chunk, axis=1) * chunk + j % chunk
+    return values, ids.astype(jnp.int32)
+
+
 def token_logprobs(logits, tokens, *, top: int = 0) -> StepLogprobs:
     """Log-softmax values of ``tokens`` [B] and the ``top`` (static) best tokens per row of
     ``logits`` [B, V], in float32. Ties among the top keep the lower id first."""
@@ -47,8 +69,8 @@ def token_logprobs(logits, tokens, *, top: int = 0) -> StepLogprobs:
     b = x.shape[0]
     if not top:
         return StepLogprobs(chosen, jnp.zeros((b, 0), jnp.int32), jnp.zeros((b, 0), jnp.float32))
-    values, ids = jax.lax.top_k(x, min(top, x.shape[-1]))
-    return StepLogprobs(chosen, ids.astype(jnp.int32), values - lse[:, None])
+    values, ids = top_k(x, min(top, x.shape[-1]))
+    return StepLogprobs(chosen, ids, values - lse[:, None])
 
 
 class TokenBytes:

@@ -18,6 +18,7 @@ from gptoss_jax.inference.logprobs import (
     completion_logprobs_json,
     row_logprobs,
     token_logprobs,
+    top_k,
 )
 from gptoss_jax.inference.sampling import (
     SampleMode,
@@ -308,6 +309,22 @@ def test_logprobs_match_transformers_on_tiny_checkpoint(tiny_model_f32, hf_refer
     np.testing.assert_allclose(np.asarray(lp.top_logprobs),
                                np.take_along_axis(ref, np.asarray(lp.top_ids), -1), atol=1e-3)
     np.testing.assert_allclose(np.asarray(lp.top_logprobs), -np.sort(-ref, -1)[:, :20], atol=1e-3)
+
+
+@pytest.mark.parametrize("v,k", [(128 * 97, 20), (128 * 97, 3), (128 * 5, 20), (1000, 7)])
+def test_top_k_equals_numpy_with_ties(v, k):
+    """The chunked top-k (and its fallbacks) give numpy's stable order: value, then lower id."""
+    rng = np.random.default_rng(v + k)
+    x = rng.normal(size=(5, v)).astype(np.float32)
+    x[1, [3, 700 % v, v - 1, 129, 4000 % v]] = 9.0  # ties across and within chunks
+    x[2] = np.round(x[2], 1)  # many ties everywhere
+    x[3, :] = -np.inf
+    x[3, [50, v - 2]] = 1.0  # fewer finite values than k
+    x[4, : v // 2] = -np.inf
+    vals, ids = jax.jit(top_k, static_argnums=1)(jnp.asarray(x), k)
+    order = np.lexsort((np.broadcast_to(np.arange(v), x.shape), -x), axis=-1)[:, :k]
+    np.testing.assert_array_equal(np.asarray(ids), order)
+    np.testing.assert_array_equal(np.asarray(vals), np.take_along_axis(x, order, -1))
 
 
 def test_token_logprobs_without_top():
