@@ -18,7 +18,9 @@ nothing. The pipeline (:func:`sample_step`), in order:
 4. greedy rows take the argmax of the processed logits; sampling rows divide by the
    temperature, then filter: a token survives if it is among the ``top_k`` largest, inside the
    smallest set whose probability reaches ``top_p`` (the token crossing the boundary is kept),
-   and has at least ``min_p`` times the top token's probability; one Gumbel-max draw per row.
+   and has at least ``min_p`` times the top token's probability; then one draw per row from
+   the softmax of what is left (:func:`draw`: two uniforms, the distribution inverted in two
+   levels).
 
 The top-p threshold is found by bisection over the full vocabulary rather than a full sort (a
 sort of 201k logits per step costs more than the rest of a small model's decode step on CPU);
@@ -43,6 +45,7 @@ from gptoss_jax.inference.sampler_state import RowSettings, SamplerState, proces
 NEG = -jnp.inf
 BISECT_STEPS = 40
 MIN_BIAS_WIDTH = 8  # logit_bias entries read per row are rounded up to a power of two >= this
+DRAW_CHUNK = 128  # tokens per chunk of the two-level draw (201,088 = 1,571 x 128)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -256,10 +259,42 @@ def sample(logits, keys, temperature, top_k, top_p, min_p, *, max_top_k: int = 0
         return greedy
     filtered = filter_logits(logits, temperature, top_k, top_p, min_p, max_top_k=mode.max_top_k,
                              use_top_p=mode.top_p, use_min_p=mode.min_p)
-    # the Gumbel-max draw ``jax.random.categorical`` makes, with the faster argmax
-    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, filtered.shape[-1:], jnp.float32))(keys)
-    drawn = argmax(filtered + gumbel)
+    drawn = draw(filtered, keys)
     return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+
+
+def _last_positive(x):
+    """Index of the last entry > 0 along the last axis (0 if none)."""
+    n = x.shape[-1]
+    return n - 1 - jnp.argmax(x[..., ::-1] > 0, axis=-1)
+
+
+def draw(logits, keys, chunk: int = DRAW_CHUNK):
+    """One token per row of ``logits`` [b, v] with probability ``softmax(logits)`` (filtered
+    tokens at -inf are never drawn), ``keys`` [b] PRNG keys: two uniforms per row.
+
+    By inverting the distribution in two levels, so each row needs two random numbers rather
+    than one per vocabulary entry (the Gumbel-max draw of ``jax.random.categorical``, whose
+    201,088 threefry numbers a row cost ~100x more than this on CPU): the first uniform picks a
+    chunk of ``chunk`` tokens with probability its share of the mass, the second a token in it
+    with probability its share of the chunk's. Each level scans cumulative sums of at most a
+    few thousand float32 values; the picks are clamped to entries of positive mass, so
+    rounding can never select a filtered token."""
+    b, v = logits.shape
+    if v % chunk:
+        logits = jnp.pad(logits, ((0, 0), (0, chunk - v % chunk)), constant_values=-jnp.inf)
+    p = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))  # [b, v'], filtered: 0
+    p = p.reshape(b, -1, chunk)  # [b, chunks, chunk]
+    u = jax.vmap(lambda k: jax.random.uniform(k, (2,), jnp.float32))(keys)  # [b, 2]
+    mass = jnp.sum(p, axis=-1)  # [b, chunks]
+    cum = jnp.cumsum(mass, axis=-1)
+    c = jnp.sum(cum <= (u[:, 0] * cum[:, -1])[:, None], axis=-1)  # first chunk past the draw
+    c = jnp.minimum(c, _last_positive(mass))
+    row = jnp.take_along_axis(p, c[:, None, None], axis=1)[:, 0]  # [b, chunk]
+    rcum = jnp.cumsum(row, axis=-1)
+    j = jnp.sum(rcum <= (u[:, 1] * rcum[:, -1])[:, None], axis=-1)
+    j = jnp.minimum(j, _last_positive(row))
+    return (c * chunk + j).astype(jnp.int32)
 
 
 def sample_step(logits, state: SamplerState, mode: SampleMode, *,
