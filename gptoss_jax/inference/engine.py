@@ -2,13 +2,24 @@
 
 The :class:`Engine` owns a batch of ``max_batch`` slots, each with its own KV cache rows
 (sliding layers: a ring buffer of ``sliding_window`` entries; full layers: ``max_len``), next
-position, last token, PRNG key and sampling settings. Two compiled functions do all the work:
+position, last token, and sampler row (:class:`~gptoss_jax.inference.sampler_state.SamplerState`:
+seed key, settings, penalty history). Two compiled functions do all the work:
 
 * ``prefill`` — prompts padded to a length bucket (powers of two), run into fresh cache rows that
-  are scattered into their slots; samples each prompt's first new token. Compiled once per
-  (number of prompts, bucket).
+  are scattered into their slots; samples each sequence's first new token. Sequences admitted
+  together with the same prompt (the ``n`` choices of one request) share one prefill row: the
+  prompt runs once and its cache rows are copied into each of their slots inside the executable.
+  Compiled once per (prompts, sequences, bucket, sample mode).
 * ``decode`` — one token for every slot at once (idle slots compute but write nothing). Compiled
-  once per engine; the cache and state buffers are donated, so the step updates them in place.
+  once per sample mode; the cache and state buffers are donated, so the step updates them in
+  place.
+
+Both sample through :func:`~gptoss_jax.inference.sampling.sample_step` (the one sampling entry:
+penalties, logit bias, filters, the draw, logprobs). Its :class:`SampleMode` is static, so a
+batch without extras or logprobs compiles to the plain sampler; logprobs (the raw log-softmax,
+the sampled token's and the top 20) come back for all slots at once and are copied to the host
+only when some sequence asked for them. A request's seed gives the same tokens whatever else is
+in the batch (row ``b`` draws with ``fold_in(key(seed_b), step_b)``).
 
 The host loop checks stop tokens and budgets per slot; new sequences join between steps
 (continuous batching: the server drives the same engine).
@@ -26,7 +37,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptoss_jax.inference.sampling import SampleMode, SamplingParams, sample
+from gptoss_jax.inference.logprobs import RowLogprob, StepLogprobs
+from gptoss_jax.inference.sampler_state import (
+    MAX_BIAS,
+    MAX_STOPS,
+    SamplerState,
+    advance,
+    init_state,
+    new_rows,
+    scatter_rows,
+)
+from gptoss_jax.inference.sampling import SampleMode, SamplingParams, row_settings, sample_step, seed_keys
 from gptoss_jax.model import transformer as M
 
 MIN_BUCKET = 16
@@ -38,12 +59,7 @@ class Slots(NamedTuple):
     cache: list  # list[M.LayerCache], batch axis = slot
     pos: jax.Array  # [B] int32 position of the next token to feed, -1 = idle slot
     token: jax.Array  # [B] int32 last sampled token (the next one to feed)
-    key: jax.Array  # [B] PRNG keys
-    step: jax.Array  # [B] int32 tokens sampled so far
-    temperature: jax.Array  # [B] f32
-    top_k: jax.Array  # [B] int32
-    top_p: jax.Array  # [B] f32
-    min_p: jax.Array  # [B] f32
+    sampler: SamplerState  # [B] rows: seed keys, step counts, settings, penalty history
 
 
 def bucket(n: int) -> int:
@@ -57,44 +73,41 @@ def default_stop_tokens(config) -> tuple[int, ...]:
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5), donate_argnums=(1,))
 def _prefill(params, slots: Slots, batch, config, runtime, mode: SampleMode):
-    """Run prompts into fresh cache rows, scatter them into ``batch['slot']``, sample token 1."""
-    tokens, lengths, slot_ids = batch["tokens"], batch["lengths"], batch["slot"]
-    n, t = tokens.shape
+    """Run the prompts into fresh cache rows, copy them into the slots of their sequences
+    (``batch['src']``: each sequence's prompt row; ``batch['slot']``: its slot), sample token 1."""
+    tokens, lengths = batch["tokens"], batch["lengths"]  # [p, t], [p]: the distinct prompts
+    src, slot_ids = batch["src"], batch["slot"]  # [n]: one entry per sequence
+    p, t = tokens.shape
     max_len = max(c.pos.shape[1] for c in slots.cache)  # the engine's full-layer length
-    fresh = M.init_cache(config, n, max_len, M.cache_values(slots.cache[0].k).dtype)
+    fresh = M.init_cache(config, p, max_len, M.cache_values(slots.cache[0].k).dtype)
     pos = M.positions_from_lengths(tokens, lengths)
     x, fresh = M.hidden_states(params, tokens, pos, config, cache=fresh, rt=runtime, fresh=True)
-    last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [n, d]
-    logits = M.unembed(params, last)
-    keys = jax.vmap(jax.random.fold_in)(batch["key"], jnp.zeros(n, jnp.int32))
-    first = sample(logits, keys, batch["temperature"], batch["top_k"], batch["top_p"],
-                   batch["min_p"], mode=mode)
-    cache = [M.LayerCache(c.k.at[slot_ids].set(f.k), c.v.at[slot_ids].set(f.v),
-                          c.pos.at[slot_ids].set(f.pos)) for c, f in zip(slots.cache, fresh)]
-    s = slots._replace(cache=cache)
-    s = s._replace(
-        pos=s.pos.at[slot_ids].set(lengths), token=s.token.at[slot_ids].set(first),
-        key=s.key.at[slot_ids].set(batch["key"]), step=s.step.at[slot_ids].set(1),
-        temperature=s.temperature.at[slot_ids].set(batch["temperature"]),
-        top_k=s.top_k.at[slot_ids].set(batch["top_k"]), top_p=s.top_p.at[slot_ids].set(batch["top_p"]),
-        min_p=s.min_p.at[slot_ids].set(batch["min_p"]))
-    return s, first
+    last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [p, d]
+    logits = M.unembed(params, last)[src]  # [n, v]: the choices of a prompt share its logits
+    rows = new_rows(batch["rows"], batch["keys"], tokens[src], lengths[src], config.vocab_size,
+                    history=mode.history)
+    first, lp = sample_step(logits, rows, mode)
+    rows = advance(rows, first, jnp.ones(first.shape, bool), history=mode.history)
+    cache = [M.LayerCache(c.k.at[slot_ids].set(f.k[src]), c.v.at[slot_ids].set(f.v[src]),
+                          c.pos.at[slot_ids].set(f.pos[src])) for c, f in zip(slots.cache, fresh)]
+    s = slots._replace(cache=cache, pos=slots.pos.at[slot_ids].set(lengths[src]),
+                       token=slots.token.at[slot_ids].set(first),
+                       sampler=scatter_rows(slots.sampler, slot_ids, rows))
+    return s, first, lp
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4), donate_argnums=(1,))
 def _decode(params, slots: Slots, config, runtime, mode: SampleMode):
-    """Feed every slot's last token, return the next one for each slot."""
+    """Feed every slot's last token, return the next one for each slot (and its logprobs)."""
     pos = slots.pos[:, None]
     x, cache = M.hidden_states(params, slots.token[:, None], pos, config, cache=slots.cache,
                                rt=runtime)
     logits = M.unembed(params, x[:, 0])
-    keys = jax.vmap(jax.random.fold_in)(slots.key, slots.step)
-    nxt = sample(logits, keys, slots.temperature, slots.top_k, slots.top_p, slots.min_p,
-                 mode=mode)
+    nxt, lp = sample_step(logits, slots.sampler, mode)
     active = slots.pos >= 0
     nxt = jnp.where(active, nxt, 0)
     return slots._replace(cache=cache, pos=jnp.where(active, slots.pos + 1, -1), token=nxt,
-                          step=slots.step + active), nxt
+                          sampler=advance(slots.sampler, nxt, active, history=mode.history)), nxt, lp
 
 
 @dataclasses.dataclass
@@ -105,7 +118,9 @@ class SlotSequence:
     max_new_tokens: int
     stop_tokens: frozenset
     tokens: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[RowLogprob] = dataclasses.field(default_factory=list)  # per token, if asked
     finish_reason: str | None = None
+    cached_tokens: int = 0  # prompt tokens served from a cache (none: every prompt is prefilled)
 
 
 class Engine:
@@ -126,11 +141,7 @@ class Engine:
         self.slots = Slots(
             cache=cache,
             pos=jnp.full((max_batch,), -1, jnp.int32), token=jnp.zeros((max_batch,), jnp.int32),
-            key=jax.random.split(jax.random.key(0), max_batch),
-            step=jnp.zeros((max_batch,), jnp.int32),
-            temperature=jnp.zeros((max_batch,), jnp.float32),
-            top_k=jnp.zeros((max_batch,), jnp.int32), top_p=jnp.ones((max_batch,), jnp.float32),
-            min_p=jnp.zeros((max_batch,), jnp.float32))
+            sampler=init_state(max_batch, c.vocab_size, max_stops=MAX_STOPS, max_bias=MAX_BIAS))
         self.seqs: dict[int, SlotSequence] = {}
         self.batch_sizes: list[int] = []  # active slots per decode step (for reports)
         self.compiled: dict[tuple, object] = {}  # AOT executables, one per shape bucket
@@ -152,9 +163,10 @@ class Engine:
         before = self.compile_s
         t = min(bucket(prompt_len), self.max_len)
         samplings = [sampling or SamplingParams()] * num_prompts
-        batch = self._batch([[0] * t] * num_prompts, samplings, list(range(num_prompts)))
+        prompts = [[i] * t for i in range(num_prompts)]  # distinct: one prefill row each
+        batch = self._batch(prompts, samplings, [()] * num_prompts, list(range(num_prompts)))
         mode = SampleMode.of(samplings, self.config.vocab_size)
-        self._executable(("prefill", num_prompts, t, mode), _prefill, self.model.params, self.slots,
+        self._executable(self._prefill_key(batch, mode), _prefill, self.model.params, self.slots,
                          batch, self.config, self.model.runtime, mode)
         self._executable(("decode", mode), _decode, self.model.params, self.slots, self.config,
                          self.model.runtime, mode)
@@ -177,48 +189,64 @@ class Engine:
 
     def add(self, prompts: Sequence[Sequence[int]], samplings: Sequence[SamplingParams],
             max_new_tokens: Sequence[int], stop_tokens: Sequence[Iterable[int]]) -> list[tuple[int, int]]:
-        """Prefill prompts into free slots; returns (slot, first token) per prompt."""
+        """Prefill sequences into free slots; returns (slot, first token) per sequence.
+
+        Sequences with equal prompts (the ``n`` choices of one request, each with its own
+        sampling settings, e.g. ``SamplingParams.for_choice``) share one prefill row. Raises
+        ``ValueError`` for a prompt or setting that cannot run (nothing is admitted then)."""
         free = self.free_slots
         if len(prompts) > len(free):
             raise RuntimeError(f"{len(prompts)} prompts but only {len(free)} free slots")
         for p, m in zip(prompts, max_new_tokens):
             self.check_prompt(p, m)
         slot_ids = free[:len(prompts)]
-        batch = self._batch(prompts, samplings, slot_ids)
-        n, t = batch["tokens"].shape
+        batch = self._batch(prompts, samplings, stop_tokens, slot_ids)
         mode = SampleMode.of(samplings, self.config.vocab_size)
-        exe = self._executable(("prefill", n, t, mode), _prefill, self.model.params,
+        exe = self._executable(self._prefill_key(batch, mode), _prefill, self.model.params,
                                self.slots, batch, self.config, self.model.runtime, mode)
-        self.slots, first = exe(self.model.params, self.slots, batch)
-        first = np.asarray(first).tolist()
+        self.slots, first, lp = exe(self.model.params, self.slots, batch)
+        first, lp = np.asarray(first), self._host_logprobs(lp)
         out = []
-        for slot, p, s, m, st, tok in zip(slot_ids, prompts, samplings, max_new_tokens,
-                                          stop_tokens, first):
-            seq = SlotSequence(list(p), s, m, frozenset(st))
-            self.seqs[slot] = seq
-            self._record(slot, tok)
-            out.append((slot, tok))
+        for i, (slot, p, s, m, st) in enumerate(zip(slot_ids, prompts, samplings, max_new_tokens,
+                                                    stop_tokens)):
+            self.seqs[slot] = SlotSequence(list(p), s, m, frozenset(st))
+            self._record(slot, int(first[i]), lp, i)
+            out.append((slot, int(first[i])))
         return out
 
-    def _batch(self, prompts, samplings, slot_ids) -> dict:
-        n = len(prompts)
-        t = min(bucket(max(len(p) for p in prompts)), self.max_len)
-        tokens = np.zeros((n, t), np.int32)
-        for i, p in enumerate(prompts):
-            tokens[i, :len(p)] = p
-        return {
-            "tokens": jnp.asarray(tokens), "lengths": jnp.asarray([len(p) for p in prompts], jnp.int32),
-            "slot": jnp.asarray(slot_ids, jnp.int32),
-            "key": jnp.stack([jax.random.key(s.seed) for s in samplings]),
-            "temperature": jnp.asarray([s.temperature for s in samplings], jnp.float32),
-            "top_k": jnp.asarray([min(s.top_k, self.config.vocab_size) for s in samplings], jnp.int32),
-            "top_p": jnp.asarray([s.top_p for s in samplings], jnp.float32),
-            "min_p": jnp.asarray([s.min_p for s in samplings], jnp.float32),
-        }
+    @staticmethod
+    def _prefill_key(batch: dict, mode: SampleMode) -> tuple:
+        return ("prefill", *batch["tokens"].shape, batch["src"].shape[0], mode)
 
-    def _record(self, slot: int, token: int) -> None:
+    def _batch(self, prompts, samplings, stop_tokens, slot_ids) -> dict:
+        """Host arrays of a prefill: the distinct prompts, padded to a bucket, and per sequence
+        its prompt row, slot, sampler settings and seed key."""
+        rows: dict[tuple, int] = {}
+        src = [rows.setdefault(tuple(p), len(rows)) for p in prompts]
+        distinct = list(rows)
+        t = min(bucket(max(len(p) for p in distinct)), self.max_len)
+        tokens = np.zeros((len(distinct), t), np.int32)
+        for i, p in enumerate(distinct):
+            tokens[i, :len(p)] = p
+        settings = row_settings(samplings, stop_tokens, vocab_size=self.config.vocab_size,
+                                max_stops=MAX_STOPS, max_bias=MAX_BIAS)
+        return {"tokens": tokens, "lengths": np.asarray([len(p) for p in distinct], np.int32),
+                "src": np.asarray(src, np.int32), "slot": np.asarray(slot_ids, np.int32),
+                "rows": settings, "keys": seed_keys([s.seed for s in samplings])}
+
+    @staticmethod
+    def _host_logprobs(lp: StepLogprobs | None) -> StepLogprobs | None:
+        """The step's logprobs on the host (only a step where some sequence asked has any)."""
+        return None if lp is None else StepLogprobs(*(np.asarray(a) for a in lp))
+
+    def _record(self, slot: int, token: int, lp: StepLogprobs | None = None, row: int | None = None) -> None:
         seq = self.seqs[slot]
         seq.tokens.append(token)
+        k = seq.sampling.logprobs
+        if k is not None and lp is not None:
+            r = slot if row is None else row
+            seq.logprobs.append(RowLogprob(float(lp.chosen[r]), tuple(lp.top_ids[r, :k].tolist()),
+                                           tuple(lp.top_logprobs[r, :k].tolist())))
         if token in seq.stop_tokens:
             seq.finish_reason = "stop"
         elif len(seq.tokens) >= seq.max_new_tokens:
@@ -240,12 +268,12 @@ class Engine:
         mode = SampleMode.of([q.sampling for q in self.seqs.values()], self.config.vocab_size)
         exe = self._executable(("decode", mode), _decode, self.model.params, self.slots,
                                self.config, self.model.runtime, mode)
-        self.slots, nxt = exe(self.model.params, self.slots)
-        nxt = np.asarray(nxt)
+        self.slots, nxt, lp = exe(self.model.params, self.slots)
+        nxt, lp = np.asarray(nxt), self._host_logprobs(lp)
         self.batch_sizes.append(len(self.seqs))
         out = []
         for slot in list(self.seqs):
             tok = int(nxt[slot])
-            self._record(slot, tok)
+            self._record(slot, tok, lp)
             out.append((slot, tok))
         return out

@@ -36,6 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 BITS = 32  # tokens per prompt-bitmask word (llguidance's layout: bit t & 31 of word t >> 5)
+MAX_STOPS = 8  # stop tokens a row masks under min_tokens (the engine's table width)
+MAX_BIAS = 1024  # logit_bias entries a row holds (the engine's table width)
 
 
 class SamplerState(NamedTuple):
@@ -78,7 +80,8 @@ def prompt_words(vocab_size: int) -> int:
     return -(-vocab_size // BITS)
 
 
-def init_state(batch: int, vocab_size: int, *, max_stops: int = 8, max_bias: int = 1024) -> SamplerState:
+def init_state(batch: int, vocab_size: int, *, max_stops: int = MAX_STOPS,
+               max_bias: int = MAX_BIAS) -> SamplerState:
     """An all-idle state: greedy rows with no penalties. ``max_stops`` bounds a row's stop
     tokens (for ``min_tokens``), ``max_bias`` its ``logit_bias`` entries."""
     f32 = lambda v: jnp.full((batch,), v, jnp.float32)
