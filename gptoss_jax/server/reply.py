@@ -45,6 +45,7 @@ class Item:
     text: str = ""
     closed: bool = False
     status: str = "completed"  # "incomplete" when the token budget cut it
+    logprobs: list = dataclasses.field(default_factory=list)  # messages: TokenLogprob per token, if asked
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,7 @@ class Op:
     kind: Literal["open", "delta", "close"]
     item: Item
     text: str = ""  # delta: the new text
+    logprobs: tuple = ()  # delta of a message: its tokens' TokenLogprob, when the request asked
 
 
 def _item_for(ev: parse.ChannelStart | parse.ToolCallStart) -> Item:

@@ -14,7 +14,10 @@ any moment. :class:`StreamEvents` turns the reply's item operations (``server.re
     response.output_item.done,
     response.completed (or response.incomplete when max_output_tokens cut the reply)
 
-and, on a decode failure, ``error`` + ``response.failed``. A new kind of output item (a built-in
+and, on a decode failure, ``error`` + ``response.failed``. A background response starts with
+``response.created`` and ``response.queued`` (status ``queued``); ``StreamEvents(recorded=[])``
+also keeps each event's data, for the store (stream resumption). With logprobs asked, a message's
+``output_text`` part and its delta / done events carry them. A new kind of output item (a built-in
 tool's call, say) needs its JSON in ``item_json`` and its events in ``StreamEvents.ops``.
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import time
 
+from gptoss_jax.inference.logprobs import chat_logprobs_json
 from gptoss_jax.server.generation import sse
 from gptoss_jax.server.reply import Item, Op, ReplyTracker, new_id
 from gptoss_jax.server.schemas import ResponsesRequest
@@ -38,9 +42,9 @@ def tool_json(tool: dict) -> dict:
             "parameters": fn.get("parameters"), "strict": fn.get("strict")}
 
 
-def _part(kind: str, text: str) -> dict:
+def _part(kind: str, text: str, logprobs=()) -> dict:
     if kind == "message":
-        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": chat_logprobs_json(logprobs)}
     return {"type": _CONTENT[kind][0], "text": text}
 
 
@@ -51,7 +55,7 @@ def item_json(item: Item, done: bool) -> dict:
         content = [_part("reasoning", item.text)] if done else []
         return {"type": "reasoning", "id": item.id, "summary": [], "content": content, "status": status}
     if item.kind == "message":
-        content = [_part("message", item.text)] if done else []
+        content = [_part("message", item.text, item.logprobs)] if done else []
         return {"type": "message", "id": item.id, "role": "assistant", "status": status,
                 "phase": item.phase, "content": content}
     return {"type": "function_call", "id": item.id, "call_id": item.call_id, "name": item.name,
@@ -69,8 +73,9 @@ class ResponseRun:
         self.created_at = int(time.time())
         self.completed_at: int | None = None
         self.tracker = ReplyTracker()
-        self.status = "in_progress"
+        self.status = "queued" if req.background else "in_progress"
         self.error: dict | None = None
+        self.cached_tokens = 0  # prompt tokens the engine served from its cache
 
     def complete(self) -> None:
         """The generation is over (call after the job's tokens were fed to ``tracker``):
@@ -84,20 +89,27 @@ class ResponseRun:
         self.status = "failed"
         self.error = {"code": "server_error", "message": message}
 
+    def cancel(self) -> None:
+        """A background response cancelled before it finished (its output so far is kept)."""
+        if self.status in ("queued", "in_progress"):
+            self.tracker.end("stop")
+            self.status = "cancelled"
+
     # -- the response object ------------------------------------------------------------------
     def usage(self) -> dict:
         t = self.tracker
         return {"input_tokens": self.prompt_len,
-                "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                "input_tokens_details": {"cached_tokens": self.cached_tokens, "cache_write_tokens": 0},
                 "output_tokens": t.output_tokens,
                 "output_tokens_details": {"reasoning_tokens": t.reasoning_tokens},
                 "total_tokens": self.prompt_len + t.output_tokens}
 
     def json(self) -> dict:
         req = self.req
-        done = self.status != "in_progress"
+        done = self.status not in ("queued", "in_progress")
         return {
             "id": self.id, "object": "response", "created_at": self.created_at,
+            "background": req.background is True,
             "completed_at": self.completed_at if self.status == "completed" else None,
             "status": self.status, "error": self.error,
             "incomplete_details": {"reason": "max_output_tokens"} if self.status == "incomplete" else None,
@@ -110,6 +122,7 @@ class ResponseRun:
             "store": req.store is not False,
             "temperature": 1.0 if req.temperature is None else req.temperature,
             "top_p": 1.0 if req.top_p is None else req.top_p,
+            "top_logprobs": req.top_logprobs or 0, "max_tool_calls": req.max_tool_calls,
             "text": {"format": {"type": "text"}},
             "tool_choice": req.tool_choice or "auto", "tools": self.tools,
             "truncation": req.truncation or "disabled", "usage": self.usage() if done else None,
@@ -120,12 +133,15 @@ class ResponseRun:
 class StreamEvents:
     """Item operations -> Responses API server-sent events, numbered in order."""
 
-    def __init__(self, run: ResponseRun):
+    def __init__(self, run: ResponseRun, recorded: list | None = None):
         self.run, self.seq, self.index = run, 0, {}
+        self.recorded = recorded  # each event's data is appended here too (None: not kept)
 
     def event(self, type: str, **fields) -> str:
         data = {"type": type, "sequence_number": self.seq, **fields}
         self.seq += 1
+        if self.recorded is not None:
+            self.recorded.append(data)
         return sse(data, event=type)
 
     def response(self, type: str) -> str:
@@ -139,7 +155,7 @@ class StreamEvents:
                 self.index[item.id] = len(self.index)
             at = {"item_id": item.id, "output_index": self.index[item.id]}
             content = _CONTENT.get(item.kind)
-            extra = {"logprobs": []} if item.kind == "message" else {}
+            extra = {"logprobs": chat_logprobs_json(op.logprobs)} if item.kind == "message" else {}
             if op.kind == "open":
                 out.append(self.event("response.output_item.added", output_index=at["output_index"],
                                       item=item_json(item, False)))
@@ -154,10 +170,11 @@ class StreamEvents:
                     out.append(self.event("response.function_call_arguments.delta", **at, delta=op.text))
             else:
                 if content:
+                    done_extra = {"logprobs": chat_logprobs_json(item.logprobs)} if item.kind == "message" else {}
                     out.append(self.event(f"{content[1]}.done", **at, content_index=0, text=item.text,
-                                          **extra))
+                                          **done_extra))
                     out.append(self.event("response.content_part.done", **at, content_index=0,
-                                          part=_part(item.kind, item.text)))
+                                          part=_part(item.kind, item.text, item.logprobs)))
                 else:
                     out.append(self.event("response.function_call_arguments.done", **at,
                                           name=item.name, arguments=item.text))

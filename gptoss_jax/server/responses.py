@@ -1,4 +1,4 @@
-"""``POST /v1/responses`` (plain and streaming) and ``GET /v1/responses/{id}``.
+"""``POST /v1/responses`` (plain, streaming, background).
 
 The reply is parsed from harmony as it is generated (:mod:`gptoss_jax.server.reply`):
 analysis -> ``reasoning`` items (``content`` of ``reasoning_text``), final -> ``message``
@@ -6,10 +6,19 @@ items (phase ``final_answer``; commentary preambles: phase ``commentary``), tool
 ``function_call`` items; the object and its stream events are built in
 :mod:`gptoss_jax.server.response_output`.
 
-``store`` (default true, as in OpenAI's API) keeps the response and its conversation in the
-server's :class:`~gptoss_jax.server.store.ResponseStore` for ``previous_response_id`` and
-``GET``. A request goes: checks -> conversation (stored + new input) -> prompt -> job ->
-reply -> stored.
+``store`` (default true, as in OpenAI's API) keeps the response, its input items and its
+conversation in the server's :class:`~gptoss_jax.server.response_store.ResponseStore` (records
+as :mod:`gptoss_jax.server.stored` writes them) for ``previous_response_id``, ``GET``,
+``input_items`` and ``DELETE`` (:mod:`gptoss_jax.server.response_routes`); ``store: false``
+keeps nothing. ``background: true`` (which needs ``store``) answers at once and generates in a
+task (:mod:`gptoss_jax.server.background_responses`). A request goes: checks -> conversation
+(stored + new input; ``instructions`` are the request's own, never the previous response's) ->
+prompt (``truncation: "auto"`` drops the oldest turns until it fits) -> job -> reply -> stored.
+
+Also read here: logprobs (``include: ["message.output_text.logprobs"]``, ``top_logprobs``),
+vLLM's sampling extras, ``max_tool_calls`` (accepted: this route runs no built-in tools) and the
+top-level ``reasoning_effort`` of openai/gpt-oss's reference server (an alias of
+``reasoning.effort``).
 """
 
 from __future__ import annotations
@@ -18,34 +27,49 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from gptoss_jax.chat.messages import Message
-from gptoss_jax.server import generation, inputs, params
+from gptoss_jax.inference.logprobs import TokenBytes
+from gptoss_jax.server import generation, inputs, params, request_sampling, stored
+from gptoss_jax.server.background_responses import BackgroundRun, stored_events
+from gptoss_jax.server.choices import ReplyLogprobs
 from gptoss_jax.server.errors import APIError, unsupported
 from gptoss_jax.server.generation import SSEResponse
+from gptoss_jax.server.openapi import STREAMING, errors
 from gptoss_jax.server.response_output import ResponseRun, StreamEvents
+from gptoss_jax.server.response_store import ACTIVE
 from gptoss_jax.server.scheduler import EngineError, Job
 from gptoss_jax.server.schemas import ResponsesRequest
 from gptoss_jax.server.state import ServerState, state
-from gptoss_jax.server.store import StoredResponse
 
 router = APIRouter()
 
 
 def _check(req: ResponsesRequest) -> None:
     params.check_extra(req)
+    params.check_stream_options(req)
     if req.reasoning is not None:
         params.check_extra(req.reasoning)
-    if req.include:
-        raise unsupported("include", f"'include' values {req.include} are not supported")
-    if req.top_logprobs:
-        raise unsupported("top_logprobs", "logprobs are not supported by this server")
-    if req.background:
-        raise unsupported("background", "background responses are not supported by this server")
+    other = [i for i in req.include or [] if i != request_sampling.LOGPROBS_INCLUDE]
+    if other:
+        raise unsupported("include", f"'include' values {other} are not supported "
+                                     f"(only {request_sampling.LOGPROBS_INCLUDE!r})")
+    if req.max_tool_calls is not None and req.max_tool_calls < 1:
+        raise APIError(f"Invalid 'max_tool_calls': must be >= 1, got {req.max_tool_calls}",
+                       param="max_tool_calls", code="invalid_value")
+    if req.background and req.store is False:
+        raise APIError("Background responses are kept in the store: 'background' needs 'store' to be true",
+                       param="store", code="invalid_value")
     if req.conversation is not None:
         raise unsupported("conversation", "conversations are not supported; use previous_response_id")
     if req.prompt is not None:
         raise unsupported("prompt", "prompt templates are not supported by this server")
     params.output_format((req.text or {}).get("format"), "text.format")
     params.tool_choice(req.tool_choice)
+
+
+def _effort(req: ResponsesRequest) -> str:
+    if req.reasoning is not None and req.reasoning.effort is not None:
+        return params.effort_of(req.reasoning.effort, "reasoning.effort")
+    return params.effort_of(req.reasoning_effort, "reasoning_effort")
 
 
 def _conversation(st: ServerState, req: ResponsesRequest) -> tuple[list[Message], dict[str, str]]:
@@ -58,7 +82,11 @@ def _conversation(st: ServerState, req: ResponsesRequest) -> tuple[list[Message]
         if entry is None:
             raise APIError(f"Previous response with id {req.previous_response_id!r} not found.",
                            status=404, param="previous_response_id", code="previous_response_not_found")
-        messages, call_names = list(entry.conversation), dict(entry.call_names)
+        if entry.status in ACTIVE:
+            raise APIError(f"Previous response {req.previous_response_id!r} is still {entry.status}; "
+                           f"continue it once it has finished", status=409, param="previous_response_id",
+                           code="previous_response_in_progress")
+        messages, call_names = stored.messages_of(entry), dict(entry.call_names)
     if isinstance(req.input, str):
         new = [Message(role="user", content=req.input)]
     else:
@@ -68,43 +96,77 @@ def _conversation(st: ServerState, req: ResponsesRequest) -> tuple[list[Message]
     return messages + new, call_names
 
 
-def _save(st: ServerState, run: ResponseRun, messages: list[Message], call_names: dict[str, str]) -> None:
-    if run.req.store is False or run.status not in ("completed", "incomplete"):
-        return
+def _without_oldest_turn(messages: list[Message]) -> list[Message] | None:
+    """The conversation from its second user turn on (None when there is only one turn)."""
+    users = [i for i, m in enumerate(messages) if m.role == "user"]
+    later = [i for i in users if i > 0]
+    return messages[later[0]:] if later and len(users) > 1 else None
+
+
+def _prompt(st: ServerState, req: ResponsesRequest, messages: list[Message], **options) -> list[int]:
+    """The prompt; with ``truncation: "auto"`` the oldest turns go until the input and
+    ``max_output_tokens`` (at least one token) fit the context."""
+    prompt = inputs.render(messages, instructions=req.instructions, **options)
+    room = st.context - (req.max_output_tokens or 1)
+    while req.truncation == "auto" and len(prompt) > room:
+        messages = _without_oldest_turn(messages)
+        if messages is None:
+            break
+        prompt = inputs.render(messages, instructions=req.instructions, **options)
+    return prompt
+
+
+def _after(run: ResponseRun, messages: list[Message], call_names: dict[str, str]):
+    """The conversation and call names once ``run`` has replied."""
     reply = run.tracker.message()
     names = {**call_names, **{i.call_id: i.name for i in run.tracker.tool_calls}}
-    st.store.put(run.id, StoredResponse(run.json(), tuple(messages + ([reply] if reply else [])), names))
+    return messages + ([reply] if reply else []), names
 
 
-@router.post("/v1/responses")
+@router.post("/v1/responses", responses={**STREAMING, **errors(400, 404, 409, 500, 503)})
 async def create_response(req: ResponsesRequest, request: Request):
     st = state(request)
     _check(req)
-    params.check_model(st, req.model)
+    model = params.model_of(st, req.model)
     messages, call_names = _conversation(st, req)
-    effort = params.effort_of(req.reasoning.effort if req.reasoning else None, "reasoning.effort")
+    effort = _effort(req)
     tools = inputs.function_tools(req.tools)
     choice = params.tool_choice(req.tool_choice)
-    prompt = inputs.render(messages, reasoning_effort=effort, instructions=req.instructions,
-                           tools=[] if choice == "none" else tools)
+    prompt = _prompt(st, req, messages, reasoning_effort=effort, tools=[] if choice == "none" else tools)
     max_new = params.token_budget(st, len(prompt), req.max_output_tokens, "max_output_tokens", "input")
-    run = ResponseRun(req, model=st.model_name, prompt_len=len(prompt), effort=effort, tools=tools)
-    job = generation.submit(st, prompt, params.sampling_of(req.temperature, req.top_p, None), max_new)
+    k = request_sampling.response_logprobs(req.include, req.top_logprobs)
+    sampling = request_sampling.sampling(st, req, max_new_tokens=max_new, logprobs=k)
+    run = ResponseRun(req, model=model, prompt_len=len(prompt), effort=effort, tools=tools)
+    items = stored.input_items(req.input)
+    job = generation.submit(st, prompt, sampling, max_new)
+    consumer = run.tracker if k is None else ReplyLogprobs(run.tracker, job, k, TokenBytes(st.tokenizer))
+    conversation = lambda: _after(run, messages, call_names)
+
+    def save() -> None:
+        if req.store is not False and run.status in ("completed", "incomplete"):
+            st.store.put(stored.record(run.json(), items, *conversation()))
+
+    if req.background:
+        bg = BackgroundRun(st, run, job, consumer, conversation)
+        response = bg.begin(stored.record(run.json(), items, messages, call_names, background=True))
+        if req.stream:
+            return SSEResponse(stored_events(st, run.id, None), on_close=lambda: None)
+        return JSONResponse(response)
     if req.stream:
-        events = _stream(run, job, st, lambda: _save(st, run, messages, call_names))
-        return SSEResponse(events, on_close=lambda: st.scheduler.cancel(job))
-    await generation.collect(job, run.tracker, request, st.scheduler)
+        return SSEResponse(_stream(run, job, consumer, st, save), on_close=lambda: st.scheduler.cancel(job))
+    await generation.collect(job, consumer, request, st.scheduler)
+    run.cached_tokens = generation.cached_tokens([job])
     run.complete()
-    _save(st, run, messages, call_names)
+    save()
     return JSONResponse(run.json())
 
 
-async def _stream(run: ResponseRun, job: Job, st: ServerState, save):
+async def _stream(run: ResponseRun, job: Job, consumer, st: ServerState, save):
     ev = StreamEvents(run)
     yield ev.response("response.created")
     yield ev.response("response.in_progress")
     try:
-        async for ops in generation.stream(job, run.tracker, st.scheduler):
+        async for ops in generation.stream(job, consumer, st.scheduler):
             for s in ev.ops(ops):
                 yield s
     except EngineError as e:
@@ -112,15 +174,7 @@ async def _stream(run: ResponseRun, job: Job, st: ServerState, save):
         yield ev.event("error", code="server_error", message=run.error["message"], param=None)
         yield ev.response("response.failed")
         return
+    run.cached_tokens = generation.cached_tokens([job])
     run.complete()
     save()
     yield ev.response("response.incomplete" if run.status == "incomplete" else "response.completed")
-
-
-@router.get("/v1/responses/{response_id}")
-async def get_response(response_id: str, request: Request):
-    entry = state(request).store.get(response_id)
-    if entry is None:
-        raise APIError(f"No response found with id {response_id!r}.", status=404,
-                       param="response_id", code="not_found")
-    return entry.response

@@ -9,13 +9,20 @@ takes jobs and cancellations from a thread-safe inbox, and between two decode st
 3. runs one decode step for every active slot (one batched call) and hands each job its token
    with ``loop.call_soon_threadsafe``.
 
-Prefill groups are powers of two up to ``max_prefill_batch`` (each group size and prompt bucket
-is compiled once, so the set of shapes stays small). A failure inside the engine ends the jobs
-it touched with an error; the thread keeps serving.
+Prefill groups are powers of two up to ``max_prefill_batch`` requests (each group size and prompt
+bucket is compiled once, so the set of shapes stays small). The ``n`` choices of one request
+(``submit_choices``) are one job each, admitted together into ``n`` slots so the engine prefills
+their prompt once; choice ``j`` samples with ``sampling.for_choice(j)``. A failure inside the
+engine ends the jobs it touched with an error; the thread keeps serving.
+
+A job hands its tokens to the event loop with their logprobs (``Job.logprobs``, when the request
+asked) and, at admission, the prompt tokens the engine served from a cache
+(``Job.cached_tokens``).
 
 The engine is duck-typed: anything with ``add``, ``step``, ``release``, ``seqs``,
 ``free_slots``, ``max_batch``, ``max_len``, ``batch_sizes`` and ``compile`` works (the tests
-drive a scripted stub through the same interface).
+drive a scripted stub through the same interface); a sequence record may carry ``logprobs`` and
+``cached_tokens``.
 """
 
 from __future__ import annotations
@@ -56,18 +63,24 @@ class Job:
     slot: int | None = None
     cancelled: bool = False
     done: bool = False
+    # event-loop state, filled as tokens() yields
+    logprobs: list = dataclasses.field(default_factory=list)  # RowLogprob | None per token
+    cached_tokens: int = 0  # prompt tokens the engine served from its cache
 
     async def tokens(self) -> AsyncIterator[tuple[int, str | None]]:
         """``(token, finish_reason)`` pairs; ``finish_reason`` is set on the last token
-        ("stop" | "length"). Raises :class:`EngineError` if the engine failed."""
+        ("stop" | "length"). ``logprobs[-1]`` is the yielded token's (None unless asked).
+        Raises :class:`EngineError` if the engine failed."""
         while True:
             item = await self.queue.get()
             if isinstance(item, BaseException):
                 raise item
             if item is None:  # cancelled by the server before a token came
                 return
-            yield item
-            if item[1] is not None:
+            token, finish, logprob, self.cached_tokens = item
+            self.logprobs.append(logprob)
+            yield token, finish
+            if finish is not None:
                 return
 
 
@@ -81,7 +94,7 @@ class Scheduler:
         self.max_prefill_batch = max_prefill_batch
         self.warmup_lengths = tuple(warmup_lengths)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._pending: collections.deque[Job] = collections.deque()
+        self._pending: collections.deque[list[Job]] = collections.deque()  # requests: their choices
         self._active: dict[int, Job] = {}  # slot -> job
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -100,12 +113,21 @@ class Scheduler:
 
     def submit(self, prompt: Sequence[int], sampling: SamplingParams, max_new_tokens: int,
                stop_tokens) -> Job:
+        return self.submit_choices(prompt, sampling, max_new_tokens, stop_tokens, 1)[0]
+
+    def submit_choices(self, prompt: Sequence[int], sampling: SamplingParams, max_new_tokens: int,
+                       stop_tokens, n: int) -> list[Job]:
+        """``n`` jobs on one prompt, admitted together (one prefill); choice ``j`` samples with
+        ``sampling.for_choice(j)``. ``n`` must fit the engine's slots."""
         if not self.alive:
             raise EngineError("the generation thread is not running")
-        job = Job(list(prompt), sampling, int(max_new_tokens), frozenset(stop_tokens),
-                  asyncio.get_running_loop())
-        self._inbox.put(("submit", job))
-        return job
+        if not 1 <= n <= self.engine.max_batch:
+            raise ValueError(f"n must be in [1, {self.engine.max_batch}], got {n}")
+        loop = asyncio.get_running_loop()
+        jobs = [Job(list(prompt), sampling.for_choice(j), int(max_new_tokens), frozenset(stop_tokens), loop)
+                for j in range(n)]
+        self._inbox.put(("submit", jobs))
+        return jobs
 
     def cancel(self, job: Job) -> None:
         """Stop generating for ``job`` (its slot is freed before the next decode step)."""
@@ -137,7 +159,8 @@ class Scheduler:
                 "max_batch": self.engine.max_batch,
                 "max_context": self.engine.max_len,
                 "active": len(self._active),
-                "waiting": len(self._pending),
+                "waiting": sum(len(g) for g in list(self._pending)),  # list(): a snapshot
+                "free_slots": len(self.engine.free_slots),
                 "decode_steps": steps,
                 "decode_batch_sizes": {str(k): v for k, v in hist.items()},
                 "mean_decode_batch": round(sum(k * v for k, v in hist.items()) / steps, 3) if steps else None,
@@ -191,7 +214,8 @@ class Scheduler:
                 job.slot = None
             self._finish(job, error)
         while self._pending:
-            self._finish(self._pending.popleft(), error)
+            for job in self._pending.popleft():
+                self._finish(job, error)
 
     def _drain(self, block: bool) -> None:
         try:
@@ -206,8 +230,8 @@ class Scheduler:
                 job.cancelled = True
                 if job.slot is not None:
                     self._release(job)
-                elif job in self._pending:
-                    self._pending.remove(job)
+                else:
+                    self._unqueue(job)
                 job.done = True
                 with self._lock:
                     self._counts["cancelled"] += 1
@@ -217,26 +241,48 @@ class Scheduler:
             except queue.Empty:
                 return
 
+    def _unqueue(self, job: Job) -> None:
+        """Take a waiting job out of its request's group (the group's other choices stay)."""
+        for group in self._pending:
+            if job in group:
+                group.remove(job)
+                if not group:
+                    self._pending.remove(group)
+                return
+
+    def _take_groups(self) -> list[list[Job]]:
+        """The next requests that fit the free slots together (all choices of each), at most
+        ``max_prefill_batch``, a power of two of them; FIFO (a request that does not fit yet
+        waits at the head)."""
+        free, need, groups = len(self.engine.free_slots), 0, []
+        while self._pending and len(groups) < self.max_prefill_batch:
+            if need + len(self._pending[0]) > free:
+                break
+            need += len(self._pending[0])
+            groups.append(self._pending.popleft())
+        keep = 1 << (len(groups).bit_length() - 1) if groups else 0  # powers of two: few shapes
+        for g in reversed(groups[keep:]):
+            self._pending.appendleft(g)
+        return groups[:keep]
+
     def _admit(self) -> None:
         while self._pending:
-            free = len(self.engine.free_slots)
-            if not free:
+            groups = self._take_groups()
+            if not groups:
                 return
-            k = min(free, len(self._pending), self.max_prefill_batch)
-            k = 1 << (k.bit_length() - 1)  # powers of two: few compiled prefill shapes
-            group = [self._pending.popleft() for _ in range(k)]
+            group = [job for g in groups for job in g]
             try:
                 added = self.engine.add([j.prompt for j in group], [j.sampling for j in group],
                                         [j.max_new_tokens for j in group],
                                         [j.stop_tokens for j in group])
             except Exception as e:
-                log.exception("prefill failed for %d request(s)", len(group))
+                log.exception("prefill failed for %d request(s)", len(groups))
                 for job in group:
                     self._finish(job, EngineError(f"prefill failed: {e}"))
                 continue
             with self._lock:
-                self._prefill_hist[k] += 1
-                self._counts["prompt_tokens"] += sum(len(j.prompt) for j in group)
+                self._prefill_hist[len(groups)] += 1
+                self._counts["prompt_tokens"] += sum(len(g[0].prompt) for g in groups)
             for job, (slot, tok) in zip(group, added):
                 job.slot = slot
                 self._active[slot] = job
@@ -263,9 +309,11 @@ class Scheduler:
     def _emit(self, job: Job, tok: int) -> None:
         seq = self.engine.seqs.get(job.slot)
         reason = seq.finish_reason if seq is not None else "stop"
+        logprobs = getattr(seq, "logprobs", None)
+        logprob = logprobs[-1] if logprobs else None
         with self._lock:
             self._counts["generated_tokens"] += 1
-        self._deliver(job, (int(tok), reason))
+        self._deliver(job, (int(tok), reason, logprob, getattr(seq, "cached_tokens", 0)))
         if reason is not None:
             self._release(job)
             job.done = True

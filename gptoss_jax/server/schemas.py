@@ -3,7 +3,11 @@
 Scalars are strict (a string where a number belongs is a 400, not silently coerced). Unknown
 fields are kept in ``model_extra`` so the routes can reject them by name; parameters that are
 part of OpenAI's API but that this server does not implement are declared, so that a request
-using them gets a clear "not supported" error instead of "unrecognized".
+using them gets a clear "not supported" error instead of "unrecognized". Ranges that OpenAI's
+API states (``n``, ``top_logprobs``, the penalties) are declared here, so ``/openapi.json``
+shows them and a value outside is a 400 naming the field. vLLM's extra sampling parameters
+(``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``; the openai client sends them
+with ``extra_body=``) are accepted by every generation route.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 Temperature = Field(default=None, ge=0.0, le=2.0)
 TopP = Field(default=None, gt=0.0, le=1.0)
+Penalty = Field(default=None, ge=-2.0, le=2.0)
+TopLogprobs = Field(default=None, ge=0, le=20)
 
 
 class _Body(BaseModel):
@@ -28,23 +34,28 @@ class _Generation(_Body):
     top_p: StrictFloat | None = TopP
     stream: StrictBool | None = None
     user: StrictStr | None = None  # accepted and ignored
+    # vLLM's extra sampling parameters
+    top_k: StrictInt | None = Field(default=None, ge=-1)  # -1 / 0: off
+    min_p: StrictFloat | None = Field(default=None, ge=0.0, lt=1.0)
+    repetition_penalty: StrictFloat | None = Field(default=None, gt=0.0)
+    min_tokens: StrictInt | None = Field(default=None, ge=0)
 
 
 class StreamOptions(_Body):
     include_usage: StrictBool | None = None
+    include_obfuscation: StrictBool | None = None  # accepted and ignored (no obfuscation)
 
 
 class _Completion(_Generation):
     """Fields shared by chat and text completions."""
 
     seed: StrictInt | None = None
-    n: StrictInt | None = None
+    n: StrictInt | None = Field(default=None, ge=1, le=128)
     stream_options: StreamOptions | None = None
-    # not supported (400 unless at the default)
-    stop: StrictStr | list[StrictStr] | None = None
-    presence_penalty: StrictFloat | None = None
-    frequency_penalty: StrictFloat | None = None
-    logit_bias: dict[str, Any] | None = None
+    stop: StrictStr | list[StrictStr] | None = None  # at most 4 (checked by the route)
+    presence_penalty: StrictFloat | None = Penalty
+    frequency_penalty: StrictFloat | None = Penalty
+    logit_bias: dict[str, Any] | None = None  # token id -> bias in [-100, 100] (checked by the route)
 
 
 class ReasoningParam(_Body):
@@ -67,15 +78,16 @@ class ResponsesRequest(_Generation):
     metadata: dict[str, StrictStr] | None = None
     text: dict[str, Any] | None = None
     truncation: Literal["auto", "disabled"] | None = None
+    include: list[StrictStr] | None = None  # "message.output_text.logprobs"
+    top_logprobs: StrictInt | None = TopLogprobs
+    background: StrictBool | None = None
+    max_tool_calls: StrictInt | None = None
+    reasoning_effort: Any = None  # openai/gpt-oss's reference server: an alias of reasoning.effort
     # accepted and ignored
     safety_identifier: StrictStr | None = None
     prompt_cache_key: StrictStr | None = None
     service_tier: StrictStr | None = None
     # part of OpenAI's API, not supported here (400 when set to anything but the default)
-    include: list[StrictStr] | None = None
-    top_logprobs: StrictInt | None = None
-    background: StrictBool | None = None
-    max_tool_calls: StrictInt | None = None
     conversation: Any = None
     prompt: Any = None
 
@@ -95,9 +107,9 @@ class ChatCompletionRequest(_Completion):
     service_tier: StrictStr | None = None
     safety_identifier: StrictStr | None = None
     prompt_cache_key: StrictStr | None = None
-    # not supported (400 unless at the default)
     logprobs: StrictBool | None = None
-    top_logprobs: StrictInt | None = None
+    top_logprobs: StrictInt | None = TopLogprobs  # needs logprobs: true
+    # not supported (400 unless at the default)
     modalities: list[StrictStr] | None = None
     audio: Any = None
     prediction: Any = None
@@ -109,8 +121,8 @@ class ChatCompletionRequest(_Completion):
 class CompletionRequest(_Completion):
     prompt: StrictStr | list[StrictInt] | list[list[StrictInt]] | list[StrictStr]
     max_tokens: StrictInt | None = 16
+    logprobs: StrictInt | None = Field(default=None, ge=0, le=20)  # the top N (vLLM's bound, 20)
     # not supported (400 unless at the default)
     echo: StrictBool | None = None
-    logprobs: StrictInt | None = None
     suffix: StrictStr | None = None
     best_of: StrictInt | None = None

@@ -9,6 +9,7 @@ import pytest
 
 from gptoss_jax.inference.engine import Engine
 from gptoss_jax.inference.sampling import SamplingParams
+
 from tests.conftest import hf_logits
 
 MAX_LEN = 48
@@ -61,7 +62,8 @@ def test_logprobs_equal_transformers_log_softmax(engine, hf_reference, prompt, t
 
 @pytest.mark.slow
 def test_no_logprobs_unless_asked(engine, prompt):
-    a, b = run(engine, [prompt, prompt[:5]], [SamplingParams(temperature=0), SamplingParams(temperature=0, logprobs=0)], 4)
+    a, b = run(engine, [prompt, prompt[:5]],
+               [SamplingParams(temperature=0), SamplingParams(temperature=0, logprobs=0)], 4)
     assert a.logprobs == [] and len(b.logprobs) == 4 and all(lp.top_ids == () for lp in b.logprobs)
 
 
