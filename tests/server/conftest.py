@@ -11,6 +11,7 @@ import openai
 import pytest
 
 from gptoss_jax.chat.tokenizer import load_tokenizer
+
 from tests.scripted_checkpoint import script_successors, write_scripted_checkpoint
 
 REPLY_TEXT = "Hello world, this is fine."

@@ -15,6 +15,7 @@ import gptoss_jax
 from gptoss_jax import harmony
 from gptoss_jax.chat.tokenizer import load_tokenizer
 from gptoss_jax.inference.engine import Engine
+
 from tests.server.conftest import REPLY_TEXT, harmony_ids, hf_log_softmax, hf_model, serving, settled
 
 MODEL = "scripted"
@@ -102,7 +103,7 @@ def test_chat_stop_sequences(served, stop, content):
     deltas = [ch.delta.content or "" for c in chunks for ch in c.choices]
     assert "".join(deltas) == content
     assert chunks[-1].choices[0].finish_reason == "stop"
-    want = [s for s in ([stop] if isinstance(stop, str) else stop)]
+    want = [stop] if isinstance(stop, str) else stop
     assert not any(s in "".join(deltas) for s in want)
 
 

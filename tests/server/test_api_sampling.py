@@ -11,10 +11,10 @@ import httpx
 import numpy as np
 import pytest
 
-import gptoss_jax
 from gptoss_jax.chat.encoding import RETURN
 from gptoss_jax.chat.tokenizer import load_tokenizer
 from gptoss_jax.inference.engine import Engine
+
 from tests.server.conftest import hf_log_softmax, hf_model, serving, settled
 
 MODEL = "tiny-chat"
