@@ -22,8 +22,17 @@ Penalty = Field(default=None, ge=-2.0, le=2.0)
 TopLogprobs = Field(default=None, ge=0, le=20)
 
 
+def _config(*examples: dict) -> ConfigDict:
+    # unknown fields are kept (to be rejected by name, see the module docstring), so documented
+    # as not allowed; the examples are requests this server answers
+    extra: dict[str, Any] = {"additionalProperties": False}
+    if examples:
+        extra["examples"] = list(examples)
+    return ConfigDict(extra="allow", json_schema_extra=extra)
+
+
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = _config()
 
 
 class _Generation(_Body):
@@ -65,6 +74,9 @@ class ReasoningParam(_Body):
 
 
 class ResponsesRequest(_Generation):
+    model_config = _config({"model": "", "input": "Hello", "max_output_tokens": 16, "top_logprobs": 2,
+                            "include": ["message.output_text.logprobs"]})
+
     input: StrictStr | list[Any]
     instructions: StrictStr | None = None
     max_output_tokens: StrictInt | None = None
@@ -93,6 +105,9 @@ class ResponsesRequest(_Generation):
 
 
 class ChatCompletionRequest(_Completion):
+    model_config = _config({"messages": [{"role": "user", "content": "Hello"}], "max_completion_tokens": 16,
+                            "n": 2, "logprobs": True, "top_logprobs": 2, "stop": ["\n\n"], "seed": 7})
+
     messages: list[Any]
     max_tokens: StrictInt | None = None
     max_completion_tokens: StrictInt | None = None
@@ -119,6 +134,9 @@ class ChatCompletionRequest(_Completion):
 
 
 class CompletionRequest(_Completion):
+    model_config = _config({"prompt": "Once upon a time", "max_tokens": 8, "logprobs": 2, "n": 2,
+                            "stream": True, "stream_options": {"include_usage": True}})
+
     prompt: StrictStr | list[StrictInt] | list[list[StrictInt]] | list[StrictStr]
     max_tokens: StrictInt | None = 16
     logprobs: StrictInt | None = Field(default=None, ge=0, le=20)  # the top N (vLLM's bound, 20)
