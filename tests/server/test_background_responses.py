@@ -20,6 +20,7 @@ import gptoss_jax
 from gptoss_jax import harmony
 from gptoss_jax.inference.engine import Engine
 from gptoss_jax.server.response_store import ACTIVE
+
 from tests.server.conftest import serving, settled
 
 MODEL = "looping"

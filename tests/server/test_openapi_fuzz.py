@@ -18,6 +18,7 @@ from schemathesis.specs.openapi.checks import status_code_conformance
 
 from gptoss_jax.inference.engine import Engine
 from gptoss_jax.server import Scheduler, create_app
+
 from tests.server.conftest import serving, settled
 
 EXAMPLES = 5  # generated requests per route and mode (each a real request; generation runs the model)
