@@ -141,3 +141,38 @@ def test_bad_settings_admit_nothing(engine, prompt, tiny_config):
     with pytest.raises(ValueError, match="outside the vocabulary"):
         engine.add([prompt], [SamplingParams(logit_bias={tiny_config.vocab_size: 1.0})], [4], [()])
     assert not engine.seqs and len(engine.free_slots) == engine.max_batch
+
+
+def _cost(compiled) -> dict:
+    c = compiled.cost_analysis()
+    return c[0] if isinstance(c, list) else c
+
+
+@pytest.mark.slow
+def test_greedy_decode_costs_what_forward_and_argmax_cost(tiny_model_f32):
+    """The sampler adds no work a batch does not use: the greedy decode step costs (XLA's count
+    of flops and transcendentals) what the forward pass plus an argmax costs; logprobs add work."""
+    import jax
+
+    from gptoss_jax.inference import engine as E
+    from gptoss_jax.inference.sampling import SampleMode, argmax
+    from gptoss_jax.model import transformer as M
+
+    m = tiny_model_f32
+    eng = Engine(m, max_batch=4, max_len=32)
+    v = m.config.vocab_size
+
+    def lower(mode):
+        return _cost(E._decode.lower(m.params, eng.slots, m.config, m.runtime, mode).compile())
+
+    def bare(params, cache, token, pos):
+        x, cache = M.hidden_states(params, token[:, None], pos[:, None], m.config, cache=cache, rt=m.runtime)
+        return argmax(M.unembed(params, x[:, 0])), cache
+
+    s = eng.slots
+    ref = _cost(jax.jit(bare).lower(m.params, s.cache, s.token, s.pos).compile())
+    greedy = lower(SampleMode.of([SamplingParams(temperature=0)], v))
+    assert greedy["flops"] == pytest.approx(ref["flops"], rel=1e-3)
+    assert greedy["transcendentals"] == ref["transcendentals"]
+    with_logprobs = lower(SampleMode.of([SamplingParams(temperature=0, logprobs=5)], v))
+    assert with_logprobs["transcendentals"] > greedy["transcendentals"]
