@@ -72,6 +72,7 @@ def test_chat_logprobs_streaming_match_plain(served):
     assert _chat(served, logprobs=True).choices[0].logprobs.content[0].top_logprobs == []
 
 
+@pytest.mark.slow
 def test_responses_logprobs_with_include(served):
     chat = _chat(served, logprobs=True, top_logprobs=3).choices[0].logprobs.content
     r = served.client.responses.create(model=MODEL, input="Say something", temperature=0, top_logprobs=3,

@@ -52,6 +52,7 @@ def _hf_greedy(hf, prompt, n):
     return out[0, len(prompt):].tolist()
 
 
+@pytest.mark.slow
 def test_completion_logprobs_equal_transformers(served, hf, prompt):
     tok = load_tokenizer()
     want = _hf_greedy(hf, prompt, 8)
@@ -88,6 +89,7 @@ def test_n_choices_distinct_sampled_identical_greedy(served, prompt):
     settled(served)
 
 
+@pytest.mark.slow
 def test_seed_reproducible_also_in_a_batch(served, prompt):
     kw = dict(temperature=1.0, top_p=0.9, seed=2**40 + 3, max_tokens=10)
     alone = _complete(served, prompt, **kw).choices[0].text
@@ -119,9 +121,9 @@ REPEAT = {"logit_bias": {"4000": 6.0}}  # a bias that makes greedy decoding repe
 
 @pytest.mark.parametrize("base,extras", [
     pytest.param(REPEAT, dict(frequency_penalty=1.5), marks=pytest.mark.slow),
-    (REPEAT, dict(presence_penalty=2.0)),
-    (REPEAT, dict(repetition_penalty=1.6)),
-    ({}, dict(logit_bias={"1000": 9.0, "2000": -100}, frequency_penalty=0.5)),
+    pytest.param(REPEAT, dict(presence_penalty=2.0), marks=pytest.mark.slow),
+    pytest.param(REPEAT, dict(repetition_penalty=1.6), marks=pytest.mark.slow),
+    pytest.param({}, dict(logit_bias={"1000": 9.0, "2000": -100}, frequency_penalty=0.5), marks=pytest.mark.slow),
 ])
 def test_penalties_and_bias_follow_the_numpy_reference(served, hf, prompt, base, extras):
     tok = load_tokenizer()
@@ -145,6 +147,7 @@ def test_penalties_and_bias_follow_the_numpy_reference(served, hf, prompt, base,
     assert checked >= 12
 
 
+@pytest.mark.slow
 def test_logit_bias_forces_and_bans(served, prompt):
     forced = _complete(served, prompt, logit_bias={"4000": 100})
     assert forced.choices[0].text == load_tokenizer().decode([4000] * 8)

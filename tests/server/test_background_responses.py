@@ -66,6 +66,7 @@ def _wait(served, rid, timeout=60):
     return r
 
 
+@pytest.mark.slow
 def test_background_poll_to_the_end(served):
     r = _create(served, input="Sing", max_output_tokens=12, background=True)
     assert r.status == "queued" and r.background is True and r.output == []
@@ -196,6 +197,7 @@ def test_truncation_auto_drops_the_oldest_turns(served):
     assert r.usage.input_tokens == len(harmony.render_prompt(turns[kept:])) and kept > 0
 
 
+@pytest.mark.slow
 def test_reasoning_effort_alias_max_tool_calls_and_stream_options(served):
     r = served.client.responses.create(model=MODEL, input="hi", max_output_tokens=3,
                                        extra_body={"reasoning_effort": "high"}, max_tool_calls=2)
