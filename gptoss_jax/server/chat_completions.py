@@ -96,6 +96,7 @@ class _ChoiceStream:
     def __init__(self, out: _Completion, choice: ChatChoice):
         self.out, self.choice = out, choice
         self.calls = 0
+        self.reasoning = False  # a reasoning item was streamed (the next one is joined by a newline)
 
     def render(self, op: Op) -> str | None:
         out, choice, item = self.out, self.choice, op.item
@@ -109,6 +110,9 @@ class _ChoiceStream:
                 return out.chunk(choice, {"tool_calls": [{"index": self.calls - 1,
                                                           "function": {"arguments": op.text}}]})
             return None
+        if item.kind == "reasoning" and op.kind == "open":
+            joined, self.reasoning = self.reasoning, True
+            return out.chunk(choice, {"reasoning_content": "\n"}) if joined else None
         if op.kind == "delta":
             logprobs = None
             if item.kind == "message":
