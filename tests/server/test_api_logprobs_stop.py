@@ -7,6 +7,8 @@ appear in the output."""
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import numpy as np
 import pytest
@@ -156,3 +158,18 @@ def test_model_field_blank_missing_and_aliases(served):
     assert served.client.models.retrieve("alias/scripted").id == "alias/scripted"
     r = httpx.post(served.url + "/v1/completions", json={"model": "other", "prompt": "x"}, timeout=60)
     assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+
+
+def test_background_response_polls_to_completed(served):
+    r = served.client.responses.create(model=MODEL, input="Say something", temperature=0, background=True,
+                                       include=["message.output_text.logprobs"])
+    assert r.status == "queued"
+    deadline = time.time() + 60
+    while (r := served.client.responses.retrieve(r.id)).status in ("queued", "in_progress"):
+        assert time.time() < deadline
+        time.sleep(0.05)
+    assert r.status == "completed" and r.output_text == REPLY_TEXT and r.completed_at is not None
+    assert "".join(e.token for e in r.output[-1].content[0].logprobs) == REPLY_TEXT
+    events = list(served.client.responses.retrieve(r.id, stream=True))  # the whole stream, replayed
+    assert events[-1].type == "response.completed" and events[-1].response.output_text == REPLY_TEXT
+    settled(served)
