@@ -17,6 +17,7 @@ one line on stderr, exit status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -106,18 +107,17 @@ def run(args, log) -> dict:
 
     import gptoss_jax
     from gptoss_jax.finetune import data, export, train
-    from gptoss_jax.model import transformer as M
+    from gptoss_jax.parallel import mesh as meshes
 
     mesh = None
     if args.mesh:
-        from gptoss_jax.parallel import sharding
         try:
-            mesh = sharding.make_mesh(args.mesh)
-        except sharding.ShardingError as e:
+            mesh = meshes.make_mesh(args.mesh)
+        except meshes.ShardingError as e:
             raise UsageError(str(e)) from None
-        if args.batch_size % sharding.axis_size(mesh, "data"):
+        if args.batch_size % meshes.axis_size(mesh, "data"):
             raise UsageError(f"--batch-size {args.batch_size} is not divisible by the data axis "
-                             f"({sharding.axis_size(mesh, 'data')})")
+                             f"({meshes.axis_size(mesh, 'data')})")
     model = gptoss_jax.load(args.checkpoint, dtype=args.dtype, progress=not args.quiet,
                             **({"mesh": mesh} if mesh is not None else {}))
     c = model.config
@@ -143,7 +143,7 @@ def run(args, log) -> dict:
         from jax.sharding import PartitionSpec as P
         rows = NamedSharding(mesh, P(None, "data"))
         place = lambda batch: jax.device_put(batch, rows)
-    rt = M.Runtime(remat=True, mesh=mesh, moe=model.runtime.moe)
+    rt = dataclasses.replace(model.runtime, remat=True, mesh=mesh)
     t0 = time.perf_counter()
     result = train.train(model.params, c, lc, tc, train_data, output_dir=args.output,
                          save_every=args.save_every, resume=args.resume, eval_data=eval_data,

@@ -19,6 +19,7 @@ class Model:
 
     ``model(tokens)`` -> ``[batch, time, vocab]`` f32 logits for int32 ``[batch, time]`` tokens;
     ``lengths`` (``[batch]``) marks right padding in a batch of unequal length.
+    ``model.runtime.ops.table()`` shows which implementation runs each platform-dependent op.
     """
     params: dict
     config: GptOssConfig = struct.field(pytree_node=False)
@@ -37,11 +38,10 @@ class Model:
         return self.params["embed"].dtype
 
     def with_runtime(self, **changes) -> Model:
+        """This model with ``Runtime`` fields replaced (e.g. ``ops=ops.resolve(experts="xla")``)."""
         return self.replace(runtime=dataclasses.replace(self.runtime, **changes))
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4))
 def _forward(params, tokens, lengths, config, runtime):
     return M.forward(params, tokens, config, lengths=lengths, rt=runtime)
-
-
