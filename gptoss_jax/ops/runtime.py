@@ -21,6 +21,7 @@ import dataclasses
 import jax
 
 import cpu_kernels
+from pallas_kernels import backend_available
 
 EXPERT_IMPLS = ("auto", "xla", "pallas", "cpu")
 PALLAS_BACKENDS = ("auto", "triton", "mosaic")
@@ -110,8 +111,8 @@ def resolve(*, platform: str | None = None, experts: str = "auto", use_cpu_kerne
             xla_dtype: str | None = None) -> Ops:
     """The :class:`Ops` for ``platform`` (default: JAX's default backend, read here once).
 
-    ``experts``: ``"auto"`` (Pallas on GPU; on CPU the C++ MXFP4 kernel for decode-sized row
-    counts where it builds, XLA otherwise), or ``"xla"`` / ``"pallas"`` / ``"cpu"`` to force one
+    ``experts``: ``"auto"`` (Pallas on GPU where its backend loads; on CPU the C++ MXFP4 kernel
+    for decode-sized row counts where it builds; XLA otherwise), or ``"xla"`` / ``"pallas"`` / ``"cpu"`` to force one
     (``"cpu"`` raises here when the kernel cannot run). ``use_cpu_kernels=False`` keeps every op
     on XLA (the fallback a machine without AVX-512 runs). On CPU this builds the kernels
     (``cpu_kernels.available``: a compiler run the first time, cached on disk).
@@ -128,7 +129,10 @@ def resolve(*, platform: str | None = None, experts: str = "auto", use_cpu_kerne
             raise RuntimeError("moe impl 'cpu': the CPU MXFP4 kernel is not available here")
         impl = "cpu_kernel"
     elif experts == "auto" and platform == "gpu":
-        impl = "pallas"
+        # Pallas' Triton backend is deprecated from JAX 0.11: where the kernel's backend does not
+        # load, the experts run in XLA rather than fail at trace time
+        impl = "pallas" if backend_available(
+            "triton" if pallas_backend == "auto" else pallas_backend) else "xla"
     elif experts == "auto" and "mxfp4_grouped" in built:
         impl, kernel_rows = "cpu_kernel", CPU_KERNEL_MAX_ROWS_PER_EXPERT
     else:
