@@ -81,6 +81,9 @@ def grouped_mxfp4_matmul_kernel(
     (out_ref,) = refs
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
     compute_dtype = jnp.bfloat16 if p.lhs_dtype == jnp.bfloat16 else jnp.float32
+    # f32 activations ask for f32 products: Triton's default for f32 dots is TF32 (10-bit
+    # mantissas), which would round the activations; bf16 ones are exact either way.
+    precision = jax.lax.Precision.HIGHEST if compute_dtype == jnp.float32 else None
 
     i, j = pl.program_id(0), pl.program_id(1)
     r0, c0 = i * bm, j * bn
@@ -106,7 +109,7 @@ def grouped_mxfp4_matmul_kernel(
                                mask=col_ok[:, None] & sb_ok[None, :], other=127)  # [bn, bk/32]
             w = dequantize_tile(codes, sc, compute_dtype, cfg.dequant)  # [bn, bk]
             return acc + jax.lax.dot_general(
-                x.astype(compute_dtype), w, (((1,), (1,)), ((), ())),
+                x.astype(compute_dtype), w, (((1,), (1,)), ((), ())), precision=precision,
                 preferred_element_type=jnp.float32)
 
         def run(acc):
