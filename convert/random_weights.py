@@ -52,7 +52,7 @@ def random_getter(config: GptOssConfig, *, seed: int = 0, experts: str = "mxfp4"
         rng = np.random.default_rng([seed, zlib.crc32(repr(path).encode())])
         name = path[-1]
         if name in ("blocks", "scales"):
-            # the pair is drawn once from the weight's own path (as the packed format's seed)
+            # blocks and scales are one draw, seeded by the weight's path
             weight = path[:-1]
             if weight not in packed_cache:
                 packed_cache.clear()

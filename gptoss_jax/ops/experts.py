@@ -7,7 +7,7 @@ For routed tokens (``x`` ``[T, d]``, routing ``weights`` / expert ids ``idx`` ``
 
 Backends, chosen from the resolved :class:`~gptoss_jax.ops.runtime.Ops` and the static shapes:
 
-* ``pallas`` (GPU; packed experts without adapters): the grouped MXFP4 kernels
+* ``pallas`` (GPU, or interpret mode; packed experts without adapters): the grouped MXFP4 kernels
   (``pallas_kernels.grouped_mxfp4``: Triton-style, or Mosaic GPU when asked for) take the sorted
   pairs straight from the packed weights, with the bias, the SwiGLU and the routing weight fused
   into their epilogues;
@@ -49,7 +49,8 @@ def backend(experts: Experts, pairs: int, ops: Ops, *, grouped: bool = False) ->
 def skip_rows(weights, idx, valid, num_experts: int):
     """Routing with the rows that do not matter (``valid`` false: prompt padding up to a length
     bucket, idle decode slots) sent to no expert, so the sorted paths spend nothing on them
-    (their output is 0). The gather path (``T*k <= E``) takes every row as it is."""
+    (their output is 0). Only past ``E`` pairs: below, the gather path may run, and it takes
+    every row as it is."""
     t, k = idx.shape
     if valid is None or t * k <= num_experts:
         return weights, idx

@@ -36,10 +36,6 @@ class Mxfp4Weight(NamedTuple):
         *lead, kb, half = self.blocks.shape
         return (*lead, kb * half * 2)
 
-    def take(self, index) -> Mxfp4Weight:
-        """The weight of the experts ``index`` selects along the leading axis."""
-        return Mxfp4Weight(self.blocks[index], self.scales[index])
-
 
 class LoraPair(NamedTuple):
     """A low-rank update of one weight, ``x -> (x A) B`` (shapes per use; scale folded into b)."""
