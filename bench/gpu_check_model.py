@@ -49,25 +49,27 @@ def _init_leaf(key, shape, dtype, kind, std):
 def random_params(config, seed: int = 0) -> dict:
     """Random parameters for ``config`` made on the default device (nothing on the host)."""
     specs = P.declare(config)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(specs, is_leaf=P.is_spec)
-    leaves = []
-    for i, (path, spec) in enumerate(flat):
-        name = str(getattr(path[-1], "key", path[-1]))
+    index = {path: i for i, (path, _) in enumerate(P.leaf_paths(specs, is_leaf=P.is_spec))}
+
+    def leaf(path, spec):
+        name = path[-1]  # packed experts: ("layers", i, "experts", "gate_up", "blocks"), ...
         fan_in = math.prod(spec.shape[1:]) if name in ("unembed",) else (
             math.prod(spec.shape[:-1]) if name == "o_w" else spec.shape[0])
-        kind = ("blocks" if name.endswith("_blocks") else "scales" if name.endswith("_scales")
+        kind = ("blocks" if name == "blocks" else "scales" if name == "scales"
                 else "ones" if name.endswith("norm") else "normal")
         std = 1.0 if name in ("embed", "sinks") else (
             1.0 / math.sqrt(fan_in) if name.endswith("_w") or name in ("w", "unembed") else 0.02)
-        leaves.append(_init_leaf(jax.random.key(seed * 100003 + i), tuple(spec.shape),
-                                 jnp.dtype(spec.dtype), kind, std))
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+        return _init_leaf(jax.random.key(seed * 100003 + index[path]), tuple(spec.shape),
+                          jnp.dtype(spec.dtype), kind, std)
+    return P.build(specs, leaf)
 
 
 def make_engine(params, config, max_batch: int, max_len: int):
-    """An engine over a model of ``params``, and that model's runtime (the paths it takes)."""
+    """An engine over a model of ``params`` (ops resolved for this platform), and the table of
+    the paths it takes."""
     model = gptoss_jax.Model(params=params, config=config)
-    return gptoss_jax.Engine(model, max_batch=max_batch, max_len=max_len), repr(model.runtime)
+    return (gptoss_jax.Engine(model, max_batch=max_batch, max_len=max_len),
+            model.runtime.ops.table())
 
 
 def greedy_sampling():

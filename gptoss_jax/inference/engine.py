@@ -48,7 +48,9 @@ from gptoss_jax.inference.sampler_state import (
     scatter_rows,
 )
 from gptoss_jax.inference.sampling import SampleMode, SamplingParams, row_settings, sample_step, seed_keys
+from gptoss_jax.model import kv_cache
 from gptoss_jax.model import transformer as M
+from gptoss_jax.model.sharding import cache_shardings
 
 MIN_BUCKET = 16
 HARMONY_STOPS = (200002, 200012, 199999)  # <|return|>, <|call|>, <|endoftext|>
@@ -56,7 +58,7 @@ HARMONY_STOPS = (200002, 200012, 199999)  # <|return|>, <|call|>, <|endoftext|>
 
 class Slots(NamedTuple):
     """Per-slot decode state (a pytree; lives on device)."""
-    cache: list  # list[M.LayerCache], batch axis = slot
+    cache: list  # list[kv_cache.LayerCache], batch axis = slot
     pos: jax.Array  # [B] int32 position of the next token to feed, -1 = idle slot
     token: jax.Array  # [B] int32 last sampled token (the next one to feed)
     sampler: SamplerState  # [B] rows: seed keys, step counts, settings, penalty history
@@ -79,18 +81,18 @@ def _prefill(params, slots: Slots, batch, config, runtime, mode: SampleMode):
     src, slot_ids = batch["src"], batch["slot"]  # [n]: one entry per sequence
     p, t = tokens.shape
     max_len = max(c.pos.shape[1] for c in slots.cache)  # the engine's full-layer length
-    fresh = M.init_cache(config, p, max_len, M.cache_values(slots.cache[0].k).dtype)
+    fresh = kv_cache.init_cache(config, p, max_len, slots.cache[0].dtype, runtime.ops)
     pos = M.positions_from_lengths(tokens, lengths)
     x, fresh = M.hidden_states(params, tokens, pos, config, cache=fresh, rt=runtime, fresh=True)
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [p, d]
-    logits = M.unembed(params, last)[src]  # [n, v]: the choices of a prompt share its logits
+    logits = M.unembed(params, last, runtime)[src]  # [n, v]: the choices of a prompt share its logits
     rows = new_rows(batch["rows"], batch["keys"], tokens[src], lengths[src], config.vocab_size,
                     history=mode.history)
     first, lp = sample_step(logits, rows, mode)
     rows = advance(rows, first, jnp.ones(first.shape, bool), history=mode.history)
-    cache = [M.LayerCache(c.k.at[slot_ids].set(f.k[src]), c.v.at[slot_ids].set(f.v[src]),
-                          c.pos.at[slot_ids].set(f.pos[src])) for c, f in zip(slots.cache, fresh)]
-    s = slots._replace(cache=cache, pos=slots.pos.at[slot_ids].set(lengths[src]),
+    rows_of = [jax.tree.map(lambda a: a[src], f) for f in fresh]  # a prompt's rows, once per sequence
+    s = slots._replace(cache=kv_cache.put_rows(slots.cache, slot_ids, rows_of),
+                       pos=slots.pos.at[slot_ids].set(lengths[src]),
                        token=slots.token.at[slot_ids].set(first),
                        sampler=scatter_rows(slots.sampler, slot_ids, rows))
     return s, first, lp
@@ -102,7 +104,7 @@ def _decode(params, slots: Slots, config, runtime, mode: SampleMode):
     pos = slots.pos[:, None]
     x, cache = M.hidden_states(params, slots.token[:, None], pos, config, cache=slots.cache,
                                rt=runtime)
-    logits = M.unembed(params, x[:, 0])
+    logits = M.unembed(params, x[:, 0], runtime)
     nxt, lp = sample_step(logits, slots.sampler, mode)
     active = slots.pos >= 0
     nxt = jnp.where(active, nxt, 0)
@@ -133,10 +135,9 @@ class Engine:
                              f"{c.max_position_embeddings}")
         self.model, self.config, self.max_batch, self.max_len = model, c, max_batch, max_len
         dtype = model.params["embed"].dtype
-        cache = M.init_cache(c, max_batch, max_len, dtype)
-        mesh = getattr(model.runtime, "mesh", None)
+        cache = kv_cache.init_cache(c, max_batch, max_len, dtype, model.runtime.ops)
+        mesh = model.runtime.mesh
         if mesh is not None:  # kv heads on the tensor axis, slots on the data axis
-            from gptoss_jax.parallel.sharding import cache_shardings
             cache = jax.device_put(cache, cache_shardings(c, mesh, max_batch, max_len))
         self.slots = Slots(
             cache=cache,
