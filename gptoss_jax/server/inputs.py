@@ -16,11 +16,16 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import openai_harmony as oh
+
 from gptoss_jax.chat.messages import ROLES, Message, ToolCall, normalize_messages
-from gptoss_jax.chat.render import render_prompt
+from gptoss_jax.chat.render import build_conversation, render_prompt
 from gptoss_jax.server.errors import APIError, unsupported
 
 _TEXT_PARTS = ("input_text", "output_text", "text", "reasoning_text", "summary_text")
+# The Responses API's built-in tool types (server.builtin_tools runs them), named in errors.
+_BUILTIN_TYPES = ("web_search_preview", "web_search_preview_2025_03_11", "web_search", "web_search_2025_08_26",
+                  "browser_search", "code_interpreter", "mcp")
 
 
 def _text(content: Any, param: str) -> str:
@@ -198,8 +203,12 @@ def function_tools(tools: Any, param: str = "tools") -> list[dict]:
         if not isinstance(tool, Mapping):
             raise APIError(f"Invalid type for {p!r}: expected an object", param=p, code="invalid_type")
         if tool.get("type") != "function":
+            hint = ""
+            if tool.get("type") in _BUILTIN_TYPES:
+                hint = ("; built-in tools run through the Responses API (POST /v1/responses) on a "
+                        "server started with the tool's flag (--browser, --python, --tool-server)")
             raise unsupported(f"{p}.type", f"Tools of type {tool.get('type')!r} are not supported "
-                                           f"(function tools only)")
+                                           f"here (function tools only){hint}")
         fn = tool.get("function", tool)
         if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str) or not fn["name"]:
             raise APIError(f"Missing or invalid {p + '.name'!r}", param=f"{p}.name", code="invalid_value")
@@ -216,5 +225,15 @@ def render(messages: list[Message], *, tools: list[dict], **options: Any) -> lis
     try:
         return render_prompt(messages, tools=tools or None, **options)
     except (ValueError, TypeError, KeyError, RuntimeError) as e:  # openai-harmony: RuntimeError
+        raise APIError(f"The conversation could not be rendered: {e}", param="input",
+                       code="invalid_value") from None
+
+
+def conversation(messages: list[Message], *, tools: list[dict], **options: Any) -> list[oh.Message]:
+    """The harmony messages of a request's conversation (what ``render`` renders), for a tool
+    loop that appends to them; ``options`` as for ``render`` (``tool_namespaces`` too)."""
+    try:
+        return build_conversation(messages, tools=tools or None, **options)
+    except (ValueError, TypeError, KeyError, RuntimeError) as e:
         raise APIError(f"The conversation could not be rendered: {e}", param="input",
                        code="invalid_value") from None
