@@ -26,14 +26,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gptoss_jax.server.errors import APIError, unsupported
-from gptoss_jax.tools import McpTool, Tool, Toolbox, ToolUsageError
+from gptoss_jax.tools import ENABLE_HINT, McpTool, Tool, Toolbox, ToolUsageError
 
 WEB_SEARCH_TYPES = ("web_search_preview", "web_search_preview_2025_03_11", "web_search", "web_search_2025_08_26",
                     "browser_search")
 BUILTIN_TYPES = (*WEB_SEARCH_TYPES, "code_interpreter", "mcp")
 INCLUDES = ("code_interpreter_call.outputs", "web_search_call.action.sources")
 _WEB_SEARCH_HINTS = ("search_context_size", "user_location", "external_web_access")
-_CLI_HINT = {"browser": "--browser local:DIR (or exa, youcom)", "python": "--python subprocess (or docker, jupyter)"}
 
 
 @dataclasses.dataclass
@@ -50,9 +49,8 @@ class RequestTools:
 
 
 def _not_enabled(param: str, kind: str, namespace: str) -> APIError:
-    flag = _CLI_HINT.get(namespace, "--tool-server URL")
-    return APIError(f"Tools of type {kind!r} are not enabled on this server: start it with {flag} to enable "
-                    f"them", param=param, code="unsupported_value")
+    return APIError(f"Tools of type {kind!r} are not enabled on this server; to enable them, "
+                    f"{ENABLE_HINT[namespace]}", param=param, code="unsupported_value")
 
 
 def _no_extra(tool: Mapping, p: str, known: set[str]) -> None:

@@ -168,7 +168,8 @@ def test_builtin_call_then_client_function(served):
     assert r1.status == "completed" and [o.type for o in r1.output] == ["code_interpreter_call", "function_call"]
     assert r1.output[0].outputs[0].logs == "42"
     call = r1.output[1]
-    assert isinstance(call, ResponseFunctionToolCall) and call.name == "get_weather" and call.arguments == '{"city":"Oslo"}'
+    assert isinstance(call, ResponseFunctionToolCall) and call.name == "get_weather"
+    assert call.arguments == '{"city":"Oslo"}'
     assert [t.type for t in r1.tools] == ["code_interpreter", "function"]
     r2 = served.client.responses.create(model="m", previous_response_id=r1.id, tools=[CODE_INTERPRETER, WEATHER],
                                         input=[{"type": "function_call_output", "call_id": call.call_id,

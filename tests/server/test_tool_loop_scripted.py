@@ -202,8 +202,9 @@ def test_budget_counts_every_model_call(py):
 
 def test_web_search_items_and_events(web):
     start = len(web.engine.prompts)
-    r = web.client.responses.create(model="scripted", input="How does BM25 rank?", tools=[{"type": "web_search_preview"}],
-                                    include=["web_search_call.action.sources"], max_tool_calls=1)
+    r = web.client.responses.create(model="scripted", input="How does BM25 rank?",
+                                    tools=[{"type": "web_search_preview"}], include=["web_search_call.action.sources"],
+                                    max_tool_calls=1)
     assert [type(o) for o in r.output] == [ResponseFunctionWebSearch] * 2
     call, refused = r.output
     assert call.status == "completed" and call.action.type == "search" and call.action.query == "bm25 ranking"
