@@ -181,12 +181,14 @@ def _is_final(m: Message) -> bool:
 
 
 def drop_past_thinking(messages: Sequence[Message], *, keep_last_turn: bool = False) -> list[Message]:
-    """Remove ``thinking`` from assistant messages of turns that ended in a final answer.
+    """Remove the reasoning of turns that ended in a final answer.
 
-    Every assistant message up to and including the last final answer loses its reasoning; the
-    messages after it (a turn in progress: tool calls and results) keep theirs. With
-    ``keep_last_turn`` (training), a conversation that *ends* with a final answer keeps the
-    reasoning of that last turn, the target being trained.
+    Every assistant message up to and including the last final answer loses its reasoning, and
+    so do the built-in tool calls written on the analysis channel and their results (they are
+    reasoning too: openai-harmony drops every analysis message); function calls and their
+    results stay. The messages after it (a turn in progress: tool calls and results) keep
+    theirs. With ``keep_last_turn`` (training), a conversation that *ends* with a final answer
+    keeps the reasoning of that last turn, the target being trained.
     """
     finals = [i for i, m in enumerate(messages) if _is_final(m)]
     if keep_last_turn and finals and finals[-1] == len(messages) - 1:
@@ -194,10 +196,14 @@ def drop_past_thinking(messages: Sequence[Message], *, keep_last_turn: bool = Fa
     cut = finals[-1] if finals else -1
     out = []
     for i, m in enumerate(messages):
-        if i <= cut and m.thinking:
-            if not (m.content or m.tool_calls):
-                continue  # nothing but reasoning: the whole message goes
-            m = dataclasses.replace(m, thinking=None)
+        if i <= cut and m.role == "tool" and m.channel == "analysis":
+            continue
+        if i <= cut and m.role == "assistant":
+            calls = tuple(tc for tc in m.tool_calls if tc.channel != "analysis")
+            if m.thinking or len(calls) < len(m.tool_calls):
+                if not (calls or (m.content and not m.tool_calls)):
+                    continue  # nothing but reasoning (a preamble to dropped calls goes with them)
+                m = dataclasses.replace(m, thinking=None, tool_calls=calls)
         out.append(m)
     return out
 

@@ -1,14 +1,17 @@
 """Request bodies -> harmony conversations (``chat.messages.Message`` lists) -> prompt tokens.
 
-Responses API ``input`` items: messages (``{"role", "content"}``, ``type: "message"``
-optional; content a string or ``input_text`` / ``output_text`` / ``text`` parts), ``reasoning``
-items (``content`` of ``reasoning_text`` parts, or a ``summary``), ``function_call`` and
-``function_call_output``. Consecutive reasoning / assistant message / function call items form
-one harmony assistant message (thinking, preamble or answer, tool calls), as the model wrote
-them. Chat completions ``messages`` go through ``chat.messages.normalize_messages`` after the
-same checks. Anything unsupported (images, files, unknown item types) is an :class:`APIError`
-naming the offending field. ``render`` is the one place a request's conversation becomes prompt
-tokens (``chat.render.render_prompt`` and its options).
+Responses API ``input`` items: messages (``{"role", "content"}``, ``type: "message"`` optional;
+content a string or ``input_text`` / ``output_text`` / ``text`` parts), ``reasoning`` items
+(``content`` of ``reasoning_text`` parts, or a ``summary``), ``function_call`` and
+``function_call_output``, and the built-in ``code_interpreter_call`` / ``mcp_call`` items of an
+earlier response (the call and the result it carries; a ``web_search_call`` does not carry the
+pages the model read, so it is refused: ``previous_response_id`` keeps them). Consecutive
+reasoning / assistant message / function call items form one harmony assistant message
+(thinking, preamble or answer, tool calls), as the model wrote them. Chat completions
+``messages`` go through ``chat.messages.normalize_messages`` after the same checks. Anything
+unsupported (images, files, unknown item types) is an :class:`APIError` naming the offending
+field. ``render`` is the one place a request's conversation becomes prompt tokens
+(``chat.render.render_prompt`` and its options).
 """
 
 from __future__ import annotations
@@ -134,10 +137,49 @@ def response_items(items: Sequence[Any], call_names: dict[str, str], param: str 
             text = output if isinstance(output, str) else _text(output, f"{p}.output")
             flush()
             out.append(Message(role="tool", name=call_names[call_id], content=text))
+        elif kind in ("code_interpreter_call", "mcp_call"):
+            call, result = _builtin_call(item, p)
+            if turn.content:
+                flush()
+            turn.calls.append(call)
+            flush()
+            out.append(result)
+        elif kind == "web_search_call":
+            raise unsupported(f"{p}.type", "web_search_call items cannot be given back as input (the pages "
+                                           "the model read are not part of them); continue with "
+                                           "previous_response_id instead")
         else:
             raise unsupported(f"{p}.type", f"Input items of type {kind!r} are not supported")
     flush()
     return out
+
+
+def _builtin_call(item: Mapping, p: str) -> tuple[ToolCall, Message]:
+    """A code interpreter or MCP call given back as input: the call as the model wrote it and
+    the result it read (the logs / the output)."""
+    if item["type"] == "code_interpreter_call":
+        code = item.get("code") or ""
+        if not isinstance(code, str):
+            raise APIError(f"Invalid type for {p + '.code'!r}: expected a string", param=f"{p}.code",
+                           code="invalid_type")
+        outputs = item.get("outputs") or []
+        logs = [o.get("logs") for o in outputs if isinstance(o, Mapping) and o.get("type") == "logs"]
+        call = ToolCall("python", code, recipient="python", channel="analysis", content_type="code")
+        return call, Message(role="tool", name="python", content="\n".join(x for x in logs if isinstance(x, str)),
+                             channel="analysis")
+    label, name = _str_field(item, "server_label", p), _str_field(item, "name", p)
+    args = item.get("arguments", "{}")
+    if not isinstance(args, str):
+        raise APIError(f"Invalid type for {p + '.arguments'!r}: expected a JSON string", param=f"{p}.arguments",
+                       code="invalid_type")
+    error = item.get("error")
+    text = item.get("output") if isinstance(item.get("output"), str) else ""
+    if error and not text:
+        text = error if isinstance(error, str) else _text(error.get("content") if isinstance(error, Mapping)
+                                                          else None, f"{p}.error.content")
+    recipient = f"{label}.{name}"
+    call = ToolCall(name, args, recipient=recipient, channel="commentary", content_type="<|constrain|>json")
+    return call, Message(role="tool", name=recipient, content=text, channel="commentary")
 
 
 def chat_messages(messages: Sequence[Any]) -> list[Message]:

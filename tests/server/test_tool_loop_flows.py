@@ -178,6 +178,19 @@ def test_builtin_call_then_client_function(served):
     prompt = served.engine.prompt_texts(-1)[0]
     assert "<|start|>python to=assistant<|channel|>analysis<|message|>42<|end|>" in prompt
     assert '<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>{"sky": "sunny"}' in prompt
+    # without the store: the client gives the items back (the code and its logs) with the result
+    output = {"type": "function_call_output", "call_id": call.call_id, "output": '{"sky": "sunny"}'}
+    r3 = served.client.responses.create(model="m", tools=[CODE_INTERPRETER, WEATHER], store=False, input=[
+        {"role": "user", "content": "MIX"}, *(o.model_dump(exclude_none=True) for o in r1.output), output])
+    assert r3.output_text == "42, and sunny in Oslo."
+    replayed = served.engine.prompt_texts(-1)[0]
+    assert replayed.count("<|start|>python to=assistant<|channel|>analysis<|message|>42<|end|>") == 1
+    assert "to=python<|channel|>analysis code<|message|>print(6*7)<|call|>" in replayed
+    with pytest.raises(openai.BadRequestError) as e:
+        searched = {"type": "web_search_call", "id": "ws_1", "status": "completed",
+                    "action": {"type": "search", "query": "q"}}
+        served.client.responses.create(model="m", input=[{"role": "user", "content": "hi"}, searched])
+    assert e.value.param == "input[1].type" and "previous_response_id" in e.value.message
 
 
 def test_mcp_server_tools(served, calc):
