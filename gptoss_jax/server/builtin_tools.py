@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gptoss_jax.server.errors import APIError, unsupported
+from gptoss_jax.server.inputs import function_tool
 from gptoss_jax.tools import ENABLE_HINT, McpTool, Tool, Toolbox, ToolUsageError
 
 WEB_SEARCH_TYPES = ("web_search_preview", "web_search_preview_2025_03_11", "web_search", "web_search_2025_08_26",
@@ -129,7 +130,7 @@ def request_tools(tools: Sequence[Any] | None, server: Toolbox | None, param: st
         p = f"{param}[{i}]"
         kind = tool.get("type") if isinstance(tool, Mapping) else None
         if kind not in BUILTIN_TYPES:
-            out.functions.append(tool)  # validated (or refused by type) with the function tools
+            out.functions.append(function_tool(tool, p))  # a function, or a 400 naming tools[i]
             out.listed.append(tool)
             continue
         if kind == "mcp":

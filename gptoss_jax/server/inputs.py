@@ -241,24 +241,29 @@ def function_tools(tools: Any, param: str = "tools") -> list[dict]:
     if not isinstance(tools, list):
         raise APIError(f"Invalid type for {param!r}: expected a list", param=param, code="invalid_type")
     for i, tool in enumerate(tools):
-        p = f"{param}[{i}]"
-        if not isinstance(tool, Mapping):
-            raise APIError(f"Invalid type for {p!r}: expected an object", param=p, code="invalid_type")
-        if tool.get("type") != "function":
-            hint = ""
-            if tool.get("type") in _BUILTIN_TYPES:
-                hint = ("; built-in tools run through the Responses API (POST /v1/responses) on a "
-                        "server started with the tool's flag (--browser, --python, --tool-server)")
-            raise unsupported(f"{p}.type", f"Tools of type {tool.get('type')!r} are not supported "
-                                           f"here (function tools only){hint}")
-        fn = tool.get("function", tool)
-        if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise APIError(f"Missing or invalid {p + '.name'!r}", param=f"{p}.name", code="invalid_value")
-        params = fn.get("parameters")
-        if params is not None and not isinstance(params, Mapping):
-            raise APIError(f"Invalid type for {p + '.parameters'!r}: expected a JSON schema object",
-                           param=f"{p}.parameters", code="invalid_type")
+        function_tool(tool, f"{param}[{i}]")
     return list(tools)
+
+
+def function_tool(tool: Any, p: str) -> dict:
+    """One validated function tool; ``p`` names it in errors (``tools[2]``)."""
+    if not isinstance(tool, Mapping):
+        raise APIError(f"Invalid type for {p!r}: expected an object", param=p, code="invalid_type")
+    if tool.get("type") != "function":
+        hint = ""
+        if tool.get("type") in _BUILTIN_TYPES:
+            hint = ("; built-in tools run through the Responses API (POST /v1/responses) on a "
+                    "server started with the tool's flag (--browser, --python, --tool-server)")
+        raise unsupported(f"{p}.type", f"Tools of type {tool.get('type')!r} are not supported "
+                                       f"here (function tools only){hint}")
+    fn = tool.get("function", tool)
+    if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str) or not fn["name"]:
+        raise APIError(f"Missing or invalid {p + '.name'!r}", param=f"{p}.name", code="invalid_value")
+    params = fn.get("parameters")
+    if params is not None and not isinstance(params, Mapping):
+        raise APIError(f"Invalid type for {p + '.parameters'!r}: expected a JSON schema object",
+                       param=f"{p}.parameters", code="invalid_type")
+    return tool
 
 
 def render(messages: list[Message], *, tools: list[dict], **options: Any) -> list[int]:
