@@ -119,8 +119,11 @@ class ToolChat:
         self.history = [*messages, *render.from_harmony(done.messages)]
         final = "\n".join(_text(m) for m in done.messages if m.channel == "final" and not m.recipient)
         printer.end(done, final)
+        said = [m for m in done.messages if m.author.role == oh.Role.ASSISTANT and not m.recipient]
+        channels = {"analysis": "\n".join(_text(m) for m in said if m.channel == "analysis"), "final": final,
+                    "commentary": [_text(m) for m in said if m.channel == "commentary"], "error": done.error}
         return {"prompt_tokens": self.prompts[0] if self.prompts else [], "tokens": self.tokens,
-                "text": final, "stop_reason": done.reason, "tool_calls": calls,
+                "text": final, "channels": channels, "stop_reason": done.reason, "tool_calls": calls,
                 "pending_call": ({"recipient": done.pending_call.recipient, "arguments": _text(done.pending_call)}
                                  if done.pending_call is not None else None),
                 "model_calls": len(self.prompts), "error": done.error}
