@@ -144,6 +144,8 @@ def response_items(items: Sequence[Any], call_names: dict[str, str], param: str 
             turn.calls.append(call)
             flush()
             out.append(result)
+        elif kind == "mcp_list_tools":
+            continue  # what a server offers: the system message declares it
         elif kind == "web_search_call":
             raise unsupported(f"{p}.type", "web_search_call items cannot be given back as input (the pages "
                                            "the model read are not part of them); continue with "

@@ -45,7 +45,8 @@ def new_id(prefix: str, sep: str = "_") -> str:
 
 
 #: Items of calls the server runs, and the prefix of their ids.
-BUILTIN_KINDS = {"web_search_call": "ws", "code_interpreter_call": "ci", "mcp_call": "mcp"}
+BUILTIN_KINDS = {"web_search_call": "ws", "code_interpreter_call": "ci", "mcp_call": "mcp",
+                 "mcp_list_tools": "mcpl"}  # the last: an MCP server's tools, listed for the client
 # The status of a built-in call while it runs.
 _RUNNING = {"web_search_call": "searching", "code_interpreter_call": "interpreting", "mcp_call": "calling"}
 
@@ -156,6 +157,12 @@ class ReplyTracker:
             return []
         item.status = "incomplete"
         return [Op("result", item)]
+
+    def add_listing(self, server_label: str, tools: list[dict]) -> list[Op]:
+        """An ``mcp_list_tools`` item: the tools of an MCP server the response may call."""
+        item = Item("mcp_list_tools", new_id("mcpl"), name=server_label, closed=True, result={"tools": tools})
+        self.items.append(item)
+        return [Op("open", item), Op("result", item)]
 
     @property
     def pending_call(self) -> Item | None:

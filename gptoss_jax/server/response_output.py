@@ -25,6 +25,8 @@ and, on a decode failure, ``error`` + ``response.failed``. Calls of built-in too
         response.web_search_call.searching, response.web_search_call.completed, output_item.done
     mcp_call: output_item.added, response.mcp_call.in_progress, response.mcp_call_arguments.delta*,
         response.mcp_call_arguments.done, response.mcp_call.completed | failed, output_item.done
+    mcp_list_tools (first, once per server and conversation): output_item.added,
+        response.mcp_list_tools.in_progress, response.mcp_list_tools.completed, output_item.done
 
 (a call that is not run goes from its last event to ``output_item.done``, status
 ``incomplete``), and a final answer's url citations add ``response.output_text.annotation.added``
@@ -74,6 +76,9 @@ def _builtin_json(item: Item, include: frozenset[str], container_id: str) -> dic
         if "web_search_call.action.sources" not in include:
             action.pop("sources", None)
         return {"type": "web_search_call", "id": item.id, "status": item.status, "action": action}
+    if item.kind == "mcp_list_tools":
+        return {"type": "mcp_list_tools", "id": item.id, "server_label": item.name, "tools": result.get("tools", []),
+                "error": None}
     namespace, _, name = (item.name or "").partition(".")
     return {"type": "mcp_call", "id": item.id, "status": item.status, "server_label": namespace,
             "name": result.get("name", name or namespace), "arguments": item.text,
@@ -242,8 +247,7 @@ class StreamEvents:
     def _builtin(self, op: Op, at: dict) -> list[str]:
         """The events of a built-in tool call (see the module docstring)."""
         item, kind = op.item, op.item.kind
-        prefix = {"code_interpreter_call": "response.code_interpreter_call",
-                  "web_search_call": "response.web_search_call", "mcp_call": "response.mcp_call"}[kind]
+        prefix = f"response.{kind}"  # response.code_interpreter_call.in_progress, ...
         out = []
         if op.kind == "open":
             out.append(self.event("response.output_item.added", output_index=at["output_index"],

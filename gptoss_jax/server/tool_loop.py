@@ -18,8 +18,10 @@ Each model call after the first counts its prompt (with the tool results in it) 
 ``usage.input_tokens``; tool results are truncated to the server's budget (``build_tools``'s
 output limit) before the model sees them. The stored conversation (``previous_response_id``)
 keeps the calls and their results, and the conversation's id, which keys stateful tools (a
-jupyter kernel) across the chain. A client that goes away cancels the running job and closes the
-tool session (the sandbox kills a running call).
+jupyter kernel) across the chain. A response that enables an MCP server its chain has not seen
+yet starts with an ``mcp_list_tools`` item of the server's tools, as OpenAI's API does. A client
+that goes away cancels the running job and closes the tool session (the sandbox kills a running
+call).
 """
 
 from __future__ import annotations
@@ -45,9 +47,28 @@ from gptoss_jax.server.response_output import ResponseRun, StreamEvents
 from gptoss_jax.server.scheduler import EngineError, Job
 from gptoss_jax.server.state import ServerState
 from gptoss_jax.server.store import StoredResponse
-from gptoss_jax.tools import LoopDone, Toolbox, ToolCallEvent, ToolResultEvent, run_tool_loop
+from gptoss_jax.tools import LoopDone, McpTool, Toolbox, ToolCallEvent, ToolResultEvent, run_tool_loop
 
 _CALL_LIMITS = ("max_tool_calls", "max_tool_iterations")
+
+
+def unlisted_servers(st: ServerState, previous_response_id: str | None, toolbox: Toolbox) -> list[McpTool]:
+    """The MCP servers of ``toolbox`` whose tools no earlier response of the chain listed (an
+    ``mcp_list_tools`` item): OpenAI's API lists a server's tools once per conversation."""
+    servers = {ns: t for ns, t in toolbox.tools.items() if isinstance(t, McpTool)}
+    seen: set[str] = set()
+    while previous_response_id is not None and servers and len(seen) < 10_000:
+        seen.add(previous_response_id)
+        entry = st.store.get(previous_response_id)
+        if entry is None:
+            break
+        for item in entry.response.get("output") or ():
+            if item.get("type") == "mcp_list_tools":
+                servers.pop(item.get("server_label"), None)
+        previous_response_id = entry.response.get("previous_response_id")
+        if previous_response_id in seen:
+            break
+    return list(servers.values())
 
 
 def container_id(conversation_id: str) -> str:
@@ -65,6 +86,8 @@ class LoopedResponse:
         self.citations = Citations(self.session.resolve_citations)
         self.new_messages: list[Message] = []  # the reply for the stored conversation
         self._ops: list[Op] = []
+        for server in unlisted_servers(st, run.req.previous_response_id, toolbox):
+            self._ops += run.tracker.add_listing(server.namespace, server.listing())
         self._job: Job | None = None
         self._rounds = 0
         self._out_of_context = False

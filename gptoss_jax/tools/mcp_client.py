@@ -163,6 +163,12 @@ class McpTool(Tool):
         info = dataclasses.replace(self.info, tools=tuple(t for t in self.info.tools if t.name in names))
         return McpTool(info, namespace=self.namespace, timeout=self.timeout)
 
+    def listing(self) -> list[dict[str, Any]]:
+        """The server's tools as the Responses API's ``mcp_list_tools`` item lists them."""
+        return [{"name": t.name, "description": t.description, "input_schema": t.inputSchema,
+                 "annotations": t.annotations.model_dump(exclude_none=True) if t.annotations is not None else None}
+                for t in self.info.tools]
+
     def new_state(self, conversation_id: str | None = None) -> _Connection:
         return _Connection(self.info.url)
 

@@ -8,8 +8,10 @@ a client that goes away while code runs (job and sandbox stopped); a jupyter ker
 
 from __future__ import annotations
 
+import json
 import pathlib
 import re
+import socket
 import time
 import types
 import uuid
@@ -19,6 +21,7 @@ import openai
 import pytest
 from mcp.server.fastmcp import FastMCP
 from openai.types.responses import ResponseFunctionToolCall, ResponseFunctionWebSearch, ResponseOutputMessage
+from openai.types.responses.response_output_item import McpListTools
 
 from gptoss_jax.chat.tokenizer import load_tokenizer
 from gptoss_jax.server import Scheduler, create_app
@@ -199,12 +202,18 @@ def test_mcp_server_tools(served, calc):
     start = len(served.engine.prompts)
     r = served.client.responses.create(model="m", input="MCP add", tools=[tool])
     assert r.status == "completed" and r.output_text == "5"
-    item = r.output[0]
+    listing, item = r.output[0], r.output[1]
+    assert isinstance(listing, McpListTools) and listing.server_label == "calc"
+    assert [t.name for t in listing.tools] == ["add"] and listing.tools[0].input_schema["required"] == ["a", "b"]
     assert item.type == "mcp_call" and item.server_label == "calc" and item.name == "add"
     assert item.arguments == '{"a":2,"b":3}' and item.output == "5" and item.status == "completed"
     system = served.engine.prompt_texts(start)[0]
     assert "namespace calc" in system and "type add" in system and "type mul" not in system
-    with served.client.responses.stream(model="m", input="MCP again", tools=[tool]) as stream:
+    # listed once per conversation: a follow-up does not list again
+    again = served.client.responses.create(model="m", input="MCP more", tools=[tool], previous_response_id=r.id)
+    assert [o.type for o in again.output] == ["mcp_call", "message"]
+    with served.client.responses.stream(model="m", input="MCP again", tools=[tool],
+                                        previous_response_id=again.id) as stream:
         events = list(stream)
     kinds = [e.type for e in events]
     n = kinds.count("response.mcp_call_arguments.delta")
@@ -213,6 +222,16 @@ def test_mcp_server_tools(served, calc):
                               "response.mcp_call.completed", "response.output_item.done"]
     assert "".join(e.delta for e in events if e.type == "response.mcp_call_arguments.delta") == '{"a":2,"b":3}'
     assert kinds[-1] == "response.completed"
+    with served.client.responses.stream(model="m", input="MCP anew", tools=[tool]) as stream:
+        kinds = [e.type for e in stream]
+    assert kinds[2:6] == ["response.output_item.added", "response.mcp_list_tools.in_progress",
+                          "response.mcp_list_tools.completed", "response.output_item.done"]
+    # the items given back as input: the listing is skipped, the call replayed with its output
+    replay = served.client.responses.create(model="m", input=[
+        {"role": "user", "content": "MCP add"}, *(o.model_dump(exclude_none=True) for o in r.output[:2])],
+        tools=[tool], store=False)
+    assert replay.output_text == "5"
+    assert '<|start|>calc.add to=assistant<|channel|>commentary<|message|>5<|end|>' in served.engine.prompt_texts(-1)[0]
     for bad, param in [({**tool, "require_approval": "always"}, "tools[0].require_approval"),
                        ({**tool, "allowed_tools": ["sub"]}, "tools[0].allowed_tools"),
                        ({**tool, "headers": {"X": "y"}}, "tools[0].headers"),
@@ -255,10 +274,13 @@ def test_client_going_away_stops_the_loop(served, stream):
                     break
             assert _wait_for(lambda: bool(_sandboxes_with_marker()))
             resp.close()
-    else:
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(served.url + "/v1/responses", json=body, timeout=3)
-        assert _sandboxes_with_marker()
+    else:  # a plain request on a raw socket, closed once the code runs
+        data = json.dumps(body).encode()
+        host, port = served.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+            assert _wait_for(lambda: bool(_sandboxes_with_marker()))
     assert _wait_for(lambda: not _sandboxes_with_marker())  # the sandbox was killed, not left to time out
     assert _wait_for(lambda: httpx.get(served.url + "/v1/stats").json()["active"] == 0)
     assert served.client.responses.create(model="m", input="hello").output_text == "Hello."
