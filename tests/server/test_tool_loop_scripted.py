@@ -214,7 +214,8 @@ def test_web_search_items_and_events(web):
     text = load_tokenizer().decode(web.engine.prompts[start + 1])
     assert "<|start|>browser.search to=assistant<|channel|>analysis<|message|>" in text
     assert "Search results for `bm25 ranking`" in text and "BM25 ranks documents" in text
-    assert "namespace browser" in load_tokenizer().decode(web.engine.prompts[start])
+    browser = oh.SystemContent.new().with_browser_tool()  # openai-harmony's own browser namespace
+    assert web.engine.prompts[start] == harmony_prompt(browser, "How does BM25 rank?")
     with web.client.responses.stream(model="scripted", input="BM25?", tools=[{"type": "web_search"}],
                                      max_tool_calls=1) as stream:
         events = list(stream)
