@@ -92,9 +92,7 @@ def make_scripted_checkpoint(out_dir: str | os.PathLike, script: str | Sequence[
     specs = P.declare(config)
 
     def get(path: tuple) -> np.ndarray:
-        spec = specs
-        for p in path:
-            spec = spec[p]
+        spec = P.get(specs, path)
         name = path[-1]
         if name == "embed":
             return embed
@@ -102,10 +100,12 @@ def make_scripted_checkpoint(out_dir: str | os.PathLike, script: str | Sequence[
             return unembed
         if name in ("attn_norm", "mlp_norm", "final_norm"):
             return np.ones(spec.shape, np.float32)
-        if name.endswith("_blocks") or name in ("o_w", "o_b", "gate_up_bias", "down_bias"):
-            return np.zeros(spec.shape, np.uint8 if name.endswith("_blocks") else np.float32)
-        if name.endswith("_scales"):
+        if name == "blocks":  # the experts' packed MXFP4 codes: all +0
+            return np.zeros(spec.shape, np.uint8)
+        if name == "scales":
             return np.full(spec.shape, 127, np.uint8)  # 2**0: the zero blocks stay zero
+        if name in ("o_w", "o_b", "gate_up_bias", "down_bias"):
+            return np.zeros(spec.shape, np.float32)
         # q/k/v, sinks, router: random, and irrelevant to the output (attention's output is
         # projected away, every expert computes zero).
         return (0.1 * rng.standard_normal(spec.shape)).astype(np.float32)

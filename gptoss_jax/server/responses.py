@@ -74,19 +74,12 @@ def _conversation(st: ServerState, req: ResponsesRequest) -> tuple[list[Message]
     return messages + new, call_names
 
 
-def _conversation_id(st: ServerState, req: ResponsesRequest, response_id: str) -> str:
-    """The id of the conversation a response belongs to: its chain's first response."""
-    entry = st.store.get(req.previous_response_id) if req.previous_response_id is not None else None
-    return (entry.conversation_id or req.previous_response_id) if entry is not None else response_id
-
-
 def _save(st: ServerState, run: ResponseRun, messages: list[Message], call_names: dict[str, str]) -> None:
     if run.req.store is False or run.status not in ("completed", "incomplete"):
         return
     reply = run.tracker.message()
     names = {**call_names, **{i.call_id: i.name for i in run.tracker.tool_calls}}
-    st.store.put(run.id, StoredResponse(run.json(), tuple(messages + ([reply] if reply else [])), names,
-                                        _conversation_id(st, run.req, run.id)))
+    st.store.put(run.id, StoredResponse(run.json(), tuple(messages + ([reply] if reply else [])), names))
 
 
 @router.post("/v1/responses")
@@ -126,7 +119,7 @@ async def _with_builtin_tools(st: ServerState, req: ResponsesRequest, request: R
     tracker = ReplyTracker(item_type=toolbox.item_type)
     run = ResponseRun(req, model=st.model_name, prompt_len=len(prompt), effort=effort, tools=requested.listed,
                       tracker=tracker)
-    conversation_id = _conversation_id(st, req, run.id)
+    conversation_id = tool_loop.conversation_root(st, req.previous_response_id, run.id)
     run.container_id = tool_loop.container_id(conversation_id)
     sampling = params.sampling_of(req.temperature, req.top_p, None)
     return await tool_loop.respond(st, run, request, conversation, toolbox, sampling, messages=messages,

@@ -3,8 +3,7 @@
 
 A store keeps, per response id, a :class:`StoredResponse`: the response object as returned, and
 the conversation that produced it (harmony messages, the reply included) with the function-call
-names by ``call_id`` and the conversation's id (a jupyter kernel lives per conversation), so a
-follow-up request continues it exactly. :class:`ResponseStore` is the
+names by ``call_id``, so a follow-up request continues it exactly. :class:`ResponseStore` is the
 interface the routes use; :class:`MemoryStore` (the default) keeps the newest ``max_size`` in
 memory. Another backend (a file-backed one, say) implements the same methods and is passed to
 ``create_app(store=...)``.
@@ -25,7 +24,6 @@ class StoredResponse:
     response: dict  # the response object, as the client got it
     conversation: tuple[Message, ...]  # the input and the reply, for previous_response_id
     call_names: dict[str, str]  # call_id -> function name, for function_call_output items
-    conversation_id: str | None = None  # the first response of the chain: keys stateful tools
 
 
 class ResponseStore(Protocol):

@@ -17,8 +17,8 @@ function of the client (a ``function_call`` item, as without tools), or a limit 
 Each model call after the first counts its prompt (with the tool results in it) in
 ``usage.input_tokens``; tool results are truncated to the server's budget (``build_tools``'s
 output limit) before the model sees them. The stored conversation (``previous_response_id``)
-keeps the calls and their results, and the conversation's id, which keys stateful tools (a
-jupyter kernel) across the chain. A response that enables an MCP server its chain has not seen
+keeps the calls and their results; the chain's first response names the conversation, whose
+stateful tools (a jupyter kernel) live along the chain. A response that enables an MCP server its chain has not seen
 yet starts with an ``mcp_list_tools`` item of the server's tools, as OpenAI's API does. A client
 that goes away cancels the running job and closes the tool session (the sandbox kills a running
 call).
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import openai_harmony as oh
 from fastapi import Request
@@ -52,22 +52,34 @@ from gptoss_jax.tools import LoopDone, McpTool, Toolbox, ToolCallEvent, ToolResu
 _CALL_LIMITS = ("max_tool_calls", "max_tool_iterations")
 
 
+def _chain(st: ServerState, previous_response_id: str | None) -> Iterator[tuple[str, dict]]:
+    """The stored responses a request follows, newest first (to the first, or to one the store
+    no longer has): ``(id, response object)``."""
+    seen: set[str] = set()
+    while previous_response_id is not None and previous_response_id not in seen:
+        seen.add(previous_response_id)
+        entry = st.store.get(previous_response_id)
+        if entry is None:
+            return
+        yield previous_response_id, entry.response
+        previous_response_id = entry.response.get("previous_response_id")
+
+
+def conversation_root(st: ServerState, previous_response_id: str | None, response_id: str) -> str:
+    """The id of a response's conversation: the first response of its ``previous_response_id``
+    chain (the response itself when it starts one). It keys stateful tools: the jupyter kernel."""
+    ids = [rid for rid, _ in _chain(st, previous_response_id)]
+    return ids[-1] if ids else response_id
+
+
 def unlisted_servers(st: ServerState, previous_response_id: str | None, toolbox: Toolbox) -> list[McpTool]:
     """The MCP servers of ``toolbox`` whose tools no earlier response of the chain listed (an
     ``mcp_list_tools`` item): OpenAI's API lists a server's tools once per conversation."""
     servers = {ns: t for ns, t in toolbox.tools.items() if isinstance(t, McpTool)}
-    seen: set[str] = set()
-    while previous_response_id is not None and servers and len(seen) < 10_000:
-        seen.add(previous_response_id)
-        entry = st.store.get(previous_response_id)
-        if entry is None:
-            break
-        for item in entry.response.get("output") or ():
+    for _, response in _chain(st, previous_response_id if servers else None):
+        for item in response.get("output") or ():
             if item.get("type") == "mcp_list_tools":
                 servers.pop(item.get("server_label"), None)
-        previous_response_id = entry.response.get("previous_response_id")
-        if previous_response_id in seen:
-            break
     return list(servers.values())
 
 
@@ -170,12 +182,11 @@ class LoopedResponse:
 
 
 def _save(st: ServerState, run: ResponseRun, looped: LoopedResponse, messages: list[Message],
-          call_names: dict[str, str], conversation_id: str) -> None:
+          call_names: dict[str, str]) -> None:
     if run.req.store is False or run.status not in ("completed", "incomplete"):
         return
     names = {**call_names, **{i.call_id: i.name for i in run.tracker.tool_calls}}
-    st.store.put(run.id, StoredResponse(run.json(), tuple(messages + looped.new_messages), names,
-                                        conversation_id))
+    st.store.put(run.id, StoredResponse(run.json(), tuple(messages + looped.new_messages), names))
 
 
 async def _collect(looped: LoopedResponse, request: Request) -> None:
@@ -233,7 +244,7 @@ async def respond(st: ServerState, run: ResponseRun, request: Request, conversat
     looped = LoopedResponse(st, run, conversation, toolbox, sampling, conversation_id=conversation_id)
 
     def save():
-        _save(st, run, looped, messages, call_names, conversation_id)
+        _save(st, run, looped, messages, call_names)
 
     if run.req.stream:
         return SSEResponse(_stream(looped, save), on_close=looped.cancel)
