@@ -18,10 +18,10 @@ Each model call after the first counts its prompt (with the tool results in it) 
 ``usage.input_tokens``; tool results are truncated to the server's budget (``build_tools``'s
 output limit) before the model sees them. The stored conversation (``previous_response_id``)
 keeps the calls and their results; the chain's first response names the conversation, whose
-stateful tools (a jupyter kernel) live along the chain. A response that enables an MCP server its chain has not seen
-yet starts with an ``mcp_list_tools`` item of the server's tools, as OpenAI's API does. A client
-that goes away cancels the running job and closes the tool session (the sandbox kills a running
-call).
+stateful tools (a jupyter kernel) live along the chain. A response that enables an MCP server
+its chain has not seen yet starts with an ``mcp_list_tools`` item of the server's tools, as
+OpenAI's API does. A client that goes away cancels the running job and closes the tool session
+(the sandbox kills a running call).
 """
 
 from __future__ import annotations
