@@ -4,9 +4,12 @@
     python -m gptoss_jax.generate --checkpoint DIR --raw --prompt "Once upon a time"
     python -m gptoss_jax.generate --checkpoint DIR --prompt-ids 200006,17360,200008 --json
     python -m gptoss_jax.generate --checkpoint DIR            # interactive multi-turn chat
+    python -m gptoss_jax.generate --checkpoint DIR --prompt "2**100?" --python subprocess
 
-Thin CLI over :func:`gptoss_jax.inference.api.generate_stream` and :mod:`gptoss_jax.chat`. Bad
-arguments give a one-line error and exit code 2 (``cli.common``). """
+Thin CLI over :func:`gptoss_jax.inference.api.generate_stream` and :mod:`gptoss_jax.chat`; with
+built-in tools (``--browser``, ``--python``, ``--tool-server``) the chat runs the tool loop
+(:mod:`gptoss_jax.cli.tool_chat`). Bad arguments give a one-line error and exit code 2
+(``cli.common``). """
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import time
 
 from gptoss_jax.chat import parse, render
 from gptoss_jax.chat.render import EFFORTS
-from gptoss_jax.cli import common
+from gptoss_jax.cli import common, tool_chat
 from gptoss_jax.cli.common import UsageError
 from gptoss_jax.inference import api
 from gptoss_jax.inference import engine as sampler
@@ -42,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-reasoning", action="store_true", help="print the analysis channel")
     p.add_argument("--json", action="store_true", help="print one JSON object (tokens, text, channels, timings)")
     common.add_model_args(p)
+    common.add_tool_args(p)
     return p
 
 
@@ -73,6 +77,9 @@ def check_args(args) -> None:
             raise UsageError("--prompt-ids is empty")
     if args.raw and args.prompt is None and args.prompt_ids is None:
         raise UsageError("--raw needs --prompt (interactive mode is a chat)")
+    common.check_tool_args(args)
+    if (args.browser or args.python or args.tool_server) and (args.raw or args.prompt_ids is not None):
+        raise UsageError("--browser, --python and --tool-server need the chat, not --raw or --prompt-ids")
 
 
 class Session:
@@ -81,15 +88,25 @@ class Session:
     def __init__(self, model, args):
         self.model, self.args = model, args
         self.engine = None
+        self.timings: dict = {}
 
     def run(self, prompt_ids: list[int], on_token) -> tuple[list[int], str, dict]:
+        tokens, reason = [], "length"
+        for token, finish in self.stream(prompt_ids, self.args.max_new_tokens):
+            tokens.append(token)
+            on_token(token)
+            reason = finish or reason
+        return tokens, reason, self.timings
+
+    def stream(self, prompt_ids: list[int], max_new_tokens: int):
+        """``(token, finish_reason)`` as they are generated; ``timings`` describes the run after."""
         a, c = self.args, self.model.config
-        if len(prompt_ids) + a.max_new_tokens > c.max_position_embeddings:
+        if len(prompt_ids) + max_new_tokens > c.max_position_embeddings:
             raise UsageError(f"prompt of {len(prompt_ids)} tokens + --max-new-tokens "
-                             f"{a.max_new_tokens} exceeds the model's context of "
+                             f"{max_new_tokens} exceeds the model's context of "
                              f"{c.max_position_embeddings} tokens")
-        need = sampler.bucket(len(prompt_ids) + a.max_new_tokens)
-        if self.engine is None or self.engine.max_len < len(prompt_ids) + a.max_new_tokens:
+        need = sampler.bucket(len(prompt_ids) + max_new_tokens)
+        if self.engine is None or self.engine.max_len < len(prompt_ids) + max_new_tokens:
             self.engine = sampler.Engine(self.model, max_batch=1,
                                          max_len=min(max(need, 1024), c.max_position_embeddings))
         if not a.json:
@@ -98,26 +115,29 @@ class Session:
             temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p, seed=a.seed))
         if not a.json:
             print(f" {compile_s:.1f}s", file=sys.stderr, flush=True)
-        tokens, reason, t_first = [], "length", None
+        tokens, t_first = [], None
         t0 = time.perf_counter()
         for ev in api.generate_stream(
-                self.model, [prompt_ids], max_new_tokens=a.max_new_tokens,
+                self.model, [prompt_ids], max_new_tokens=max_new_tokens,
                 temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
                 seed=a.seed, engine=self.engine):
             if t_first is None:
                 t_first = time.perf_counter() - t0
             tokens.append(ev.token)
-            on_token(ev.token)
-            if ev.finish_reason:
-                reason = ev.finish_reason
+            yield ev.token, ev.finish_reason
         total = time.perf_counter() - t0
         decode = total - t_first
-        timings = {"prompt_tokens": len(prompt_ids), "new_tokens": len(tokens),
-                   "compile_s": round(compile_s, 3),
-                   "time_to_first_token_s": round(t_first, 4), "decode_s": round(decode, 4),
-                   "decode_tokens_per_s": (round((len(tokens) - 1) / decode, 2)
-                                           if len(tokens) > 1 and decode > 0 else None)}
-        return tokens, reason, timings
+        self.timings = {"prompt_tokens": len(prompt_ids), "new_tokens": len(tokens),
+                        "compile_s": round(compile_s, 3),
+                        "time_to_first_token_s": round(t_first, 4), "decode_s": round(decode, 4),
+                        "decode_tokens_per_s": (round((len(tokens) - 1) / decode, 2)
+                                                if len(tokens) > 1 and decode > 0 else None)}
+
+
+def _report_turn(t: dict, quiet: bool) -> None:
+    rate = t.get("decode_tokens_per_s")
+    common.log(f"[{t['model_calls']} model call(s), {t.get('new_tokens', 0)} new tokens, decode "
+               f"{rate if rate is not None else '-'} tok/s]", quiet)
 
 
 def _report(t: dict, quiet: bool) -> None:
@@ -253,7 +273,10 @@ def main(argv=None) -> int:
 
     def body() -> int:
         check_args(args)
+        toolbox = common.build_toolbox(args)  # before loading: a backend that cannot start fails fast
         model = common.load_model(args, mesh=common.setup_mesh(args), quiet=args.json)
+        if toolbox is not None:
+            return tool_chat.run_chat(Session(model, args), toolbox, args, report=_report_turn)
         if args.prompt is None and args.prompt_ids is None:
             return interactive(args, model)
         return run_once(args, model)

@@ -10,6 +10,11 @@ every route. Every argument is checked before anything loads, and the port is bo
 model: a bad argument or a taken port is a one-line error and exit code 2 (``cli.common``).
 Once listening, one line ``serving MODEL on http://HOST:PORT`` goes to stderr; ``/health``
 answers 200 after warm-up.
+
+Built-in tools (``--browser``, ``--python``, ``--tool-server``: ``cli.common.add_tool_args``)
+start after the port is bound and before the model loads, so a backend that cannot start fails
+fast (one line, exit 2); Responses requests that enable them run the tool loop. The server never
+executes code unless started with ``--python``.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store-size", type=int, default=1000, help="stored responses kept in memory")
     p.add_argument("--log-level", default="info", help="debug | info | warning | error")
     common.add_model_args(p)
+    common.add_tool_args(p)
     return p
 
 
@@ -57,6 +63,7 @@ def check_args(args) -> None:
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     common.check_model_args(args)
+    common.check_tool_args(args)
     try:
         args.warmup = [int(x) for x in args.warmup.split(",") if x.strip()]
     except ValueError:
@@ -91,21 +98,25 @@ def main(argv=None) -> int:
 
     def body() -> int:
         sock = _listen(args)  # before loading: a taken port fails fast
+        toolbox = common.build_toolbox(args)  # so does a tool backend that cannot start
         model = common.load_model(args, mesh=common.setup_mesh(args))
         engine = Engine(model, max_batch=args.max_batch, max_len=args.max_context)
-        return serve(args, sock, engine, common.tokenizer_for(model), api_key)
+        return serve(args, sock, engine, common.tokenizer_for(model), api_key, toolbox)
 
     return common.run(PROG, body)
 
 
-def serve(args, sock, engine, tokenizer, api_key: str | None) -> int:
-    """Serve until interrupted (Ctrl-C is a normal stop: exit status 0)."""
+def serve(args, sock, engine, tokenizer, api_key: str | None, toolbox=None) -> int:
+    """Serve until interrupted (Ctrl-C is a normal stop: exit status 0); the app closes
+    ``toolbox`` at shutdown."""
     name = args.model_name or model_name(args.checkpoint)
     scheduler = Scheduler(engine, max_prefill_batch=args.max_prefill_batch, warmup_lengths=args.warmup)
-    app = create_app(scheduler, tokenizer, model_name=name, api_key=api_key, store_size=args.store_size)
+    app = create_app(scheduler, tokenizer, model_name=name, api_key=api_key, store_size=args.store_size,
+                     toolbox=toolbox)
     host, port = sock.getsockname()[:2]
+    tools = f", tools {', '.join(toolbox.namespaces)}" if toolbox else ""
     print(f"serving {name} on http://{host}:{port} (max batch {args.max_batch}, context "
-          f"{args.max_context}{', API key required' if api_key else ''})", file=sys.stderr, flush=True)
+          f"{args.max_context}{', API key required' if api_key else ''}{tools})", file=sys.stderr, flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level.lower(), timeout_keep_alive=30))
     try:
         server.run(sockets=[sock])
