@@ -1,0 +1,94 @@
+"""Which instruction-set branch the ISA-dispatched CPU kernels run here, and how they stream.
+
+The kernels built from ``src/simd.h`` (``bf16_gemv``, ...) carry every branch in one library
+compiled for baseline x86-64; the caller passes the branch to run. It is chosen once, from the
+CPU's features (``/proc/cpuinfo`` flags, which the kernel re-checks with ``cpuid`` before it
+runs, so a wrong choice is an error rather than an illegal instruction):
+
+==============  ==========================================================================
+``avx512_bf16``  AVX-512 F/BW/VL/DQ + BF16 (``vdpbf16ps``): Cooper Lake, Sapphire Rapids and
+                 later Xeons, AMD Zen 4 and Zen 5
+``avx512``       AVX-512 F/BW/VL/DQ: Skylake-SP, Cascade Lake, Ice Lake
+``avx2``         AVX2 + FMA: every other x86-64 CPU since Haswell / Zen 1
+==============  ==========================================================================
+
+AMX is not used: the streaming kernels are bound by memory at decode sizes, and no machine
+here has AMX tiles to prove an AMX branch correct on.
+
+:func:`stream_tuning` gives the software prefetch a streaming kernel uses on this CPU (see
+``bench/cpu_kernels.py``, which sweeps it; the figures behind each entry are in the table's
+comments).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+# Branch names in the order of the C++ enum (src/simd.h: Isa); the index is what the kernel takes.
+BRANCHES = ("avx2", "avx512", "avx512_bf16")
+_AVX2 = frozenset({"avx2", "fma"})
+_AVX512 = _AVX2 | {"avx512f", "avx512bw", "avx512vl", "avx512dq"}
+REQUIRES = {"avx2": _AVX2, "avx512": _AVX512, "avx512_bf16": _AVX512 | {"avx512_bf16"}}
+
+
+def _cpuinfo_field(name: str) -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(name):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's instruction-set flags (``/proc/cpuinfo``; empty where there is none)."""
+    return frozenset(_cpuinfo_field("flags").split())
+
+
+@functools.cache
+def vendor() -> str:
+    """``/proc/cpuinfo``'s vendor id (``GenuineIntel``, ``AuthenticAMD``; "" where unknown)."""
+    return _cpuinfo_field("vendor_id")
+
+
+def supported(flags: frozenset[str] | None = None) -> tuple[str, ...]:
+    """The branches a CPU with ``flags`` (default: this one) can run, best first."""
+    flags = cpu_flags() if flags is None else flags
+    return tuple(b for b in reversed(BRANCHES) if REQUIRES[b] <= flags)
+
+
+def best(flags: frozenset[str] | None = None) -> str | None:
+    """The branch to run on a CPU with ``flags`` (default: this one); None if it has no AVX2."""
+    ok = supported(flags)
+    return ok[0] if ok else None
+
+
+def index(branch: str) -> int:
+    """The number the kernels take for ``branch``."""
+    if branch not in BRANCHES:
+        raise ValueError(f"unknown CPU kernel branch {branch!r}; known: {list(BRANCHES)}")
+    return BRANCHES.index(branch)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stream:
+    """How a streaming kernel reads its weights."""
+    prefetch: int  # software prefetch distance in bytes (0: the hardware prefetchers only)
+    nta: bool  # non-temporal prefetch hint (keeps the stream out of the outer caches)
+
+
+# Measured with bench/cpu_kernels.py (best of N, pinned sizes) on the CPU named; a vendor
+# without an entry gets the default.
+_STREAM = {
+    "AuthenticAMD": Stream(prefetch=0, nta=False),
+}
+_DEFAULT_STREAM = Stream(prefetch=0, nta=False)
+
+
+def stream_tuning(cpu_vendor: str | None = None) -> Stream:
+    """The weight-stream settings for a CPU of ``cpu_vendor`` (default: this one)."""
+    return _STREAM.get(vendor() if cpu_vendor is None else cpu_vendor, _DEFAULT_STREAM)
