@@ -13,71 +13,19 @@ read bandwidth the kernel is measured against.
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import os
-import platform
-import shutil
-import subprocess
-import warnings
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import cpu_kernels
 from cpu_kernels import isa
+from cpu_kernels.dispatched import available, branch_number, target
 
-# name: (source in src/, exported handler). Built for baseline x86-64 + AVX2 (-mno-avx512f undoes
-# the package's default AVX-512 flags); the AVX-512 branches carry their own target pragmas.
-_SOURCES = {"bf16_gemv": ("bf16_gemv.cc", "GptossBf16Gemv"),
-            "stream_read": ("stream_read.cc", "GptossStreamRead")}
-_FLAGS = ("-mno-avx512f",)
-
-
-@functools.cache
-def available(name: str = "bf16_gemv") -> bool:
-    """Whether kernel ``name`` (``bf16_gemv`` or ``stream_read``) runs here: x86-64 Linux with
-    AVX2 and FMA, a C++ compiler, ``GPTOSS_JAX_CPU_KERNELS`` not ``0``. Builds and registers it
-    the first time."""
-    source, symbol = _SOURCES[name]
-    if os.environ.get("GPTOSS_JAX_CPU_KERNELS", "1") == "0":
-        return False
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return False
-    if isa.best() is None:
-        return False
-    cxx = shutil.which(os.environ.get("CXX", "g++"))
-    if cxx is None:
-        warnings.warn(f"gptoss_jax: no C++ compiler found (set $CXX); the CPU kernel {name} is "
-                      "off", stacklevel=2)
-        return False
-    kernel = cpu_kernels.Kernel(source, symbol, tuple(sorted(isa.REQUIRES["avx2"])), _FLAGS)
-    try:
-        lib = ctypes.CDLL(str(cpu_kernels._build(kernel, cxx)))
-        jax.ffi.register_ffi_target(kernel.target, jax.ffi.pycapsule(getattr(lib, symbol)),
-                                    platform="cpu")
-    except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
-        warnings.warn(f"gptoss_jax: the CPU kernel {name} is off: {e}", stacklevel=2)
-        return False
-    return True
-
-
-def _target(name: str) -> str:
-    if not available(name):
-        raise RuntimeError(f"the CPU kernel {name} is not available here (see "
-                           "cpu_kernels.bf16_gemv.available)")
-    return "gptoss_" + _SOURCES[name][0].split(".")[0]
+__all__ = ["available", "bf16_gemv", "bf16_gemv_reference", "stream_read"]
 
 
 def _settings(branch, prefetch, nta) -> dict:
-    branch = isa.best() if branch is None else branch
-    number = isa.index(branch)
-    if branch not in isa.supported():
-        raise ValueError(f"this CPU cannot run the {branch!r} branch (it runs "
-                         f"{list(isa.supported())})")
     tuned = isa.stream_tuning()
-    return {"isa": np.int64(number),
+    return {"isa": branch_number(branch),
             "prefetch": np.int64(tuned.prefetch if prefetch is None else prefetch),
             "nta": bool(tuned.nta if nta is None else nta)}
 
@@ -92,7 +40,7 @@ def bf16_gemv(x: jax.Array, w: jax.Array, *, branch: str | None = None,
         raise ValueError(f"bf16_gemv takes x [M, D] and a bf16 w [V, D], got x {x.shape} and w "
                          f"{w.shape} {w.dtype}")
     m, v = x.shape[0], w.shape[0]
-    call = jax.ffi.ffi_call(_target("bf16_gemv"),
+    call = jax.ffi.ffi_call(target("bf16_gemv"),
                             (jax.ShapeDtypeStruct((m, v), jnp.float32),
                              jax.ShapeDtypeStruct((m,), jnp.int32)))
     return tuple(call(x.astype(jnp.bfloat16), w, **_settings(branch, prefetch, nta)))
@@ -111,5 +59,5 @@ def stream_read(data: jax.Array, *, prefetch: int = 0, nta: bool = False) -> jax
     :func:`bf16_gemv`."""
     if data.dtype != jnp.uint8:
         raise ValueError(f"stream_read takes a uint8 buffer, got {data.dtype}")
-    call = jax.ffi.ffi_call(_target("stream_read"), jax.ShapeDtypeStruct((1,), jnp.float32))
+    call = jax.ffi.ffi_call(target("stream_read"), jax.ShapeDtypeStruct((1,), jnp.float32))
     return call(data.reshape(-1), prefetch=np.int64(prefetch), nta=bool(nta))
