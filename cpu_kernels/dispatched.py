@@ -28,7 +28,8 @@ from cpu_kernels import isa
 # name: (source in src/, exported handler)
 SOURCES = {"bf16_gemv": ("bf16_gemv.cc", "GptossBf16Gemv"),
            "stream_read": ("stream_read.cc", "GptossStreamRead"),
-           "mxfp4_gemv": ("mxfp4_gemv.cc", "GptossMxfp4Gemv")}
+           "mxfp4_gemv": ("mxfp4_gemv.cc", "GptossMxfp4Gemv"),
+           "bf16_vecmat": ("bf16_vecmat.cc", "GptossBf16Vecmat")}
 FLAGS = ("-mno-avx512f",)
 
 
