@@ -16,7 +16,7 @@ AMX is not used: the streaming kernels are bound by memory at decode sizes, and 
 here has AMX tiles to prove an AMX branch correct on.
 
 :func:`stream_tuning` gives the software prefetch a streaming kernel uses on this CPU (see
-``bench/cpu_kernels.py``, which sweeps it; the figures behind each entry are in the table's
+``bench/cpu_stream.py``, which sweeps it; the figures behind each entry are in the table's
 comments).
 """
 

@@ -1,6 +1,6 @@
 // The sum of a byte buffer, read as the streaming kernels read their weights (bf16_gemv.cc): the
 // same task slices shared with XLA's pool, the same software prefetch. It measures the read
-// bandwidth those kernels can reach on this machine (bench/cpu_kernels.py, bench/vs_llamacpp.py);
+// bandwidth those kernels can reach on this machine (bench/cpu_stream.py, bench/vs_llamacpp.py);
 // the sum only keeps the reads from being optimized away.
 
 #include <immintrin.h>
