@@ -29,7 +29,8 @@ from cpu_kernels import isa
 SOURCES = {"bf16_gemv": ("bf16_gemv.cc", "GptossBf16Gemv"),
            "stream_read": ("stream_read.cc", "GptossStreamRead"),
            "mxfp4_gemv": ("mxfp4_gemv.cc", "GptossMxfp4Gemv"),
-           "bf16_vecmat": ("bf16_vecmat.cc", "GptossBf16Vecmat")}
+           "bf16_vecmat": ("bf16_vecmat.cc", "GptossBf16Vecmat"),
+           "decode_attention": ("decode_attention.cc", "GptossDecodeAttention")}
 FLAGS = ("-mno-avx512f",)
 
 
