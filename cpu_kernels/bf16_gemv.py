@@ -1,7 +1,8 @@
-"""``x @ w.T`` and its argmax for one to a few bf16 rows against a large bf16 ``w`` stored
-``[V, D]`` (``src/bf16_gemv.cc``): batch-1 decode's unembedding as a streaming kernel.
+"""``x @ w.T`` and its argmax for a few bf16 rows against a large bf16 ``w`` stored ``[V, D]``
+(``src/bf16_gemv.cc``): decode's unembedding as a streaming kernel.
 
-The weight is read once per four rows of ``x``, in slices shared by the calling thread and
+The weight is read once per pass over up to 8 rows of ``x`` (AVX-512 BF16; 4 on the other
+branches), in slices shared by the calling thread and
 XLA's pool, and each row's argmax (first index of the maximum, NaN counting as the maximum, as
 ``jnp.argmax``) is taken from the slice's logits while they are in L1. The instruction-set
 branch (:mod:`cpu_kernels.isa`) and the prefetch are arguments, defaulting to this CPU's; any

@@ -1,9 +1,11 @@
-// logits[m, v] = sum_d x[m, d] * w[v, d] for one to four rows x (bf16 [M, D]) against a large
+// logits[m, v] = sum_d x[m, d] * w[v, d] for a few rows x (bf16 [M, D]) against a large
 // bf16 matrix w stored [V, D] (the unembedding), f32 out, and each row's argmax (the first index
 // of its maximum, as jnp.argmax) in the same pass, as an XLA FFI handler.
 //
 // Batch-1 decode reads ~90% of its bytes here on a small model (and a third on gpt-oss-20b), so
-// this is a streaming kernel: each weight row is read once for every row of x, slices of V are
+// this is a streaming kernel: each weight row is read once per pass (up to 8 rows of x on the
+// AVX-512 BF16 branch, each x load feeding two weight rows from 5 rows on; 4 on the others),
+// slices of V are
 // shared between the caller and XLA's pool (XLA's own fused loop runs on one core, which is half
 // the memory bandwidth on most Intel parts), and the argmax is taken from each slice's logits
 // while they are still in L1, so the 0.8 MB of logits are not read again by a later reduction.
@@ -36,7 +38,7 @@ namespace {
 
 using gptoss_cpu::Best;
 
-constexpr int kMaxRows = 4;                 // rows of x per pass over w
+constexpr int kMaxRows = 8;  // rows of x per pass over w (AVX-512 BF16; 4 on the other branches)
 constexpr int64_t kSliceBytes = gptoss_cpu::kSliceBytes;  // weight bytes a task (whole groups)
 
 using gptoss_cpu::Fetch;
@@ -110,6 +112,56 @@ void Slice(const Problem& p, const uint16_t* x, int64_t v0, int64_t v1, float* l
           odd[r] = _mm512_dpbf16_ps(odd[r], Load32(x + r * d + k, tail), w0);
       }
       for (int r = 0; r < R; ++r) acc[r][j] = _mm512_add_ps(acc[r][j], odd[r]);
+    }
+    const __mmask16 live = static_cast<__mmask16>((1u << rows) - 1);
+    for (int r = 0; r < R; ++r)
+      _mm512_mask_storeu_ps(logits + r * p.v + g, live, isa_avx512::Sum16(acc[r]));
+  }
+  for (int r = 0; r < R; ++r)
+    best[r] = isa_avx512::Argmax(logits + r * p.v + v0, v1 - v0, v0);
+}
+
+// Five to eight rows of x: each x load feeds two weight rows (16 accumulators), as the dot
+// products, not the weight stream, would bound a row-by-row walk.
+template <int R, Prefetch P>
+void SlicePairs(const Problem& p, const uint16_t* x, int64_t v0, int64_t v1, float* logits,
+                Best* best) {
+  const int64_t d = p.d, full = d / 32 * 32;
+  const __mmask32 tail = static_cast<__mmask32>((1ull << (d - full)) - 1);
+  for (int64_t g = v0; g < v1; g += 16) {
+    const int rows = static_cast<int>(std::min<int64_t>(16, v1 - g));
+    __m512 acc[R][16];
+    for (int j = 0; j < 16; j += 2) {
+      __m512 a0[R], a1[R];
+      for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
+      if (j < rows) {
+        const uint16_t* w0 = p.w + (g + j) * d;
+        const uint16_t* w1 = j + 1 < rows ? w0 + d : nullptr;  // a lone last row: zeros
+        const char* ahead = reinterpret_cast<const char*>(w0) + p.prefetch;
+        int64_t k = 0;
+        for (; k < full; k += 32) {
+          Fetch<P>(ahead + 2 * k);
+          Fetch<P>(ahead + 2 * (k + d));
+          const __m512bh b0 = Load32(w0 + k);
+          const __m512bh b1 = w1 ? Load32(w1 + k) : reinterpret_cast<__m512bh>(_mm512_setzero_si512());
+          for (int r = 0; r < R; ++r) {
+            const __m512bh xv = Load32(x + r * d + k);
+            a0[r] = _mm512_dpbf16_ps(a0[r], xv, b0);
+            a1[r] = _mm512_dpbf16_ps(a1[r], xv, b1);
+          }
+        }
+        if (tail) {
+          const __m512bh b0 = Load32(w0 + k, tail);
+          const __m512bh b1 =
+              w1 ? Load32(w1 + k, tail) : reinterpret_cast<__m512bh>(_mm512_setzero_si512());
+          for (int r = 0; r < R; ++r) {
+            const __m512bh xv = Load32(x + r * d + k, tail);
+            a0[r] = _mm512_dpbf16_ps(a0[r], xv, b0);
+            a1[r] = _mm512_dpbf16_ps(a1[r], xv, b1);
+          }
+        }
+      }
+      for (int r = 0; r < R; ++r) acc[r][j] = a0[r], acc[r][j + 1] = a1[r];
     }
     const __mmask16 live = static_cast<__mmask16>((1u << rows) - 1);
     for (int r = 0; r < R; ++r)
@@ -262,20 +314,24 @@ void Pass(ffi::ThreadPool& pool, const Problem& p, int64_t isa, int64_t r0, Best
   const uint16_t* x = p.x + r0 * p.d;
   float* logits = p.logits + r0 * p.v;
   std::vector<float> xs;
-  if (isa == gptoss_cpu::kAvx512) xs = SplitX(x, R, p.d, 32);
-  if (isa == gptoss_cpu::kAvx2) xs = SplitX(x, R, p.d, 16);
+  if (R <= 4 && isa == gptoss_cpu::kAvx512) xs = SplitX(x, R, p.d, 32);
+  if (R <= 4 && isa == gptoss_cpu::kAvx2) xs = SplitX(x, R, p.d, 16);
   gptoss_cpu::ParallelFor(pool, slices, [&](int64_t i) {
     const int64_t v0 = i * slice, v1 = std::min(p.v, v0 + slice);
     Best* b = best.data() + i * R;
-    switch (isa) {
-      case gptoss_cpu::kAvx512Bf16:
-        gptoss_cpu::isa_avx512bf16::Slice<R, P>(p, x, v0, v1, logits, b);
-        break;
-      case gptoss_cpu::kAvx512:
-        gptoss_cpu::isa_avx512::Slice<R, P>(p, xs.data(), v0, v1, logits, b);
-        break;
-      default:
-        gptoss_cpu::isa_avx2::Slice<R, P>(p, xs.data(), v0, v1, logits, b);
+    if constexpr (R > 4) {  // only the BF16 branch takes more than four rows a pass
+      gptoss_cpu::isa_avx512bf16::SlicePairs<R, P>(p, x, v0, v1, logits, b);
+    } else {
+      switch (isa) {
+        case gptoss_cpu::kAvx512Bf16:
+          gptoss_cpu::isa_avx512bf16::Slice<R, P>(p, x, v0, v1, logits, b);
+          break;
+        case gptoss_cpu::kAvx512:
+          gptoss_cpu::isa_avx512::Slice<R, P>(p, xs.data(), v0, v1, logits, b);
+          break;
+        default:
+          gptoss_cpu::isa_avx2::Slice<R, P>(p, xs.data(), v0, v1, logits, b);
+      }
     }
   });
   for (int r = 0; r < R; ++r) {
@@ -292,7 +348,11 @@ void Rows(ffi::ThreadPool& pool, const Problem& p, int64_t isa, int64_t r0, int6
     case 1: return Pass<1, P>(pool, p, isa, r0, best);
     case 2: return Pass<2, P>(pool, p, isa, r0, best);
     case 3: return Pass<3, P>(pool, p, isa, r0, best);
-    default: return Pass<4, P>(pool, p, isa, r0, best);
+    case 4: return Pass<4, P>(pool, p, isa, r0, best);
+    case 5: return Pass<5, P>(pool, p, isa, r0, best);
+    case 6: return Pass<6, P>(pool, p, isa, r0, best);
+    case 7: return Pass<7, P>(pool, p, isa, r0, best);
+    default: return Pass<8, P>(pool, p, isa, r0, best);
   }
 }
 
@@ -312,8 +372,9 @@ ffi::Error Bf16GemvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buf
             reinterpret_cast<const uint16_t*>(w.untyped_data()),
             xd[0], xd[1], wd[0], std::max<int64_t>(prefetch, 0), logits->typed_data()};
   int32_t* am = argmax->typed_data();
-  for (int64_t r0 = 0; r0 < p.m; r0 += kMaxRows) {
-    const int64_t rows = std::min<int64_t>(kMaxRows, p.m - r0);
+  const int64_t per_pass = isa == gptoss_cpu::kAvx512Bf16 ? kMaxRows : 4;
+  for (int64_t r0 = 0; r0 < p.m; r0 += per_pass) {
+    const int64_t rows = std::min<int64_t>(per_pass, p.m - r0);
     Best best[kMaxRows];
     if (p.prefetch == 0) {
       Rows<kNone>(pool, p, isa, r0, rows, best);

@@ -46,7 +46,9 @@ def run(x, w, **kw):
     (2, 517, 64),
     (3, 300, 1),      # D of one element
     (4, 129, 2880),   # gpt-oss-20b's width, V one past a group
-    (5, 77, 40),      # two passes over w (4 rows + 1)
+    (5, 77, 40),      # two passes over w (4 + 1 rows), or one of 5 (AVX-512 BF16)
+    (8, 300, 96),     # batched decode: one pass of 8 (AVX-512 BF16)
+    (11, 50, 33),     # 8 + 3 rows (AVX-512 BF16), a ragged D
     (1, 1, 16),       # V of one row
     (1, 3001, 512),   # several slices of V (tasks)
 ])
@@ -77,6 +79,7 @@ def test_argmax_takes_the_first_of_equal_maxima(branch):
         w[row] = 1.0
     logits, arg = run(x, w, branch=branch)
     assert arg.tolist() == [100]
+    assert run(np.repeat(x, 6, 0), w, branch=branch)[1].tolist() == [100] * 6  # 6 rows a pass
     # and inside one group of 16 rows: 37 and 38 tie, 40 is lower
     w2 = bf16(rng.uniform(-1, 0.1, (50, d)))
     w2[38] = w2[37] = 1.0
@@ -93,6 +96,7 @@ def test_argmax_of_nan_and_infinite_rows_follows_numpy(branch):
     w_nan = w.copy()
     w_nan[[650, 123], 3] = np.nan  # the first NaN wins, wherever the maximum is
     assert run(x, w_nan, branch=branch)[1].tolist() == [np.argmax(x @ w_nan.T)] == [123]
+    assert run(np.repeat(x, 7, 0), w_nan, branch=branch)[1].tolist() == [123] * 7
     w_inf = np.full((v, d), -np.inf)  # every logit -inf: index 0
     assert run(x, w_inf, branch=branch)[1].tolist() == [0]
     w_inf[[400, 17]] = np.inf  # +inf twice: the first
