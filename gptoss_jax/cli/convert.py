@@ -19,7 +19,8 @@ packed), ``hf_bf16`` (dequantized re-uploads) and ``original`` (OpenAI's ``origi
   that replaces ``--output`` by rename only once complete. An existing ``--output`` is replaced
   only if it is empty or a checkpoint folder (files only, with a config.json or safetensors).
 
-Bad arguments and unreadable inputs exit with status 2 and a one-line error, no traceback.
+Bad arguments and unreadable inputs exit with status 2 and a one-line error, no traceback
+(``cli.common``). Everything runs on the host (numpy): no ``--mesh``.
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ from convert.random_weights import random_getter
 from convert.reader import open_files, read_params
 from convert.safetensors_io import CheckpointError
 from convert.writer import tree_getter, write_checkpoint
+from gptoss_jax.checkpoint.load import resolve_checkpoint
+from gptoss_jax.cli import common
 from gptoss_jax.model import params as P
-from gptoss_jax.model.config import PRESETS, ConfigError, GptOssConfig
+from gptoss_jax.model.config import PRESETS, GptOssConfig
 
 PROG = "python -m gptoss_jax.convert"
 # Side files of a Hugging Face folder that an export carries over unchanged.
@@ -113,8 +116,6 @@ def cmd_random(args) -> dict:
 
 
 def cmd_export(args) -> dict:
-    from gptoss_jax.checkpoint.load import resolve_checkpoint
-
     src = resolve_checkpoint(args.checkpoint)
     config = GptOssConfig.from_json(os.path.join(src, "config.json"))
     # Host-side read: numpy leaves, dense weights kept in bf16 (what every layout stores),
@@ -162,8 +163,6 @@ def summarize(config: GptOssConfig) -> dict[str, Any]:
 
 
 def cmd_info(args) -> dict:
-    from gptoss_jax.checkpoint.load import resolve_checkpoint
-
     src = resolve_checkpoint(args.checkpoint)
     config = GptOssConfig.from_json(os.path.join(src, "config.json"))
     by_key = open_files(src)
@@ -245,7 +244,7 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = common.ArgumentParser(
         prog=PROG, description="gpt-oss checkpoint formats in and out, and random checkpoints "
         "in the real layouts. Layouts: hf_mxfp4 (Hugging Face, experts packed), hf_bf16 "
         "(dequantized experts), original (OpenAI's original/ folder).")
@@ -281,13 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)  # exits 2 on bad arguments
-    try:
-        result = args.run(args)
-    except (CheckpointError, ConfigError, ValueError, OSError) as e:
-        message = str(e).splitlines()[0] if str(e) else e.__class__.__name__
-        parser.exit(2, f"{PROG} {args.command}: error: {message}\n")
+    args = build_parser().parse_args(argv)  # exits 2 on bad arguments
+    return common.run(f"{PROG} {args.command}", lambda: _report(args, args.run(args)))
+
+
+def _report(args, result: dict) -> int:
     if args.command == "info":
         if args.json:
             print(json.dumps(result, indent=2))

@@ -10,28 +10,31 @@ with the loop of ``train.py``, and writes into ``--output``:
 * ``merged/`` with ``--export-merged`` — base + adapter as a Hugging Face checkpoint;
 * ``train_log.jsonl`` — one JSON object per step.
 
-Data: JSONL of conversations / text / token ids (``data.py``). Bad arguments or unusable data:
-one line on stderr, exit status 2.
+Data: JSONL of conversations / text / token ids (``data.py``). ``--mesh`` shards the base and
+the batch rows (its data axis must divide ``--batch-size``); with the multi-host flags every
+process runs the same command. Bad arguments or unusable data: one line on stderr, exit status
+2 (``cli.common``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
 
+import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from gptoss_jax.cli import common
+from gptoss_jax.cli.common import UsageError
+from gptoss_jax.finetune import data, export, lora, train
+from gptoss_jax.parallel import mesh as meshes
+
 PROG = "python -m gptoss_jax.finetune"
-
-
-class UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse would print the whole usage)
-        self.exit(2, f"{PROG}: error: {message}\n")
 
 
 def _positive(kind):
@@ -47,8 +50,7 @@ def _positive(kind):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="base model: folder or hub id")
+    p = common.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, help="training JSONL")
     p.add_argument("--output", required=True, help="run folder (checkpoints, adapter, log)")
     p.add_argument("--eval-data", help="evaluation JSONL (loss every --eval-every steps and at the end)")
@@ -67,21 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=_positive(int), default=1024, help="tokens per packed row")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint period in steps; 0 = end only")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                   help="compute/storage dtype of the base's dense weights")
-    p.add_argument("--mesh", help="device mesh, e.g. data=2,expert=1,tensor=1")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
     p.add_argument("--skip-bad-lines", action="store_true",
                    help="skip malformed data lines (reported) instead of stopping at the first")
     p.add_argument("--export-merged", choices=["hf_mxfp4", "hf_bf16"],
                    help="also write base + adapter as a checkpoint to OUTPUT/merged")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    common.add_model_args(p, checkpoint_required=True, adapter=False)
     return p
 
 
 def _configs(args):
-    from gptoss_jax.finetune import lora, train
-
+    common.check_model_args(args)
     try:
         lc = lora.LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
                              targets=lora.parse_targets(args.lora_targets))
@@ -102,24 +101,11 @@ def _configs(args):
 
 def run(args, log) -> dict:
     lc, tc = _configs(args)
-    import jax
-
-    import gptoss_jax
-    from gptoss_jax.finetune import data, export, train
-    from gptoss_jax.model import transformer as M
-
-    mesh = None
-    if args.mesh:
-        from gptoss_jax.parallel import sharding
-        try:
-            mesh = sharding.make_mesh(args.mesh)
-        except sharding.ShardingError as e:
-            raise UsageError(str(e)) from None
-        if args.batch_size % sharding.axis_size(mesh, "data"):
-            raise UsageError(f"--batch-size {args.batch_size} is not divisible by the data axis "
-                             f"({sharding.axis_size(mesh, 'data')})")
-    model = gptoss_jax.load(args.checkpoint, dtype=args.dtype, progress=not args.quiet,
-                            **({"mesh": mesh} if mesh is not None else {}))
+    mesh = common.setup_mesh(args)
+    if mesh is not None and args.batch_size % meshes.axis_size(mesh, "data"):
+        raise UsageError(f"--batch-size {args.batch_size} is not divisible by the data axis "
+                         f"({meshes.axis_size(mesh, 'data')})")
+    model = common.load_model(args, mesh=mesh, quiet=args.quiet)
     c = model.config
 
     def read(path):
@@ -139,11 +125,9 @@ def run(args, log) -> dict:
 
     place = None
     if mesh is not None:
-        from jax.sharding import NamedSharding
-        from jax.sharding import PartitionSpec as P
         rows = NamedSharding(mesh, P(None, "data"))
         place = lambda batch: jax.device_put(batch, rows)
-    rt = M.Runtime(remat=True, mesh=mesh, moe=model.runtime.moe)
+    rt = dataclasses.replace(model.runtime, remat=True, mesh=mesh)
     t0 = time.perf_counter()
     result = train.train(model.params, c, lc, tc, train_data, output_dir=args.output,
                          save_every=args.save_every, resume=args.resume, eval_data=eval_data,
@@ -170,21 +154,11 @@ def run(args, log) -> dict:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
 
-    def log(msg):
-        print(msg, file=sys.stderr, flush=True)
+    def body() -> int:
+        print(json.dumps(run(args, common.log)))
+        return 0
 
-    try:
-        summary = run(args, log)
-    except UsageError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, OSError) as e:  # CheckpointError, ConfigError, AdapterError, settings
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    print(json.dumps(summary))
-    return 0
+    return common.run(PROG, body)
 
 
 if __name__ == "__main__":

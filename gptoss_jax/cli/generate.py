@@ -5,8 +5,8 @@
     python -m gptoss_jax.generate --checkpoint DIR --prompt-ids 200006,17360,200008 --json
     python -m gptoss_jax.generate --checkpoint DIR            # interactive multi-turn chat
 
-Thin CLI over :func:`gptoss_jax.inference.api.generate_stream` and ``gptoss_jax.harmony``. Bad
-arguments give a one-line error and exit code 2. """
+Thin CLI over :func:`gptoss_jax.inference.api.generate_stream` and :mod:`gptoss_jax.chat`. Bad
+arguments give a one-line error and exit code 2 (``cli.common``). """
 
 from __future__ import annotations
 
@@ -15,22 +15,19 @@ import json
 import sys
 import time
 
+from gptoss_jax.chat import parse, render
+from gptoss_jax.chat.render import EFFORTS
+from gptoss_jax.cli import common
+from gptoss_jax.cli.common import UsageError
 from gptoss_jax.inference import api
 from gptoss_jax.inference import engine as sampler
 from gptoss_jax.inference.sampling import SamplingParams
-from gptoss_jax.parallel.distributed import add_distributed_args, setup_from_args
 
-EFFORTS = ("low", "medium", "high")
-
-
-class UsageError(Exception):
-    """Bad command-line input: reported in one line, exit code 2."""
+PROG = "python -m gptoss_jax.generate"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m gptoss_jax.generate", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", default="openai/gpt-oss-20b",
-                   help="local folder (HF MXFP4/bf16 or original/) or hub id (default: %(default)s)")
+    p = common.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     p.add_argument("--prompt", help="user message (chat) or text (--raw); omit for interactive chat")
     p.add_argument("--prompt-ids", help="comma-separated token ids fed as-is (no chat format)")
     p.add_argument("--raw", action="store_true", help="plain-text continuation, no chat format")
@@ -42,11 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="bfloat16", help="bfloat16 | float32")
     p.add_argument("--show-reasoning", action="store_true", help="print the analysis channel")
     p.add_argument("--json", action="store_true", help="print one JSON object (tokens, text, channels, timings)")
-    p.add_argument("--adapter", help="LoRA adapter folder written by gptoss_jax.finetune")
-    add_distributed_args(p)
+    common.add_model_args(p)
     return p
 
 
@@ -64,8 +59,7 @@ def check_args(args) -> None:
         raise UsageError(f"--top-k must be >= 0, got {args.top_k}")
     if not 0 <= args.min_p < 1:
         raise UsageError(f"--min-p must be in [0, 1), got {args.min_p}")
-    if args.dtype not in ("bfloat16", "bf16", "float32", "f32", "fp32"):
-        raise UsageError(f"--dtype must be bfloat16 or float32, got {args.dtype!r}")
+    common.check_model_args(args)
     if args.prompt is not None and not args.prompt.strip():
         raise UsageError("--prompt is empty")
     if args.prompt is not None and args.prompt_ids is not None:
@@ -79,24 +73,6 @@ def check_args(args) -> None:
             raise UsageError("--prompt-ids is empty")
     if args.raw and args.prompt is None and args.prompt_ids is None:
         raise UsageError("--raw needs --prompt (interactive mode is a chat)")
-
-
-def _log(msg: str, quiet: bool) -> None:
-    if not quiet:
-        print(msg, file=sys.stderr, flush=True)
-
-
-def load_model(args, quiet: bool, parser=None):
-    import gptoss_jax
-
-    mesh = setup_from_args(args, parser)
-    t0 = time.perf_counter()
-    model = gptoss_jax.load(args.checkpoint, dtype=args.dtype, progress=not quiet, mesh=mesh)
-    if args.adapter:
-        from gptoss_jax.finetune.export import load_adapter
-        model = load_adapter(model, args.adapter)
-    _log(f"loaded {model.path} in {time.perf_counter() - t0:.1f}s", quiet)
-    return model
 
 
 class Session:
@@ -146,34 +122,31 @@ class Session:
 
 def _report(t: dict, quiet: bool) -> None:
     rate = t["decode_tokens_per_s"]
-    _log(f"[{t['prompt_tokens']} prompt tokens, first token after {t['time_to_first_token_s']:.2f}s, "
+    common.log(f"[{t['prompt_tokens']} prompt tokens, first token after {t['time_to_first_token_s']:.2f}s, "
          f"{t['new_tokens']} new tokens, decode {rate if rate is not None else '-'} tok/s]", quiet)
 
 
 def run_once(args, model) -> int:
-    from gptoss_jax.chat import harmony
-    from gptoss_jax.chat.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(model.path if _has_tokenizer(model.path) else None)
+    tok = common.tokenizer_for(model)
     chat = not args.raw and args.prompt_ids is None
     if args.prompt_ids is not None:
         prompt_ids = args.prompt_ids
     elif args.raw:
         prompt_ids = tok.encode(args.prompt)
     else:
-        prompt_ids = harmony.render_prompt([{"role": "user", "content": args.prompt}],
-                                           reasoning_effort=args.reasoning_effort,
-                                           instructions=args.system)
+        prompt_ids = render.render_prompt([{"role": "user", "content": args.prompt}],
+                                          reasoning_effort=args.reasoning_effort,
+                                          instructions=args.system)
     bad = [t for t in prompt_ids if not 0 <= t < model.config.vocab_size]
     if bad:
         raise UsageError(f"prompt token {bad[0]} is outside the model's vocabulary "
                          f"({model.config.vocab_size})")
     session = Session(model, args)
-    stream = harmony.ReplyStream() if chat else None
+    stream = parse.ReplyStream() if chat else None
     printer = _Printer(args, tok, stream)
     tokens, reason, timings = session.run(prompt_ids, printer.on_token)
     printer.close()
-    reply = harmony.parse_reply(tokens) if chat else None
+    reply = parse.parse_reply(tokens) if chat else None
     if args.json:
         out = {"prompt_tokens": prompt_ids, "tokens": tokens, "text": tok.decode(tokens),
                "finish_reason": reason, "timings": timings}
@@ -186,11 +159,6 @@ def run_once(args, model) -> int:
         print(json.dumps(out, ensure_ascii=False))
     _report(timings, args.json)
     return 0
-
-
-def _has_tokenizer(path: str) -> bool:
-    import os
-    return bool(path) and os.path.isfile(os.path.join(path, "tokenizer.json"))
 
 
 class _Printer:
@@ -217,9 +185,8 @@ class _Printer:
                 sys.stdout.flush()
                 self.pending = []
             return
-        from gptoss_jax.chat import harmony
         for ev in self.stream.feed(token):
-            if isinstance(ev, harmony.TextDelta):
+            if isinstance(ev, parse.TextDelta):
                 show = ev.channel in (None, "final") or (self.args.show_reasoning and ev.channel == "analysis")
                 if show:
                     if ev.channel != self.channel:
@@ -231,7 +198,7 @@ class _Printer:
                     sys.stdout.write(ev.text)
                     sys.stdout.flush()
                     self.shown = True
-            elif isinstance(ev, harmony.ToolCallStart):
+            elif isinstance(ev, parse.ToolCallStart):
                 sys.stdout.write(f"\n[tool call {ev}]\n")
 
     def close(self) -> None:
@@ -249,11 +216,8 @@ class _Printer:
 
 
 def interactive(args, model) -> int:
-    """Multi-turn chat; history kept, past reasoning dropped (harmony.render_prompt does that)."""
-    from gptoss_jax.chat import harmony
-    from gptoss_jax.chat.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(model.path if _has_tokenizer(model.path) else None)
+    """Multi-turn chat; history kept, past reasoning dropped (render.render_prompt does that)."""
+    tok = common.tokenizer_for(model)
     session = Session(model, args)
     history: list = []
     print("Interactive chat. Empty line or Ctrl-D to quit.", file=sys.stderr)
@@ -265,9 +229,9 @@ def interactive(args, model) -> int:
         if not line.strip():
             break
         history.append({"role": "user", "content": line})
-        prompt = harmony.render_prompt(history, reasoning_effort=args.reasoning_effort,
-                                       instructions=args.system)
-        stream = harmony.ReplyStream()
+        prompt = render.render_prompt(history, reasoning_effort=args.reasoning_effort,
+                                      instructions=args.system)
+        stream = parse.ReplyStream()
         printer = _Printer(args, tok, stream)
         try:
             tokens, _, timings = session.run(prompt, printer.on_token)
@@ -276,7 +240,7 @@ def interactive(args, model) -> int:
             history.pop()
             continue
         printer.close()
-        reply = harmony.parse_reply(tokens)
+        reply = parse.parse_reply(tokens)
         if reply.error:
             print(f"[note: the reply did not parse cleanly: {reply.error}]", file=sys.stderr)
         history.append({"role": "assistant", "content": reply.final, "thinking": reply.analysis or None})
@@ -285,22 +249,16 @@ def interactive(args, model) -> int:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
+    args = build_parser().parse_args(argv)
+
+    def body() -> int:
         check_args(args)
-        model = load_model(args, quiet=args.json, parser=parser)
+        model = common.load_model(args, mesh=common.setup_mesh(args), quiet=args.json)
         if args.prompt is None and args.prompt_ids is None:
             return interactive(args, model)
         return run_once(args, model)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, OSError) as e:  # CheckpointError / ConfigError are ValueErrors
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+
+    return common.run(PROG, body)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@
 Routes: ``/v1/responses``, ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``,
 ``/health``, ``/v1/stats``, ``/openapi.json`` (see :mod:`gptoss_jax.server`). Binds 127.0.0.1
 unless ``--host`` says otherwise; ``--api-key`` (or ``$GPTOSS_API_KEY``) is then required on
-every route. Bad arguments give a one-line error and exit code 2. Once listening, one line
-``serving MODEL on http://HOST:PORT`` goes to stderr; ``/health`` answers 200 after warm-up.
+every route. Every argument is checked before anything loads, and the port is bound before the
+model: a bad argument or a taken port is a one-line error and exit code 2 (``cli.common``).
+Once listening, one line ``serving MODEL on http://HOST:PORT`` goes to stderr; ``/health``
+answers 200 after warm-up.
 """
 
 from __future__ import annotations
@@ -17,13 +19,20 @@ import logging
 import os
 import sys
 
+import uvicorn
+
+from gptoss_jax.cli import common
+from gptoss_jax.cli.common import UsageError
+from gptoss_jax.inference.engine import Engine
+from gptoss_jax.server import Scheduler, create_app
+from gptoss_jax.server.background import bind_socket
+
+PROG = "python -m gptoss_jax.serve"
 API_KEY_ENV = "GPTOSS_API_KEY"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m gptoss_jax.serve", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", default="openai/gpt-oss-20b",
-                   help="local folder (HF MXFP4/bf16 or original/) or hub id (default: %(default)s)")
+    p = common.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="0 = any free port (default: %(default)s)")
     p.add_argument("--max-batch", type=int, default=8, help="decode slots (concurrent requests)")
@@ -36,33 +45,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", help="the model id clients use (default: the checkpoint's name)")
     p.add_argument("--api-key", help=f"require this bearer key (default: ${API_KEY_ENV}, if set)")
     p.add_argument("--store-size", type=int, default=1000, help="stored responses kept in memory")
-    p.add_argument("--dtype", default="bfloat16", help="bfloat16 | float32")
-    p.add_argument("--adapter", help="LoRA adapter folder written by gptoss_jax.finetune")
-    p.add_argument("--mesh", help="device mesh, e.g. data=1,expert=4,tensor=2")
-    p.add_argument("--coordinator-address", help="multi-host: coordinator host:port")
-    p.add_argument("--num-processes", type=int)
-    p.add_argument("--process-id", type=int)
     p.add_argument("--log-level", default="info", help="debug | info | warning | error")
+    common.add_model_args(p)
     return p
 
 
-def check_args(args, parser: argparse.ArgumentParser) -> None:
+def check_args(args) -> None:
     if not 0 <= args.port < 65536:
-        parser.error(f"--port must be in [0, 65535], got {args.port}")
+        raise UsageError(f"--port must be in [0, 65535], got {args.port}")
     for name in ("max_batch", "max_context", "max_prefill_batch", "store_size"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.dtype not in ("bfloat16", "bf16", "float32", "f32", "fp32"):
-        parser.error(f"--dtype must be bfloat16 or float32, got {args.dtype!r}")
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    common.check_model_args(args)
     try:
         args.warmup = [int(x) for x in args.warmup.split(",") if x.strip()]
     except ValueError:
-        parser.error(f"--warmup must be comma-separated integers, got {args.warmup!r}")
+        raise UsageError(f"--warmup must be comma-separated integers, got {args.warmup!r}") from None
     if any(not 1 <= n < args.max_context for n in args.warmup):
-        parser.error(f"--warmup lengths must be in [1, --max-context), got {args.warmup}")
+        raise UsageError(f"--warmup lengths must be in [1, --max-context), got {args.warmup}")
     if args.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        parser.error(f"--log-level must be debug, info, warning or error, got {args.log_level!r}")
-    args.api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+        raise UsageError(f"--log-level must be debug, info, warning or error, got {args.log_level!r}")
 
 
 def model_name(checkpoint: str) -> str:
@@ -73,43 +75,37 @@ def model_name(checkpoint: str) -> str:
     return name or checkpoint
 
 
+def _listen(args):
+    try:
+        return bind_socket(args.host, args.port)
+    except OSError as e:
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {e}") from None
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    check_args(args, parser)
+    common.check_or_exit(parser, check_args, args)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    import uvicorn
+    def body() -> int:
+        sock = _listen(args)  # before loading: a taken port fails fast
+        model = common.load_model(args, mesh=common.setup_mesh(args))
+        engine = Engine(model, max_batch=args.max_batch, max_len=args.max_context)
+        return serve(args, sock, engine, common.tokenizer_for(model), api_key)
 
-    from gptoss_jax.chat.tokenizer import load_tokenizer
-    from gptoss_jax.cli import generate
-    from gptoss_jax.inference import engine as sampler
-    from gptoss_jax.server import Scheduler, create_app
-    from gptoss_jax.server.background import bind_socket
+    return common.run(PROG, body)
 
-    try:
-        sock = bind_socket(args.host, args.port)  # before loading: a taken port fails fast
-    except OSError as e:
-        print(f"error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
-        return 2
-    try:
-        model = generate.load_model(args, quiet=False)
-        engine = sampler.Engine(model, max_batch=args.max_batch, max_len=args.max_context)
-        tok_dir = model.path if generate._has_tokenizer(model.path) else None
-        tokenizer = load_tokenizer(tok_dir)
-    except generate.UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, OSError) as e:  # CheckpointError / ConfigError are ValueErrors
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+def serve(args, sock, engine, tokenizer, api_key: str | None) -> int:
+    """Serve until interrupted (Ctrl-C is a normal stop: exit status 0)."""
     name = args.model_name or model_name(args.checkpoint)
     scheduler = Scheduler(engine, max_prefill_batch=args.max_prefill_batch, warmup_lengths=args.warmup)
-    app = create_app(scheduler, tokenizer, model_name=name, api_key=args.api_key,
-                     store_size=args.store_size)
+    app = create_app(scheduler, tokenizer, model_name=name, api_key=api_key, store_size=args.store_size)
     host, port = sock.getsockname()[:2]
     print(f"serving {name} on http://{host}:{port} (max batch {args.max_batch}, context "
-          f"{args.max_context}{', API key required' if args.api_key else ''})", file=sys.stderr, flush=True)
+          f"{args.max_context}{', API key required' if api_key else ''})", file=sys.stderr, flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level.lower(), timeout_keep_alive=30))
     try:
         server.run(sockets=[sock])

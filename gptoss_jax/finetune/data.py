@@ -68,7 +68,7 @@ class DataReport:
 
 
 def _conversation(obj: dict) -> Document:
-    from gptoss_jax.chat import harmony
+    from gptoss_jax.chat.render import render_training
 
     messages = obj["messages"]
     if not isinstance(messages, list) or not messages:
@@ -79,7 +79,7 @@ def _conversation(obj: dict) -> Document:
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError("no assistant message to train on")
     kw = {k: obj[k] for k in ("tools", "reasoning_effort", "instructions") if k in obj}
-    tokens, mask = harmony.render_training(messages, **kw)
+    tokens, mask = render_training(messages, **kw)
     return Document(np.asarray(tokens, np.int32), np.asarray(mask, np.int8))
 
 

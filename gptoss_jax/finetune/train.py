@@ -38,6 +38,7 @@ from gptoss_jax.finetune.checkpoints import Checkpoints
 from gptoss_jax.finetune.data import ROW_FIELDS, PackedData, empty_rows
 from gptoss_jax.model import transformer as M
 from gptoss_jax.model.config import GptOssConfig
+from gptoss_jax.ops import runtime as ops_runtime
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -101,7 +102,7 @@ def nll_sum(params: dict, rows: dict, c: GptOssConfig, rt: M.Runtime, chunk: int
 
     @jax.checkpoint  # recompute each chunk's logits in the backward pass instead of storing them
     def chunk_nll(xc, tc, mc):
-        logits = M.unembed(params, xc)  # [chunk, v] f32
+        logits = M.unembed(params, xc, rt)  # [chunk, v] f32
         picked = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
         return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * mc)
 
@@ -210,8 +211,9 @@ def train(base: dict, c: GptOssConfig, lc: lora.LoraConfig, tc: TrainConfig, dat
     continues from the latest checkpoint there (the settings must match). ``stop_at`` ends the
     run after that step (as if killed right after its checkpoint), leaving the schedule as for
     ``tc.steps``. ``place`` puts a batch on devices (data-parallel sharding); default: as is.
+    ``runtime``: default the ops resolved for this platform, blocks rematerialized.
     """
-    rt = runtime or M.Runtime(remat=True)
+    rt = runtime or M.Runtime(ops=ops_runtime.resolve(), remat=True)
     opt = optimizer(tc)
     key = jax.random.PRNGKey(tc.seed)
     init_key, step_key = jax.random.split(key)

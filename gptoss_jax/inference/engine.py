@@ -27,7 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptoss_jax.inference.sampling import SampleMode, SamplingParams, sample
+from gptoss_jax.model import kv_cache
 from gptoss_jax.model import transformer as M
+from gptoss_jax.model.sharding import cache_shardings
 
 MIN_BUCKET = 16
 HARMONY_STOPS = (200002, 200012, 199999)  # <|return|>, <|call|>, <|endoftext|>
@@ -35,7 +37,7 @@ HARMONY_STOPS = (200002, 200012, 199999)  # <|return|>, <|call|>, <|endoftext|>
 
 class Slots(NamedTuple):
     """Per-slot decode state (a pytree; lives on device)."""
-    cache: list  # list[M.LayerCache], batch axis = slot
+    cache: list  # list[kv_cache.LayerCache], batch axis = slot
     pos: jax.Array  # [B] int32 position of the next token to feed, -1 = idle slot
     token: jax.Array  # [B] int32 last sampled token (the next one to feed)
     key: jax.Array  # [B] PRNG keys
@@ -61,17 +63,15 @@ def _prefill(params, slots: Slots, batch, config, runtime, mode: SampleMode):
     tokens, lengths, slot_ids = batch["tokens"], batch["lengths"], batch["slot"]
     n, t = tokens.shape
     max_len = max(c.pos.shape[1] for c in slots.cache)  # the engine's full-layer length
-    fresh = M.init_cache(config, n, max_len, M.cache_values(slots.cache[0].k).dtype)
+    fresh = kv_cache.init_cache(config, n, max_len, slots.cache[0].dtype, runtime.ops)
     pos = M.positions_from_lengths(tokens, lengths)
     x, fresh = M.hidden_states(params, tokens, pos, config, cache=fresh, rt=runtime, fresh=True)
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [n, d]
-    logits = M.unembed(params, last)
+    logits = M.unembed(params, last, runtime)
     keys = jax.vmap(jax.random.fold_in)(batch["key"], jnp.zeros(n, jnp.int32))
     first = sample(logits, keys, batch["temperature"], batch["top_k"], batch["top_p"],
                    batch["min_p"], mode=mode)
-    cache = [M.LayerCache(c.k.at[slot_ids].set(f.k), c.v.at[slot_ids].set(f.v),
-                          c.pos.at[slot_ids].set(f.pos)) for c, f in zip(slots.cache, fresh)]
-    s = slots._replace(cache=cache)
+    s = slots._replace(cache=kv_cache.put_rows(slots.cache, slot_ids, fresh))
     s = s._replace(
         pos=s.pos.at[slot_ids].set(lengths), token=s.token.at[slot_ids].set(first),
         key=s.key.at[slot_ids].set(batch["key"]), step=s.step.at[slot_ids].set(1),
@@ -87,7 +87,7 @@ def _decode(params, slots: Slots, config, runtime, mode: SampleMode):
     pos = slots.pos[:, None]
     x, cache = M.hidden_states(params, slots.token[:, None], pos, config, cache=slots.cache,
                                rt=runtime)
-    logits = M.unembed(params, x[:, 0])
+    logits = M.unembed(params, x[:, 0], runtime)
     keys = jax.vmap(jax.random.fold_in)(slots.key, slots.step)
     nxt = sample(logits, keys, slots.temperature, slots.top_k, slots.top_p, slots.min_p,
                  mode=mode)
@@ -118,10 +118,9 @@ class Engine:
                              f"{c.max_position_embeddings}")
         self.model, self.config, self.max_batch, self.max_len = model, c, max_batch, max_len
         dtype = model.params["embed"].dtype
-        cache = M.init_cache(c, max_batch, max_len, dtype)
-        mesh = getattr(model.runtime, "mesh", None)
+        cache = kv_cache.init_cache(c, max_batch, max_len, dtype, model.runtime.ops)
+        mesh = model.runtime.mesh
         if mesh is not None:  # kv heads on the tensor axis, slots on the data axis
-            from gptoss_jax.parallel.sharding import cache_shardings
             cache = jax.device_put(cache, cache_shardings(c, mesh, max_batch, max_len))
         self.slots = Slots(
             cache=cache,

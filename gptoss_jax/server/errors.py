@@ -6,7 +6,7 @@ Every error the server returns has the shape the official clients parse::
 
 Client mistakes are 4xx ``invalid_request_error`` s (``param`` names the offending field, with
 list indices: ``input[2].content``); anything unexpected is a 500 ``server_error`` whose message
-hides the traceback (it goes to the log).
+hides the traceback (it goes to the log); an engine that is not running is a 503.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gptoss_jax.server.scheduler import EngineError
 
 log = logging.getLogger("gptoss_jax.server")
 
@@ -97,6 +99,11 @@ def _api_error(request: Request, exc: APIError) -> JSONResponse:
     return exc.response()
 
 
+def _engine_unavailable(request: Request, exc: EngineError) -> JSONResponse:
+    return APIError(f"The model is unavailable: {exc}", status=503, type="server_error",
+                    code="service_unavailable").response()
+
+
 def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return APIError("The server had an error while processing your request.", status=500,
@@ -107,4 +114,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(EngineError, _engine_unavailable)
     app.add_exception_handler(Exception, _unexpected)

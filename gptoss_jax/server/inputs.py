@@ -1,13 +1,14 @@
-"""Request bodies -> harmony conversations (``gptoss_jax.harmony.Message`` lists).
+"""Request bodies -> harmony conversations (``chat.messages.Message`` lists) -> prompt tokens.
 
 Responses API ``input`` items: messages (``{"role", "content"}``, ``type: "message"``
 optional; content a string or ``input_text`` / ``output_text`` / ``text`` parts), ``reasoning``
 items (``content`` of ``reasoning_text`` parts, or a ``summary``), ``function_call`` and
 ``function_call_output``. Consecutive reasoning / assistant message / function call items form
 one harmony assistant message (thinking, preamble or answer, tool calls), as the model wrote
-them. Chat completions ``messages`` go through ``harmony.normalize_messages`` after the same
-checks. Anything unsupported (images, files, unknown item types) is an :class:`APIError`
-naming the offending field.
+them. Chat completions ``messages`` go through ``chat.messages.normalize_messages`` after the
+same checks. Anything unsupported (images, files, unknown item types) is an :class:`APIError`
+naming the offending field. ``render`` is the one place a request's conversation becomes prompt
+tokens (``chat.render.render_prompt`` and its options).
 """
 
 from __future__ import annotations
@@ -15,20 +16,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from gptoss_jax.chat import harmony
+from gptoss_jax.chat.messages import ROLES, Message, ToolCall, normalize_messages
+from gptoss_jax.chat.render import render_prompt
 from gptoss_jax.server.errors import APIError, unsupported
 
-EFFORTS = ("low", "medium", "high")
 _TEXT_PARTS = ("input_text", "output_text", "text", "reasoning_text", "summary_text")
-
-
-def effort_of(value: Any, param: str) -> str:
-    if value is None:
-        return "medium"
-    if not isinstance(value, str) or value not in EFFORTS:
-        raise APIError(f"Unsupported value for {param!r}: {value!r}; this model supports "
-                       f"{', '.join(EFFORTS)}", param=param, code="unsupported_value")
-    return value
 
 
 def _text(content: Any, param: str) -> str:
@@ -71,20 +63,20 @@ class _Assistant:
     def __init__(self):
         self.thinking: list[str] = []
         self.content: list[str] = []
-        self.calls: list[harmony.ToolCall] = []
+        self.calls: list[ToolCall] = []
 
     def empty(self) -> bool:
         return not (self.thinking or self.content or self.calls)
 
-    def message(self) -> harmony.Message:
-        return harmony.Message(role="assistant", content="\n".join(self.content),
+    def message(self) -> Message:
+        return Message(role="assistant", content="\n".join(self.content),
                                thinking="\n".join(self.thinking) or None, tool_calls=tuple(self.calls))
 
 
-def response_items(items: Sequence[Any], call_names: dict[str, str], param: str = "input") -> list[harmony.Message]:
+def response_items(items: Sequence[Any], call_names: dict[str, str], param: str = "input") -> list[Message]:
     """Responses API input items -> harmony messages. ``call_names`` maps ``call_id`` -> function
     name for calls made earlier (a stored conversation); new calls are added to it."""
-    out: list[harmony.Message] = []
+    out: list[Message] = []
     turn = _Assistant()
 
     def flush():
@@ -112,7 +104,7 @@ def response_items(items: Sequence[Any], call_names: dict[str, str], param: str 
                 turn.content.append(text)
             else:
                 flush()
-                out.append(harmony.Message(role=role, content=text))
+                out.append(Message(role=role, content=text))
         elif kind == "reasoning":
             if turn.calls or turn.content:
                 flush()
@@ -127,7 +119,7 @@ def response_items(items: Sequence[Any], call_names: dict[str, str], param: str 
             call_id = item.get("call_id")
             if isinstance(call_id, str):
                 call_names[call_id] = name
-            turn.calls.append(harmony.ToolCall(name=name, arguments=args))
+            turn.calls.append(ToolCall(name=name, arguments=args))
         elif kind == "function_call_output":
             call_id = _str_field(item, "call_id", p)
             if call_id not in call_names:
@@ -136,14 +128,14 @@ def response_items(items: Sequence[Any], call_names: dict[str, str], param: str 
             output = item.get("output")
             text = output if isinstance(output, str) else _text(output, f"{p}.output")
             flush()
-            out.append(harmony.Message(role="tool", name=call_names[call_id], content=text))
+            out.append(Message(role="tool", name=call_names[call_id], content=text))
         else:
             raise unsupported(f"{p}.type", f"Input items of type {kind!r} are not supported")
     flush()
     return out
 
 
-def chat_messages(messages: Sequence[Any]) -> list[harmony.Message]:
+def chat_messages(messages: Sequence[Any]) -> list[Message]:
     """Chat completions ``messages`` -> harmony messages (validated first)."""
     if not messages:
         raise APIError("'messages' must contain at least one message", param="messages",
@@ -155,7 +147,7 @@ def chat_messages(messages: Sequence[Any]) -> list[harmony.Message]:
         if not isinstance(m, Mapping):
             raise APIError(f"Invalid type for {p!r}: expected an object", param=p, code="invalid_type")
         role = m.get("role")
-        if role not in harmony.ROLES:
+        if role not in ROLES:
             raise APIError(f"Invalid value for {p + '.role'!r}: {role!r}", param=f"{p}.role",
                            code="invalid_value")
         d = {"role": role, "content": _text(m.get("content"), f"{p}.content")}
@@ -190,7 +182,7 @@ def chat_messages(messages: Sequence[Any]) -> list[harmony.Message]:
                 d["name"] = name
         clean.append(d)
     try:
-        return harmony.normalize_messages(clean)
+        return normalize_messages(clean)
     except (ValueError, KeyError, TypeError) as e:
         raise APIError(f"Invalid 'messages': {e}", param="messages", code="invalid_value") from None
 
@@ -218,11 +210,11 @@ def function_tools(tools: Any, param: str = "tools") -> list[dict]:
     return list(tools)
 
 
-def render(messages: list[harmony.Message], *, effort: str, tools: list[dict],
-           instructions: str | None) -> list[int]:
+def render(messages: list[Message], *, tools: list[dict], **options: Any) -> list[int]:
+    """The prompt tokens of a request's conversation; ``options``: ``chat.render``'s keywords
+    (``reasoning_effort``, ``instructions``, ...)."""
     try:
-        return harmony.render_prompt(messages, reasoning_effort=effort, tools=tools or None,
-                                     instructions=instructions)
+        return render_prompt(messages, tools=tools or None, **options)
     except (ValueError, TypeError, KeyError, RuntimeError) as e:  # openai-harmony: RuntimeError
         raise APIError(f"The conversation could not be rendered: {e}", param="input",
                        code="invalid_value") from None

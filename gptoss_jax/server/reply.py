@@ -1,30 +1,38 @@
 """Generated harmony tokens -> output items (reasoning, messages, function calls), incrementally.
 
-:class:`ReplyTracker` feeds each token to :class:`gptoss_jax.harmony.ReplyStream` and turns its
-events into item operations that both APIs render their own way:
+:class:`ReplyTracker` feeds each token to :class:`gptoss_jax.chat.parse.ReplyStream` and turns
+its events into item operations (:class:`Op`) that every chat-format endpoint renders its own
+way (Responses: output items and their stream events; chat completions: message and deltas):
 
-* ``Open(item)`` — a new item: ``reasoning`` (analysis channel), ``message`` (final channel,
-  phase ``final_answer``; commentary without a recipient, phase ``commentary`` — a preamble), or
+* ``open`` — a new item: ``reasoning`` (analysis channel), ``message`` (final channel, phase
+  ``final_answer``; commentary without a recipient, phase ``commentary`` — a preamble), or
   ``function_call`` (a message addressed to ``functions.<name>``; other recipients such as
   ``browser.search`` keep their full name);
-* ``Delta(item, text)`` — more text (or argument JSON);
-* ``Close(item)`` — the item is complete (``item.text`` is its whole text).
+* ``delta`` — more text (or argument JSON) of the open item;
+* ``close`` — the item is complete (``item.text`` is its whole text).
 
 Malformed output (a harmony parse error) closes the open item and ends the reply: ``done`` is
 set and ``error`` says why; what was parsed before the problem is kept. The caller stops
-generating as soon as ``done`` is set.
+generating as soon as ``stopped`` is set. The tracker also owns the end of a reply: ``feed``'s
+``finish`` or ``end()`` ("stop" | "length"; a budget cut marks the open item incomplete).
+
+Items, counts and ids belong to the tracker rather than to one parse, so that a tool loop can
+continue one response over several generated replies (a new ``ReplyStream`` per round).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import secrets
+from typing import Literal
 
-from gptoss_jax.chat import harmony
+from gptoss_jax.chat import parse
+from gptoss_jax.chat.messages import Message, ToolCall
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{secrets.token_hex(12)}"
+def new_id(prefix: str, sep: str = "_") -> str:
+    """A random id such as ``msg_3f2a...`` (OpenAI's ids are a prefix and random characters)."""
+    return f"{prefix}{sep}{secrets.token_hex(12)}"
 
 
 @dataclasses.dataclass(eq=False)
@@ -40,53 +48,59 @@ class Item:
 
 
 @dataclasses.dataclass(frozen=True)
-class Open:
+class Op:
+    kind: Literal["open", "delta", "close"]
     item: Item
+    text: str = ""  # delta: the new text
 
 
-@dataclasses.dataclass(frozen=True)
-class Delta:
-    item: Item
-    text: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Close:
-    item: Item
-
-
-Op = Open | Delta | Close
+def _item_for(ev: parse.ChannelStart | parse.ToolCallStart) -> Item:
+    if isinstance(ev, parse.ToolCallStart):
+        return Item("function_call", new_id("fc"), name=ev.name, call_id=new_id("call"))
+    if ev.channel == "analysis":
+        return Item("reasoning", new_id("rs"))
+    phase = "commentary" if ev.channel == "commentary" else "final_answer"
+    return Item("message", new_id("msg"), phase=phase)
 
 
 class ReplyTracker:
     """Consumes generated tokens; ``items`` is the output so far, in order."""
 
     def __init__(self):
-        self._stream = harmony.ReplyStream()
+        self._stream = parse.ReplyStream()
         self.items: list[Item] = []
         self.current: Item | None = None
         self.output_tokens = 0
         self.reasoning_tokens = 0  # tokens generated while a reasoning item was open
-        self.done = False
+        self.done = False  # the parse ended (stop token, malformed output, or end())
         self.error: str | None = None
+        self.finish_reason: str | None = None  # set by end(): "stop" | "length"
+        self.cut = False  # the token budget ended the reply before it finished
 
-    def feed(self, token: int) -> list[Op]:
+    @property
+    def stopped(self) -> bool:
+        """The reply ended by itself before the generation did: stop generating."""
+        return self.done and self.finish_reason is None
+
+    def feed(self, token: int, finish: str | None = None) -> list[Op]:
+        """One generated token; ``finish`` ("stop" | "length") when it is the last one."""
         self.output_tokens += 1
         if self.current is not None and self.current.kind == "reasoning":
             self.reasoning_tokens += 1
-        if self.done:
-            return []
-        ops = self._ops(self._stream.feed(token))
-        if token in (harmony.END, harmony.RETURN, harmony.CALL):
-            self._close(ops)  # the message is complete even if nothing follows it
+        ops = [] if self.done else self._ops(self._stream.feed(token))
+        if finish is not None:
+            ops += self.end(finish)
         return ops
 
-    def finish(self, cut: bool = False) -> list[Op]:
-        """Generation ended (token budget, or the caller stops): close what is open. ``cut``:
-        the budget ended it, so the open item is marked incomplete."""
+    def end(self, finish: str = "stop") -> list[Op]:
+        """The generation ended ("stop" | "length"); close what is open. No-op when ended."""
+        if self.finish_reason is not None:
+            return []
+        self.finish_reason = finish
+        self.cut = finish == "length" and not self.done
         if self.done:
             return []
-        if cut and self.current is not None:
+        if self.cut and self.current is not None:
             self.current.status = "incomplete"
         return self._ops(self._stream.finish())
 
@@ -94,26 +108,33 @@ class ReplyTracker:
     def tool_calls(self) -> list[Item]:
         return [i for i in self.items if i.kind == "function_call"]
 
-    def _ops(self, events) -> list[Op]:
+    def texts(self, kind: str) -> list[str]:
+        """The texts of the items of one kind, in order."""
+        return [i.text for i in self.items if i.kind == kind]
+
+    def message(self) -> Message | None:
+        """The reply as an assistant message of the conversation (None when nothing parsed)."""
+        thinking, content = "\n".join(self.texts("reasoning")), "\n".join(self.texts("message"))
+        calls = tuple(ToolCall(name=i.name, arguments=i.text) for i in self.tool_calls)
+        if not (thinking or content or calls):
+            return None
+        return Message(role="assistant", content=content, thinking=thinking or None, tool_calls=calls)
+
+    def _ops(self, events: list[parse.Event]) -> list[Op]:
         ops: list[Op] = []
         for ev in events:
-            if isinstance(ev, (harmony.ChannelStart, harmony.ToolCallStart)):
+            if isinstance(ev, (parse.ChannelStart, parse.ToolCallStart)):
                 self._close(ops)
-                if isinstance(ev, harmony.ToolCallStart):
-                    item = Item("function_call", new_id("fc"), name=ev.name, call_id=new_id("call"))
-                elif ev.channel == "analysis":
-                    item = Item("reasoning", new_id("rs"))
-                else:
-                    phase = "commentary" if ev.channel == "commentary" else "final_answer"
-                    item = Item("message", new_id("msg"), phase=phase)
-                self.items.append(item)
-                self.current = item
-                ops.append(Open(item))
-            elif isinstance(ev, (harmony.TextDelta, harmony.ToolCallDelta)):
+                self.current = _item_for(ev)
+                self.items.append(self.current)
+                ops.append(Op("open", self.current))
+            elif isinstance(ev, (parse.TextDelta, parse.ToolCallDelta)):
                 if self.current is not None and ev.text:
                     self.current.text += ev.text
-                    ops.append(Delta(self.current, ev.text))
-            elif isinstance(ev, harmony.Done):
+                    ops.append(Op("delta", self.current, ev.text))
+            elif isinstance(ev, parse.MessageEnd):
+                self._close(ops)
+            elif isinstance(ev, parse.Done):
                 self._close(ops)
                 self.done = True
                 self.error = ev.reply.error
@@ -122,5 +143,5 @@ class ReplyTracker:
     def _close(self, ops: list[Op]) -> None:
         if self.current is not None:
             self.current.closed = True
-            ops.append(Close(self.current))
+            ops.append(Op("close", self.current))
             self.current = None

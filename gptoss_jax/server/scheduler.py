@@ -1,4 +1,4 @@
-"""The scheduler: one background thread owns the :class:`~gptoss_jax.sampler.Engine`.
+"""The scheduler: one background thread owns the slot engine (:class:`~gptoss_jax.inference.engine.Engine`).
 
 Request handlers (asyncio, on the server's event loop) never touch the engine. They
 ``submit`` a :class:`Job` and read its tokens from an ``asyncio.Queue``; the scheduler thread

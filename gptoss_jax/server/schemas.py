@@ -20,24 +20,47 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+class _Generation(_Body):
+    """Fields of every generation request."""
+
+    model: StrictStr | None = None
+    temperature: StrictFloat | None = Temperature
+    top_p: StrictFloat | None = TopP
+    stream: StrictBool | None = None
+    user: StrictStr | None = None  # accepted and ignored
+
+
+class StreamOptions(_Body):
+    include_usage: StrictBool | None = None
+
+
+class _Completion(_Generation):
+    """Fields shared by chat and text completions."""
+
+    seed: StrictInt | None = None
+    n: StrictInt | None = None
+    stream_options: StreamOptions | None = None
+    # not supported (400 unless at the default)
+    stop: StrictStr | list[StrictStr] | None = None
+    presence_penalty: StrictFloat | None = None
+    frequency_penalty: StrictFloat | None = None
+    logit_bias: dict[str, Any] | None = None
+
+
 class ReasoningParam(_Body):
     effort: Any = None  # low | medium | high (checked by the route: a clear message)
     summary: Any = None  # accepted and ignored: the raw reasoning is returned instead
     generate_summary: Any = None
 
 
-class ResponsesRequest(_Body):
-    model: StrictStr | None = None
+class ResponsesRequest(_Generation):
     input: StrictStr | list[Any]
     instructions: StrictStr | None = None
     max_output_tokens: StrictInt | None = None
-    temperature: StrictFloat | None = Temperature
-    top_p: StrictFloat | None = TopP
     reasoning: ReasoningParam | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None  # "auto" | "none" (others: 400)
     parallel_tool_calls: StrictBool | None = None
-    stream: StrictBool | None = None
     stream_options: dict[str, Any] | None = None
     store: StrictBool | None = None
     previous_response_id: StrictStr | None = None
@@ -45,7 +68,6 @@ class ResponsesRequest(_Body):
     text: dict[str, Any] | None = None
     truncation: Literal["auto", "disabled"] | None = None
     # accepted and ignored
-    user: StrictStr | None = None
     safety_identifier: StrictStr | None = None
     prompt_cache_key: StrictStr | None = None
     service_tier: StrictStr | None = None
@@ -58,40 +80,24 @@ class ResponsesRequest(_Body):
     prompt: Any = None
 
 
-class StreamOptions(_Body):
-    include_usage: StrictBool | None = None
-
-
-class ChatCompletionRequest(_Body):
-    model: StrictStr | None = None
+class ChatCompletionRequest(_Completion):
     messages: list[Any]
     max_tokens: StrictInt | None = None
     max_completion_tokens: StrictInt | None = None
-    temperature: StrictFloat | None = Temperature
-    top_p: StrictFloat | None = TopP
-    seed: StrictInt | None = None
-    n: StrictInt | None = None
-    stream: StrictBool | None = None
-    stream_options: StreamOptions | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: StrictBool | None = None
     reasoning_effort: Any = None
     response_format: dict[str, Any] | None = None
     # accepted and ignored
-    user: StrictStr | None = None
     metadata: dict[str, StrictStr] | None = None
     store: StrictBool | None = None
     service_tier: StrictStr | None = None
     safety_identifier: StrictStr | None = None
     prompt_cache_key: StrictStr | None = None
     # not supported (400 unless at the default)
-    stop: StrictStr | list[StrictStr] | None = None
     logprobs: StrictBool | None = None
     top_logprobs: StrictInt | None = None
-    presence_penalty: StrictFloat | None = None
-    frequency_penalty: StrictFloat | None = None
-    logit_bias: dict[str, Any] | None = None
     modalities: list[StrictStr] | None = None
     audio: Any = None
     prediction: Any = None
@@ -100,23 +106,11 @@ class ChatCompletionRequest(_Body):
     web_search_options: Any = None
 
 
-class CompletionRequest(_Body):
-    model: StrictStr | None = None
+class CompletionRequest(_Completion):
     prompt: StrictStr | list[StrictInt] | list[list[StrictInt]] | list[StrictStr]
     max_tokens: StrictInt | None = 16
-    temperature: StrictFloat | None = Temperature
-    top_p: StrictFloat | None = TopP
-    seed: StrictInt | None = None
-    n: StrictInt | None = None
-    stream: StrictBool | None = None
-    stream_options: StreamOptions | None = None
-    user: StrictStr | None = None
     # not supported (400 unless at the default)
     echo: StrictBool | None = None
     logprobs: StrictInt | None = None
-    stop: StrictStr | list[StrictStr] | None = None
     suffix: StrictStr | None = None
     best_of: StrictInt | None = None
-    presence_penalty: StrictFloat | None = None
-    frequency_penalty: StrictFloat | None = None
-    logit_bias: dict[str, Any] | None = None

@@ -367,6 +367,34 @@ def test_stream_matches_batch(enc, case):
     assert s.feed(tokens[0]) == [] and s.finish() == []  # nothing after Done
 
 
+@pytest.mark.parametrize("case", ["final", "call", "truncated"])
+def test_stream_message_ends_match_harmony(enc, case):
+    tokens = {"final": completion(enc, REPLY_FINAL), "call": completion(enc, REPLY_CALL),
+              "truncated": completion(enc, REPLY_CALL)[:-4]}[case]
+    _, events = run_stream(tokens)
+    ends = [e for e in events if isinstance(e, H.MessageEnd)]
+    ref = enc.parse_messages_from_completion_tokens(tokens, A)
+    assert [(e.channel, e.recipient, e.text) for e in ends] == [
+        (m.channel, m.recipient, m.content[0].text) for m in ref]
+    # each message: start, its deltas (adding up to the whole text), its end; then Done
+    kinds = [type(e).__name__ for e in events]
+    assert kinds[-2:] == ["MessageEnd", "Done"]
+    starts = [i for i, k in enumerate(kinds) if k in ("ChannelStart", "ToolCallStart")]
+    for start, end in zip(starts, [i for i, k in enumerate(kinds) if k == "MessageEnd"]):
+        deltas = events[start + 1:end]
+        assert all(isinstance(d, (H.TextDelta, H.ToolCallDelta)) for d in deltas)
+        assert "".join(d.text for d in deltas) == events[end].text
+
+
+def test_message_cut_by_malformed_output_has_no_end(enc):
+    e = lambda text: enc.encode(text, allowed_special="all")
+    tokens = e("<|channel|>analysis<|message|>Hm<|end|><|start|>assistant<|channel|>final<|message|>Hi")
+    _, events = run_stream(tokens + [10**7])  # an id outside the vocabulary, inside "Hi"'s message
+    assert [(e.channel, e.text) for e in events if isinstance(e, H.MessageEnd)] == [("analysis", "Hm")]
+    assert isinstance(events[-1], H.Done) and events[-1].reply.error
+    assert events[-1].reply.final == "Hi"  # what parsed is kept
+
+
 def test_stream_stops_itself_on_stop_token(enc):
     s, events = run_stream(completion(enc, REPLY_FINAL), finish=False)
     assert s.done and isinstance(events[-1], H.Done) and events[-1].reply.complete

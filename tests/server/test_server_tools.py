@@ -22,6 +22,7 @@ from gptoss_jax.chat.tokenizer import load_tokenizer
 from gptoss_jax.inference.engine import SlotSequence
 from gptoss_jax.server import Scheduler, create_app
 from gptoss_jax.server.background import BackgroundServer
+from gptoss_jax.server.store import MemoryStore
 
 KEY = "test-key"
 MODEL = "stub-oss"
@@ -131,10 +132,10 @@ class ScriptedEngine:
 
 @pytest.fixture(scope="module")
 def stub():
-    engine = ScriptedEngine()
-    app = create_app(Scheduler(engine), load_tokenizer(), model_name=MODEL, api_key=KEY)
+    engine, store = ScriptedEngine(), MemoryStore()
+    app = create_app(Scheduler(engine), load_tokenizer(), model_name=MODEL, api_key=KEY, store=store)
     server = BackgroundServer(app).start()
-    yield types.SimpleNamespace(url=server.url, engine=engine)
+    yield types.SimpleNamespace(url=server.url, engine=engine, store=store)
     server.stop()
 
 
@@ -203,6 +204,13 @@ def test_function_tool_round_trip_responses(client, stub):
     assert stub.engine.prompts[-1] == expected
     assert r3.output_text == "It is sunny in Paris." and r3.previous_response_id == r1.id
     assert client.responses.retrieve(r1.id).output[1].call_id == call.call_id
+    # the app's store holds the conversation, the reply included, and the call's name
+    saved = stub.store.get(r1.id)
+    assert saved.response["id"] == r1.id and saved.call_names[call.call_id] == "get_weather"
+    assert saved.conversation[-1] == harmony.Message(
+        "assistant", thinking="The user wants the weather. Call get_weather.",
+        tool_calls=(harmony.ToolCall("get_weather", ARGS),))
+    assert stub.store.get(client.responses.create(model=MODEL, input="Say hello", store=False).id) is None
 
 
 def test_function_tool_streaming_responses(client):

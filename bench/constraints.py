@@ -1,0 +1,219 @@
+"""Constrained decoding costs: tokenizer build, schema compile, host mask time per step.
+
+    python bench/constraints.py                    # rows 1, 8, 32; 200 steps each
+    python bench/constraints.py --rows 1,8 --steps 50 --threads 2
+
+Prints one JSON object: machine (CPU model, cores), versions, and
+
+* ``tokenizer_build_s``: building the llguidance view of o200k_harmony (once per process);
+* ``compile_ms``: request -> compiled whole-turn constraint, median over fresh schemas (each
+  one new to the grammar cache), for a small schema, a nested one (arrays, enums, patterns,
+  $defs) and a request with four strict function tools;
+* ``mask``: for 1 / 8 / 32 constrained rows, host time per decode step of
+  ``ConstraintBatch.fill`` (all rows, llguidance's thread pool) and of ``consume`` (all rows),
+  mean / median / p99 in ms. Every row walks its own harmony turn (analysis, then the final
+  JSON), restarting when done, with tokens drawn at random among the allowed ones, so the
+  steps mix free text, headers and JSON like a real turn;
+* ``sampler_ms``: the device side alone, the jitted sampler on random ``[rows, 201088]`` logits
+  with and without ``apply_token_mask`` (median of repeats);
+* ``decode_step_overhead``: constrained vs free decode steps on the bench config. Filled in
+  once the engine's decode step takes the mask (issue 14, phase 2); ``decode_overhead``
+  below is where that measurement goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+NESTED = {
+    "type": "object",
+    "$defs": {"item": {"type": "object", "properties": {"sku": {"type": "string", "pattern": "^[A-Z]{3}[0-9]{4}$"},
+                                                        "qty": {"type": "integer", "minimum": 1}},
+                       "required": ["sku", "qty"], "additionalProperties": False}},
+    "properties": {"customer": {"type": "object", "properties": {"name": {"type": "string"},
+                                                                 "tier": {"enum": ["free", "pro", "team"]}},
+                                "required": ["name", "tier"], "additionalProperties": False},
+                   "items": {"type": "array", "items": {"$ref": "#/$defs/item"}, "maxItems": 5},
+                   "note": {"type": ["string", "null"]}},
+    "required": ["customer", "items", "note"], "additionalProperties": False}
+
+
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _stats(seconds: list[float]) -> dict:
+    ms = sorted(s * 1e3 for s in seconds)
+    return {"mean": round(statistics.fmean(ms), 4), "median": round(statistics.median(ms), 4),
+            "p99": round(ms[min(len(ms) - 1, int(0.99 * len(ms)))], 4), "n": len(ms)}
+
+
+def _requests(i: int) -> dict:
+    """Three request kinds, made unique by ``i`` so no compile hits the grammar cache."""
+    small = {"type": "object", "properties": {f"answer_{i}": {"type": "string"}, "ok": {"type": "boolean"}},
+             "required": [f"answer_{i}", "ok"], "additionalProperties": False}
+    nested = dict(NESTED, properties={**NESTED["properties"], f"extra_{i}": {"type": "integer"}})
+    tools = [{"type": "function", "name": f"tool_{k}_{i}", "strict": True, "parameters": small}
+             for k in range(4)]
+    fmt = lambda s: {"text": {"format": {"type": "json_schema", "name": "out", "schema": s, "strict": True}}}
+    return {"small_schema": fmt(small), "nested_schema": fmt(nested), "four_tools": {"tools": tools}}
+
+
+def bench_compile(repeats: int) -> dict:
+    from gptoss_jax.inference.constraints import from_responses
+
+    times: dict[str, list[float]] = {}
+    for i in range(repeats):
+        for kind, request in _requests(i).items():
+            t = time.perf_counter()
+            from_responses(request)
+            times.setdefault(kind, []).append(time.perf_counter() - t)
+    return {k: _stats(v) for k, v in times.items()}
+
+
+class _Walker:
+    """Random draws among the allowed tokens, biased so turns end (special tokens and JSON
+    punctuation first), as the tests' sampler does."""
+
+    def __init__(self, vocab: int, seed: int):
+        from gptoss_jax.chat import tokenizer as T
+
+        ranks = T.load_ranks(T.ensure_vocab_file())
+        punct = np.zeros(vocab, bool)
+        for b, i in ranks.items():
+            punct[i] = bool(b) and all(c in b'{}[]",: ' for c in b)
+        self.tiers = [np.arange(vocab) >= T.NUM_BPE_RANKS, punct, np.ones(vocab, bool)]
+        self.odds = (0.3, 0.4, 0.3)
+        self.rng = np.random.default_rng(seed)
+        self.vocab = vocab
+
+    def pick(self, row: np.ndarray) -> int:
+        bits = np.unpackbits(row.view(np.uint8), bitorder="little")[:self.vocab].astype(bool)
+        tiers = [(t & bits, w) for t, w in zip(self.tiers, self.odds)]
+        tiers = [(t, w) for t, w in tiers if t.any()]
+        odds = np.array([w for _, w in tiers])
+        tier = tiers[self.rng.choice(len(tiers), p=odds / odds.sum())][0]
+        return int(self.rng.choice(np.flatnonzero(tier)))
+
+
+def bench_masks(rows_list: list[int], steps: int, threads: int | None) -> dict:
+    from gptoss_jax.inference.constraints import ConstraintBatch, SlotState, from_responses
+
+    out = {}
+    walker = _Walker(201088, seed=0)
+    constraints = [from_responses(r).constraint for r in _requests(10_000).values()]
+    for rows in rows_list:
+        batch = ConstraintBatch(rows, threads=threads)
+        for s in range(rows):
+            batch.attach(s, constraints[s % len(constraints)])
+        fills, consumes, turns = [], [], 0
+        for _ in range(steps):
+            t = time.perf_counter()
+            mask = batch.fill()
+            fills.append(time.perf_counter() - t)
+            picks = {s: walker.pick(mask[s]) for s in range(rows)}
+            t = time.perf_counter()
+            batch.consume_many(picks)
+            consumes.append(time.perf_counter() - t)
+            for s in range(rows):
+                if batch.state(s) is not SlotState.ACTIVE:  # turn complete: start another
+                    turns += batch.state(s) is SlotState.DONE
+                    batch.attach(s, constraints[s % len(constraints)])
+        out[f"rows{rows}"] = {"fill_ms": _stats(fills), "consume_ms": _stats(consumes),
+                              "turns_completed": turns}
+    return out
+
+
+def bench_sampler(rows_list: list[int], repeats: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from gptoss_jax.inference.constraints import apply_token_mask
+    from gptoss_jax.inference.sampling import sample
+
+    def run(masked):
+        def f(logits, mask, keys, t, k, p, m):
+            if masked:
+                logits = apply_token_mask(logits, mask)
+            return sample(logits, keys, t, k, p, m)
+        return jax.jit(f)
+
+    out = {}
+    rng = np.random.default_rng(0)
+    for rows in rows_list:
+        logits = jnp.asarray(rng.normal(size=(rows, 201088)).astype(np.float32))
+        mask = jnp.asarray(rng.integers(-2**31, 2**31, (rows, 6284), np.int64).astype(np.int32))
+        args = (logits, mask, jax.random.split(jax.random.key(0), rows), jnp.ones(rows),
+                jnp.zeros(rows, jnp.int32), jnp.ones(rows), jnp.zeros(rows))
+        figures = {}
+        for name, masked in (("free", False), ("masked", True)):
+            f = run(masked)
+            f(*args).block_until_ready()
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                f(*args).block_until_ready()
+                times.append(time.perf_counter() - t)
+            figures[name] = round(statistics.median(times) * 1e3, 4)
+        out[f"rows{rows}"] = figures
+    return out
+
+
+def decode_overhead() -> dict:
+    """Decode step time with every slot constrained vs none at batch 1 / 8 / 32 on the bench
+    config: needs the engine's masked decode step (issue 14, phase 2)."""
+    return {"status": "pending: the engine's decode step does not take a mask yet"}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", default="1,8,32", help="constrained rows per mask fill")
+    ap.add_argument("--steps", type=int, default=200, help="decode steps per row count")
+    ap.add_argument("--compile-repeats", type=int, default=10)
+    ap.add_argument("--sampler-repeats", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=None, help="llguidance worker threads")
+    args = ap.parse_args(argv)
+    rows = [int(r) for r in args.rows.split(",")]
+
+    import jax
+    import llguidance
+
+    from gptoss_jax.inference.constraints import llg_tokenizer
+
+    t = time.perf_counter()
+    llg_tokenizer()
+    build = time.perf_counter() - t
+    result = {
+        "bench": "constraints", "cpu": _cpu(), "cpus": os.cpu_count(),
+        "python": platform.python_version(), "llguidance": llguidance.__version__,
+        "jsonschema": importlib.metadata.version("jsonschema"), "jax": jax.__version__,
+        "device": jax.devices()[0].device_kind, "threads": args.threads,
+        "tokenizer_build_s": round(build, 3),
+        "compile_ms": bench_compile(args.compile_repeats),
+        "mask": bench_masks(rows, args.steps, args.threads),
+        "sampler_ms": bench_sampler(rows, args.sampler_repeats),
+        "decode_step_overhead": decode_overhead(),
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

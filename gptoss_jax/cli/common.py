@@ -1,0 +1,115 @@
+"""What every command line shares: one-line errors, the model flags, and model loading.
+
+* :class:`ArgumentParser` reports a bad argument in one line (``PROG: error: ...``) and exits 2;
+  argparse would print the whole usage first.
+* :func:`run` is the one error epilogue: :class:`UsageError`, ``ValueError`` (``CheckpointError``,
+  ``ConfigError``, ``AdapterError``, ``DataError``, ``ShardingError`` are ValueErrors),
+  ``OSError`` and a missing vocabulary become ``PROG: error: <first line>`` on stderr and exit
+  status 2, no traceback; Ctrl-C is 130.
+* :func:`add_model_args` declares ``--checkpoint``, ``--dtype``, ``--adapter`` and, through
+  :func:`gptoss_jax.parallel.distributed.add_distributed_args`, ``--mesh`` and the multi-host
+  flags (``--coordinator-address``, ``--num-processes``, ``--process-id``) the same way in every
+  CLI; :func:`check_model_args`, :func:`setup_mesh` and :func:`load_model` read them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+
+from gptoss_jax.chat.tokenizer import Tokenizer, VocabFileError, load_tokenizer
+from gptoss_jax.checkpoint.load import DTYPES, load
+from gptoss_jax.finetune.export import load_adapter
+from gptoss_jax.model.model import Model
+from gptoss_jax.parallel.distributed import add_distributed_args, setup_from_args
+
+DEFAULT_CHECKPOINT = "openai/gpt-oss-20b"
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported in one line, exit status 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors and exit status 2 (sub-commands inherit it)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def run(prog: str, body: Callable[[], int]) -> int:
+    """``body()``'s exit status, with every CLI's error epilogue (see the module docstring)."""
+    try:
+        return body()
+    except (UsageError, ValueError, OSError, VocabFileError) as e:
+        print(f"{prog}: error: {_first_line(e)}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def check_or_exit(parser: argparse.ArgumentParser, check: Callable[[argparse.Namespace], None],
+                  args: argparse.Namespace) -> None:
+    """Run ``check(args)`` and report a :class:`UsageError` as argparse does (exit 2): for a
+    CLI that checks every argument before it does anything else."""
+    try:
+        check(args)
+    except UsageError as e:
+        parser.error(str(e))
+
+
+def add_model_args(parser: argparse.ArgumentParser, *, checkpoint_required: bool = False,
+                   adapter: bool = True) -> argparse.ArgumentParser:
+    """``--checkpoint``, ``--dtype``, ``--adapter`` (unless ``adapter=False``), ``--mesh`` and
+    the multi-host flags."""
+    help_text = "local folder (HF MXFP4/bf16 or original/) or hub id"
+    if checkpoint_required:
+        parser.add_argument("--checkpoint", required=True, help=help_text)
+    else:
+        parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=help_text + " (default: %(default)s)")
+    parser.add_argument("--dtype", default="bfloat16",
+                        help="bfloat16 | float32: compute and storage dtype of the dense weights")
+    if adapter:
+        parser.add_argument("--adapter", help="LoRA adapter folder written by gptoss_jax.finetune")
+    add_distributed_args(parser)
+    return parser
+
+
+def check_model_args(args: argparse.Namespace) -> None:
+    """Check ``--dtype`` (UsageError) and spell it ``bfloat16`` or ``float32``."""
+    if args.dtype not in DTYPES:
+        raise UsageError(f"--dtype must be bfloat16 or float32, got {args.dtype!r}")
+    args.dtype = "bfloat16" if DTYPES[args.dtype] == DTYPES["bfloat16"] else "float32"
+
+
+def setup_mesh(args: argparse.Namespace):
+    """Start multi-host JAX if the flags ask for it, then build the ``--mesh`` (None without
+    one). A mesh that does not fit the devices, or bad process flags: ValueError."""
+    return setup_from_args(args)
+
+
+def log(message: str, quiet: bool = False) -> None:
+    if not quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def load_model(args: argparse.Namespace, *, mesh=None, quiet: bool = False) -> Model:
+    """``--checkpoint`` in ``--dtype`` on ``mesh``, with ``--adapter`` applied if given."""
+    t0 = time.perf_counter()
+    model = load(args.checkpoint, dtype=args.dtype, progress=not quiet, mesh=mesh)
+    if getattr(args, "adapter", None):
+        model = load_adapter(model, args.adapter)
+    log(f"loaded {model.path} in {time.perf_counter() - t0:.1f}s", quiet)
+    return model
+
+
+def tokenizer_for(model: Model) -> Tokenizer:
+    """The checkpoint's own ``tokenizer.json`` if it has one, else the offline o200k_harmony."""
+    return load_tokenizer(model.path or None)

@@ -1,0 +1,55 @@
+"""Token bitmasks: llguidance's layout, expanded on the device inside the jitted sampler.
+
+A mask is int32 ``[rows, ceil(vocab / 32)]``; token ``t`` is allowed in a row when bit
+``t & 31`` of word ``t >> 5`` is set (llguidance's layout, little-endian bit order within a
+word). All ones (-1) allows everything. The engine passes a mask of fixed shape every step, so
+no request ever triggers a recompile.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BITS = 32
+
+
+def mask_words(vocab_size: int) -> int:
+    """Words per mask row: ``ceil(vocab_size / 32)``."""
+    return -(-vocab_size // BITS)
+
+
+def allowed_bits(mask: jax.Array, vocab_size: int) -> jax.Array:
+    """bool ``[rows, vocab_size]`` from an int32 ``[rows, words]`` mask (ids past the mask's
+    ``32 * words`` are not allowed)."""
+    rows, words = mask.shape
+    shifts = jnp.arange(BITS, dtype=jnp.int32)
+    bits = ((mask[:, :, None] >> shifts) & 1).reshape(rows, words * BITS) != 0  # [rows, 32w]
+    if words * BITS >= vocab_size:
+        return bits[:, :vocab_size]
+    return jnp.pad(bits, ((0, 0), (0, vocab_size - words * BITS)))
+
+
+def apply_token_mask(logits: jax.Array, mask: jax.Array) -> jax.Array:
+    """``logits`` [rows, vocab] with disallowed tokens set to -inf (jittable, fixed shapes).
+
+    Apply it before temperature and the top-k / top-p / min-p filters, so they act on the
+    allowed tokens only, and before greedy argmax. A row with no allowed token (a constraint
+    that dead-ended; the host ends that sequence and discards its token) is left unmasked so
+    the sampler still returns a finite draw instead of NaNs.
+    """
+    allowed = allowed_bits(mask, logits.shape[-1])
+    allowed |= ~jnp.any(allowed, axis=-1, keepdims=True)
+    return jnp.where(allowed, logits, jnp.asarray(-jnp.inf, logits.dtype))
+
+
+def allowed_tokens(row: np.ndarray) -> np.ndarray:
+    """The token ids one int32 mask row allows (host side; for checks and logs)."""
+    row = np.ascontiguousarray(row, dtype="<i4")
+    return np.flatnonzero(np.unpackbits(row.view(np.uint8), bitorder="little"))
+
+
+def is_allowed(row: np.ndarray, token: int) -> bool:
+    """Whether one mask row allows ``token``."""
+    return bool((int(row[token >> 5]) >> (token & 31)) & 1)

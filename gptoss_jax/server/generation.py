@@ -1,0 +1,152 @@
+"""Running one request's generation: submit the job, feed its tokens to a consumer, end it.
+
+Every endpoint does the same three things around its own output format:
+
+* ``submit(st, prompt, sampling, max_new_tokens)`` hands the job to the scheduler (the stop
+  tokens are harmony's: ``<|return|>``, ``<|call|>``, ``<|endoftext|>``);
+* a **consumer** (``ReplyTracker`` for the chat formats, the completions' text decoder) takes
+  ``feed(token, finish)``, says when it has ``stopped`` by itself (then the job is cancelled:
+  the slot is free for the next request at once), and is closed by ``end()``;
+* ``collect`` runs the job to its end for a plain request, ``stream`` yields the consumer's
+  outputs token by token for a streaming one, and ``SSEResponse`` sends them as server-sent
+  events, cancelling the job however the stream ends (a client that disconnects included).
+
+A failure inside the engine reaches a plain request as a 500 with OpenAI's error object, and a
+stream as the endpoint's own error event (``stream`` re-raises :class:`EngineError`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from gptoss_jax.chat.encoding import STOP_TOKENS
+from gptoss_jax.inference.sampling import SamplingParams
+from gptoss_jax.server.errors import APIError
+from gptoss_jax.server.scheduler import EngineError, Job, Scheduler
+from gptoss_jax.server.state import ServerState
+
+
+class Consumer(Protocol):
+    @property
+    def stopped(self) -> bool:
+        """The output ended by itself before the generation did."""
+
+    def feed(self, token: int, finish: str | None) -> list[Any]:
+        """One generated token (``finish`` set on the last); the outputs it completes."""
+
+    def end(self, finish: str = "stop") -> list[Any]:
+        """The generation ended; the last outputs. A no-op when already ended."""
+
+
+def submit(st: ServerState, prompt: list[int], sampling: SamplingParams, max_new_tokens: int) -> Job:
+    return st.scheduler.submit(prompt, sampling, max_new_tokens, STOP_TOKENS)
+
+
+async def _wait_job(job: Job, request: Request, scheduler: Scheduler,
+                    consume: Callable[[int, str | None], bool]) -> None:
+    """Run ``job`` to its end. ``consume(token, finish)`` returns True to stop early (then the
+    job is cancelled). A client that disconnects cancels the job; an engine failure becomes a
+    500 with OpenAI's error object."""
+
+    async def run():
+        async for tok, finish in job.tokens():
+            if consume(tok, finish):
+                scheduler.cancel(job)
+                return
+
+    async def watch():
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.25)
+
+    runner, watcher = asyncio.ensure_future(run()), asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({runner, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not runner.done():  # the client went away (or this handler was cancelled)
+            runner.cancel()
+            scheduler.cancel(job)
+    try:
+        runner.result()  # re-raises an engine error, or CancelledError for a client that left
+    except EngineError as e:
+        raise APIError(f"Generation failed: {e}", status=500, type="server_error",
+                       code="server_error") from None
+
+
+async def collect(job: Job, consumer: Consumer, request: Request, scheduler: Scheduler) -> None:
+    """Feed every token of ``job`` to ``consumer`` (a plain, non-streaming request), then end it."""
+
+    def consume(tok: int, finish: str | None) -> bool:
+        consumer.feed(tok, finish)
+        return finish is None and consumer.stopped
+
+    await _wait_job(job, request, scheduler, consume)
+    consumer.end("stop")  # the job was cancelled (the output stopped itself) before it ended
+
+
+async def stream(job: Job, consumer: Consumer, scheduler: Scheduler) -> AsyncIterator[list[Any]]:
+    """The consumer's outputs, token by token, ending with ``end()``'s. Raises EngineError."""
+    async for tok, finish in job.tokens():
+        out = consumer.feed(tok, finish)
+        if finish is None and consumer.stopped:
+            scheduler.cancel(job)
+            finish = "stop"
+        if out:
+            yield out
+        if finish is not None:
+            break
+    out = consumer.end("stop")
+    if out:
+        yield out
+
+
+def completion_usage(prompt_len: int, completion_tokens: int, reasoning: int | None = None) -> dict:
+    """The ``usage`` object of chat and text completions."""
+    out = {"prompt_tokens": prompt_len, "completion_tokens": completion_tokens,
+           "total_tokens": prompt_len + completion_tokens}
+    if reasoning is not None:
+        out["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+    return out
+
+
+class SSEResponse(StreamingResponse):
+    """Server-sent events whose ``on_close`` runs however the stream ends (a disconnect
+    included), so the job behind it always gives its slot back."""
+
+    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None]):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+            with contextlib.suppress(Exception):
+                await self.body_iterator.aclose()
+
+
+def sse(data: dict, event: str | None = None) -> str:
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def with_done(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The chat / completions streaming convention: ``data: [DONE]`` at the end; an engine
+    failure becomes an error chunk instead."""
+    try:
+        async for s in events:
+            yield s
+    except EngineError as e:
+        yield sse({"error": {"message": f"Generation failed: {e}", "type": "server_error",
+                             "param": None, "code": "server_error"}})
+        return
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,107 @@
+"""Request parameters that several endpoints check the same way, each check in one place.
+
+Unknown fields, parameters of OpenAI's API that this server does not implement (``n``,
+``stop``, logprobs, penalties: a 400 naming them unless they are at their "off" value), the
+model, the new-token budget against the context, sampling, reasoning effort, ``tool_choice``
+and the output format. Every failure is an :class:`~gptoss_jax.server.errors.APIError` whose
+``param`` names the field.
+
+Per-request constraints start here: ``output_format`` (``text.format`` / ``response_format``)
+and ``tool_choice`` are where a request's structured-output or tool-choice rules are read.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from gptoss_jax.chat.render import EFFORTS
+from gptoss_jax.inference.sampling import SamplingParams
+from gptoss_jax.server.errors import APIError, unsupported
+from gptoss_jax.server.state import ServerState
+
+# Chat and text completions: parameter -> the value(s) that mean "off" (anything else: a 400).
+_OFF_VALUES = {
+    "stop": (None, [], ""), "logprobs": (None, False), "top_logprobs": (None, 0),
+    "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}), "audio": (None,), "prediction": (None,), "functions": (None,),
+    "function_call": (None,), "web_search_options": (None,), "echo": (None, False),
+    "suffix": (None, ""), "best_of": (None, 1),
+}
+
+
+def check_extra(body, allowed_ignored: tuple[str, ...] = ()) -> None:
+    """Unknown request fields are an error, as with OpenAI (not silently ignored)."""
+    for key in (body.model_extra or {}):
+        if key not in allowed_ignored:
+            raise APIError(f"Unrecognized request argument supplied: {key}", param=key,
+                           code="unknown_parameter")
+
+
+def check_completion_params(req) -> None:
+    """The fields shared by chat and text completions: unknown ones, ``n``, and the parameters
+    this server does not implement."""
+    check_extra(req)
+    if req.stream_options is not None:
+        check_extra(req.stream_options)
+    if req.n not in (None, 1):
+        raise unsupported("n", "only n=1 is supported")
+    for name, off in _OFF_VALUES.items():
+        if name in type(req).model_fields and getattr(req, name) not in off:
+            raise unsupported(name)
+
+
+def check_model(st: ServerState, model: str | None) -> None:
+    if model is not None and model != st.model_name:
+        raise APIError(f"The model {model!r} does not exist; this server serves "
+                       f"{st.model_name!r}", status=404, param="model", code="model_not_found")
+
+
+def token_budget(st: ServerState, prompt_len: int, requested: int | None, param: str,
+                 input_param: str) -> int:
+    """New-token budget: ``requested`` or the rest of the context; 400 if it cannot fit.
+    ``param`` names the budget field, ``input_param`` the prompt's."""
+    ctx = st.context
+    if prompt_len >= ctx:
+        raise APIError(f"The input is {prompt_len} tokens, but this server's context is "
+                       f"{ctx} tokens", param=input_param, code="context_length_exceeded")
+    if requested is None:
+        return ctx - prompt_len
+    if requested < 1:
+        raise APIError(f"Invalid {param!r}: must be >= 1, got {requested}", param=param,
+                       code="invalid_value")
+    if prompt_len + requested > ctx:
+        raise APIError(f"{param!r} of {requested} plus the input of {prompt_len} tokens exceeds "
+                       f"this server's context of {ctx} tokens (at most {ctx - prompt_len} "
+                       f"more tokens fit)", param=param, code="context_length_exceeded")
+    return requested
+
+
+def sampling_of(temperature: float | None, top_p: float | None, seed: int | None) -> SamplingParams:
+    """OpenAI's defaults (temperature 1, top_p 1); no seed: a fresh random one."""
+    return SamplingParams(temperature=1.0 if temperature is None else float(temperature),
+                          top_p=1.0 if top_p is None else float(top_p),
+                          seed=secrets.randbits(31) if seed is None else int(seed) % (1 << 31))
+
+
+def effort_of(value: Any, param: str) -> str:
+    """The reasoning effort (default medium)."""
+    if value is None:
+        return "medium"
+    if not isinstance(value, str) or value not in EFFORTS:
+        raise APIError(f"Unsupported value for {param!r}: {value!r}; this model supports "
+                       f"{', '.join(EFFORTS)}", param=param, code="unsupported_value")
+    return value
+
+
+def tool_choice(value: Any) -> str:
+    """``tool_choice``: "auto" (the default) or "none"."""
+    if value not in (None, "auto", "none"):
+        raise unsupported("tool_choice", "tool_choice must be 'auto' or 'none'")
+    return value or "auto"
+
+
+def output_format(fmt: Any, param: str) -> None:
+    """``text.format`` (Responses) / ``response_format`` (chat): only plain text."""
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+        raise unsupported(param, "only text output is supported (no JSON mode or schemas)")

@@ -1,0 +1,23 @@
+"""bench/constraints.py runs (a few steps) and prints the JSON it documents."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_constraints_bench_smoke():
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "constraints.py"), "--rows", "1,3",
+         "--steps", "12", "--compile-repeats", "2", "--sampler-repeats", "1"],
+        capture_output=True, text=True, timeout=600, check=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu")).stdout
+    result = json.loads(out)
+    assert result["tokenizer_build_s"] > 0
+    assert set(result["compile_ms"]) == {"small_schema", "nested_schema", "four_tools"}
+    for rows in ("rows1", "rows3"):
+        assert result["mask"][rows]["fill_ms"]["n"] == 12
+        assert set(result["sampler_ms"][rows]) == {"free", "masked"}
+    assert "decode_step_overhead" in result
