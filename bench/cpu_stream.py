@@ -61,10 +61,11 @@ def main(argv=None):
     import jax
     import jax.numpy as jnp
 
-    from cpu_kernels import bf16_gemv as G
+    import cpu_kernels
     from cpu_kernels import isa
+    from cpu_kernels.bf16_gemv import bf16_gemv, stream_read
 
-    if not G.available("bf16_gemv"):
+    if not cpu_kernels.available("bf16_gemv"):
         sys.exit("bf16_gemv is not available on this machine")
     shapes = ({s: tuple(int(n) for n in s.split("x")) for s in a.shapes.split(",")}
               if a.shapes else SHAPES)
@@ -80,9 +81,9 @@ def main(argv=None):
         nbytes = w.size * 2
         raw = jax.lax.bitcast_convert_type(w, jnp.uint8)
         res = {"V": v, "D": d, "weight_bytes": nbytes}
-        read = jax.jit(lambda b: G.stream_read(b, prefetch=tuned.prefetch, nta=tuned.nta))
+        read = jax.jit(lambda b: stream_read(b, prefetch=tuned.prefetch, nta=tuned.nta))
         res["stream_read_gbs"] = nbytes / best_of(read, (raw,), a.repeats) / 1e9
-        gemv = jax.jit(lambda x, w: G.bf16_gemv(x, w))
+        gemv = jax.jit(lambda x, w: bf16_gemv(x, w))
         res["bf16_gemv_gbs"] = nbytes / best_of(gemv, (x, w), a.repeats) / 1e9
         xla = jax.jit(lambda x, w: x.astype(jnp.float32) @ w.T.astype(jnp.float32))
         res["xla_gbs"] = nbytes / best_of(xla, (x, w), a.repeats) / 1e9
@@ -94,11 +95,11 @@ def main(argv=None):
                 for nta in (False, True) if pf else (False,):
                     hint = f"prefetch={pf}{',nta' if nta else ''}"
                     fns[f"stream_read {hint}"] = (jax.jit(
-                        lambda b, pf=pf, nta=nta: G.stream_read(b, prefetch=pf, nta=nta)), (raw,))
+                        lambda b, pf=pf, nta=nta: stream_read(b, prefetch=pf, nta=nta)), (raw,))
                     for br in isa.supported():
                         fns[f"bf16_gemv {br} {hint}"] = (jax.jit(
                             lambda x, w, br=br, pf=pf, nta=nta:
-                            G.bf16_gemv(x, w, branch=br, prefetch=pf, nta=nta)), (x, w))
+                            bf16_gemv(x, w, branch=br, prefetch=pf, nta=nta)), (x, w))
             best = dict.fromkeys(fns, float("inf"))
             for _ in range(a.repeats):
                 for k, (f, args) in fns.items():

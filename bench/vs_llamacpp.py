@@ -252,10 +252,12 @@ def machine() -> dict:
         import jax
         import jax.numpy as jnp
 
-        from cpu_kernels import bf16_gemv, isa
-        if bf16_gemv.available("stream_read"):
+        import cpu_kernels
+        from cpu_kernels import isa
+        from cpu_kernels.bf16_gemv import stream_read
+        if cpu_kernels.available("stream_read"):
             data = jnp.ones((1 << 28,), jnp.uint8)  # 256 MiB, 8x the largest L3 here
-            read = jax.jit(lambda b: bf16_gemv.stream_read(b))
+            read = jax.jit(lambda b: stream_read(b))
             from cpu_stream import best_of
             info["read_bandwidth_gbs"] = data.size / best_of(read, (data,), 10) / 1e9
             info["kernel_branch"] = isa.best()

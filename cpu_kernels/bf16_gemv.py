@@ -19,14 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from cpu_kernels import isa
-from cpu_kernels.dispatched import available, branch_number, target
+from cpu_kernels.ffi import target
 
-__all__ = ["available", "bf16_gemv", "bf16_gemv_reference", "stream_read"]
+__all__ = ["bf16_gemv", "bf16_gemv_reference", "stream_read"]
 
 
 def _settings(branch, prefetch, nta) -> dict:
     tuned = isa.stream_tuning()
-    return {"isa": branch_number(branch),
+    return {"isa": isa.attribute(branch),
             "prefetch": np.int64(tuned.prefetch if prefetch is None else prefetch),
             "nta": bool(tuned.nta if nta is None else nta)}
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from cpu_kernels.dispatched import available, branch_number, target
+from cpu_kernels import isa
+from cpu_kernels.ffi import target
 
-__all__ = ["available", "bf16_vecmat", "bf16_vecmat_reference"]
+__all__ = ["bf16_vecmat", "bf16_vecmat_reference"]
 
 
 def bf16_vecmat(x: jax.Array, w: jax.Array, *, branch: str | None = None) -> jax.Array:
@@ -26,7 +27,7 @@ def bf16_vecmat(x: jax.Array, w: jax.Array, *, branch: str | None = None) -> jax
                          f"w {w.shape} {w.dtype}")
     call = jax.ffi.ffi_call(target("bf16_vecmat"),
                             jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32))
-    return call(x.astype(jnp.bfloat16), w, isa=branch_number(branch))
+    return call(x.astype(jnp.bfloat16), w, isa=isa.attribute(branch))
 
 
 def bf16_vecmat_reference(x: jax.Array, w: jax.Array) -> jax.Array:

@@ -1,6 +1,7 @@
 """Decode attention with sinks straight from a bf16 KV cache stored as 16-bit patterns
 (``src/decode_attention.cc``): one query position per row, all query heads of a KV head in one
-task that reads its keys and values once. AVX-512 (:func:`available` is also False without it).
+task that reads its keys and values once. AVX-512 only (``cpu_kernels.available`` says
+whether it runs here).
 
 The math is gpt-oss's (``gptoss_jax.model.attention.attention_core`` for one query): scores
 scaled by ``1/sqrt(h)`` over the keys the query may see (``0 <= k_pos <= q_pos``, and within the
@@ -14,16 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cpu_kernels import dispatched, isa
+from cpu_kernels.ffi import target
 
-__all__ = ["available", "decode_attention", "decode_attention_reference"]
+__all__ = ["decode_attention", "decode_attention_reference"]
 
 NEG_INF = -1e30
-
-
-def available() -> bool:
-    """Whether the kernel runs here (AVX-512 and a built library)."""
-    return "avx512" in isa.supported() and dispatched.available("decode_attention")
 
 
 def decode_attention(q: jax.Array, k_bits: jax.Array, v_bits: jax.Array, q_pos: jax.Array,
@@ -36,7 +32,7 @@ def decode_attention(q: jax.Array, k_bits: jax.Array, v_bits: jax.Array, q_pos: 
             or k_bits.shape[:2] != (b, kh) or k_bits.shape[3] != h or g > 16 or h > 128):
         raise ValueError(f"decode_attention takes q [B, K, G<=16, H<=128] and uint16 k/v "
                          f"[B, K, S, H]; got q {q.shape}, k {k_bits.shape} {k_bits.dtype}")
-    call = jax.ffi.ffi_call(dispatched.target("decode_attention"),
+    call = jax.ffi.ffi_call(target("decode_attention"),
                             jax.ShapeDtypeStruct(q.shape, jnp.float32))
     return call(q.astype(jnp.bfloat16), k_bits, v_bits, q_pos.astype(jnp.int32),
                 k_pos.astype(jnp.int32), sinks.astype(jnp.float32).reshape(kh, g),

@@ -25,6 +25,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import numpy as np
+
+from cpu_kernels import build
+
 # Branch names in the order of the C++ enum (src/simd.h: Isa); the index is what the kernel takes.
 BRANCHES = ("avx2", "avx512", "avx512_bf16")
 _AVX2 = frozenset({"avx2", "fma"})
@@ -32,32 +36,22 @@ _AVX512 = _AVX2 | {"avx512f", "avx512bw", "avx512vl", "avx512dq"}
 REQUIRES = {"avx2": _AVX2, "avx512": _AVX512, "avx512_bf16": _AVX512 | {"avx512_bf16"}}
 
 
-def _cpuinfo_field(name: str) -> str:
+@functools.cache
+def vendor() -> str:
+    """``/proc/cpuinfo``'s vendor id (``GenuineIntel``, ``AuthenticAMD``; "" where unknown)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith(name):
+                if line.startswith("vendor_id"):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return ""
 
 
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    """This CPU's instruction-set flags (``/proc/cpuinfo``; empty where there is none)."""
-    return frozenset(_cpuinfo_field("flags").split())
-
-
-@functools.cache
-def vendor() -> str:
-    """``/proc/cpuinfo``'s vendor id (``GenuineIntel``, ``AuthenticAMD``; "" where unknown)."""
-    return _cpuinfo_field("vendor_id")
-
-
 def supported(flags: frozenset[str] | None = None) -> tuple[str, ...]:
     """The branches a CPU with ``flags`` (default: this one) can run, best first."""
-    flags = cpu_flags() if flags is None else flags
+    flags = build.cpu_flags() if flags is None else flags
     return tuple(b for b in reversed(BRANCHES) if REQUIRES[b] <= flags)
 
 
@@ -72,6 +66,16 @@ def index(branch: str) -> int:
     if branch not in BRANCHES:
         raise ValueError(f"unknown CPU kernel branch {branch!r}; known: {list(BRANCHES)}")
     return BRANCHES.index(branch)
+
+
+def attribute(branch: str | None) -> np.int64:
+    """The kernels' ``isa`` attribute for ``branch`` (default: this CPU's best); a branch this
+    CPU cannot run is a ValueError (the kernel would refuse it too)."""
+    branch = best() if branch is None else branch
+    number = index(branch)
+    if branch not in supported():
+        raise ValueError(f"this CPU cannot run the {branch!r} branch (it runs {list(supported())})")
+    return np.int64(number)
 
 
 @dataclasses.dataclass(frozen=True)

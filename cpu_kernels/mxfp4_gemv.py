@@ -14,10 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cpu_kernels.dispatched import available, branch_number, target
+from cpu_kernels import isa
+from cpu_kernels.ffi import target
 from pallas_kernels import mxfp4
 
-__all__ = ["available", "mxfp4_gemv", "mxfp4_gemv_reference"]
+__all__ = ["mxfp4_gemv", "mxfp4_gemv_reference"]
 
 SLICE_ROWS = 128  # output rows per task (gpt-oss-20b gate_up: 45 tasks an expert, ~190 KB each)
 
@@ -37,7 +38,7 @@ def mxfp4_gemv(lhs: jax.Array, blocks: jax.Array, scales: jax.Array, group_sizes
     call = jax.ffi.ffi_call(target("mxfp4_gemv"),
                             jax.ShapeDtypeStruct((lhs.shape[0], blocks.shape[1]), jnp.float32))
     return call(lhs.astype(jnp.bfloat16), blocks, scales, group_sizes.astype(jnp.int32),
-                isa=branch_number(branch), slice_rows=np.int64(slice_rows))
+                isa=isa.attribute(branch), slice_rows=np.int64(slice_rows))
 
 
 def mxfp4_gemv_reference(lhs, blocks, scales, group_sizes) -> jax.Array:

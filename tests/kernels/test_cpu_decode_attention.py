@@ -10,9 +10,10 @@ import pytest
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 
-from cpu_kernels import decode_attention as D  # noqa: E402
+import cpu_kernels  # noqa: E402
+from cpu_kernels.decode_attention import decode_attention, decode_attention_reference  # noqa: E402
 
-needs_kernel = pytest.mark.skipif(not D.available(),
+needs_kernel = pytest.mark.skipif(not cpu_kernels.available("decode_attention"),
                                   reason="decode_attention needs AVX-512 and a compiler")
 
 
@@ -60,7 +61,7 @@ def bits(a):
 ])
 def test_matches_numpy(b, kh, g, s, h, window):
     q, k, v, q_pos, k_pos, sinks = case(b, kh, g, s, h, seed=s + h)
-    f = jax.jit(lambda *a: D.decode_attention(*a, window))
+    f = jax.jit(lambda *a: decode_attention(*a, window))
     out = np.asarray(f(jnp.asarray(q, jnp.bfloat16), bits(k), bits(v), q_pos, k_pos, sinks))
     ref = numpy_attention(q, k, v, q_pos, k_pos, sinks, window)
     assert out.shape == (b, kh, g, h)
@@ -72,7 +73,7 @@ def test_matches_numpy(b, kh, g, s, h, window):
 
 def test_reference_matches_numpy():
     q, k, v, q_pos, k_pos, sinks = case(2, 2, 3, 40, 16, seed=9)
-    out = np.asarray(D.decode_attention_reference(jnp.asarray(q), bits(k), bits(v),
+    out = np.asarray(decode_attention_reference(jnp.asarray(q), bits(k), bits(v),
                                                   jnp.asarray(q_pos), jnp.asarray(k_pos),
                                                   jnp.asarray(sinks), 7))
     ref = numpy_attention(q, k, v, q_pos, k_pos, sinks, 7)
@@ -83,7 +84,7 @@ def test_reference_matches_numpy():
 def test_rejects_bad_shapes():
     q, k, v, q_pos, k_pos, sinks = case(1, 2, 4, 16, 64, seed=1)
     with pytest.raises(ValueError, match="uint16"):
-        D.decode_attention(jnp.asarray(q), jnp.asarray(k), bits(v), q_pos, k_pos, sinks, None)
+        decode_attention(jnp.asarray(q), jnp.asarray(k), bits(v), q_pos, k_pos, sinks, None)
     with pytest.raises(ValueError, match="G<=16"):
-        D.decode_attention(jnp.ones((1, 2, 17, 64)), bits(k), bits(v), q_pos, k_pos,
+        decode_attention(jnp.ones((1, 2, 17, 64)), bits(k), bits(v), q_pos, k_pos,
                            jnp.ones((2, 17)), None)

@@ -9,10 +9,11 @@ import pytest
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 
-from cpu_kernels import bf16_gemv as G  # noqa: E402
+import cpu_kernels  # noqa: E402
 from cpu_kernels import isa  # noqa: E402
+from cpu_kernels.bf16_gemv import bf16_gemv, bf16_gemv_reference, stream_read  # noqa: E402
 
-needs_kernel = pytest.mark.skipif(not G.available("bf16_gemv"),
+needs_kernel = pytest.mark.skipif(not cpu_kernels.available("bf16_gemv"),
                                   reason="bf16_gemv needs x86-64 Linux with AVX2 and a compiler")
 
 
@@ -33,7 +34,7 @@ def reference(x, w):
 
 
 def run(x, w, **kw):
-    f = jax.jit(lambda x, w: G.bf16_gemv(x, w, **kw))
+    f = jax.jit(lambda x, w: bf16_gemv(x, w, **kw))
     logits, arg = f(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16))
     return np.asarray(logits), np.asarray(arg)
 
@@ -115,7 +116,7 @@ def test_default_branch_matches_forced_best():
 def test_reference_matches_numpy():
     rng = np.random.default_rng(4)
     x, w = rng.standard_normal((3, 40)), rng.standard_normal((90, 40))
-    logits, arg = G.bf16_gemv_reference(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.bfloat16))
+    logits, arg = bf16_gemv_reference(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.bfloat16))
     ref, ref_arg = reference(x, w)
     np.testing.assert_allclose(np.asarray(logits), ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(arg), ref_arg)
@@ -125,15 +126,15 @@ def test_reference_matches_numpy():
 def test_rejects_bad_shapes_and_unsupported_branches():
     x, w = jnp.ones((1, 8), jnp.bfloat16), jnp.ones((4, 8), jnp.bfloat16)
     with pytest.raises(ValueError, match="bf16 w"):
-        G.bf16_gemv(x, w.astype(jnp.float32))
+        bf16_gemv(x, w.astype(jnp.float32))
     with pytest.raises(ValueError, match=r"x \[M, D\]"):
-        G.bf16_gemv(jnp.ones((1, 9), jnp.bfloat16), w)
+        bf16_gemv(jnp.ones((1, 9), jnp.bfloat16), w)
     with pytest.raises(ValueError, match="unknown CPU kernel branch"):
-        G.bf16_gemv(x, w, branch="sse2")
+        bf16_gemv(x, w, branch="sse2")
     missing = [b for b in isa.BRANCHES if b not in isa.supported()]
     if missing:
         with pytest.raises(ValueError, match="cannot run"):
-            G.bf16_gemv(x, w, branch=missing[0])
+            bf16_gemv(x, w, branch=missing[0])
 
 
 @needs_kernel
@@ -142,7 +143,7 @@ def test_stream_read_reads_every_byte(prefetch, nta):
     # 600k float32 ones (several 256 KB slices, exact in f32 per slice) + 37 trailing bytes of 3
     ones = np.ones(600_000, np.float32).view(np.uint8)
     data = np.concatenate([ones, np.full(37, 3, np.uint8)])
-    got = jax.jit(lambda b: G.stream_read(b, prefetch=prefetch, nta=nta))(jnp.asarray(data))
+    got = jax.jit(lambda b: stream_read(b, prefetch=prefetch, nta=nta))(jnp.asarray(data))
     assert float(got[0]) == 600_000 + 37 * 3
 
 

@@ -10,12 +10,13 @@ import pytest
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 
+import cpu_kernels  # noqa: E402
 from cpu_kernels import isa  # noqa: E402
-from cpu_kernels import mxfp4_gemv as X  # noqa: E402
+from cpu_kernels.mxfp4_gemv import mxfp4_gemv, mxfp4_gemv_reference  # noqa: E402
 
 E2M1 = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6])
 
-needs_kernel = pytest.mark.skipif(not X.available("mxfp4_gemv"),
+needs_kernel = pytest.mark.skipif(not cpu_kernels.available("mxfp4_gemv"),
                                   reason="mxfp4_gemv needs x86-64 Linux with AVX2 and a compiler")
 
 
@@ -58,7 +59,7 @@ def case(e, n, k, group_sizes, extra_rows, seed):
 ])
 def test_matches_numpy(branch, e, n, k, group_sizes, extra_rows):
     lhs, blocks, scales, gs, ref = case(e, n, k, group_sizes, extra_rows, seed=n + k)
-    f = jax.jit(lambda *a: X.mxfp4_gemv(*a, branch=branch, slice_rows=32))
+    f = jax.jit(lambda *a: mxfp4_gemv(*a, branch=branch, slice_rows=32))
     out = np.asarray(f(jnp.asarray(lhs, jnp.bfloat16), blocks, scales, gs))
     assert out.shape == ref.shape and out.dtype == np.float32
     scale = np.abs(ref).max()
@@ -70,14 +71,14 @@ def test_matches_numpy(branch, e, n, k, group_sizes, extra_rows):
 def test_default_branch_and_task_slices_agree():
     lhs, blocks, scales, gs, ref = case(3, 100, 128, [1, 2, 1], 0, seed=7)
     args = (jnp.asarray(lhs, jnp.bfloat16), blocks, scales, gs)
-    a = np.asarray(X.mxfp4_gemv(*args))
-    b = np.asarray(X.mxfp4_gemv(*args, branch=isa.best(), slice_rows=16))
+    a = np.asarray(mxfp4_gemv(*args))
+    b = np.asarray(mxfp4_gemv(*args, branch=isa.best(), slice_rows=16))
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
 
 
 def test_reference_matches_numpy():
     lhs, blocks, scales, gs, ref = case(3, 24, 64, [2, 0, 1], 1, seed=3)
-    out = np.asarray(X.mxfp4_gemv_reference(jnp.asarray(lhs), jnp.asarray(blocks),
+    out = np.asarray(mxfp4_gemv_reference(jnp.asarray(lhs), jnp.asarray(blocks),
                                             jnp.asarray(scales), jnp.asarray(gs)))
     np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
 
@@ -86,6 +87,6 @@ def test_reference_matches_numpy():
 def test_rejects_bad_shapes():
     lhs, blocks, scales, gs, _ = case(2, 16, 64, [1, 1], 0, seed=1)
     with pytest.raises(ValueError, match="lhs"):
-        X.mxfp4_gemv(jnp.asarray(lhs[:, :32]), blocks, scales, gs)
+        mxfp4_gemv(jnp.asarray(lhs[:, :32]), blocks, scales, gs)
     with pytest.raises(ValueError, match="scales"):
-        X.mxfp4_gemv(jnp.asarray(lhs), blocks, scales[:, :8], gs)
+        mxfp4_gemv(jnp.asarray(lhs), blocks, scales[:, :8], gs)

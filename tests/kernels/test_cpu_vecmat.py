@@ -9,10 +9,11 @@ import pytest
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 
-from cpu_kernels import bf16_vecmat as V  # noqa: E402
+import cpu_kernels  # noqa: E402
 from cpu_kernels import isa  # noqa: E402
+from cpu_kernels.bf16_vecmat import bf16_vecmat, bf16_vecmat_reference  # noqa: E402
 
-needs_kernel = pytest.mark.skipif(not V.available("bf16_vecmat"),
+needs_kernel = pytest.mark.skipif(not cpu_kernels.available("bf16_vecmat"),
                                   reason="bf16_vecmat needs x86-64 Linux with AVX2 and a compiler")
 
 
@@ -42,7 +43,7 @@ def bf16(a) -> np.ndarray:
 def test_matches_numpy(branch, m, k, n):
     rng = np.random.default_rng(m * 13 + k + n)
     x, w = rng.standard_normal((m, k)), rng.standard_normal((k, n))
-    out = np.asarray(jax.jit(lambda x, w: V.bf16_vecmat(x, w, branch=branch))(
+    out = np.asarray(jax.jit(lambda x, w: bf16_vecmat(x, w, branch=branch))(
         jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)))
     ref = bf16(x).astype(np.float64) @ bf16(w).astype(np.float64)
     assert out.shape == (m, n) and out.dtype == np.float32
@@ -52,7 +53,7 @@ def test_matches_numpy(branch, m, k, n):
 def test_reference_matches_numpy():
     rng = np.random.default_rng(5)
     x, w = rng.standard_normal((3, 40)), rng.standard_normal((40, 70))
-    out = np.asarray(V.bf16_vecmat_reference(jnp.asarray(x, jnp.float32),
+    out = np.asarray(bf16_vecmat_reference(jnp.asarray(x, jnp.float32),
                                              jnp.asarray(w, jnp.bfloat16)))
     np.testing.assert_allclose(out, bf16(x) @ bf16(w), rtol=1e-5, atol=1e-5)
 
@@ -60,6 +61,6 @@ def test_reference_matches_numpy():
 @needs_kernel
 def test_rejects_bad_shapes():
     with pytest.raises(ValueError, match="bf16 w"):
-        V.bf16_vecmat(jnp.ones((1, 8)), jnp.ones((8, 4), jnp.float32))
+        bf16_vecmat(jnp.ones((1, 8)), jnp.ones((8, 4), jnp.float32))
     with pytest.raises(ValueError, match=r"x \[M, K\]"):
-        V.bf16_vecmat(jnp.ones((1, 9)), jnp.ones((8, 4), jnp.bfloat16))
+        bf16_vecmat(jnp.ones((1, 9)), jnp.ones((8, 4), jnp.bfloat16))
