@@ -11,8 +11,10 @@ Backends, chosen from the resolved :class:`~gptoss_jax.ops.runtime.Ops` and the 
   (``pallas_kernels.grouped_mxfp4``: Triton-style, or Mosaic GPU when asked for) take the sorted
   pairs straight from the packed weights, with the bias, the SwiGLU and the routing weight fused
   into their epilogues;
-* ``cpu_kernel`` (x86-64 with AVX-512; packed experts, decode-sized row counts): the same two
-  grouped matmuls in the C++ MXFP4 kernel (``grouped_matmul.py``), the epilogues in XLA;
+* ``mxfp4_gemv`` / ``mxfp4_grouped`` (x86-64; packed experts, decode-sized row counts): the
+  same two grouped matmuls in a C++ MXFP4 kernel (``grouped_matmul.py``), the epilogues in XLA:
+  ``mxfp4_gemv`` (any CPU with AVX2; bf16 rows, up to a few per expert) or ``mxfp4_grouped``
+  (AVX-512; 8 rows a pass, f32 rows too);
 * ``xla``: for ``T*k <= E`` pairs the gather path, else the tiled per-expert loop
   (``experts_xla.py``).
 
@@ -31,19 +33,17 @@ from gptoss_jax.ops.runtime import Ops
 from gptoss_jax.ops.weights import Experts
 
 
-def backend(experts: Experts, pairs: int, ops: Ops, *, grouped: bool = False) -> str:
-    """The backend that computes ``pairs`` (token, slot) pairs of ``experts``: ``"gather"``,
-    ``"pallas"``, ``"cpu_kernel"`` or ``"xla"`` (the tiled loop). ``grouped``: only the sorted
-    backends (expert parallel)."""
-    kernel = (ops.experts == "cpu_kernel" and experts.packed
-              and (ops.experts_kernel_max_rows is None
-                   or pairs <= ops.experts_kernel_max_rows * experts.num_experts))
+def backend(experts: Experts, pairs: int, ops: Ops, dtype, *, grouped: bool = False) -> str:
+    """The backend that computes ``pairs`` (token, slot) pairs of ``experts`` with rows of
+    ``dtype``: ``"gather"``, ``"pallas"``, ``"mxfp4_gemv"``, ``"mxfp4_grouped"`` or ``"xla"``
+    (the tiled loop). ``grouped``: only the sorted backends (expert parallel)."""
+    kernel = ops.experts_kernel(pairs, experts.num_experts, dtype) if experts.packed else None
     pallas = ops.experts == "pallas" and not experts.has_lora
     if not grouped and pairs <= experts.num_experts and not (pallas or kernel):
         return "gather"
     if pallas and experts.packed:
         return "pallas"
-    return "cpu_kernel" if kernel else "xla"
+    return kernel or "xla"
 
 
 def skip_rows(weights, idx, valid, num_experts: int):
@@ -62,7 +62,7 @@ def expert_mlp(x, weights, idx, experts: Experts, ops: Ops, *, limit: float,
                alpha: float) -> jax.Array:
     """``y`` ``[T, d]`` in ``x``'s dtype (see the module doc); ``limit`` / ``alpha`` are the SwiGLU's
     clamp and slope."""
-    if backend(experts, idx.size, ops) == "gather":
+    if backend(experts, idx.size, ops, x.dtype) == "gather":
         return experts_xla.gather_mlp(x, weights, idx, experts, ops, limit=limit, alpha=alpha)
     return sorted_mlp(x, weights, idx, experts, ops, limit=limit, alpha=alpha)
 
@@ -89,12 +89,13 @@ def sorted_mlp(x, weights, idx, experts: Experts, ops: Ops, *, limit: float, alp
     order, token, group_sizes = _sort_pairs(idx, experts.num_experts)
     row_w = weights.reshape(-1)[order]  # routing weight of each sorted pair
     xs = experts_xla.take_rows(x, token)  # [T*k, d]
-    chosen = backend(experts, t * k, ops, grouped=True)
+    chosen = backend(experts, t * k, ops, x.dtype, grouped=True)
     if chosen == "pallas":
         y = _pallas_mlp(xs, row_w, group_sizes, experts, ops, limit=limit, alpha=alpha)
     else:
         y = experts_xla.sorted_mlp(x, xs, token, row_w, group_sizes, experts, limit=limit,
-                                   alpha=alpha, kernel=chosen == "cpu_kernel")
+                                   alpha=alpha, kernel=None if chosen == "xla" else chosen,
+                                   branch=ops.cpu_isa)
     # back to (token, slot) order and sum each token's k rows: a gather instead of a
     # scatter-add into zeros (XLA:CPU copies a fresh zero buffer for every scatter)
     _, back = jax.lax.sort((order, jnp.arange(t * k, dtype=jnp.int32)), num_keys=1)
