@@ -24,8 +24,8 @@ from cpu_kernels.ffi import target
 __all__ = ["bf16_gemv", "bf16_gemv_reference", "stream_read"]
 
 
-def _settings(branch, prefetch, nta) -> dict:
-    tuned = isa.stream_tuning()
+def _settings(branch, prefetch, nta, rows) -> dict:
+    tuned = isa.stream_tuning(rows)
     return {"isa": isa.attribute(branch),
             "prefetch": np.int64(tuned.prefetch if prefetch is None else prefetch),
             "nta": bool(tuned.nta if nta is None else nta)}
@@ -44,7 +44,7 @@ def bf16_gemv(x: jax.Array, w: jax.Array, *, branch: str | None = None,
     call = jax.ffi.ffi_call(target("bf16_gemv"),
                             (jax.ShapeDtypeStruct((m, v), jnp.float32),
                              jax.ShapeDtypeStruct((m,), jnp.int32)))
-    return tuple(call(x.astype(jnp.bfloat16), w, **_settings(branch, prefetch, nta)))
+    return tuple(call(x.astype(jnp.bfloat16), w, **_settings(branch, prefetch, nta, m)))
 
 
 def bf16_gemv_reference(x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:

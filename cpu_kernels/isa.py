@@ -91,14 +91,19 @@ class Stream:
 # D=512 24.7 -> 30.5 (T0) / 32.6 (NTA), read ~38; D=2880 29.2 -> 36.8 (T0) / 38.9 (NTA), read
 # ~40; AVX2 branch D=512 31.4 -> 35.8 (T0). Distances of 256 B - 2 KB gained less, 16 KB no
 # more. NTA: the stream is read once, so it should not evict what the next step reads again.
-# Intel: not measured here (no Intel machine available to this work); it gets the same distance
+# Five to eight rows a pass (batched decode) run longer per byte, and want the stream further
+# ahead: 201088 x 512 at 8 rows, both cores, best of 15 on a busy machine: no prefetch 21.2 ms,
+# 4 KB 10.5, 16-32 KB T0 8.3 (bf16_rows, 32 rows = 32 KB T0: 8.9); NTA at 16-32 KB 9.6-9.8.
+# Intel: not measured here (no Intel machine available to this work); it gets the same distances
 # with the temporal hint, the conservative choice. Re-measure with bench/cpu_stream.py --sweep.
 _STREAM = {
-    "AuthenticAMD": Stream(prefetch=8192, nta=True),
+    "AuthenticAMD": (Stream(prefetch=8192, nta=True), Stream(prefetch=32768, nta=False)),
 }
-_DEFAULT_STREAM = Stream(prefetch=8192, nta=False)
+_DEFAULT_STREAM = (Stream(prefetch=8192, nta=False), Stream(prefetch=32768, nta=False))
 
 
-def stream_tuning(cpu_vendor: str | None = None) -> Stream:
-    """The weight-stream settings for a CPU of ``cpu_vendor`` (default: this one)."""
-    return _STREAM.get(vendor() if cpu_vendor is None else cpu_vendor, _DEFAULT_STREAM)
+def stream_tuning(rows: int = 1, cpu_vendor: str | None = None) -> Stream:
+    """The weight-stream settings for ``rows`` rows a pass on a CPU of ``cpu_vendor`` (default:
+    this one)."""
+    few, many = _STREAM.get(vendor() if cpu_vendor is None else cpu_vendor, _DEFAULT_STREAM)
+    return few if rows <= 4 else many
