@@ -17,6 +17,8 @@ the branch an argument, default :func:`cpu_kernels.isa.best`):
   projections), streamed in panels of whole rows;
 * :func:`mxfp4_gemv`: bf16 rows sorted by expert times packed MXFP4 experts, a few rows per
   expert (decode);
+* :func:`expert_mlp`: a decode step's whole expert MLP (both matmuls, biases, SwiGLU, routing
+  weights, the sum over slots) on packed experts in one call;
 * :func:`decode_attention` (AVX-512): one query position against a bf16 KV cache, with sinks;
 * :func:`stream_read`: reads a buffer as the streaming kernels read their weights (the
   bandwidth bound they are measured against).
@@ -33,6 +35,7 @@ from cpu_kernels.bf16_rows import bf16_rows, bf16_rows_reference
 from cpu_kernels.bf16_vecmat import bf16_vecmat, bf16_vecmat_reference
 from cpu_kernels.build import KERNELS, available, probe, unavailable_reason
 from cpu_kernels.decode_attention import decode_attention, decode_attention_reference
+from cpu_kernels.expert_mlp import expert_mlp, expert_mlp_reference
 from cpu_kernels.mxfp4_gemv import mxfp4_gemv, mxfp4_gemv_reference
 from cpu_kernels.mxfp4_grouped import grouped_matmul, grouped_matmul_reference
 
@@ -50,6 +53,8 @@ __all__ = [
     "bf16_vecmat_reference",
     "decode_attention",
     "decode_attention_reference",
+    "expert_mlp",
+    "expert_mlp_reference",
     "grouped_matmul",
     "grouped_matmul_reference",
     "isa",

@@ -57,6 +57,7 @@ KERNELS = {
         ("bf16_gemv", "GptossBf16Gemv", ("avx2", "fma")),
         ("bf16_vecmat", "GptossBf16Vecmat", ("avx2", "fma")),
         ("mxfp4_gemv", "GptossMxfp4Gemv", ("avx2", "fma")),
+        ("expert_mlp", "GptossExpertMlp", ("avx2", "fma")),
         ("stream_read", "GptossStreamRead", ("avx2", "fma")),
         ("decode_attention", "GptossDecodeAttention",
          ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma")),

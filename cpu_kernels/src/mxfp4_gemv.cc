@@ -4,22 +4,9 @@
 //
 // for bf16 rows in their natural order and few rows per expert (decode: one at batch 1). Each
 // weight row is streamed once per pass of up to four rows of its expert, its 32-element blocks
-// decoded in registers; rows past sum(group_sizes) come out as zeros. At one row a step is bound
-// by the instructions per block, not by the bytes (17 a block), so each branch decodes with
-// as few as it can (simd.h names the branches):
-//   AVX-512 BF16  a byte's two 4-bit codes become one pair of bf16 values with one vpermw (the
-//                 16 values of e2m1 exactly in bf16), multiplied with x's bf16 pair by vdpbf16ps:
-//                 4 instructions a block to decode, 2 a row (the dot, then the block's scale)
-//   AVX-512       codes -> f32 by two vpermps on a 16-entry table (low, high nibbles), each
-//                 against x's even or odd elements (x split once per call)
-//   AVX2          codes -> 2 * value as int8 by vpshufb, widened and converted; the 2 goes into
-//                 the scale
-// Products of bf16 x and e2m1 weights are exact in f32 and the block scale is a power of two, so
-// every branch differs from an f32 reference only in the order of the f32 sums. Sums over 16 (8)
-// weight rows are reduced together (simd.h: Sum16 / Sum8). Tasks (expert, slice of N) are shared
-// between the caller and XLA's pool.
-
-#include <immintrin.h>
+// decoded in registers (mxfp4_rows.h: the per-branch inner loops); rows past sum(group_sizes)
+// come out as zeros. At one row a step is bound by the instructions per block, not by the bytes
+// (17 a block). Tasks (expert, slice of N) are shared between the caller and XLA's pool.
 
 #include <algorithm>
 #include <cstdint>
@@ -27,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "mxfp4_rows.h"
 #include "parallel_for.h"
 #include "simd.h"
 #include "xla/ffi/api/ffi.h"
@@ -35,289 +23,14 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kBlock = 32;       // elements per MXFP4 block
-constexpr int kBlockBytes = 16;  // packed bytes per block
-constexpr int kMaxRows = 4;      // rows of an expert per pass over its weight
-
-struct Expert {
-  const uint8_t* blocks;  // [N, K/32, 16]
-  const uint8_t* scales;  // [N, K/32]
-  int64_t n, kb;          // output rows, blocks per row
-};
-
-// e8m0 scale byte -> 2^(s - 127) as f32 bits; s == 0 is 2^-127, an f32 subnormal.
-inline float ScaleValue(uint8_t s) {
-  const uint32_t bits = s == 0 ? 0x00400000u : static_cast<uint32_t>(s) << 23;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-// The scales of one weight row as f32, times `mul` (a power of two: exact).
-inline void RowScales(const uint8_t* s, int64_t kb, float mul, float* out) {
-  for (int64_t i = 0; i < kb; ++i) out[i] = ScaleValue(s[i]) * mul;
-}
-
-// e2m1 code -> value, and as bf16 bits (value exactly representable).
-constexpr float kFp4[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
-                            -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
-constexpr uint16_t kFp4Bf16[16] = {0x0000, 0x3F00, 0x3F80, 0x3FC0, 0x4000, 0x4040, 0x4080, 0x40C0,
-                                   0x8000, 0xBF00, 0xBF80, 0xBFC0, 0xC000, 0xC040, 0xC080, 0xC0C0};
-
-}  // namespace
-
-// -------------------------------------------------------------------------------------------
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")
-namespace gptoss_cpu::isa_avx512bf16 {
-
-// R rows of x against weight rows [n0, n1) of one expert (n0 a multiple of 16). Blocks go in
-// pairs: the 32 code bytes widen to 32 words, the low and the high nibbles each become 32 bf16
-// values by one vpermw, and meet x's even and odd elements of the pair (xp: per 64 elements the
-// 32 even then the 32 odd, bf16) in one vdpbf16ps each; lanes 0-7 of the sum belong to the first
-// block, 8-15 to the second, so one FMA applies both scales. A last odd block goes alone, against
-// x in natural order (bytes -> code pairs -> one vpermw).
-template <int R>
-void Rows(const uint16_t* x, const uint16_t* xp, int64_t k, const Expert& e, int64_t n0,
-          int64_t n1, float* out, int64_t out_stride) {
-  constexpr int C = R == 1 ? 4 : (R == 2 ? 2 : 1);  // independent chains a row
-  alignas(64) uint16_t table_words[32] = {};
-  std::memcpy(table_words, kFp4Bf16, sizeof(kFp4Bf16));
-  const __m512i table = _mm512_load_si512(table_words);
-  const __m512i low4 = _mm512_set1_epi16(15);
-  const __m512i nibbles = _mm512_set1_epi32(0x000F000F);
-  const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-  std::vector<float> sc(e.kb + 1);
-  for (int64_t g = n0; g < n1; g += 16) {
-    const int rows = static_cast<int>(std::min<int64_t>(16, n1 - g));
-    __m512 acc[R][16];
-    for (int j = 0; j < 16; ++j) {
-      for (int r = 0; r < R; ++r) acc[r][j] = _mm512_setzero_ps();
-      if (j >= rows) continue;
-      const uint8_t* b = e.blocks + (g + j) * e.kb * kBlockBytes;
-      RowScales(e.scales + (g + j) * e.kb, e.kb, 1.0f, sc.data());
-      __m512 a[R][C];
-      for (int r = 0; r < R; ++r)
-        for (int c = 0; c < C; ++c) a[r][c] = _mm512_setzero_ps();
-      auto pair = [&](int64_t kb, int c) {  // blocks kb, kb + 1
-        const __m512i codes = _mm512_cvtepu8_epi16(
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + kb * kBlockBytes)));
-        const __m512bh lo = reinterpret_cast<__m512bh>(
-            _mm512_permutexvar_epi16(_mm512_and_si512(codes, low4), table));
-        const __m512bh hi = reinterpret_cast<__m512bh>(
-            _mm512_permutexvar_epi16(_mm512_srli_epi16(codes, 4), table));
-        double two;  // the pair's scales, as one 64-bit broadcast spread to 8 + 8 lanes
-        std::memcpy(&two, sc.data() + kb, 8);
-        const __m512 s = _mm512_permutexvar_ps(halves, _mm512_castpd_ps(_mm512_set1_pd(two)));
-        for (int r = 0; r < R; ++r) {
-          const uint16_t* xr = xp + r * k + kb * kBlock;
-          __m512 dot = _mm512_dpbf16_ps(
-              _mm512_setzero_ps(), reinterpret_cast<__m512bh>(_mm512_loadu_si512(xr)), lo);
-          dot = _mm512_dpbf16_ps(dot, reinterpret_cast<__m512bh>(_mm512_loadu_si512(xr + 32)), hi);
-          a[r][c] = _mm512_fmadd_ps(dot, s, a[r][c]);
-        }
-      };
-      int64_t kb = 0;  // C pairs a step into C accumulators (a static index: registers)
-      for (; kb + 2 * C <= e.kb; kb += 2 * C) {
-#pragma GCC unroll 4
-        for (int c = 0; c < C; ++c) pair(kb + 2 * c, c);
-      }
-      for (; kb + 2 <= e.kb; kb += 2) pair(kb, 0);
-      if (kb < e.kb) {  // the odd block
-        const __m512i codes = _mm512_cvtepu8_epi32(
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + kb * kBlockBytes)));
-        // dword j = code(2j) | code(2j + 1) << 16: the pair of words vpermw turns into values
-        const __m512i idx = _mm512_ternarylogic_epi32(codes, _mm512_slli_epi32(codes, 12),
-                                                      nibbles, 0xA8);  // (a | b) & c
-        const __m512bh w = reinterpret_cast<__m512bh>(_mm512_permutexvar_epi16(idx, table));
-        const __m512 s = _mm512_set1_ps(sc[kb]);
-        for (int r = 0; r < R; ++r) {
-          const __m512bh xv = reinterpret_cast<__m512bh>(
-              _mm512_loadu_si512(x + r * k + kb * kBlock));
-          a[r][0] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), xv, w), s, a[r][0]);
-        }
-      }
-      for (int r = 0; r < R; ++r) {
-        __m512 sum = a[r][0];
-        for (int c = 1; c < C; ++c) sum = _mm512_add_ps(sum, a[r][c]);
-        acc[r][j] = sum;
-      }
-    }
-    const __mmask16 live = static_cast<__mmask16>((1u << rows) - 1);
-    for (int r = 0; r < R; ++r)
-      _mm512_mask_storeu_ps(out + r * out_stride + g, live, isa_avx512::Sum16(acc[r]));
-  }
-}
-
-}  // namespace gptoss_cpu::isa_avx512bf16
-#pragma GCC pop_options
-
-// -------------------------------------------------------------------------------------------
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
-namespace gptoss_cpu::isa_avx512 {
-
-// xs: x per block as its 16 even then 16 odd elements, f32 ([R, K/32, 2, 16]).
-template <int R>
-void Rows(const float* xs, int64_t k, const Expert& e, int64_t n0, int64_t n1, float* out,
-          int64_t out_stride) {
-  constexpr int C = R == 1 ? 4 : (R == 2 ? 2 : 1);
-  const __m512 table = _mm512_loadu_ps(kFp4);
-  const __m512i low4 = _mm512_set1_epi32(15);
-  std::vector<float> sc(e.kb);
-  for (int64_t g = n0; g < n1; g += 16) {
-    const int rows = static_cast<int>(std::min<int64_t>(16, n1 - g));
-    __m512 acc[R][16];
-    for (int j = 0; j < 16; ++j) {
-      for (int r = 0; r < R; ++r) acc[r][j] = _mm512_setzero_ps();
-      if (j >= rows) continue;
-      const uint8_t* b = e.blocks + (g + j) * e.kb * kBlockBytes;
-      RowScales(e.scales + (g + j) * e.kb, e.kb, 1.0f, sc.data());
-      __m512 a[R][C];
-      for (int r = 0; r < R; ++r)
-        for (int c = 0; c < C; ++c) a[r][c] = _mm512_setzero_ps();
-      auto block = [&](int64_t kb, int c) {
-        const __m512i codes = _mm512_cvtepu8_epi32(
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + kb * kBlockBytes)));
-        const __m512 lo = _mm512_permutexvar_ps(_mm512_and_si512(codes, low4), table);
-        const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4), table);
-        const __m512 s = _mm512_set1_ps(sc[kb]);
-        for (int r = 0; r < R; ++r) {
-          const float* xb = xs + (r * (k / kBlock) + kb) * kBlock;
-          const __m512 dot = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 16),
-                                             _mm512_mul_ps(lo, _mm512_loadu_ps(xb)));
-          a[r][c] = _mm512_fmadd_ps(dot, s, a[r][c]);
-        }
-      };
-      int64_t kb = 0;  // C blocks a step into C accumulators (a static index: registers)
-      for (; kb + C <= e.kb; kb += C) {
-#pragma GCC unroll 4
-        for (int c = 0; c < C; ++c) block(kb + c, c);
-      }
-      for (; kb < e.kb; ++kb) block(kb, 0);
-      for (int r = 0; r < R; ++r) {
-        __m512 sum = a[r][0];
-        for (int c = 1; c < C; ++c) sum = _mm512_add_ps(sum, a[r][c]);
-        acc[r][j] = sum;
-      }
-    }
-    const __mmask16 live = static_cast<__mmask16>((1u << rows) - 1);
-    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(out + r * out_stride + g, live, Sum16(acc[r]));
-  }
-}
-
-}  // namespace gptoss_cpu::isa_avx512
-#pragma GCC pop_options
-
-// -------------------------------------------------------------------------------------------
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace gptoss_cpu::isa_avx2 {
-
-// xs as for the AVX-512 branch ([R, K/32, 2, 16] f32).
-template <int R>
-void Rows(const float* xs, int64_t k, const Expert& e, int64_t n0, int64_t n1, float* out,
-          int64_t out_stride) {
-  constexpr int C = R == 1 ? 2 : 1;
-  // 2 * value, exact in int8 (the scales carry the 1/2)
-  const __m128i lut = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
-  const __m128i low4 = _mm_set1_epi8(15);
-  std::vector<float> sc(e.kb);
-  for (int64_t g = n0; g < n1; g += 8) {
-    const int rows = static_cast<int>(std::min<int64_t>(8, n1 - g));
-    __m256 acc[R][8];
-    for (int j = 0; j < 8; ++j) {
-      for (int r = 0; r < R; ++r) acc[r][j] = _mm256_setzero_ps();
-      if (j >= rows) continue;
-      const uint8_t* b = e.blocks + (g + j) * e.kb * kBlockBytes;
-      RowScales(e.scales + (g + j) * e.kb, e.kb, 0.5f, sc.data());
-      __m256 a[R][C];
-      for (int r = 0; r < R; ++r)
-        for (int c = 0; c < C; ++c) a[r][c] = _mm256_setzero_ps();
-      auto block = [&](int64_t kb, int c) {
-        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + kb * kBlockBytes));
-        const __m128i ev = _mm_shuffle_epi8(lut, _mm_and_si128(bytes, low4));
-        const __m128i od = _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(bytes, 4), low4));
-        const __m256 e0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(ev));
-        const __m256 e1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(ev, 8)));
-        const __m256 o0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(od));
-        const __m256 o1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(od, 8)));
-        const __m256 s = _mm256_set1_ps(sc[kb]);
-        for (int r = 0; r < R; ++r) {
-          const float* xb = xs + (r * (k / kBlock) + kb) * kBlock;
-          __m256 dot = _mm256_mul_ps(e0, _mm256_loadu_ps(xb));
-          dot = _mm256_fmadd_ps(e1, _mm256_loadu_ps(xb + 8), dot);
-          dot = _mm256_fmadd_ps(o0, _mm256_loadu_ps(xb + 16), dot);
-          dot = _mm256_fmadd_ps(o1, _mm256_loadu_ps(xb + 24), dot);
-          a[r][c] = _mm256_fmadd_ps(dot, s, a[r][c]);
-        }
-      };
-      int64_t kb = 0;  // C blocks a step into C accumulators (a static index: registers)
-      for (; kb + C <= e.kb; kb += C) {
-#pragma GCC unroll 4
-        for (int c = 0; c < C; ++c) block(kb + c, c);
-      }
-      for (; kb < e.kb; ++kb) block(kb, 0);
-      for (int r = 0; r < R; ++r) {
-        __m256 sum = a[r][0];
-        for (int c = 1; c < C; ++c) sum = _mm256_add_ps(sum, a[r][c]);
-        acc[r][j] = sum;
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      alignas(32) float tmp[8];
-      _mm256_store_ps(tmp, Sum8(acc[r]));
-      std::copy(tmp, tmp + rows, out + r * out_stride + g);
-    }
-  }
-}
-
-}  // namespace gptoss_cpu::isa_avx2
-#pragma GCC pop_options
-
-// -------------------------------------------------------------------------------------------
-namespace {
+namespace mxfp4 = gptoss_cpu::mxfp4;
+using mxfp4::kBlock;
+using mxfp4::kBlockBytes;
+using mxfp4::kMaxRows;
 
 struct Task {
   int64_t row0, rows, expert, n0, n1;  // rows [row0, row0 + rows) of one expert, outputs [n0, n1)
 };
-
-// x as the widening branches take it: per 32-block the 16 even then the 16 odd elements, f32.
-std::vector<float> SplitRows(const uint16_t* x, int64_t m, int64_t k) {
-  std::vector<float> xs(m * k);
-  for (int64_t r = 0; r < m; ++r)
-    for (int64_t i = 0; i < k; ++i)
-      xs[r * k + i / kBlock * kBlock + (i % 2) * 16 + (i % kBlock) / 2] =
-          gptoss_cpu::Bf16ToF32(x[r * k + i]);
-  return xs;
-}
-
-// x as the AVX-512 BF16 branch takes pairs of blocks: per 64 elements the 32 even then the 32
-// odd ones, bf16 (a ragged last block stays in natural order).
-std::vector<uint16_t> PairRows(const uint16_t* x, int64_t m, int64_t k) {
-  std::vector<uint16_t> xp(x, x + m * k);
-  const int64_t paired = k / 64 * 64;
-  for (int64_t r = 0; r < m; ++r)
-    for (int64_t i = 0; i < paired; ++i)
-      xp[r * k + i / 64 * 64 + (i % 2) * 32 + (i % 64) / 2] = x[r * k + i];
-  return xp;
-}
-
-template <int R>
-void RunTask(int64_t isa, const uint16_t* x, const uint16_t* xp, const float* xs, int64_t k,
-             const Expert& e, const Task& t, float* out, int64_t n_total) {
-  const int64_t row = t.row0;
-  float* o = out + row * n_total;
-  switch (isa) {
-    case gptoss_cpu::kAvx512Bf16:
-      return gptoss_cpu::isa_avx512bf16::Rows<R>(x + row * k, xp + row * k, k, e, t.n0, t.n1, o,
-                                                 n_total);
-    case gptoss_cpu::kAvx512:
-      return gptoss_cpu::isa_avx512::Rows<R>(xs + row * k, k, e, t.n0, t.n1, o, n_total);
-    default:
-      return gptoss_cpu::isa_avx2::Rows<R>(xs + row * k, k, e, t.n0, t.n1, o, n_total);
-  }
-}
 
 ffi::Error Mxfp4GemvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> lhs,
                          ffi::Buffer<ffi::U8> blocks, ffi::Buffer<ffi::U8> scales,
@@ -358,21 +71,18 @@ ffi::Error Mxfp4GemvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> lhs,
   std::vector<float> xs;
   std::vector<uint16_t> xp;
   if (isa == gptoss_cpu::kAvx512Bf16) {
-    xp = PairRows(x, row, k);
+    xp = mxfp4::PairRows(x, row, k);
   } else {
-    xs = SplitRows(x, row, k);
+    xs = mxfp4::SplitRows(x, row, k);
   }
 
   gptoss_cpu::ParallelFor(pool, static_cast<int64_t>(tasks.size()), [&](int64_t i) {
     const Task& t = tasks[i];
-    const Expert e{blocks.typed_data() + t.expert * n * kb * kBlockBytes,
+    const mxfp4::Expert e{blocks.typed_data() + t.expert * n * kb * kBlockBytes,
                    scales.typed_data() + t.expert * n * kb, n, kb};
-    switch (t.rows) {
-      case 1: return RunTask<1>(isa, x, xp.data(), xs.data(), k, e, t, o, n);
-      case 2: return RunTask<2>(isa, x, xp.data(), xs.data(), k, e, t, o, n);
-      case 3: return RunTask<3>(isa, x, xp.data(), xs.data(), k, e, t, o, n);
-      default: return RunTask<4>(isa, x, xp.data(), xs.data(), k, e, t, o, n);
-    }
+    const int64_t r = t.row0 * k;
+    mxfp4::RunRowsN(t.rows, isa, x + r, xp.data() + (xp.empty() ? 0 : r),
+                    xs.data() + (xs.empty() ? 0 : r), k, e, t.n0, t.n1, o + t.row0 * n, n);
   });
   return ffi::Error::Success();
 }

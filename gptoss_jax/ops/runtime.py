@@ -109,6 +109,13 @@ class Ops:
             return "mxfp4_grouped"
         return None
 
+    def fused_experts(self, pairs: int, num_experts: int, dtype) -> bool:
+        """Whether the whole expert MLP of ``pairs`` (token, slot) pairs with ``dtype`` rows runs
+        in one CPU kernel call (``expert_mlp``: packed experts without adapters, decode sizes)."""
+        return (self.experts == "cpu_kernel" and self._dispatched("expert_mlp")
+                and jnp.dtype(dtype) == jnp.bfloat16
+                and pairs <= CPU_GEMV_MAX_ROWS_PER_EXPERT * num_experts)
+
     def decode_attention_kernel(self, group: int, head_dim: int, cache_dtype) -> bool:
         """Whether one query position per row attends in the CPU kernel (a cache of bf16 keys
         and values stored as 16-bit patterns, as on CPU)."""
@@ -148,6 +155,10 @@ class Ops:
         elif self.experts == "cpu_kernel":
             limit = self.experts_kernel_max_rows
             kernels = []
+            if self._dispatched("expert_mlp"):
+                rows = "" if limit is None else f", <= {CPU_GEMV_MAX_ROWS_PER_EXPERT} rows per expert"
+                kernels.append(f"cpu_kernel:expert_mlp{branch} (packed, no adapters, bf16{rows}: "
+                               "the whole MLP in one call)")
             if self._dispatched("mxfp4_gemv"):
                 rows = "" if limit is None else f", <= {CPU_GEMV_MAX_ROWS_PER_EXPERT} rows per expert"
                 kernels.append(f"cpu_kernel:mxfp4_gemv{branch} (packed, bf16{rows})")
@@ -185,7 +196,7 @@ def resolve(*, platform: str | None = None, experts: str = "auto", use_cpu_kerne
     built = frozenset()
     if platform == "cpu" and use_cpu_kernels:
         built = frozenset(name for name, ok in cpu_kernels.probe().items() if ok)
-    dispatched = {"bf16_gemv", "bf16_vecmat", "mxfp4_gemv"} & built
+    dispatched = {"bf16_gemv", "bf16_vecmat", "mxfp4_gemv", "expert_mlp"} & built
     kernel_rows = None
     if experts == "cpu":
         if not {"mxfp4_grouped", "mxfp4_gemv"} & built:

@@ -412,14 +412,19 @@ def _bf16(a):
 
 
 @pytest.mark.parametrize("tokens", [1, 8])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "grouped"])
 @pytest.mark.parametrize("branch", [*branches(), pytest.param("xla", id="xla_fallback")])
-def test_moe_bf16_rows_match_gpt_oss_mlp(rng, tokens, branch):
-    """bf16 decode rows through the mxfp4_gemv kernel (each ISA branch forced), or without
-    kernels through XLA (gather path at one token, the sorted loop at 8), against transformers'
-    GptOssMLP in f32 on the same bf16-exact inputs and weights (bf16 tolerance: the activations
-    between the two matmuls are bf16 here); the gradient w.r.t. the bf16 input too."""
-    if branch is None or (branch != "xla" and not cpu_kernels.available("mxfp4_gemv")):
-        pytest.skip("the mxfp4_gemv kernel does not build here")
+def test_moe_bf16_rows_match_gpt_oss_mlp(rng, tokens, branch, fused):
+    """bf16 decode rows through the CPU kernels (each ISA branch forced): the whole MLP in
+    expert_mlp, or (fused off) the two grouped matmuls in mxfp4_gemv; or without kernels through
+    XLA (gather path at one token, the sorted loop at 8); against transformers' GptOssMLP in f32
+    on the same bf16-exact inputs and weights (bf16 tolerance: the activations between the two
+    matmuls are bf16 here); the gradient w.r.t. the bf16 input too (the kernels' is XLA's)."""
+    if branch == "xla" and not fused:
+        pytest.skip("one XLA fallback case is enough")
+    kernel = "expert_mlp" if fused else "mxfp4_gemv"
+    if branch is None or (branch != "xla" and not cpu_kernels.available(kernel)):
+        pytest.skip(f"the {kernel} kernel does not build here")
     mlp, router, packed, _ = _random_mlp(rng, C)
     router = {"w": _bf16(router["w"]), "b": _bf16(router["b"])}
     packed = packed._replace(gate_up_bias=_bf16(packed.gate_up_bias),
@@ -439,12 +444,15 @@ def test_moe_bf16_rows_match_gpt_oss_mlp(rng, tokens, branch):
         ops, want = resolve(platform="cpu", use_cpu_kernels=False), (
             "gather" if tokens * C.num_experts_per_tok <= C.num_local_experts else "xla")
     else:
-        ops, want = resolve(platform="cpu", cpu_isa=branch), "mxfp4_gemv"
+        ops, want = resolve(platform="cpu", cpu_isa=branch), kernel
+        if not fused:
+            ops = dataclasses.replace(ops, cpu_kernels=ops.cpu_kernels - {"expert_mlp"})
     xb = jnp.asarray(x, jnp.bfloat16)
     assert experts_op.backend(layer["experts"], tokens * C.num_experts_per_tok, ops,
                               jnp.bfloat16) == want
     f = jax.jit(lambda x: moe(x, layer, C, ops))
     assert ("gptoss_mxfp4_gemv" in f.lower(xb).as_text()) == (want == "mxfp4_gemv")
+    assert ("gptoss_expert_mlp" in f.lower(xb).as_text()) == (want == "expert_mlp")
     close(f(xb).astype(jnp.float32), ref.detach(), rtol=2e-2)
     grad = jax.grad(lambda x: jnp.sum(moe(x, layer, C, ops).astype(jnp.float32) * g))(xb)
     close(grad.astype(jnp.float32), xt.grad, rtol=3e-2)
