@@ -43,8 +43,10 @@ def test_cpu_with_kernels():
     assert table["projection"].startswith(f"cpu_kernel:bf16_vecmat[{ops.cpu_isa}]")
     assert table["unembedding"].startswith(f"cpu_kernel:bf16_gemv[{ops.cpu_isa}]")
     assert table["attention"].startswith("cpu_kernel:decode_attention")
-    assert table["experts"].startswith(f"cpu_kernel:mxfp4_gemv[{ops.cpu_isa}]")
+    assert table["experts"].startswith(f"cpu_kernel:expert_mlp[{ops.cpu_isa}]")
+    assert f"cpu_kernel:mxfp4_gemv[{ops.cpu_isa}]" in table["experts"]
     assert "cpu_kernel:mxfp4_grouped" in table["experts"]
+    assert ops.fused_experts(4, 32, jnp.bfloat16) and not ops.fused_experts(4, 32, jnp.float32)
     forced = resolve(platform="cpu", experts="cpu")
     assert forced.experts == "cpu_kernel" and forced.experts_kernel_max_rows is None
 
