@@ -67,10 +67,10 @@ def _prefill(params, slots: Slots, batch, config, runtime, mode: SampleMode):
     pos = M.positions_from_lengths(tokens, lengths)
     x, fresh = M.hidden_states(params, tokens, pos, config, cache=fresh, rt=runtime, fresh=True)
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [n, d]
-    logits = M.unembed(params, last, runtime)
+    logits, greedy = M.unembed_greedy(params, last, runtime)
     keys = jax.vmap(jax.random.fold_in)(batch["key"], jnp.zeros(n, jnp.int32))
     first = sample(logits, keys, batch["temperature"], batch["top_k"], batch["top_p"],
-                   batch["min_p"], mode=mode)
+                   batch["min_p"], mode=mode, greedy=greedy)
     s = slots._replace(cache=kv_cache.put_rows(slots.cache, slot_ids, fresh))
     s = s._replace(
         pos=s.pos.at[slot_ids].set(lengths), token=s.token.at[slot_ids].set(first),
@@ -87,10 +87,10 @@ def _decode(params, slots: Slots, config, runtime, mode: SampleMode):
     pos = slots.pos[:, None]
     x, cache = M.hidden_states(params, slots.token[:, None], pos, config, cache=slots.cache,
                                rt=runtime)
-    logits = M.unembed(params, x[:, 0], runtime)
+    logits, greedy = M.unembed_greedy(params, x[:, 0], runtime)
     keys = jax.vmap(jax.random.fold_in)(slots.key, slots.step)
     nxt = sample(logits, keys, slots.temperature, slots.top_k, slots.top_p, slots.min_p,
-                 mode=mode)
+                 mode=mode, greedy=greedy)
     active = slots.pos >= 0
     nxt = jnp.where(active, nxt, 0)
     return slots._replace(cache=cache, pos=jnp.where(active, slots.pos + 1, -1), token=nxt,

@@ -250,11 +250,12 @@ def argmax(logits: jax.Array, chunk: int = 128) -> jax.Array:
 
 
 def sample(logits, keys, temperature, top_k, top_p, min_p, *, max_top_k: int = 0,
-           mode: SampleMode | None = None):
+           mode: SampleMode | None = None, greedy=None):
     """One token per row: ``logits`` [b, v], ``keys`` [b] PRNG keys, per-row settings [b].
-    ``mode`` (static) switches off work no row needs; None = everything on."""
+    ``mode`` (static) switches off work no row needs; None = everything on. ``greedy`` [b]: the
+    logits' argmax when the caller has it already (the CPU unembedding kernel takes it)."""
     mode = mode or SampleMode(max_top_k=max_top_k, top_p=True, min_p=True, sample=True)
-    greedy = argmax(logits)
+    greedy = argmax(logits) if greedy is None else greedy
     if not mode.sample:
         return greedy
     filtered = filter_logits(logits, temperature, top_k, top_p, min_p, max_top_k=mode.max_top_k,

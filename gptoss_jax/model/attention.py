@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from gptoss_jax.model import rope
 from gptoss_jax.model.config import GptOssConfig
 from gptoss_jax.model.lora import lora_delta
+from gptoss_jax.ops import attention as cached_attention
 from gptoss_jax.ops import kv_cache
 from gptoss_jax.ops.kv_cache import LayerCache, heads_first
 from gptoss_jax.ops.projection import batched_matmul, project
@@ -143,6 +144,8 @@ def attention(x, p: dict, c: GptOssConfig, layer: int, pos, cos, sin, cache: Lay
                 c.sliding_window if sliding else None, segment_ids, segment_ids)
         if return_probs:  # every score kept, so no query blocks
             out, probs = attention_core(*args, ops=ops, return_probs=True)
+        elif cache is not None and not fresh and cached_attention.applies(args[0], new_cache, ops):
+            out = cached_attention.attend(args[0], new_cache, pos, args[5], args[6])
         else:
             out = (self_attention if cache is None or fresh else attention_core)(*args, ops=ops)
     with jax.named_scope("out_proj"):

@@ -107,6 +107,13 @@ def unembed(params: dict, x: jax.Array, rt: Runtime = Runtime()) -> jax.Array:
         return projection.unembed(x, params["unembed"], rt.ops)
 
 
+def unembed_greedy(params: dict, x: jax.Array, rt: Runtime = Runtime()):
+    """(logits ``[n, v]`` f32, greedy token ``[n]`` int32 or None) for rows ``x`` ``[n, d]``, for
+    sampling: on CPU the unembedding kernel takes the argmax in the same pass (None elsewhere)."""
+    with jax.named_scope("unembed"):
+        return projection.unembed_greedy(x, params["unembed"], rt.ops)
+
+
 def positions_from_lengths(tokens: jax.Array, lengths: jax.Array | None) -> jax.Array:
     """Right-padded batch: positions 0..len-1, then -1."""
     b, t = tokens.shape
