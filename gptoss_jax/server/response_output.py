@@ -71,6 +71,7 @@ class ResponseRun:
         self.tracker = ReplyTracker()
         self.status = "in_progress"
         self.error: dict | None = None
+        self.cached_tokens = 0  # prompt tokens served from the prefix cache (set by the job)
 
     def complete(self) -> None:
         """The generation is over (call after the job's tokens were fed to ``tracker``):
@@ -88,7 +89,7 @@ class ResponseRun:
     def usage(self) -> dict:
         t = self.tracker
         return {"input_tokens": self.prompt_len,
-                "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                "input_tokens_details": {"cached_tokens": self.cached_tokens, "cache_write_tokens": 0},
                 "output_tokens": t.output_tokens,
                 "output_tokens_details": {"reasoning_tokens": t.reasoning_tokens},
                 "total_tokens": self.prompt_len + t.output_tokens}
