@@ -61,28 +61,41 @@ def step(params, state: EngineState, inputs: dict, config, runtime, mode: Sample
     return state, sample_rows(logits, inputs, mode)
 
 
+def _signature(tree) -> tuple:
+    """Structure, shapes, dtypes and shardings of a tree of arrays (what a compile depends on)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((a.shape, a.dtype, getattr(a, "sharding", None)) for a in leaves)
+
+
 class Executables:
     """Steps compiled ahead of time, one per (rows, T, sample mode), with the engine state's
-    shardings as their input and output shardings (``engine_state.step_shardings``)."""
+    shardings as their input and output shardings (``engine_state.step_shardings``).
+
+    Compiled steps are shared by every engine of the same model, mesh and pool shape (a
+    process-wide LRU of :data:`CACHE_SIZE`), so ``gptoss_jax.generate`` called again does not
+    compile again."""
 
     def __init__(self, model, mesh):
         self.model, self.mesh = model, mesh
-        self.compiled: dict[tuple, object] = {}
+        self._model_key = (model.config, model.runtime, _signature(model.params))
         self.compile_s = 0.0  # time spent compiling so far (reported apart from run time)
 
     def get(self, state: EngineState, inputs: dict, mode: SampleMode):
-        key = (inputs["tokens"].shape, mode)
-        exe = self.compiled.get(key)
+        key = (self._model_key, _signature(state),
+               tuple((n, a.shape, a.dtype) for n, a in sorted(inputs.items())), mode)
+        exe = _COMPILED.pop(key, None)
         if exe is None:
             t0 = time.perf_counter()
             abstract = {n: jax.ShapeDtypeStruct(a.shape, a.dtype) for n, a in inputs.items()}
             ins, outs = engine_state.step_shardings(self.model.params, state, abstract, self.mesh)
-            fn = jax.jit(step, static_argnums=(3, 4, 5), donate_argnums=(1,),
-                         in_shardings=ins, out_shardings=outs)
+            kw = {} if ins is None else {"in_shardings": ins, "out_shardings": outs}
+            fn = jax.jit(step, static_argnums=(3, 4, 5), donate_argnums=(1,), **kw)
             exe = fn.lower(self.model.params, state, abstract, self.model.config,
                            self.model.runtime, mode).compile()
             self.compile_s += time.perf_counter() - t0
-            self.compiled[key] = exe
+        _COMPILED[key] = exe  # most recently used last
+        while len(_COMPILED) > CACHE_SIZE:
+            _COMPILED.pop(next(iter(_COMPILED)))
         return exe
 
     def run(self, state: EngineState, inputs: dict, mode: SampleMode):
@@ -90,3 +103,7 @@ class Executables:
         exe = self.get(state, inputs, mode)
         state, tokens = exe(self.model.params, state, engine_state.place_inputs(inputs, self.mesh))
         return state, jax.device_get(tokens)
+
+
+CACHE_SIZE = 64
+_COMPILED: dict[tuple, object] = {}

@@ -13,7 +13,7 @@ What runs (``Ops.paged_attention``, shown in ``Ops.table()``):
 * ``"pallas"`` (GPU where Pallas' Triton backend loads; or forced, with ``interpret`` on CPU
   for tests): ``pallas_kernels.paged_attention``: the page ids are read in the kernel, which
   walks only the pages its rows can see; sliding layers pass only the table columns around
-  their window.
+  their window. Page sizes or head dims the kernel's tiles cannot take run the XLA path.
 * ``"xla"`` (everywhere else): :func:`attend_xla`, an online softmax over blocks of
   ``PAGED_BLOCK_TOKENS`` keys (``ops.runtime``) gathered from the pool, for each block of
   queries over only the pages it can see (a dynamic trip count: one compile serves every
@@ -144,9 +144,15 @@ def attend(q, k_pool, v_pool, table, q_pos, sinks, window: int | None, ops: Ops)
     ``[b, t]`` (-1 = padding: output 0) over the keys the pages of ``table`` ``[b, C]`` hold
     (written before: a chunk sees itself). ``sinks`` ``[k, g]`` f32. Returns ``[b, t, k, g, h]``
     in ``q``'s dtype."""
-    if ops.paged_attention == "pallas":
+    if ops.paged_attention == "pallas" and kernel_fits(k_pool):
         return _attend_pallas(q, k_pool, v_pool, table, q_pos, sinks, window, ops)
     return attend_xla(q, k_pool, v_pool, table, q_pos, sinks, window, ops)
+
+
+def kernel_fits(pool) -> bool:
+    """The Pallas kernel's tiles need a page size and head_dim that are powers of two >= 16;
+    other shapes run the XLA path."""
+    return all(n >= 16 and n & (n - 1) == 0 for n in (pool.shape[2], pool.shape[3]))
 
 
 def _attend_pallas(q, k_pool, v_pool, table, q_pos, sinks, window, ops: Ops):
