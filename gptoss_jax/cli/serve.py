@@ -18,7 +18,9 @@ import argparse
 import logging
 import os
 import sys
+import threading
 
+import jax
 import uvicorn
 
 from gptoss_jax.cli import common
@@ -57,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store-size", type=int, default=1000, help="stored responses kept in memory")
     p.add_argument("--log-level", default="info", help="debug | info | warning | error")
     common.add_model_args(p)
+    common.add_serving_args(p)
     return p
 
 
@@ -104,9 +107,14 @@ def main(argv=None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def body() -> int:
-        sock = _listen(args)  # before loading: a taken port fails fast
-        model = common.load_model(args, mesh=common.setup_mesh(args))
-        engine = make_engine(args, model)
+        mesh = common.setup_mesh(args)  # multi-host: connects the processes first
+        leader = jax.process_index() == 0
+        sock = _listen(args) if leader else None  # before loading: a taken port fails fast
+        model = common.load_model(args, mesh=mesh, quiet=not leader)
+        engine = make_engine(args, model, common.channel_for(args))
+        if not leader:  # a follower runs the leader's steps until it stops
+            engine.follow()
+            return 0
         return serve(args, sock, engine, common.tokenizer_for(model), api_key)
 
     return common.run(PROG, body)
@@ -122,18 +130,32 @@ def make_engine(args, model, channel=None) -> Engine:
 def serve(args, sock, engine, tokenizer, api_key: str | None) -> int:
     """Serve until interrupted (Ctrl-C is a normal stop: exit status 0)."""
     name = args.model_name or model_name(args.checkpoint)
-    scheduler = Scheduler(engine, warmup_lengths=args.warmup)
+    fatal: list[BaseException] = []
+    scheduler = Scheduler(engine, warmup_lengths=args.warmup, on_fatal=lambda e: stop(e))
     app = create_app(scheduler, tokenizer, model_name=name, api_key=api_key, store_size=args.store_size)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level.lower(), timeout_keep_alive=30))
+
+    def stop(error: BaseException) -> None:
+        """The engine is gone (a multi-host process died; the requests got their 503s): stop
+        serving, and exit even if a collective never returns."""
+        fatal.append(error)
+        server.should_exit = True
+        threading.Timer(15.0, os._exit, (3,)).start()
+
+    if engine.channel is not None:  # a step that never ends: 503s, then exit
+        engine.channel.watchdog.on_timeout = scheduler.abort
     host, port = sock.getsockname()[:2]
     pool = engine.pages.pool.num_pages * engine.pages.page_size
     print(f"serving {name} on http://{host}:{port} (max batch {args.max_batch}, context "
           f"{args.max_context}, KV pool {pool} tokens{', API key required' if api_key else ''})",
           file=sys.stderr, flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level.lower(), timeout_keep_alive=30))
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:
         pass
+    if fatal:
+        print(f"{PROG}: error: {fatal[0]}; exiting", file=sys.stderr, flush=True)
+        os._exit(3)  # not through atexit: jax.distributed's shutdown would wait for the lost peer
     return 0
 
 

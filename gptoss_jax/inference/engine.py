@@ -43,6 +43,7 @@ from gptoss_jax.inference.kv_pages import (
     pool_pages_for_tokens,
 )
 from gptoss_jax.inference.kv_schedule import Chunk, Plan, Request, Scheduler
+from gptoss_jax.inference.multihost import PeerLost
 from gptoss_jax.inference.sampling import SampleMode, SamplingParams
 from gptoss_jax.model.kv_cache import paged_layout
 
@@ -133,6 +134,8 @@ class Engine:
                   windows=layout.windows, prefix_caching=prefix_caching)
         pages = self._pool_pages(KVPages(num_pages=1, **kw), layout, kv_cache_tokens,
                                  kv_cache_memory, prefill_tokens)
+        if channel is not None:  # every process must build the same pool (free memory differs)
+            pages = channel.agree(pages)
         self._pages_kw, self._prefill_tokens = dict(kw, num_pages=pages), prefill_tokens
         self._reset()
         self.executables = Executables(model, self.mesh)
@@ -141,6 +144,7 @@ class Engine:
         self.batch_sizes: list[int] = []  # sequences per decode step (for reports)
         self.preemptions = 0  # running sequences sent back to the queue (recomputed later)
         self._backlog: list[StepEvent] = []  # events sampled during add(), not yet returned
+        self._ran: set = set()  # step shapes run at least once (multi-host timeouts)
 
     def _reset(self) -> None:
         """Empty pages, scheduler and device state (at start, and after a failed step)."""
@@ -326,9 +330,25 @@ class Engine:
 
     def _run(self, inputs: dict, reqs: list[Request]) -> np.ndarray:
         mode = SampleMode.of([self.seqs[r.id].sampling for r in reqs], self.config.vocab_size)
-        if self.channel is not None:
-            self.channel.send(mode, inputs)
-        self.state, tokens = self.executables.run(self.state, inputs, mode)
+        if self.channel is None:
+            self.state, tokens = self.executables.run(self.state, inputs, mode)
+            return tokens
+        self.channel.send(mode, inputs)
+        return self._run_guarded(mode, inputs)
+
+    def _run_guarded(self, mode: SampleMode, inputs: dict) -> np.ndarray:
+        """A multi-host step: its collectives wait on the other processes, so it runs under the
+        channel's watchdog, and a failure is a lost process (``multihost.PeerLost``)."""
+        key = self.executables.key(self.state, inputs, mode)
+        # the first run of a shape waits for every process to compile it
+        self.channel.guard(key not in self._ran, "a model step")
+        self._ran.add(key)
+        try:
+            self.state, tokens = self.executables.run(self.state, inputs, mode)
+        except Exception as e:
+            raise PeerLost(f"a model step failed: {e}") from e
+        finally:
+            self.channel.done()
         return tokens
 
     # -- warm-up, followers, reports ----------------------------------------------------------
@@ -346,9 +366,20 @@ class Engine:
 
     def follow(self) -> None:
         """A follower's loop (multi-host): run the leader's steps until it stops."""
-        while (msg := self.channel.receive()) is not None:
-            mode, inputs = msg
-            self.state, _ = self.executables.run(self.state, inputs, mode)
+        first = True  # the leader may be warming up (compiling) before its first step
+        while (msg := self.channel.receive(first)) is not None:
+            first = False
+            self._run_guarded(*msg)
+
+    def heartbeat(self) -> None:
+        """Called while idle: a multi-host leader pings its followers now and then."""
+        if self.channel is not None:
+            self.channel.ping()
+
+    def close(self) -> None:
+        """A multi-host leader tells its followers to stop (from the thread that drives it)."""
+        if self.channel is not None:
+            self.channel.stop()
 
     def stats(self) -> dict:
         p = self.pages

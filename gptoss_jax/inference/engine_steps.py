@@ -80,9 +80,13 @@ class Executables:
         self._model_key = (model.config, model.runtime, _signature(model.params))
         self.compile_s = 0.0  # time spent compiling so far (reported apart from run time)
 
+    def key(self, state: EngineState, inputs: dict, mode: SampleMode) -> tuple:
+        """What a compiled step is looked up by."""
+        return (self._model_key, _signature(state),
+                tuple((n, a.shape, a.dtype) for n, a in sorted(inputs.items())), mode)
+
     def get(self, state: EngineState, inputs: dict, mode: SampleMode):
-        key = (self._model_key, _signature(state),
-               tuple((n, a.shape, a.dtype) for n, a in sorted(inputs.items())), mode)
+        key = self.key(state, inputs, mode)
         exe = _COMPILED.pop(key, None)
         if exe is None:
             t0 = time.perf_counter()

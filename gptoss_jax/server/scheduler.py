@@ -12,12 +12,15 @@ and, between two engine steps,
    engine's) and hands each job its tokens with ``loop.call_soon_threadsafe``.
 
 A failure inside the engine ends every job in flight with an :class:`EngineError` (the engine
-recovers its state) and the thread keeps serving; an :class:`EngineUnavailable` (a multi-host
-follower died) ends them and stops the scheduler (``on_fatal`` then takes the process down).
+recovers its state) and the thread keeps serving. A lost multi-host process
+(``multihost.PeerLost`` from a step or an idle heartbeat, or the step watchdog calling
+:meth:`Scheduler.abort`) ends them with :class:`EngineUnavailable` (a 503) and stops the
+scheduler; ``on_fatal`` then takes the process down.
 
 The engine is duck-typed: ``check``, ``submit``, ``cancel``, ``step`` (``StepEvent`` s),
 ``idle``, ``recover``, ``compile``, ``stats``, ``max_batch``, ``max_len``, ``config`` and
-``batch_sizes`` (the tests drive a scripted stub through the same interface).
+``batch_sizes``; ``heartbeat`` (called while idle) and ``close`` (when the thread ends) if it
+has them (the tests drive a scripted stub through the same interface).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
+from gptoss_jax.inference.multihost import PeerLost
 from gptoss_jax.inference.sampling import SamplingParams
 
 log = logging.getLogger("gptoss_jax.server")
@@ -174,18 +178,29 @@ class Scheduler:
         while not self._stop.is_set():
             try:
                 self._iteration()
-            except EngineUnavailable as e:
-                log.error("the engine is unavailable (%s); failing every request", e)
-                self._fail_all(e)
-                self._stop.set()
-                if self.on_fatal is not None:
-                    self.on_fatal(e)
+            except PeerLost as e:
+                self.abort(str(e))
                 return
             except Exception as e:
                 log.exception("engine step failed; ending %d request(s)", len(self._jobs))
                 self._fail_all(EngineError(f"the engine step failed: {e}"))
                 self._recover()
         self._fail_all(EngineError("the server is shutting down"))
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:
+                log.exception("closing the engine failed")
+
+    def abort(self, reason: str) -> None:
+        """The engine is gone (a multi-host process died): fail every request with a 503, stop,
+        and call ``on_fatal``. Safe from another thread while the scheduler's is stuck."""
+        log.error("the engine is unavailable (%s); failing every request", reason)
+        self._stop.set()
+        self._fail_all(EngineUnavailable(reason))
+        if self.on_fatal is not None:
+            self.on_fatal(EngineUnavailable(reason))
 
     def _recover(self) -> None:
         try:
@@ -195,7 +210,12 @@ class Scheduler:
 
     def _iteration(self) -> None:
         self._drain(block=self.engine.idle)
-        if self._stop.is_set() or self.engine.idle:
+        if self._stop.is_set():
+            return
+        if self.engine.idle:
+            heartbeat = getattr(self.engine, "heartbeat", None)
+            if heartbeat is not None:
+                heartbeat()
             self._update_stats()
             return
         t0 = time.perf_counter()
