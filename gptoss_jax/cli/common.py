@@ -25,9 +25,12 @@ import sys
 import time
 from collections.abc import Callable
 
+import jax
+
 from gptoss_jax.chat.tokenizer import Tokenizer, VocabFileError, load_tokenizer
 from gptoss_jax.checkpoint.load import DTYPES, load
 from gptoss_jax.finetune.export import load_adapter
+from gptoss_jax.inference.multihost import Channel
 from gptoss_jax.model.model import Model
 from gptoss_jax.parallel.distributed import add_distributed_args, setup_from_args
 from gptoss_jax.tools import Toolbox, ToolSetupError, api_key_from_env, build_tools
@@ -94,6 +97,25 @@ def check_model_args(args: argparse.Namespace) -> None:
     if args.dtype not in DTYPES:
         raise UsageError(f"--dtype must be bfloat16 or float32, got {args.dtype!r}")
     args.dtype = "bfloat16" if DTYPES[args.dtype] == DTYPES["bfloat16"] else "float32"
+
+
+def add_serving_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--step-timeout`` (the multi-host flags' companion for ``serve`` and ``generate``)."""
+    parser.add_argument("--step-timeout", type=float, default=120.0, metavar="SECONDS",
+                        help="multi-host: a model step the other processes do not finish within "
+                             "this time (first runs of a shape: 15x longer, for compiling) means "
+                             "one is gone; the leader fails its requests with a 503 and exits")
+    return parser
+
+
+def channel_for(args: argparse.Namespace):
+    """The leader/follower channel of a multi-host ``serve`` or ``generate`` (None in one
+    process): process 0 leads, the others follow its steps."""
+    if jax.process_count() == 1:
+        return None
+    if not args.step_timeout > 0:
+        raise UsageError(f"--step-timeout must be > 0, got {args.step_timeout}")
+    return Channel(step_timeout_s=args.step_timeout, compile_timeout_s=15 * args.step_timeout)
 
 
 def setup_mesh(args: argparse.Namespace):

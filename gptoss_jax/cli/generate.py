@@ -18,6 +18,8 @@ import json
 import sys
 import time
 
+import jax
+
 from gptoss_jax.chat import parse, render
 from gptoss_jax.chat.render import EFFORTS
 from gptoss_jax.cli import common, tool_chat
@@ -46,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object (tokens, text, channels, timings)")
     common.add_model_args(p)
     common.add_tool_args(p)
+    common.add_serving_args(p)
     return p
 
 
@@ -82,12 +85,23 @@ def check_args(args) -> None:
         raise UsageError("--browser, --python and --tool-server need the chat, not --raw or --prompt-ids")
 
 
-class Session:
-    """One model + engine; runs a prompt and reports timings."""
+MULTIHOST_CONTEXT = 16384  # a multi-host chat's engine is fixed up front (every process builds it)
 
-    def __init__(self, model, args):
+
+def multihost_engine(model, channel) -> sampler.Engine:
+    """The engine of a multi-host run: the same on every process, made before any prompt."""
+    return sampler.Engine(model, max_batch=1, channel=channel,
+                          max_len=min(model.config.max_position_embeddings, MULTIHOST_CONTEXT))
+
+
+class Session:
+    """One model + engine; runs a prompt and reports timings. The engine is kept across turns
+    (a chat's next prompt reuses the KV of the conversation so far) and made larger when a
+    prompt needs it, unless it was given (multi-host: fixed)."""
+
+    def __init__(self, model, args, engine=None):
         self.model, self.args = model, args
-        self.engine = None
+        self.engine, self.fixed = engine, engine is not None
         self.timings: dict = {}
 
     def run(self, prompt_ids: list[int], on_token) -> tuple[list[int], str, dict]:
@@ -101,10 +115,10 @@ class Session:
     def stream(self, prompt_ids: list[int], max_new_tokens: int):
         """``(token, finish_reason)`` as they are generated; ``timings`` describes the run after."""
         a, c = self.args, self.model.config
-        if len(prompt_ids) + max_new_tokens > c.max_position_embeddings:
+        limit = self.engine.max_len if self.fixed else c.max_position_embeddings
+        if len(prompt_ids) + max_new_tokens > limit:
             raise UsageError(f"prompt of {len(prompt_ids)} tokens + --max-new-tokens "
-                             f"{max_new_tokens} exceeds the model's context of "
-                             f"{c.max_position_embeddings} tokens")
+                             f"{max_new_tokens} exceeds the context of {limit} tokens")
         need = sampler.bucket(len(prompt_ids) + max_new_tokens)
         if self.engine is None or self.engine.max_len < len(prompt_ids) + max_new_tokens:
             self.engine = sampler.Engine(self.model, max_batch=1,
@@ -146,7 +160,7 @@ def _report(t: dict, quiet: bool) -> None:
          f"{t['new_tokens']} new tokens, decode {rate if rate is not None else '-'} tok/s]", quiet)
 
 
-def run_once(args, model) -> int:
+def run_once(args, model, engine=None) -> int:
     tok = common.tokenizer_for(model)
     chat = not args.raw and args.prompt_ids is None
     if args.prompt_ids is not None:
@@ -161,7 +175,7 @@ def run_once(args, model) -> int:
     if bad:
         raise UsageError(f"prompt token {bad[0]} is outside the model's vocabulary "
                          f"({model.config.vocab_size})")
-    session = Session(model, args)
+    session = Session(model, args, engine)
     stream = parse.ReplyStream() if chat else None
     printer = _Printer(args, tok, stream)
     tokens, reason, timings = session.run(prompt_ids, printer.on_token)
@@ -235,10 +249,10 @@ class _Printer:
             sys.stdout.flush()
 
 
-def interactive(args, model) -> int:
+def interactive(args, model, engine=None) -> int:
     """Multi-turn chat; history kept, past reasoning dropped (render.render_prompt does that)."""
     tok = common.tokenizer_for(model)
-    session = Session(model, args)
+    session = Session(model, args, engine)
     history: list = []
     print("Interactive chat. Empty line or Ctrl-D to quit.", file=sys.stderr)
     while True:
@@ -274,12 +288,22 @@ def main(argv=None) -> int:
     def body() -> int:
         check_args(args)
         toolbox = common.build_toolbox(args)  # before loading: a backend that cannot start fails fast
-        model = common.load_model(args, mesh=common.setup_mesh(args), quiet=args.json)
-        if toolbox is not None:
-            return tool_chat.run_chat(Session(model, args), toolbox, args, report=_report_turn)
-        if args.prompt is None and args.prompt_ids is None:
-            return interactive(args, model)
-        return run_once(args, model)
+        mesh = common.setup_mesh(args)
+        leader = jax.process_index() == 0
+        model = common.load_model(args, mesh=mesh, quiet=args.json or not leader)
+        channel = common.channel_for(args)
+        engine = None if channel is None else multihost_engine(model, channel)
+        if not leader:  # a follower runs process 0's steps (it reads the prompts) until it stops
+            engine.follow()
+            return 0
+        try:
+            if toolbox is not None:
+                return tool_chat.run_chat(Session(model, args, engine), toolbox, args, report=_report_turn)
+            chat = interactive if args.prompt is None and args.prompt_ids is None else run_once
+            return chat(args, model, engine)
+        finally:
+            if engine is not None:
+                engine.close()
 
     return common.run(PROG, body)
 

@@ -1,55 +1,65 @@
-"""Jit-compiled generation with a KV cache: a slot engine, ``generate`` and ``generate_stream``.
+"""The serving engine: continuous batching over a paged KV cache with prefix caching.
 
-The :class:`Engine` owns a batch of ``max_batch`` slots, each with its own KV cache rows
-(sliding layers: a ring buffer of ``sliding_window`` entries; full layers: ``max_len``), next
-position, last token, PRNG key and sampling settings. Two compiled functions do all the work:
+:class:`Engine` takes requests (:meth:`Engine.submit`: a prompt, its sampling settings, a token
+budget, stop tokens) and advances all of them one model step at a time (:meth:`Engine.step`).
+Its parts, one concern each:
 
-* ``prefill`` — prompts padded to a length bucket (powers of two), run into fresh cache rows that
-  are scattered into their slots; samples each prompt's first new token. Compiled once per
-  (number of prompts, bucket).
-* ``decode`` — one token for every slot at once (idle slots compute but write nothing). Compiled
-  once per engine; the cache and state buffers are donated, so the step updates them in place.
+* pages (``kv_pages.KVPages``): one pool of fixed-size pages shared by every sequence and by
+  the full and sliding layer groups, per-sequence page tables, and the prefix cache: a new
+  request reuses every cached page of its longest cached prefix (shared, copy-free: ``n > 1``,
+  multi-turn conversations and tool loops re-send a prefix whose KV is already there) and
+  prefills only the rest;
+* scheduling (``kv_schedule.Scheduler``): each step decodes every running sequence, continues
+  chunked prefills and admits waiting requests within a prefill token budget; a request waits
+  while the pool is short, and a running one may be preempted and later recomputed (its output
+  continues identically); one that could never fit raises :class:`CapacityError` at submit;
+* the device step (``engine_steps``): rows of tokens through the model reading and writing the
+  pages through their tables inside the compiled step (no per-step copy of the cache; fixed
+  table shapes and power-of-two row and length buckets, so nothing recompiles per request);
+  compiled with every state sharding pinned (``engine_state``), on any mesh;
+* multi-host (``channel``): the leader sends each step's inputs to the followers before running
+  it (``inference.multihost``), so every process runs the same steps on one sharded model.
 
-The host loop checks stop tokens and budgets per slot; new sequences join between steps
-(continuous batching: the server drives the same engine).
+Not thread-safe: one driver at a time (the server's scheduler thread, or ``api.generate``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import time
+import itertools
+import os
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from gptoss_jax.inference.sampling import SampleMode, SamplingParams, sample
-from gptoss_jax.model import kv_cache
-from gptoss_jax.model import transformer as M
-from gptoss_jax.model.sharding import cache_shardings
+from gptoss_jax.inference import engine_state
+from gptoss_jax.inference.engine_steps import Executables
+from gptoss_jax.inference.kv_pages import (
+    CapacityError,
+    KVPages,
+    pool_pages_for_bytes,
+    pool_pages_for_tokens,
+)
+from gptoss_jax.inference.kv_schedule import Chunk, Plan, Request, Scheduler
+from gptoss_jax.inference.multihost import PeerLost
+from gptoss_jax.inference.sampling import SampleMode, SamplingParams
+from gptoss_jax.model.kv_cache import paged_layout
+
+__all__ = ["CapacityError", "Engine", "Generation", "StepEvent", "bucket", "default_stop_tokens"]
 
 MIN_BUCKET = 16
 HARMONY_STOPS = (200002, 200012, 199999)  # <|return|>, <|call|>, <|endoftext|>
-
-
-class Slots(NamedTuple):
-    """Per-slot decode state (a pytree; lives on device)."""
-    cache: list  # list[kv_cache.LayerCache], batch axis = slot
-    pos: jax.Array  # [B] int32 position of the next token to feed, -1 = idle slot
-    token: jax.Array  # [B] int32 last sampled token (the next one to feed)
-    key: jax.Array  # [B] PRNG keys
-    step: jax.Array  # [B] int32 tokens sampled so far
-    temperature: jax.Array  # [B] f32
-    top_k: jax.Array  # [B] int32
-    top_p: jax.Array  # [B] f32
-    min_p: jax.Array  # [B] f32
+_ids = itertools.count(1)
 
 
 def bucket(n: int) -> int:
     return max(MIN_BUCKET, 1 << (max(n, 1) - 1).bit_length())
+
+
+def _pow2(n: int) -> int:
+    return 1 << (max(n, 1) - 1).bit_length()
 
 
 def default_stop_tokens(config) -> tuple[int, ...]:
@@ -57,194 +67,337 @@ def default_stop_tokens(config) -> tuple[int, ...]:
     return tuple(sorted(t for t in stops if 0 <= t < config.vocab_size))
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4, 5), donate_argnums=(1,))
-def _prefill(params, slots: Slots, batch, config, runtime, mode: SampleMode):
-    """Run prompts into fresh cache rows, scatter them into ``batch['slot']``, sample token 1."""
-    tokens, lengths, slot_ids = batch["tokens"], batch["lengths"], batch["slot"]
-    n, t = tokens.shape
-    max_len = max(c.pos.shape[1] for c in slots.cache)  # the engine's full-layer length
-    fresh = kv_cache.init_cache(config, n, max_len, slots.cache[0].dtype, runtime.ops)
-    pos = M.positions_from_lengths(tokens, lengths)
-    x, fresh = M.hidden_states(params, tokens, pos, config, cache=fresh, rt=runtime, fresh=True)
-    last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [n, d]
-    logits, greedy = M.unembed_greedy(params, last, runtime)
-    keys = jax.vmap(jax.random.fold_in)(batch["key"], jnp.zeros(n, jnp.int32))
-    first = sample(logits, keys, batch["temperature"], batch["top_k"], batch["top_p"],
-                   batch["min_p"], mode=mode, greedy=greedy)
-    s = slots._replace(cache=kv_cache.put_rows(slots.cache, slot_ids, fresh))
-    s = s._replace(
-        pos=s.pos.at[slot_ids].set(lengths), token=s.token.at[slot_ids].set(first),
-        key=s.key.at[slot_ids].set(batch["key"]), step=s.step.at[slot_ids].set(1),
-        temperature=s.temperature.at[slot_ids].set(batch["temperature"]),
-        top_k=s.top_k.at[slot_ids].set(batch["top_k"]), top_p=s.top_p.at[slot_ids].set(batch["top_p"]),
-        min_p=s.min_p.at[slot_ids].set(batch["min_p"]))
-    return s, first
-
-
-@functools.partial(jax.jit, static_argnums=(2, 3, 4), donate_argnums=(1,))
-def _decode(params, slots: Slots, config, runtime, mode: SampleMode):
-    """Feed every slot's last token, return the next one for each slot."""
-    pos = slots.pos[:, None]
-    x, cache = M.hidden_states(params, slots.token[:, None], pos, config, cache=slots.cache,
-                               rt=runtime)
-    logits, greedy = M.unembed_greedy(params, x[:, 0], runtime)
-    keys = jax.vmap(jax.random.fold_in)(slots.key, slots.step)
-    nxt = sample(logits, keys, slots.temperature, slots.top_k, slots.top_p, slots.min_p,
-                 mode=mode, greedy=greedy)
-    active = slots.pos >= 0
-    nxt = jnp.where(active, nxt, 0)
-    return slots._replace(cache=cache, pos=jnp.where(active, slots.pos + 1, -1), token=nxt,
-                          step=slots.step + active), nxt
-
-
-@dataclasses.dataclass
-class SlotSequence:
-    """What the engine knows about the sequence in one slot."""
-    prompt: list[int]
+@dataclasses.dataclass(eq=False)
+class Generation:
+    """What the engine knows about one submitted sequence."""
+    request: Request  # prompt, output so far, cached tokens, preemptions (kv_schedule)
     sampling: SamplingParams
-    max_new_tokens: int
     stop_tokens: frozenset
-    tokens: list[int] = dataclasses.field(default_factory=list)
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+
+    @property
+    def id(self) -> int:
+        return self.request.id
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.request.prompt
+
+    @property
+    def tokens(self) -> list[int]:
+        """The generated tokens so far."""
+        return self.request.output
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens whose KV came from the prefix cache (0 until admitted)."""
+        return self.request.cached_tokens or 0
+
+
+class StepEvent(NamedTuple):
+    id: int  # the sequence (``Engine.submit``'s return value)
+    token: int
+    finish_reason: str | None  # set on the sequence's last token: "stop" | "length"
+    cached_tokens: int  # prompt tokens served from the prefix cache
 
 
 class Engine:
-    """A fixed set of decode slots over one model. Not thread-safe: one driver at a time."""
+    """Continuous batching over one model (see the module docstring).
 
-    def __init__(self, model, *, max_batch: int = 8, max_len: int = 4096):
+    ``max_batch`` sequences run at once; each holds at most ``max_len`` tokens (prompt +
+    output). The KV pool holds ``kv_cache_tokens`` token positions, or ``kv_cache_memory`` (a
+    fraction of the free device memory), or by default enough for ``max_batch`` sequences of
+    ``max_len`` tokens. Prefill runs in chunks of at most ``prefill_tokens`` tokens per step, at
+    most ``max_prefill_rows`` chunks per call. ``prefix_caching=False`` turns reuse off.
+    """
+
+    def __init__(self, model, *, max_batch: int = 8, max_len: int = 4096,
+                 kv_cache_tokens: int | None = None, kv_cache_memory: float | None = None,
+                 page_size: int = 16, prefill_tokens: int = 512, max_prefill_rows: int = 8,
+                 prefix_caching: bool = True, channel=None):
         c = model.config
         if max_len > c.max_position_embeddings:
             raise ValueError(f"max_len {max_len} exceeds the model's context "
                              f"{c.max_position_embeddings}")
+        for name, value in (("max_batch", max_batch), ("max_len", max_len),
+                            ("page_size", page_size), ("prefill_tokens", prefill_tokens),
+                            ("max_prefill_rows", max_prefill_rows)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if kv_cache_tokens is not None and kv_cache_memory is not None:
+            raise ValueError("give kv_cache_tokens or kv_cache_memory, not both")
         self.model, self.config, self.max_batch, self.max_len = model, c, max_batch, max_len
-        dtype = model.params["embed"].dtype
-        cache = kv_cache.init_cache(c, max_batch, max_len, dtype, model.runtime.ops)
-        mesh = model.runtime.mesh
-        if mesh is not None:  # kv heads on the tensor axis, slots on the data axis
-            cache = jax.device_put(cache, cache_shardings(c, mesh, max_batch, max_len))
-        self.slots = Slots(
-            cache=cache,
-            pos=jnp.full((max_batch,), -1, jnp.int32), token=jnp.zeros((max_batch,), jnp.int32),
-            key=jax.random.split(jax.random.key(0), max_batch),
-            step=jnp.zeros((max_batch,), jnp.int32),
-            temperature=jnp.zeros((max_batch,), jnp.float32),
-            top_k=jnp.zeros((max_batch,), jnp.int32), top_p=jnp.ones((max_batch,), jnp.float32),
-            min_p=jnp.zeros((max_batch,), jnp.float32))
-        self.seqs: dict[int, SlotSequence] = {}
-        self.batch_sizes: list[int] = []  # active slots per decode step (for reports)
-        self.compiled: dict[tuple, object] = {}  # AOT executables, one per shape bucket
-        self.compile_s = 0.0  # time spent compiling so far (reported apart from run time)
+        self.mesh = model.runtime.mesh
+        self.max_prefill_rows = _pow2(max_prefill_rows)
+        layout = paged_layout(c)
+        kw = dict(page_size=page_size, max_pages_per_seq=-(-max_len // page_size),
+                  windows=layout.windows, prefix_caching=prefix_caching)
+        pages = self._pool_pages(KVPages(num_pages=1, **kw), layout, kv_cache_tokens,
+                                 kv_cache_memory, prefill_tokens)
+        if channel is not None:  # every process must build the same pool (free memory differs)
+            pages = channel.agree(pages)
+        self._pages_kw, self._prefill_tokens = dict(kw, num_pages=pages), prefill_tokens
+        self._reset()
+        self.executables = Executables(model, self.mesh)
+        self.channel = channel
+        self.seqs: dict[int, Generation] = {}  # submitted and not finished
+        self.batch_sizes: list[int] = []  # sequences per decode step (for reports)
+        self.preemptions = 0  # running sequences sent back to the queue (recomputed later)
+        self._backlog: list[StepEvent] = []  # events sampled during add(), not yet returned
+        self._ran: set = set()  # step shapes run at least once (multi-host timeouts)
 
-    def _executable(self, key: tuple, fn, *args):
-        """Compile ``fn`` for these argument shapes once (ahead of time) and reuse it."""
-        exe = self.compiled.get(key)
-        if exe is None:
-            t0 = time.perf_counter()
-            exe = fn.lower(*args).compile()
-            self.compile_s += time.perf_counter() - t0
-            self.compiled[key] = exe
-        return exe
+    def _reset(self) -> None:
+        """Empty pages, scheduler and device state (at start, and after a failed step)."""
+        self.pages = KVPages(**self._pages_kw)
+        self.scheduler = Scheduler(self.pages, max_running=self.max_batch,
+                                   prefill_tokens=self._prefill_tokens)
+        self.state = engine_state.make_state(self.config, self.pages.pool_pages,
+                                             self.pages.page_size, self.model.dtype,
+                                             self.model.runtime.ops, self.mesh)
 
-    def compile(self, prompt_len: int, num_prompts: int = 1,
-                sampling: SamplingParams | None = None) -> float:
-        """Compile prefill for this prompt bucket and the decode step ahead of time; returns seconds."""
-        before = self.compile_s
-        t = min(bucket(prompt_len), self.max_len)
-        samplings = [sampling or SamplingParams()] * num_prompts
-        batch = self._batch([[0] * t] * num_prompts, samplings, list(range(num_prompts)))
-        mode = SampleMode.of(samplings, self.config.vocab_size)
-        self._executable(("prefill", num_prompts, t, mode), _prefill, self.model.params, self.slots,
-                         batch, self.config, self.model.runtime, mode)
-        self._executable(("decode", mode), _decode, self.model.params, self.slots, self.config,
-                         self.model.runtime, mode)
-        return self.compile_s - before
+    def recover(self) -> None:
+        """After a step failed: end every sequence, and start from an empty cache if the
+        failure took the device state with it (its buffers are donated to each step)."""
+        for seq_id in list(self.seqs):
+            self.cancel(seq_id)
+        if any(a.is_deleted() for a in jax.tree.leaves(self.state)):
+            self._reset()
 
-    # -- slots ---------------------------------------------------------------------------------
+    def _pool_pages(self, probe: KVPages, layout, tokens, memory, prefill_tokens) -> int:
+        if tokens is not None:
+            if tokens < 1:
+                raise ValueError(f"kv_cache_tokens must be >= 1, got {tokens}")
+            return pool_pages_for_tokens(tokens, probe.page_size)
+        if memory is None:
+            return self.max_batch * probe.peak_pages(self.max_len, prefill_tokens)
+        if not 0 < memory < 1:
+            raise ValueError(f"kv_cache_memory must be a fraction in (0, 1), got {memory}")
+        c = self.config
+        tensor = 1 if self.mesh is None else int(self.mesh.shape.get("tensor", 1))
+        return pool_pages_for_bytes(
+            int(memory * _free_device_bytes()), page_size=probe.page_size,
+            layers_per_group=layout.arrays, kv_heads=c.num_key_value_heads // tensor,
+            head_dim=c.head_dim, itemsize=np.dtype(self.model.dtype).itemsize)
+
+    # -- requests ------------------------------------------------------------------------------
     @property
-    def free_slots(self) -> list[int]:
-        return [i for i in range(self.max_batch) if i not in self.seqs]
+    def compile_s(self) -> float:
+        return self.executables.compile_s
 
-    def check_prompt(self, prompt: Sequence[int], max_new_tokens: int) -> None:
+    @property
+    def idle(self) -> bool:
+        return self.scheduler.idle and not self._backlog
+
+    def check(self, prompt: Sequence[int], max_new_tokens: int) -> None:
+        """Raise ``ValueError`` (:class:`CapacityError` for one that can never fit) unless a
+        request of ``prompt`` and ``max_new_tokens`` can run here."""
         if not len(prompt):
             raise ValueError("empty prompt")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} outside the vocabulary (size {self.config.vocab_size})")
         if len(prompt) + max_new_tokens > self.max_len:
-            raise ValueError(f"prompt of {len(prompt)} tokens + max_new_tokens {max_new_tokens} "
-                             f"exceeds the context of {self.max_len} tokens")
+            raise CapacityError(f"prompt of {len(prompt)} tokens + max_new_tokens {max_new_tokens} "
+                                f"exceeds the context of {self.max_len} tokens")
+        self.pages.check_fits(len(prompt) + max_new_tokens, self.scheduler.prefill_tokens)
+
+    def submit(self, prompt: Sequence[int], sampling: SamplingParams | None = None,
+               max_new_tokens: int = 256, stop_tokens: Iterable[int] | None = None, *,
+               salt: bytes = b"") -> int:
+        """Queue a sequence; returns its id (the ``id`` of its :class:`StepEvent` s). ``salt``
+        separates prefix caches whose KV differs for the same tokens. Raises ``ValueError`` /
+        :class:`CapacityError` (see :meth:`check`)."""
+        prompt = [int(t) for t in prompt]
+        self.check(prompt, max_new_tokens)
+        stops = default_stop_tokens(self.config) if stop_tokens is None else stop_tokens
+        req = Request(next(_ids), prompt, int(max_new_tokens), salt=salt)
+        self.scheduler.submit(req)
+        self.seqs[req.id] = Generation(req, sampling or SamplingParams(), frozenset(stops))
+        return req.id
 
     def add(self, prompts: Sequence[Sequence[int]], samplings: Sequence[SamplingParams],
             max_new_tokens: Sequence[int], stop_tokens: Sequence[Iterable[int]]) -> list[tuple[int, int]]:
-        """Prefill prompts into free slots; returns (slot, first token) per prompt."""
-        free = self.free_slots
-        if len(prompts) > len(free):
-            raise RuntimeError(f"{len(prompts)} prompts but only {len(free)} free slots")
+        """Submit sequences and step until each has sampled its first token (a synchronous
+        prefill, for benchmarks and simple drivers); returns ``(id, first token)`` per sequence.
+        Tokens other sequences sample meanwhile come from the next :meth:`step`. Nothing is
+        submitted if one of them is refused (``ValueError``)."""
         for p, m in zip(prompts, max_new_tokens):
-            self.check_prompt(p, m)
-        slot_ids = free[:len(prompts)]
-        batch = self._batch(prompts, samplings, slot_ids)
-        n, t = batch["tokens"].shape
-        mode = SampleMode.of(samplings, self.config.vocab_size)
-        exe = self._executable(("prefill", n, t, mode), _prefill, self.model.params,
-                               self.slots, batch, self.config, self.model.runtime, mode)
-        self.slots, first = exe(self.model.params, self.slots, batch)
-        first = np.asarray(first).tolist()
-        out = []
-        for slot, p, s, m, st, tok in zip(slot_ids, prompts, samplings, max_new_tokens,
-                                          stop_tokens, first):
-            seq = SlotSequence(list(p), s, m, frozenset(st))
-            self.seqs[slot] = seq
-            self._record(slot, tok)
-            out.append((slot, tok))
-        return out
+            self.check(p, m)
+        ids = [self.submit(p, s, m, st) for p, s, m, st in zip(prompts, samplings,
+                                                                max_new_tokens, stop_tokens)]
+        first: dict[int, int] = {}
+        while len(first) < len(ids):
+            for ev in self._step():
+                if ev.id in ids and ev.id not in first:
+                    first[ev.id] = ev.token
+                else:
+                    self._backlog.append(ev)
+        return [(i, first[i]) for i in ids]
 
-    def _batch(self, prompts, samplings, slot_ids) -> dict:
-        n = len(prompts)
-        t = min(bucket(max(len(p) for p in prompts)), self.max_len)
-        tokens = np.zeros((n, t), np.int32)
-        for i, p in enumerate(prompts):
-            tokens[i, :len(p)] = p
-        return {
-            "tokens": jnp.asarray(tokens), "lengths": jnp.asarray([len(p) for p in prompts], jnp.int32),
-            "slot": jnp.asarray(slot_ids, jnp.int32),
-            "key": jnp.stack([jax.random.key(s.seed) for s in samplings]),
-            "temperature": jnp.asarray([s.temperature for s in samplings], jnp.float32),
-            "top_k": jnp.asarray([min(s.top_k, self.config.vocab_size) for s in samplings], jnp.int32),
-            "top_p": jnp.asarray([s.top_p for s in samplings], jnp.float32),
-            "min_p": jnp.asarray([s.min_p for s in samplings], jnp.float32),
-        }
+    def cancel(self, seq_id: int) -> Generation | None:
+        """Stop a sequence (waiting or running); its pages are released at once."""
+        gen = self.seqs.pop(seq_id, None)
+        if gen is not None:
+            self.scheduler.finish(seq_id)
+            gen.finish_reason = gen.finish_reason or "cancelled"
+        return gen
 
-    def _record(self, slot: int, token: int) -> None:
-        seq = self.seqs[slot]
-        seq.tokens.append(token)
-        if token in seq.stop_tokens:
-            seq.finish_reason = "stop"
-        elif len(seq.tokens) >= seq.max_new_tokens:
-            seq.finish_reason = "length"
+    # -- one step ------------------------------------------------------------------------------
+    def step(self) -> list[StepEvent]:
+        """One model step for every running sequence (decode, or the next prefill chunk) and
+        the admission of waiting ones; returns the tokens sampled (a sequence whose prefill is
+        not done yet samples none)."""
+        backlog, self._backlog = self._backlog, []
+        return backlog + self._step()
 
-    def release(self, slot: int) -> SlotSequence | None:
-        """Free a slot (finished, or its client went away)."""
-        seq = self.seqs.pop(slot, None)
-        if seq is not None:
-            self.slots = self.slots._replace(pos=self.slots.pos.at[slot].set(-1))
-        return seq
+    def _step(self) -> list[StepEvent]:
+        plan = self.scheduler.plan()
+        self.preemptions += len(plan.preempted)
+        sampled: dict[int, int] = {}
+        for chunks in self._prefill_calls(plan.prefill):
+            tokens = self._run(self._prefill_inputs(chunks), [c.request for c in chunks])
+            sampled.update((c.request.id, int(t)) for c, t in zip(chunks, tokens) if c.samples)
+        if plan.decode:
+            tokens = self._run(self._decode_inputs(plan.decode), plan.decode)
+            sampled.update((r.id, int(tokens[r.slot])) for r in plan.decode)
+            self.batch_sizes.append(len(plan.decode))
+        return self._complete(plan, sampled)
 
-    def step(self) -> list[tuple[int, int]]:
-        """One decode step for every unfinished slot; returns (slot, token) pairs."""
-        for slot in [s for s, q in self.seqs.items() if q.finish_reason]:
-            self.release(slot)
-        if not self.seqs:
-            return []
-        mode = SampleMode.of([q.sampling for q in self.seqs.values()], self.config.vocab_size)
-        exe = self._executable(("decode", mode), _decode, self.model.params, self.slots,
-                               self.config, self.model.runtime, mode)
-        self.slots, nxt = exe(self.model.params, self.slots)
-        nxt = np.asarray(nxt)
-        self.batch_sizes.append(len(self.seqs))
-        out = []
-        for slot in list(self.seqs):
-            tok = int(nxt[slot])
-            self._record(slot, tok)
-            out.append((slot, tok))
-        return out
+    def _complete(self, plan: Plan, sampled: dict[int, int]) -> list[StepEvent]:
+        self.scheduler.complete(plan, sampled)
+        events = []
+        for seq_id, token in sampled.items():
+            gen = self.seqs[seq_id]
+            if token in gen.stop_tokens:
+                gen.finish_reason = "stop"
+            elif len(gen.tokens) >= gen.request.max_new_tokens:
+                gen.finish_reason = "length"
+            if gen.finish_reason:
+                self.scheduler.finish(seq_id)  # a no-op when the budget already ended it
+                del self.seqs[seq_id]
+            events.append(StepEvent(seq_id, token, gen.finish_reason, gen.cached_tokens))
+        return events
+
+    def _prefill_calls(self, chunks: list[Chunk]) -> list[list[Chunk]]:
+        """Chunks grouped by length bucket, at most ``max_prefill_rows`` per call."""
+        by_len: dict[int, list[Chunk]] = {}
+        for c in chunks:
+            by_len.setdefault(bucket(c.end - c.start), []).append(c)
+        return [group[i:i + self.max_prefill_rows] for group in by_len.values()
+                for i in range(0, len(group), self.max_prefill_rows)]
+
+    def _rows(self, rows: int, length: int) -> dict:
+        """Host inputs of ``rows`` idle rows of ``length`` tokens (see
+        ``engine_state.STEP_INPUT_AXES``)."""
+        g, cols = len(self.pages.windows), self.pages.max_pages
+        return {"tokens": np.zeros((rows, length), np.int32),
+                "pos": np.full((rows, length), -1, np.int32),
+                "last": np.zeros((rows,), np.int32),
+                "tables": np.full((g, rows, cols), self.pages.null_page, np.int32),
+                "temperature": np.zeros((rows,), np.float32),
+                "top_k": np.zeros((rows,), np.int32), "top_p": np.ones((rows,), np.float32),
+                "min_p": np.zeros((rows,), np.float32),
+                "seed_lo": np.zeros((rows,), np.uint32), "seed_hi": np.zeros((rows,), np.uint32),
+                "step": np.zeros((rows,), np.int32)}
+
+    def _set_row(self, x: dict, row: int, req: Request, start: int, end: int) -> None:
+        """Row ``row`` computes ``req.tokens[start:end]`` and samples with ``req``'s settings."""
+        n = end - start
+        x["tokens"][row, :n] = req.tokens[start:end]
+        x["pos"][row, :n] = np.arange(start, end)
+        x["last"][row] = n - 1
+        x["tables"][:, row] = self.pages.table(req.id)
+        s = self.seqs[req.id].sampling
+        seed = int(s.seed) % (1 << 64)
+        x["temperature"][row], x["top_p"][row], x["min_p"][row] = s.temperature, s.top_p, s.min_p
+        x["top_k"][row] = min(s.top_k, self.config.vocab_size)
+        x["seed_lo"][row], x["seed_hi"][row] = seed & 0xFFFFFFFF, seed >> 32
+        x["step"][row] = len(req.output)
+
+    def _prefill_inputs(self, chunks: list[Chunk]) -> dict:
+        x = self._rows(_pow2(len(chunks)), bucket(max(c.end - c.start for c in chunks)))
+        for i, c in enumerate(chunks):
+            self._set_row(x, i, c.request, c.start, c.end)
+        return x
+
+    def _decode_inputs(self, reqs: list[Request]) -> dict:
+        x = self._rows(self.max_batch, 1)
+        for r in reqs:
+            self._set_row(x, r.slot, r, len(r.tokens) - 1, len(r.tokens))
+        return x
+
+    def _run(self, inputs: dict, reqs: list[Request]) -> np.ndarray:
+        mode = SampleMode.of([self.seqs[r.id].sampling for r in reqs], self.config.vocab_size)
+        if self.channel is None:
+            self.state, tokens = self.executables.run(self.state, inputs, mode)
+            return tokens
+        self.channel.send(mode, inputs)
+        return self._run_guarded(mode, inputs)
+
+    def _run_guarded(self, mode: SampleMode, inputs: dict) -> np.ndarray:
+        """A multi-host step: its collectives wait on the other processes, so it runs under the
+        channel's watchdog, and a failure is a lost process (``multihost.PeerLost``)."""
+        key = self.executables.key(self.state, inputs, mode)
+        # the first run of a shape waits for every process to compile it
+        self.channel.guard(key not in self._ran, "a model step")
+        self._ran.add(key)
+        try:
+            self.state, tokens = self.executables.run(self.state, inputs, mode)
+        except Exception as e:
+            raise PeerLost(f"a model step failed: {e}") from e
+        finally:
+            self.channel.done()
+        return tokens
+
+    # -- warm-up, followers, reports ----------------------------------------------------------
+    def compile(self, prompt_len: int, num_prompts: int = 1,
+                sampling: SamplingParams | None = None) -> float:
+        """Compile the prefill step for this prompt length (its first chunk) and the decode
+        step ahead of time; returns the seconds it took."""
+        before = self.compile_s
+        mode = SampleMode.of([sampling or SamplingParams()], self.config.vocab_size)
+        length = bucket(min(prompt_len, self.scheduler.prefill_tokens))
+        rows = min(_pow2(num_prompts), self.max_prefill_rows)
+        self.executables.get(self.state, self._rows(rows, length), mode)
+        self.executables.get(self.state, self._rows(self.max_batch, 1), mode)
+        return self.compile_s - before
+
+    def follow(self) -> None:
+        """A follower's loop (multi-host): run the leader's steps until it stops."""
+        first = True  # the leader may be warming up (compiling) before its first step
+        while (msg := self.channel.receive(first)) is not None:
+            first = False
+            self._run_guarded(*msg)
+
+    def heartbeat(self) -> None:
+        """Called while idle: a multi-host leader pings its followers now and then."""
+        if self.channel is not None:
+            self.channel.ping()
+
+    def close(self) -> None:
+        """A multi-host leader tells its followers to stop (from the thread that drives it)."""
+        if self.channel is not None:
+            self.channel.stop()
+
+    def stats(self) -> dict:
+        p = self.pages
+        return {"kv_pages": p.pool.num_pages, "kv_page_size": p.page_size,
+                "kv_pages_free": p.pool.num_free, "kv_pages_cached_idle": p.pool.num_idle,
+                "kv_pages_in_use": p.pool.num_pages - p.pool.available,
+                "kv_evictions": p.pool.evictions,
+                "prefix_queries": p.stats["queries"], "prefix_prompt_tokens": p.stats["prompt_tokens"],
+                "prefix_hit_tokens": p.stats["hit_tokens"],
+                "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "preemptions": self.preemptions}
+
+
+def _free_device_bytes() -> int:
+    """Free memory of the first device (the host's available memory where a device reports
+    none, e.g. CPU)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+

@@ -26,6 +26,7 @@ from pallas_kernels import backend_available
 
 EXPERT_IMPLS = ("auto", "xla", "pallas", "cpu")
 PALLAS_BACKENDS = ("auto", "triton", "mosaic")
+PAGED_ATTENTION_IMPLS = ("auto", "xla", "pallas")
 
 # XLA:CPU runs a bf16 dot with fewer rows than this on a slow scalar path: such rows are padded.
 CPU_MIN_ROWS = 8
@@ -43,6 +44,8 @@ CPU_GEMV_MAX_ROWS_PER_EXPERT = 4
 CPU_KERNEL_MAX_ROWS_PER_EXPERT = 32
 # decode_attention (AVX-512): query heads per KV head and head width it takes.
 CPU_ATTENTION_MAX_GROUP, CPU_ATTENTION_MAX_HEAD_DIM = 16, 128
+# Keys per step of the XLA paged attention's online softmax (``ops.paged_kv``).
+PAGED_BLOCK_TOKENS = 256
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -65,11 +68,17 @@ class Ops:
     # except f32 for the gather path's matrix-vector products on CPU (XLA:CPU's bf16 matvec is
     # several times slower than f32; its bf16 GEMMs of >= 8 rows are twice as fast as f32 ones)
     xla_dtype: str | None = None
+    # attention through KV page tables (``ops.paged_kv``): "pallas" (the Pallas kernel reading
+    # the page ids in the kernel) or "xla" (an online softmax over gathered blocks of pages)
+    paged_attention: str = "xla"
 
     def __post_init__(self):
         if self.experts not in ("xla", "cpu_kernel", "pallas"):
             raise ValueError(f"experts implementation {self.experts!r} is not xla, cpu_kernel "
                              f"or pallas")
+        if self.paged_attention not in ("xla", "pallas"):
+            raise ValueError(f"paged attention implementation {self.paged_attention!r} is not "
+                             f"xla or pallas")
         if self.pallas_backend not in PALLAS_BACKENDS:
             raise ValueError(f"pallas backend {self.pallas_backend!r} is not one of "
                              f"{PALLAS_BACKENDS}")
@@ -168,8 +177,17 @@ class Ops:
             experts = " / ".join([*kernels, gather, loop])
         else:
             experts = f"{gather} / {loop}"
+        if self.paged_attention == "pallas":
+            paged = "pallas:triton" + (" interpret" if self.interpret else "") + \
+                " (page ids read in the kernel; sliding layers read their window's columns)"
+        else:
+            paged = (f"xla online softmax over gathered blocks of {PAGED_BLOCK_TOKENS} keys, "
+                     f"visible pages only" + (" (bf16 query rows padded to 8)" if cpu else ""))
+        writes = ("in-place page updates (dynamic-update-slice loop)" if cpu else "scatter") + \
+            ("; bf16 stored as uint16 bit patterns" if cpu else "")
         return {"platform": self.platform, "projection": proj, "unembedding": unembed,
-                "attention": attention, "kv_cache": cache, "experts": experts}
+                "attention": attention, "kv_cache": cache, "paged_attention": paged,
+                "paged_kv_writes": writes, "experts": experts}
 
 
 PORTABLE = Ops()  # plain XLA, no platform habit: the default of functions that take ``ops``
@@ -177,7 +195,8 @@ PORTABLE = Ops()  # plain XLA, no platform habit: the default of functions that 
 
 def resolve(*, platform: str | None = None, experts: str = "auto", use_cpu_kernels: bool = True,
             interpret: bool = False, pallas_backend: str = "auto",
-            xla_dtype: str | None = None, cpu_isa: str | None = None) -> Ops:
+            xla_dtype: str | None = None, cpu_isa: str | None = None,
+            paged_attention: str = "auto") -> Ops:
     """The :class:`Ops` for ``platform`` (default: JAX's default backend, read here once).
 
     On CPU the ISA-dispatched kernels' branch is decided here too, from the CPU's features
@@ -189,7 +208,12 @@ def resolve(*, platform: str | None = None, experts: str = "auto", use_cpu_kerne
     (``"cpu"`` raises here when the kernel cannot run). ``use_cpu_kernels=False`` keeps every op
     on XLA (the fallback a machine without AVX-512 runs). On CPU this builds the kernels
     (``cpu_kernels.available``: a compiler run the first time, cached on disk).
+    ``paged_attention``: ``"auto"`` (the Pallas kernel on GPU where Pallas' Triton backend
+    loads, XLA otherwise), ``"xla"`` or ``"pallas"`` (e.g. with ``interpret`` on CPU).
     """
+    if paged_attention not in PAGED_ATTENTION_IMPLS:
+        raise ValueError(f"paged attention impl {paged_attention!r} is not one of "
+                         f"{PAGED_ATTENTION_IMPLS}")
     if experts not in EXPERT_IMPLS:
         raise ValueError(f"moe impl {experts!r} is not one of {EXPERT_IMPLS}")
     platform = platform or jax.default_backend()
@@ -214,6 +238,8 @@ def resolve(*, platform: str | None = None, experts: str = "auto", use_cpu_kerne
     if cpu_isa is not None:
         cpu_kernels.isa.attribute(cpu_isa)  # a ValueError where this CPU cannot run it
     isa = (cpu_isa or cpu_kernels.isa.best()) if dispatched else None
+    if paged_attention == "auto":
+        paged_attention = "pallas" if platform == "gpu" and backend_available("triton") else "xla"
     return Ops(platform=platform, cpu_kernels=built, cpu_isa=isa, experts=impl,
                experts_kernel_max_rows=kernel_rows, pallas_backend=pallas_backend,
-               interpret=interpret, xla_dtype=xla_dtype)
+               interpret=interpret, xla_dtype=xla_dtype, paged_attention=paged_attention)

@@ -132,6 +132,7 @@ class ResponseRun:
         self.tool_output_tokens = 0
         self.container_id = container_id
         self.include = frozenset(req.include or ())
+        self.cached_tokens = 0  # prompt tokens served from the prefix cache (set by the job)
 
     def complete(self, incomplete: str | None = None) -> None:
         """The generation is over (call after the job's tokens were fed to ``tracker``):
@@ -157,7 +158,7 @@ class ResponseRun:
         if self.tool_output_tokens:
             details["tool_output_tokens"] = self.tool_output_tokens
         return {"input_tokens": inputs,
-                "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                "input_tokens_details": {"cached_tokens": self.cached_tokens, "cache_write_tokens": 0},
                 "output_tokens": t.output_tokens,
                 "output_tokens_details": details,
                 "total_tokens": inputs + t.output_tokens}

@@ -103,6 +103,7 @@ async def create_response(req: ResponsesRequest, request: Request):
         events = _stream(run, job, st, lambda: _save(st, run, messages, call_names))
         return SSEResponse(events, on_close=lambda: st.scheduler.cancel(job))
     await generation.collect(job, run.tracker, request, st.scheduler)
+    run.cached_tokens = job.cached_tokens
     run.complete()
     _save(st, run, messages, call_names)
     return JSONResponse(run.json())
@@ -139,6 +140,7 @@ async def _stream(run: ResponseRun, job: Job, st: ServerState, save):
         yield ev.event("error", code="server_error", message=run.error["message"], param=None)
         yield ev.response("response.failed")
         return
+    run.cached_tokens = job.cached_tokens
     run.complete()
     save()
     yield ev.response("response.incomplete" if run.status == "incomplete" else "response.completed")

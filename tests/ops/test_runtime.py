@@ -12,7 +12,8 @@ from gptoss_jax.ops import runtime
 from gptoss_jax.ops.runtime import Ops, resolve
 from pallas_kernels import backend_available
 
-OPS = ("platform", "projection", "unembedding", "attention", "kv_cache", "experts")
+OPS = ("platform", "projection", "unembedding", "attention", "kv_cache", "paged_attention",
+       "paged_kv_writes", "experts")
 
 
 def test_portable_default_has_no_platform_habit():
