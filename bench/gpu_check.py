@@ -398,8 +398,8 @@ def _run_depth(ctx: Ctx, config, layers: int, out: dict) -> None:
         for _ in range(s.decode_steps):
             eng.step()
         step_s = (time.perf_counter() - t) / s.decode_steps
-        for slot in slots:
-            eng.release(slot)
+        for seq_id in slots:
+            eng.cancel(seq_id)
         row = {"compile_s": compile_s, "decode_step_s": step_s, "kv_len": max_len,
                "decode_tokens_per_s": batch / step_s, "timing": "wall", "moe_runtime": runtime}
         if batch == 1:

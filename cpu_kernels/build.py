@@ -50,6 +50,18 @@ KERNELS = {
     "bf16_matvec": Kernel("bf16_matvec.cc", "GptossBf16Matvec", ("avx512f", "avx512bw", "fma")),
     "bf16_rows": Kernel("bf16_rows.cc", "GptossBf16Rows", ("avx512f", "avx512bw", "avx512_bf16"),
                         ("-mavx512bf16",)),
+    # ISA-dispatched (src/simd.h): every branch in one library built for baseline x86-64 + AVX2
+    # (-mno-avx512f undoes the AVX-512 default; the AVX-512 branches carry target pragmas), the
+    # branch passed by the caller (cpu_kernels.isa)
+    **{name: Kernel(f"{name}.cc", symbol, flags, ("-mno-avx512f",)) for name, symbol, flags in (
+        ("bf16_gemv", "GptossBf16Gemv", ("avx2", "fma")),
+        ("bf16_vecmat", "GptossBf16Vecmat", ("avx2", "fma")),
+        ("mxfp4_gemv", "GptossMxfp4Gemv", ("avx2", "fma")),
+        ("expert_mlp", "GptossExpertMlp", ("avx2", "fma")),
+        ("stream_read", "GptossStreamRead", ("avx2", "fma")),
+        ("decode_attention", "GptossDecodeAttention",
+         ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma")),
+    )},
 }
 
 

@@ -1,71 +1,78 @@
-"""Jit-compiled generation with a KV cache: a slot engine, ``generate`` and ``generate_stream``.
+"""The serving engine: continuous batching over a paged KV cache with prefix caching.
 
-The :class:`Engine` owns a batch of ``max_batch`` slots, each with its own KV cache rows
-(sliding layers: a ring buffer of ``sliding_window`` entries; full layers: ``max_len``), next
-position, last token, and sampler row (:class:`~gptoss_jax.inference.sampler_state.SamplerState`:
-seed key, settings, penalty history). Two compiled functions do all the work:
+:class:`Engine` takes requests (:meth:`Engine.submit`: a prompt, its sampling settings, a token
+budget, stop tokens) and advances all of them one model step at a time (:meth:`Engine.step`).
+Its parts, one concern each:
 
-* ``prefill`` — prompts padded to a length bucket (powers of two), run into fresh cache rows that
-  are scattered into their slots; samples each sequence's first new token. Sequences admitted
-  together with the same prompt (the ``n`` choices of one request) share one prefill row: the
-  prompt runs once and its cache rows are copied into each of their slots inside the executable.
-  Compiled once per (prompts, sequences, bucket, sample mode).
-* ``decode`` — one token for every slot at once (idle slots compute but write nothing). Compiled
-  once per sample mode; the cache and state buffers are donated, so the step updates them in
-  place.
+* pages (``kv_pages.KVPages``): one pool of fixed-size pages shared by every sequence and by
+  the full and sliding layer groups, per-sequence page tables, and the prefix cache: a new
+  request reuses every cached page of its longest cached prefix (shared, copy-free: ``n > 1``,
+  multi-turn conversations and tool loops re-send a prefix whose KV is already there) and
+  prefills only the rest;
+* scheduling (``kv_schedule.Scheduler``): each step decodes every running sequence, continues
+  chunked prefills and admits waiting requests within a prefill token budget; a request waits
+  while the pool is short, and a running one may be preempted and later recomputed (its output
+  continues identically); one that could never fit raises :class:`CapacityError` at submit;
+* the device step (``engine_steps``): rows of tokens through the model reading and writing the
+  pages through their tables inside the compiled step (no per-step copy of the cache; fixed
+  table shapes and power-of-two row and length buckets, so nothing recompiles per request);
+  compiled with every state sharding pinned (``engine_state``), on any mesh;
+* sampling (``sampling.sample_step`` inside the step): every per-row setting is a host input
+  of the step, the penalties' history included (a :class:`Generation` keeps its distinct
+  prompt tokens and counts its output on the host; ``sampler_state.from_inputs`` rebuilds the
+  dense counts on the device only when some row has a penalty), so nothing about sampling
+  lives on the device between steps and a multi-host follower needs nothing but the inputs.
+  Logprobs come back for every row of a step where some sequence asked (the static
+  ``SampleMode.logprobs``; a step without them compiles and costs as before), and are kept
+  per token on that sequence (``Generation.logprobs``, ``StepEvent.logprob``);
+* ``n`` samples of one prompt: submit the copies together; the first prefills the prompt, the
+  others wait for it and reuse its pages from the prefix cache (``kv_schedule`` defers a
+  request whose prefix is being prefilled), prefilling only the last, partial page;
+* multi-host (``channel``): the leader sends each step's inputs to the followers before running
+  it (``inference.multihost``), so every process runs the same steps on one sharded model.
 
-Both sample through :func:`~gptoss_jax.inference.sampling.sample_step` (the one sampling entry:
-penalties, logit bias, filters, the draw, logprobs). Its :class:`SampleMode` is static, so a
-batch without extras or logprobs compiles to the plain sampler; logprobs (the raw log-softmax,
-the sampled token's and the top 20) come back for all slots at once and are copied to the host
-only when some sequence asked for them. A request's seed gives the same tokens whatever else is
-in the batch (row ``b`` draws with ``fold_in(key(seed_b), step_b)``).
-
-The host loop checks stop tokens and budgets per slot; new sequences join between steps
-(continuous batching: the server drives the same engine).
+Not thread-safe: one driver at a time (the server's scheduler thread, or ``api.generate``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import time
+import itertools
+import os
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from gptoss_jax.inference.logprobs import RowLogprob, StepLogprobs
-from gptoss_jax.inference.sampler_state import (
-    MAX_BIAS,
-    MAX_STOPS,
-    SamplerState,
-    advance,
-    init_state,
-    new_rows,
-    scatter_rows,
+from gptoss_jax.inference import engine_state
+from gptoss_jax.inference.engine_steps import Executables
+from gptoss_jax.inference.kv_pages import (
+    CapacityError,
+    KVPages,
+    pool_pages_for_bytes,
+    pool_pages_for_tokens,
 )
-from gptoss_jax.inference.sampling import SampleMode, SamplingParams, row_settings, sample_step, seed_keys
-from gptoss_jax.model import kv_cache
-from gptoss_jax.model import transformer as M
-from gptoss_jax.model.sharding import cache_shardings
+from gptoss_jax.inference.kv_schedule import Chunk, Plan, Request, Scheduler
+from gptoss_jax.inference.logprobs import RowLogprob, StepLogprobs
+from gptoss_jax.inference.multihost import PeerLost
+from gptoss_jax.inference.sampler_state import MAX_BIAS, MAX_STOPS
+from gptoss_jax.inference.sampling import SampleMode, SamplingParams, row_settings
+from gptoss_jax.model.kv_cache import paged_layout
+
+__all__ = ["CapacityError", "Engine", "Generation", "StepEvent", "bucket", "default_stop_tokens"]
 
 MIN_BUCKET = 16
 HARMONY_STOPS = (200002, 200012, 199999)  # <|return|>, <|call|>, <|endoftext|>
-
-
-class Slots(NamedTuple):
-    """Per-slot decode state (a pytree; lives on device)."""
-    cache: list  # list[kv_cache.LayerCache], batch axis = slot
-    pos: jax.Array  # [B] int32 position of the next token to feed, -1 = idle slot
-    token: jax.Array  # [B] int32 last sampled token (the next one to feed)
-    sampler: SamplerState  # [B] rows: seed keys, step counts, settings, penalty history
+_ids = itertools.count(1)
 
 
 def bucket(n: int) -> int:
     return max(MIN_BUCKET, 1 << (max(n, 1) - 1).bit_length())
+
+
+def _pow2(n: int) -> int:
+    return 1 << (max(n, 1) - 1).bit_length()
 
 
 def default_stop_tokens(config) -> tuple[int, ...]:
@@ -73,208 +80,418 @@ def default_stop_tokens(config) -> tuple[int, ...]:
     return tuple(sorted(t for t in stops if 0 <= t < config.vocab_size))
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4, 5), donate_argnums=(1,))
-def _prefill(params, slots: Slots, batch, config, runtime, mode: SampleMode):
-    """Run the prompts into fresh cache rows, copy them into the slots of their sequences
-    (``batch['src']``: each sequence's prompt row; ``batch['slot']``: its slot), sample token 1."""
-    tokens, lengths = batch["tokens"], batch["lengths"]  # [p, t], [p]: the distinct prompts
-    src, slot_ids = batch["src"], batch["slot"]  # [n]: one entry per sequence
-    p, t = tokens.shape
-    max_len = max(c.pos.shape[1] for c in slots.cache)  # the engine's full-layer length
-    fresh = kv_cache.init_cache(config, p, max_len, slots.cache[0].dtype, runtime.ops)
-    pos = M.positions_from_lengths(tokens, lengths)
-    x, fresh = M.hidden_states(params, tokens, pos, config, cache=fresh, rt=runtime, fresh=True)
-    last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [p, d]
-    logits = M.unembed(params, last, runtime)[src]  # [n, v]: the choices of a prompt share its logits
-    rows = new_rows(batch["rows"], batch["keys"], tokens[src], lengths[src], config.vocab_size,
-                    history=mode.history)
-    first, lp = sample_step(logits, rows, mode)
-    rows = advance(rows, first, jnp.ones(first.shape, bool), history=mode.history)
-    rows_of = [jax.tree.map(lambda a: a[src], f) for f in fresh]  # a prompt's rows, once per sequence
-    s = slots._replace(cache=kv_cache.put_rows(slots.cache, slot_ids, rows_of),
-                       pos=slots.pos.at[slot_ids].set(lengths[src]),
-                       token=slots.token.at[slot_ids].set(first),
-                       sampler=scatter_rows(slots.sampler, slot_ids, rows))
-    return s, first, lp
-
-
-@functools.partial(jax.jit, static_argnums=(2, 3, 4), donate_argnums=(1,))
-def _decode(params, slots: Slots, config, runtime, mode: SampleMode):
-    """Feed every slot's last token, return the next one for each slot (and its logprobs)."""
-    pos = slots.pos[:, None]
-    x, cache = M.hidden_states(params, slots.token[:, None], pos, config, cache=slots.cache,
-                               rt=runtime)
-    logits = M.unembed(params, x[:, 0], runtime)
-    nxt, lp = sample_step(logits, slots.sampler, mode)
-    active = slots.pos >= 0
-    nxt = jnp.where(active, nxt, 0)
-    return slots._replace(cache=cache, pos=jnp.where(active, slots.pos + 1, -1), token=nxt,
-                          sampler=advance(slots.sampler, nxt, active, history=mode.history)), nxt, lp
-
-
-@dataclasses.dataclass
-class SlotSequence:
-    """What the engine knows about the sequence in one slot."""
-    prompt: list[int]
+@dataclasses.dataclass(eq=False)
+class Generation:
+    """What the engine knows about one submitted sequence."""
+    request: Request  # prompt, output so far, cached tokens, preemptions (kv_schedule)
     sampling: SamplingParams
-    max_new_tokens: int
     stop_tokens: frozenset
-    tokens: list[int] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
     logprobs: list[RowLogprob] = dataclasses.field(default_factory=list)  # per token, if asked
-    finish_reason: str | None = None
-    cached_tokens: int = 0  # prompt tokens served from a cache (none: every prompt is prefilled)
+    _prompt_ids: np.ndarray | None = None  # the prompt's distinct tokens (for repetition_penalty)
+
+    @property
+    def id(self) -> int:
+        return self.request.id
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.request.prompt
+
+    @property
+    def tokens(self) -> list[int]:
+        """The generated tokens so far."""
+        return self.request.output
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens whose KV came from the prefix cache (0 until admitted)."""
+        return self.request.cached_tokens or 0
+
+    @property
+    def prompt_ids(self) -> np.ndarray:
+        if self._prompt_ids is None:
+            self._prompt_ids = np.unique(np.asarray(self.prompt, np.int32))
+        return self._prompt_ids
+
+    def output_counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """The output's distinct tokens and how often each occurred."""
+        return np.unique(np.asarray(self.tokens, np.int32), return_counts=True)
+
+
+class StepEvent(NamedTuple):
+    id: int  # the sequence (``Engine.submit``'s return value)
+    token: int
+    finish_reason: str | None  # set on the sequence's last token: "stop" | "length"
+    cached_tokens: int  # prompt tokens served from the prefix cache
+    logprob: RowLogprob | None = None  # the token's, when the sequence asked for logprobs
 
 
 class Engine:
-    """A fixed set of decode slots over one model. Not thread-safe: one driver at a time."""
+    """Continuous batching over one model (see the module docstring).
 
-    def __init__(self, model, *, max_batch: int = 8, max_len: int = 4096):
+    ``max_batch`` sequences run at once; each holds at most ``max_len`` tokens (prompt +
+    output). The KV pool holds ``kv_cache_tokens`` token positions, or ``kv_cache_memory`` (a
+    fraction of the free device memory), or by default enough for ``max_batch`` sequences of
+    ``max_len`` tokens. Prefill runs in chunks of at most ``prefill_tokens`` tokens per step, at
+    most ``max_prefill_rows`` chunks per call. ``prefix_caching=False`` turns reuse off.
+    """
+
+    def __init__(self, model, *, max_batch: int = 8, max_len: int = 4096,
+                 kv_cache_tokens: int | None = None, kv_cache_memory: float | None = None,
+                 page_size: int = 16, prefill_tokens: int = 512, max_prefill_rows: int = 8,
+                 prefix_caching: bool = True, channel=None):
         c = model.config
         if max_len > c.max_position_embeddings:
             raise ValueError(f"max_len {max_len} exceeds the model's context "
                              f"{c.max_position_embeddings}")
+        for name, value in (("max_batch", max_batch), ("max_len", max_len),
+                            ("page_size", page_size), ("prefill_tokens", prefill_tokens),
+                            ("max_prefill_rows", max_prefill_rows)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if kv_cache_tokens is not None and kv_cache_memory is not None:
+            raise ValueError("give kv_cache_tokens or kv_cache_memory, not both")
         self.model, self.config, self.max_batch, self.max_len = model, c, max_batch, max_len
-        dtype = model.params["embed"].dtype
-        cache = kv_cache.init_cache(c, max_batch, max_len, dtype, model.runtime.ops)
-        mesh = model.runtime.mesh
-        if mesh is not None:  # kv heads on the tensor axis, slots on the data axis
-            cache = jax.device_put(cache, cache_shardings(c, mesh, max_batch, max_len))
-        self.slots = Slots(
-            cache=cache,
-            pos=jnp.full((max_batch,), -1, jnp.int32), token=jnp.zeros((max_batch,), jnp.int32),
-            sampler=init_state(max_batch, c.vocab_size, max_stops=MAX_STOPS, max_bias=MAX_BIAS))
-        self.seqs: dict[int, SlotSequence] = {}
-        self.batch_sizes: list[int] = []  # active slots per decode step (for reports)
-        self.compiled: dict[tuple, object] = {}  # AOT executables, one per shape bucket
-        self.compile_s = 0.0  # time spent compiling so far (reported apart from run time)
+        self.mesh = model.runtime.mesh
+        self.max_prefill_rows = _pow2(max_prefill_rows)
+        layout = paged_layout(c)
+        kw = dict(page_size=page_size, max_pages_per_seq=-(-max_len // page_size),
+                  windows=layout.windows, prefix_caching=prefix_caching)
+        pages = self._pool_pages(KVPages(num_pages=1, **kw), layout, kv_cache_tokens,
+                                 kv_cache_memory, prefill_tokens)
+        if channel is not None:  # every process must build the same pool (free memory differs)
+            pages = channel.agree(pages)
+        self._pages_kw, self._prefill_tokens = dict(kw, num_pages=pages), prefill_tokens
+        self._reset()
+        self.executables = Executables(model, self.mesh)
+        self.channel = channel
+        self.seqs: dict[int, Generation] = {}  # submitted and not finished
+        self.batch_sizes: list[int] = []  # sequences per decode step (for reports)
+        self.preemptions = 0  # running sequences sent back to the queue (recomputed later)
+        self._backlog: list[StepEvent] = []  # events sampled during add(), not yet returned
+        self._ran: set = set()  # step shapes run at least once (multi-host timeouts)
 
-    def _executable(self, key: tuple, fn, *args):
-        """Compile ``fn`` for these argument shapes once (ahead of time) and reuse it."""
-        exe = self.compiled.get(key)
-        if exe is None:
-            t0 = time.perf_counter()
-            exe = fn.lower(*args).compile()
-            self.compile_s += time.perf_counter() - t0
-            self.compiled[key] = exe
-        return exe
+    def _reset(self) -> None:
+        """Empty pages, scheduler and device state (at start, and after a failed step)."""
+        self.pages = KVPages(**self._pages_kw)
+        self.scheduler = Scheduler(self.pages, max_running=self.max_batch,
+                                   prefill_tokens=self._prefill_tokens)
+        self.state = engine_state.make_state(self.config, self.pages.pool_pages,
+                                             self.pages.page_size, self.model.dtype,
+                                             self.model.runtime.ops, self.mesh)
 
-    def compile(self, prompt_len: int, num_prompts: int = 1,
-                sampling: SamplingParams | None = None) -> float:
-        """Compile prefill for this prompt bucket and the decode step ahead of time; returns seconds."""
-        before = self.compile_s
-        t = min(bucket(prompt_len), self.max_len)
-        samplings = [sampling or SamplingParams()] * num_prompts
-        prompts = [[i] * t for i in range(num_prompts)]  # distinct: one prefill row each
-        batch = self._batch(prompts, samplings, [()] * num_prompts, list(range(num_prompts)))
-        mode = SampleMode.of(samplings, self.config.vocab_size)
-        self._executable(self._prefill_key(batch, mode), _prefill, self.model.params, self.slots,
-                         batch, self.config, self.model.runtime, mode)
-        self._executable(("decode", mode), _decode, self.model.params, self.slots, self.config,
-                         self.model.runtime, mode)
-        return self.compile_s - before
+    def recover(self) -> None:
+        """After a step failed: end every sequence, and start from an empty cache if the
+        failure took the device state with it (its buffers are donated to each step)."""
+        for seq_id in list(self.seqs):
+            self.cancel(seq_id)
+        if any(a.is_deleted() for a in jax.tree.leaves(self.state)):
+            self._reset()
 
-    # -- slots ---------------------------------------------------------------------------------
+    def _pool_pages(self, probe: KVPages, layout, tokens, memory, prefill_tokens) -> int:
+        if tokens is not None:
+            if tokens < 1:
+                raise ValueError(f"kv_cache_tokens must be >= 1, got {tokens}")
+            return pool_pages_for_tokens(tokens, probe.page_size)
+        if memory is None:
+            return self.max_batch * probe.peak_pages(self.max_len, prefill_tokens)
+        if not 0 < memory < 1:
+            raise ValueError(f"kv_cache_memory must be a fraction in (0, 1), got {memory}")
+        c = self.config
+        tensor = 1 if self.mesh is None else int(self.mesh.shape.get("tensor", 1))
+        return pool_pages_for_bytes(
+            int(memory * _free_device_bytes()), page_size=probe.page_size,
+            layers_per_group=layout.arrays, kv_heads=c.num_key_value_heads // tensor,
+            head_dim=c.head_dim, itemsize=np.dtype(self.model.dtype).itemsize)
+
+    # -- requests ------------------------------------------------------------------------------
     @property
-    def free_slots(self) -> list[int]:
-        return [i for i in range(self.max_batch) if i not in self.seqs]
+    def compile_s(self) -> float:
+        return self.executables.compile_s
 
-    def check_prompt(self, prompt: Sequence[int], max_new_tokens: int) -> None:
+    @property
+    def idle(self) -> bool:
+        return self.scheduler.idle and not self._backlog
+
+    def check(self, prompt: Sequence[int], max_new_tokens: int) -> None:
+        """Raise ``ValueError`` (:class:`CapacityError` for one that can never fit) unless a
+        request of ``prompt`` and ``max_new_tokens`` can run here."""
         if not len(prompt):
             raise ValueError("empty prompt")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} outside the vocabulary (size {self.config.vocab_size})")
         if len(prompt) + max_new_tokens > self.max_len:
-            raise ValueError(f"prompt of {len(prompt)} tokens + max_new_tokens {max_new_tokens} "
-                             f"exceeds the context of {self.max_len} tokens")
+            raise CapacityError(f"prompt of {len(prompt)} tokens + max_new_tokens {max_new_tokens} "
+                                f"exceeds the context of {self.max_len} tokens")
+        self.pages.check_fits(len(prompt) + max_new_tokens, self.scheduler.prefill_tokens)
+
+    def _check_sampling(self, sampling: SamplingParams | None, stop_tokens) -> None:
+        """Raise ``ValueError`` unless ``sampling``'s extras fit this engine's row tables."""
+        stops = default_stop_tokens(self.config) if stop_tokens is None else stop_tokens
+        row_settings([sampling or SamplingParams()], [stops], vocab_size=self.config.vocab_size,
+                     max_stops=MAX_STOPS, max_bias=MAX_BIAS)
+
+    def submit(self, prompt: Sequence[int], sampling: SamplingParams | None = None,
+               max_new_tokens: int = 256, stop_tokens: Iterable[int] | None = None, *,
+               salt: bytes = b"") -> int:
+        """Queue a sequence; returns its id (the ``id`` of its :class:`StepEvent` s). ``salt``
+        separates prefix caches whose KV differs for the same tokens. Raises ``ValueError`` /
+        :class:`CapacityError` (see :meth:`check`; also for ``logit_bias`` outside the
+        vocabulary or over :data:`MAX_BIAS` entries, or ``min_tokens`` with over
+        :data:`MAX_STOPS` stop tokens)."""
+        prompt = [int(t) for t in prompt]
+        self.check(prompt, max_new_tokens)
+        stops = default_stop_tokens(self.config) if stop_tokens is None else stop_tokens
+        sampling = sampling or SamplingParams()
+        self._check_sampling(sampling, stops)
+        req = Request(next(_ids), prompt, int(max_new_tokens), salt=salt)
+        self.scheduler.submit(req)
+        self.seqs[req.id] = Generation(req, sampling, frozenset(stops))
+        return req.id
 
     def add(self, prompts: Sequence[Sequence[int]], samplings: Sequence[SamplingParams],
             max_new_tokens: Sequence[int], stop_tokens: Sequence[Iterable[int]]) -> list[tuple[int, int]]:
-        """Prefill sequences into free slots; returns (slot, first token) per sequence.
+        """Submit sequences and step until each has sampled its first token (a synchronous
+        prefill, for benchmarks and simple drivers); returns ``(id, first token)`` per sequence.
+        Tokens other sequences sample meanwhile come from the next :meth:`step`. Nothing is
+        submitted if one of them is refused (``ValueError``)."""
+        for p, s, m, st in zip(prompts, samplings, max_new_tokens, stop_tokens):
+            self.check(p, m)
+            self._check_sampling(s, st)
+        ids = [self.submit(p, s, m, st) for p, s, m, st in zip(prompts, samplings,
+                                                                max_new_tokens, stop_tokens)]
+        first: dict[int, int] = {}
+        while len(first) < len(ids):
+            for ev in self._step():
+                if ev.id in ids and ev.id not in first:
+                    first[ev.id] = ev.token
+                else:
+                    self._backlog.append(ev)
+        return [(i, first[i]) for i in ids]
 
-        Sequences with equal prompts (the ``n`` choices of one request, each with its own
-        sampling settings, e.g. ``SamplingParams.for_choice``) share one prefill row. Raises
-        ``ValueError`` for a prompt or setting that cannot run (nothing is admitted then)."""
-        free = self.free_slots
-        if len(prompts) > len(free):
-            raise RuntimeError(f"{len(prompts)} prompts but only {len(free)} free slots")
-        for p, m in zip(prompts, max_new_tokens):
-            self.check_prompt(p, m)
-        slot_ids = free[:len(prompts)]
-        batch = self._batch(prompts, samplings, stop_tokens, slot_ids)
-        mode = SampleMode.of(samplings, self.config.vocab_size)
-        exe = self._executable(self._prefill_key(batch, mode), _prefill, self.model.params,
-                               self.slots, batch, self.config, self.model.runtime, mode)
-        self.slots, first, lp = exe(self.model.params, self.slots, batch)
-        first, lp = np.asarray(first), self._host_logprobs(lp)
-        out = []
-        for i, (slot, p, s, m, st) in enumerate(zip(slot_ids, prompts, samplings, max_new_tokens,
-                                                    stop_tokens)):
-            self.seqs[slot] = SlotSequence(list(p), s, m, frozenset(st))
-            self._record(slot, int(first[i]), lp, i)
-            out.append((slot, int(first[i])))
-        return out
+    def cancel(self, seq_id: int) -> Generation | None:
+        """Stop a sequence (waiting or running); its pages are released at once."""
+        gen = self.seqs.pop(seq_id, None)
+        if gen is not None:
+            self.scheduler.finish(seq_id)
+            gen.finish_reason = gen.finish_reason or "cancelled"
+        return gen
 
-    @staticmethod
-    def _prefill_key(batch: dict, mode: SampleMode) -> tuple:
-        return ("prefill", *batch["tokens"].shape, batch["src"].shape[0], mode)
+    # -- one step ------------------------------------------------------------------------------
+    def step(self) -> list[StepEvent]:
+        """One model step for every running sequence (decode, or the next prefill chunk) and
+        the admission of waiting ones; returns the tokens sampled (a sequence whose prefill is
+        not done yet samples none)."""
+        backlog, self._backlog = self._backlog, []
+        return backlog + self._step()
 
-    def _batch(self, prompts, samplings, stop_tokens, slot_ids) -> dict:
-        """Host arrays of a prefill: the distinct prompts, padded to a bucket, and per sequence
-        its prompt row, slot, sampler settings and seed key."""
-        rows: dict[tuple, int] = {}
-        src = [rows.setdefault(tuple(p), len(rows)) for p in prompts]
-        distinct = list(rows)
-        t = min(bucket(max(len(p) for p in distinct)), self.max_len)
-        tokens = np.zeros((len(distinct), t), np.int32)
-        for i, p in enumerate(distinct):
-            tokens[i, :len(p)] = p
-        settings = row_settings(samplings, stop_tokens, vocab_size=self.config.vocab_size,
-                                max_stops=MAX_STOPS, max_bias=MAX_BIAS)
-        return {"tokens": tokens, "lengths": np.asarray([len(p) for p in distinct], np.int32),
-                "src": np.asarray(src, np.int32), "slot": np.asarray(slot_ids, np.int32),
-                "rows": settings, "keys": seed_keys([s.seed for s in samplings])}
+    def _step(self) -> list[StepEvent]:
+        plan = self.scheduler.plan()
+        self.preemptions += len(plan.preempted)
+        sampled: dict[int, int] = {}
+        logprobs: dict[int, RowLogprob] = {}
+        for chunks in self._prefill_calls(plan.prefill):
+            reqs = [c.request for c in chunks]
+            tokens, lp = self._run(self._prefill_inputs(chunks), reqs)
+            rows = [(i, c.request) for i, c in enumerate(chunks) if c.samples]
+            sampled.update((r.id, int(tokens[i])) for i, r in rows)
+            self._keep_logprobs(logprobs, lp, rows)
+        if plan.decode:
+            tokens, lp = self._run(self._decode_inputs(plan.decode), plan.decode)
+            sampled.update((r.id, int(tokens[r.slot])) for r in plan.decode)
+            self._keep_logprobs(logprobs, lp, [(r.slot, r) for r in plan.decode])
+            self.batch_sizes.append(len(plan.decode))
+        return self._complete(plan, sampled, logprobs)
 
-    @staticmethod
-    def _host_logprobs(lp: StepLogprobs | None) -> StepLogprobs | None:
-        """The step's logprobs on the host (only a step where some sequence asked has any)."""
-        return None if lp is None else StepLogprobs(*(np.asarray(a) for a in lp))
+    def _keep_logprobs(self, out: dict, lp: StepLogprobs | None, rows) -> None:
+        """The logprobs of the ``(row, request)`` pairs that asked for them, from a step's."""
+        if lp is None:
+            return
+        for i, r in rows:
+            k = self.seqs[r.id].sampling.logprobs
+            if k is not None:
+                out[r.id] = RowLogprob(float(lp.chosen[i]), tuple(lp.top_ids[i, :k].tolist()),
+                                       tuple(lp.top_logprobs[i, :k].tolist()))
 
-    def _record(self, slot: int, token: int, lp: StepLogprobs | None = None, row: int | None = None) -> None:
-        seq = self.seqs[slot]
-        seq.tokens.append(token)
-        k = seq.sampling.logprobs
-        if k is not None and lp is not None:
-            r = slot if row is None else row
-            seq.logprobs.append(RowLogprob(float(lp.chosen[r]), tuple(lp.top_ids[r, :k].tolist()),
-                                           tuple(lp.top_logprobs[r, :k].tolist())))
-        if token in seq.stop_tokens:
-            seq.finish_reason = "stop"
-        elif len(seq.tokens) >= seq.max_new_tokens:
-            seq.finish_reason = "length"
+    def _complete(self, plan: Plan, sampled: dict[int, int],
+                  logprobs: dict[int, RowLogprob]) -> list[StepEvent]:
+        self.scheduler.complete(plan, sampled)
+        events = []
+        for seq_id, token in sampled.items():
+            gen = self.seqs[seq_id]
+            logprob = logprobs.get(seq_id)
+            if logprob is not None:
+                gen.logprobs.append(logprob)
+            if token in gen.stop_tokens:
+                gen.finish_reason = "stop"
+            elif len(gen.tokens) >= gen.request.max_new_tokens:
+                gen.finish_reason = "length"
+            if gen.finish_reason:
+                self.scheduler.finish(seq_id)  # a no-op when the budget already ended it
+                del self.seqs[seq_id]
+            events.append(StepEvent(seq_id, token, gen.finish_reason, gen.cached_tokens, logprob))
+        return events
 
-    def release(self, slot: int) -> SlotSequence | None:
-        """Free a slot (finished, or its client went away)."""
-        seq = self.seqs.pop(slot, None)
-        if seq is not None:
-            self.slots = self.slots._replace(pos=self.slots.pos.at[slot].set(-1))
-        return seq
+    def _prefill_calls(self, chunks: list[Chunk]) -> list[list[Chunk]]:
+        """Chunks grouped by length bucket, at most ``max_prefill_rows`` per call."""
+        by_len: dict[int, list[Chunk]] = {}
+        for c in chunks:
+            by_len.setdefault(bucket(c.end - c.start), []).append(c)
+        return [group[i:i + self.max_prefill_rows] for group in by_len.values()
+                for i in range(0, len(group), self.max_prefill_rows)]
 
-    def step(self) -> list[tuple[int, int]]:
-        """One decode step for every unfinished slot; returns (slot, token) pairs."""
-        for slot in [s for s, q in self.seqs.items() if q.finish_reason]:
-            self.release(slot)
-        if not self.seqs:
-            return []
-        mode = SampleMode.of([q.sampling for q in self.seqs.values()], self.config.vocab_size)
-        exe = self._executable(("decode", mode), _decode, self.model.params, self.slots,
-                               self.config, self.model.runtime, mode)
-        self.slots, nxt, lp = exe(self.model.params, self.slots)
-        nxt, lp = np.asarray(nxt), self._host_logprobs(lp)
-        self.batch_sizes.append(len(self.seqs))
-        out = []
-        for slot in list(self.seqs):
-            tok = int(nxt[slot])
-            self._record(slot, tok, lp)
-            out.append((slot, tok))
-        return out
+    def _mode(self, reqs: list[Request]) -> SampleMode:
+        return SampleMode.of([self.seqs[r.id].sampling for r in reqs], self.config.vocab_size)
+
+    def _widths(self, mode: SampleMode, reqs: list[Request] = ()) -> dict:
+        """Widths of the extras' tables in a step of ``reqs`` (0 where no row needs one; the
+        history's rounded up to a :func:`bucket`, so few shapes compile)."""
+        out = prompt = 0
+        if mode.history:
+            gens = [self.seqs[r.id] for r in reqs]
+            out = bucket(max((len(set(g.tokens)) for g in gens), default=0))
+            if mode.repetition:
+                prompt = bucket(max((len(g.prompt_ids) for g in gens), default=0))
+        return {"stops": MAX_STOPS if mode.min_tokens else 0, "bias": mode.bias_width,
+                "out": out, "prompt": prompt}
+
+    def _rows(self, rows: int, length: int, widths: dict) -> dict:
+        """Host inputs of ``rows`` idle rows of ``length`` tokens, the extras' tables
+        ``widths`` wide (see ``engine_state.STEP_INPUT_AXES``)."""
+        g, cols = len(self.pages.windows), self.pages.max_pages
+        table = lambda name, fill=-1, dt=np.int32: np.full((rows, widths[name]), fill, dt)
+        return {"tokens": np.zeros((rows, length), np.int32),
+                "pos": np.full((rows, length), -1, np.int32),
+                "last": np.zeros((rows,), np.int32),
+                "tables": np.full((g, rows, cols), self.pages.null_page, np.int32),
+                "temperature": np.zeros((rows,), np.float32),
+                "top_k": np.zeros((rows,), np.int32), "top_p": np.ones((rows,), np.float32),
+                "min_p": np.zeros((rows,), np.float32),
+                "seed_lo": np.zeros((rows,), np.uint32), "seed_hi": np.zeros((rows,), np.uint32),
+                "step": np.zeros((rows,), np.int32),
+                "presence": np.zeros((rows,), np.float32), "frequency": np.zeros((rows,), np.float32),
+                "repetition": np.ones((rows,), np.float32), "min_tokens": np.zeros((rows,), np.int32),
+                "stop_ids": table("stops"), "bias_ids": table("bias"),
+                "bias": table("bias", 0, np.float32), "out_ids": table("out"),
+                "out_counts": table("out", 0), "prompt_ids": table("prompt")}
+
+    def _set_row(self, x: dict, row: int, req: Request, start: int, end: int) -> None:
+        """Row ``row`` computes ``req.tokens[start:end]`` and samples with ``req``'s settings."""
+        n = end - start
+        x["tokens"][row, :n] = req.tokens[start:end]
+        x["pos"][row, :n] = np.arange(start, end)
+        x["last"][row] = n - 1
+        x["tables"][:, row] = self.pages.table(req.id)
+        s = self.seqs[req.id].sampling
+        seed = int(s.seed) % (1 << 64)
+        x["temperature"][row], x["top_p"][row], x["min_p"][row] = s.temperature, s.top_p, s.min_p
+        x["top_k"][row] = min(s.top_k, self.config.vocab_size)
+        x["seed_lo"][row], x["seed_hi"][row] = seed & 0xFFFFFFFF, seed >> 32
+        x["step"][row] = len(req.output)
+        x["presence"][row], x["frequency"][row] = s.presence_penalty, s.frequency_penalty
+        x["repetition"][row], x["min_tokens"][row] = s.repetition_penalty, s.min_tokens
+        gen = self.seqs[req.id]
+        if x["stop_ids"].shape[1] and s.min_tokens:
+            stops = sorted(t for t in gen.stop_tokens if 0 <= t < self.config.vocab_size)
+            x["stop_ids"][row, :len(stops)] = stops
+        for j, (t, b) in enumerate(s.logit_bias[:x["bias"].shape[1]]):
+            x["bias_ids"][row, j], x["bias"][row, j] = t, b
+        if x["out_ids"].shape[1] and (s.presence_penalty or s.frequency_penalty
+                                      or s.repetition_penalty != 1):
+            ids, counts = gen.output_counts()
+            x["out_ids"][row, :len(ids)], x["out_counts"][row, :len(ids)] = ids, counts
+            if x["prompt_ids"].shape[1]:
+                x["prompt_ids"][row, :len(gen.prompt_ids)] = gen.prompt_ids
+
+    def _prefill_inputs(self, chunks: list[Chunk]) -> dict:
+        reqs = [c.request for c in chunks]
+        x = self._rows(_pow2(len(chunks)), bucket(max(c.end - c.start for c in chunks)),
+                       self._widths(self._mode(reqs), reqs))
+        for i, c in enumerate(chunks):
+            self._set_row(x, i, c.request, c.start, c.end)
+        return x
+
+    def _decode_inputs(self, reqs: list[Request]) -> dict:
+        x = self._rows(self.max_batch, 1, self._widths(self._mode(reqs), reqs))
+        for r in reqs:
+            self._set_row(x, r.slot, r, len(r.tokens) - 1, len(r.tokens))
+        return x
+
+    def _run(self, inputs: dict, reqs: list[Request]) -> tuple[np.ndarray, StepLogprobs | None]:
+        mode = self._mode(reqs)
+        if self.channel is None:
+            self.state, tokens, lp = self.executables.run(self.state, inputs, mode)
+            return tokens, lp
+        self.channel.send(mode, inputs)
+        return self._run_guarded(mode, inputs)
+
+    def _run_guarded(self, mode: SampleMode, inputs: dict) -> tuple[np.ndarray, StepLogprobs | None]:
+        """A multi-host step: its collectives wait on the other processes, so it runs under the
+        channel's watchdog, and a failure is a lost process (``multihost.PeerLost``)."""
+        key = self.executables.key(self.state, inputs, mode)
+        # the first run of a shape waits for every process to compile it
+        self.channel.guard(key not in self._ran, "a model step")
+        self._ran.add(key)
+        try:
+            self.state, tokens, lp = self.executables.run(self.state, inputs, mode)
+        except Exception as e:
+            raise PeerLost(f"a model step failed: {e}") from e
+        finally:
+            self.channel.done()
+        return tokens, lp
+
+    # -- warm-up, followers, reports ----------------------------------------------------------
+    def compile(self, prompt_len: int, num_prompts: int = 1,
+                sampling: SamplingParams | None = None) -> float:
+        """Compile the prefill step for this prompt length (its first chunk) and the decode
+        step ahead of time; returns the seconds it took."""
+        before = self.compile_s
+        mode = SampleMode.of([sampling or SamplingParams()], self.config.vocab_size)
+        length = bucket(min(prompt_len, self.scheduler.prefill_tokens))
+        rows = min(_pow2(num_prompts), self.max_prefill_rows)
+        widths = self._widths(mode)
+        self.executables.get(self.state, self._rows(rows, length, widths), mode)
+        self.executables.get(self.state, self._rows(self.max_batch, 1, widths), mode)
+        return self.compile_s - before
+
+    def follow(self) -> None:
+        """A follower's loop (multi-host): run the leader's steps until it stops."""
+        first = True  # the leader may be warming up (compiling) before its first step
+        while (msg := self.channel.receive(first)) is not None:
+            first = False
+            self._run_guarded(*msg)
+
+    def heartbeat(self) -> None:
+        """Called while idle: a multi-host leader pings its followers now and then."""
+        if self.channel is not None:
+            self.channel.ping()
+
+    def close(self) -> None:
+        """A multi-host leader tells its followers to stop (from the thread that drives it)."""
+        if self.channel is not None:
+            self.channel.stop()
+
+    def stats(self) -> dict:
+        p = self.pages
+        return {"kv_pages": p.pool.num_pages, "kv_page_size": p.page_size,
+                "kv_pages_free": p.pool.num_free, "kv_pages_cached_idle": p.pool.num_idle,
+                "kv_pages_in_use": p.pool.num_pages - p.pool.available,
+                "kv_evictions": p.pool.evictions,
+                "prefix_queries": p.stats["queries"], "prefix_prompt_tokens": p.stats["prompt_tokens"],
+                "prefix_hit_tokens": p.stats["hit_tokens"],
+                "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "preemptions": self.preemptions}
+
+
+def _free_device_bytes() -> int:
+    """Free memory of the first device (the host's available memory where a device reports
+    none, e.g. CPU)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+

@@ -171,7 +171,7 @@ class PagePool:
 class _Seq:
     tokens: list[int]
     salt: bytes
-    pages: list[list[int]]  # per group: page id per logical page (null = not held)
+    pages: np.ndarray  # [groups, max_pages] int32 page id per logical page (null = not held)
     hashes: list[bytes]  # chained hashes of the full pages hashed so far
     computed: int = 0  # positions [0, computed) have their KV in the cache
     reserved: int = 0  # positions [0, reserved) have pages (those still in the window)
@@ -286,11 +286,11 @@ class KVPages:
         hit = k * self.page_size
         reserve = len(tokens) if chunk is None else min(len(tokens), hit + chunk)
         null = self.null_page
-        pages = [[null] * self.max_pages for _ in self.windows]
+        pages = np.full((len(self.windows), self.max_pages), null, np.int32)
         for g in range(len(self.windows)):
             for j in range(self._lo(g, hit), k):
                 pages[g][j] = self.pool.lookup((g, hashes[j]))
-        shared = [p for row in pages for p in row if p != null]
+        shared = [int(p) for p in pages.reshape(-1) if p != null]
         idle = sum(1 for p in set(shared) if self.pool.refs[p] == 0)
         seq = _Seq(list(tokens), salt, pages, hashes[:k], hit, hit, hit)
         if self._new_pages(seq, reserve) > self.pool.available - idle:
@@ -326,7 +326,7 @@ class KVPages:
         hi_old, hi = self.pages_for(seq.reserved), self.pages_for(upto)
         for g in range(len(self.windows)):
             for j in range(max(hi_old, self._lo(g, seq.computed)), hi):
-                seq.pages[g][j] = next(it)
+                seq.pages[g, j] = next(it)
         seq.reserved = upto
         return True
 
@@ -349,8 +349,8 @@ class KVPages:
                               self.page_size, seq.salt, parent)
             for j, h in enumerate(new, start):
                 for g in range(len(self.windows)):
-                    if seq.pages[g][j] != self.null_page:
-                        self.pool.register(seq.pages[g][j], (g, h))
+                    if seq.pages[g, j] != self.null_page:
+                        self.pool.register(int(seq.pages[g, j]), (g, h))
             seq.hashes.extend(new)
         for g in range(len(self.windows)):
             for j in range(self._lo(g, seq.computed), self._lo(g, upto)):
@@ -358,9 +358,9 @@ class KVPages:
         seq.computed = upto
 
     def _drop(self, seq: _Seq, g: int, j: int) -> None:
-        if seq.pages[g][j] != self.null_page:
-            self.pool.drop(seq.pages[g][j])
-            seq.pages[g][j] = self.null_page
+        if seq.pages[g, j] != self.null_page:
+            self.pool.drop(int(seq.pages[g, j]))
+            seq.pages[g, j] = self.null_page
 
     def release(self, seq_id: Hashable) -> list[int]:
         """End ``seq_id``: drop its pages (last page first, so tails are evicted before shared
@@ -386,7 +386,7 @@ class KVPages:
 
     def table(self, seq_id: Hashable) -> np.ndarray:
         """int32 ``[groups, max_pages_per_seq]``: page id per logical page, null where not held."""
-        return np.asarray(self._seqs[seq_id].pages, np.int32)
+        return self._seqs[seq_id].pages.copy()
 
     def tables(self, seq_ids: Sequence[Hashable | None]) -> np.ndarray:
         """int32 ``[groups, len(seq_ids), max_pages_per_seq]`` for a batch of slots (None = an
@@ -398,12 +398,12 @@ class KVPages:
         return out
 
     def held_pages(self, seq_id: Hashable) -> int:
-        return sum(p != self.null_page for row in self._seqs[seq_id].pages for p in row)
+        return int(np.sum(self._seqs[seq_id].pages != self.null_page))
 
     def check(self) -> None:
         """Assert the invariants (tests): each page's refcount equals its holders."""
         self.pool.check()
-        holders = collections.Counter(p for s in self._seqs.values() for row in s.pages
+        holders = collections.Counter(int(p) for s in self._seqs.values() for row in s.pages
                                       for p in row if p != self.null_page)
         for p in range(self.pool.num_pages):
             assert self.pool.refs[p] == holders[p], \

@@ -24,8 +24,10 @@ import jax.numpy as jnp
 
 from gptoss_jax.model import rope
 from gptoss_jax.model.config import GptOssConfig
+from gptoss_jax.model.kv_cache import PagedLayer
 from gptoss_jax.model.lora import lora_delta
-from gptoss_jax.ops import kv_cache
+from gptoss_jax.ops import attention as cached_attention
+from gptoss_jax.ops import kv_cache, paged_kv
 from gptoss_jax.ops.kv_cache import LayerCache, heads_first
 from gptoss_jax.ops.projection import batched_matmul, project
 from gptoss_jax.ops.runtime import PORTABLE, Ops
@@ -100,10 +102,11 @@ def attention(x, p: dict, c: GptOssConfig, layer: int, pos, cos, sin, cache: Lay
     """Self-attention block body (x ``[b, t, d]`` already normed). Returns (out ``[b, t, d]``, new
     cache), plus the probabilities ``[b, k, g, t, s + 1]`` (sink last) with ``return_probs``.
 
-    ``cache``: the layer's KV cache (None: attend within the chunk, keep nothing). ``fresh``: the
-    cache is known to be empty (a prefill from scratch), so the chunk attends only to itself
-    and the cache is just written. ``p["lora"]`` (optional, ``lora.AttentionLora``): low-rank
-    updates joining q, k, v, o.
+    ``cache``: the layer's KV cache (None: attend within the chunk, keep nothing), dense
+    (``LayerCache``) or paged (``kv_cache.PagedLayer``: written, then read through the
+    table). ``fresh``: the dense cache is known to be empty (a prefill from scratch), so the
+    chunk attends only to itself and the cache is just written. ``p["lora"]`` (optional,
+    ``lora.AttentionLora``): low-rank updates joining q, k, v, o.
     """
     dt = x.dtype
     b, t, _ = x.shape
@@ -121,6 +124,17 @@ def attention(x, p: dict, c: GptOssConfig, layer: int, pos, cos, sin, cache: Lay
         k = constrain(k, ("batch", None, "kv_heads", None), mesh)
         v = constrain(v, ("batch", None, "kv_heads", None), mesh)
     sliding = c.is_sliding(layer)
+    kvh, g = c.num_key_value_heads, c.q_per_kv
+    sinks = p["sinks"].astype(jnp.float32).reshape(kvh, g)  # [k, g]
+    if isinstance(cache, PagedLayer):
+        # Pages: the chunk (or decode token) is written first, then attends through the table
+        # to everything up to itself; the window is the group's.
+        assert segment_ids is None and not return_probs, "paged caches are for serving"
+        k_pool, v_pool = paged_kv.write(cache.k, cache.v, cache.table, pos, k, v, ops)
+        with jax.named_scope("attend"):
+            out = paged_kv.attend(q.reshape(b, t, kvh, g, c.head_dim), k_pool, v_pool,
+                                  cache.table, pos, sinks, cache.window, ops)
+        return _out_proj(out, p, c, lora, ops, dt), cache._replace(k=k_pool, v=v_pool)
     if cache is None or fresh:
         keys, values, k_pos, new_cache = heads_first(k), heads_first(v), pos, None
         if cache is not None:
@@ -136,18 +150,24 @@ def attention(x, p: dict, c: GptOssConfig, layer: int, pos, cos, sin, cache: Lay
         # itself (writing first could overwrite ring slots the chunk's early queries still see).
         keys, values, k_pos = kv_cache.with_chunk(cache, k, v, pos)
         new_cache = kv_cache.write(cache, k, v, pos, sliding, ops)
-    kvh, g = c.num_key_value_heads, c.q_per_kv
     with jax.named_scope("attend"):
-        args = (q.reshape(b, t, kvh, g, c.head_dim), keys, values, pos, k_pos,
-                p["sinks"].astype(jnp.float32).reshape(kvh, g),  # [k, g]
+        args = (q.reshape(b, t, kvh, g, c.head_dim), keys, values, pos, k_pos, sinks,
                 c.sliding_window if sliding else None, segment_ids, segment_ids)
         if return_probs:  # every score kept, so no query blocks
             out, probs = attention_core(*args, ops=ops, return_probs=True)
+        elif cache is not None and not fresh and cached_attention.applies(args[0], new_cache, ops):
+            out = cached_attention.attend(args[0], new_cache, pos, args[5], args[6])
         else:
             out = (self_attention if cache is None or fresh else attention_core)(*args, ops=ops)
+    out = _out_proj(out, p, c, lora, ops, dt)
+    return (out, new_cache, probs) if return_probs else (out, new_cache)
+
+
+def _out_proj(out, p: dict, c: GptOssConfig, lora, ops: Ops, dt):
+    """The output projection of the heads' results ``[b, t, k, g, h]`` -> ``[b, t, d]``."""
+    b, t = out.shape[:2]
     with jax.named_scope("out_proj"):
         heads = out.reshape(b, t, -1, c.head_dim)  # [b, t, n, h]
         out = project("rnh,nhd->rd", heads, p["o_w"].astype(dt), ops, dt)
-        out = out + p["o_b"].astype(dt) + lora_delta(heads, lora, "o", "btnh,nhr->btr",
-                                                     "btr,rd->btd")
-    return (out, new_cache, probs) if return_probs else (out, new_cache)
+        return out + p["o_b"].astype(dt) + lora_delta(heads, lora, "o", "btnh,nhr->btr",
+                                                       "btr,rd->btd")

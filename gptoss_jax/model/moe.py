@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from gptoss_jax.model.config import GptOssConfig
 from gptoss_jax.ops import experts as experts_op
+from gptoss_jax.ops.projection import project
 from gptoss_jax.ops.runtime import PORTABLE, Ops
 from gptoss_jax.parallel.expert_parallel import expert_parallel
 from gptoss_jax.parallel.mesh import axis_size
@@ -37,10 +38,10 @@ from pallas_kernels.common import swiglu, swiglu_interleaved
 __all__ = ["moe", "route", "router_logits", "swiglu", "swiglu_interleaved", "top_k_routing"]
 
 
-def router_logits(x: jax.Array, router: dict) -> jax.Array:
+def router_logits(x: jax.Array, router: dict, ops: Ops = PORTABLE) -> jax.Array:
     """``x @ W + b`` over all experts: f32 ``[T, e]`` for ``x`` ``[T, d]``."""
-    return jnp.einsum("td,de->te", x, router["w"].astype(x.dtype),
-                      preferred_element_type=jnp.float32) + router["b"].astype(jnp.float32)
+    return (project("rd,de->re", x, router["w"].astype(x.dtype), ops)
+            + router["b"].astype(jnp.float32))
 
 
 def top_k_routing(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -49,9 +50,9 @@ def top_k_routing(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return jax.nn.softmax(top, axis=-1), idx.astype(jnp.int32)
 
 
-def route(x: jax.Array, router: dict, k: int) -> tuple[jax.Array, jax.Array]:
+def route(x: jax.Array, router: dict, k: int, ops: Ops = PORTABLE) -> tuple[jax.Array, jax.Array]:
     """Top-k routing of ``x`` ``[T, d]``: (weights ``[T, k]`` f32, expert ids ``[T, k]`` int32)."""
-    return top_k_routing(router_logits(x, router), k)
+    return top_k_routing(router_logits(x, router, ops), k)
 
 
 def moe(x: jax.Array, layer: dict, c: GptOssConfig, ops: Ops = PORTABLE, mesh=None,
@@ -62,7 +63,7 @@ def moe(x: jax.Array, layer: dict, c: GptOssConfig, ops: Ops = PORTABLE, mesh=No
     length bucket, idle decode slots) are routed to no expert where that saves work; their
     output is 0. ``record``: also return ``(router logits [T, e], weights [T, k], ids [T, k])``.
     """
-    logits = router_logits(x, layer["router"])  # [T, e]
+    logits = router_logits(x, layer["router"], ops)  # [T, e]
     weights, idx = top_k_routing(logits, c.num_experts_per_tok)  # [T, k]
     routed = experts_op.skip_rows(weights, idx, valid, c.num_local_experts)
     act = {"limit": c.swiglu_limit, "alpha": c.swiglu_alpha}

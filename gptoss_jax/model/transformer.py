@@ -19,10 +19,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from gptoss_jax.model import rope
+from gptoss_jax.model import kv_cache, rope
 from gptoss_jax.model.attention import attention
 from gptoss_jax.model.config import GptOssConfig
-from gptoss_jax.model.kv_cache import LayerCache
+from gptoss_jax.model.kv_cache import LayerCache, PagedCache
 from gptoss_jax.model.moe import moe
 from gptoss_jax.ops import projection
 from gptoss_jax.ops.runtime import PORTABLE, Ops
@@ -66,15 +66,16 @@ def block(x, p: dict, c: GptOssConfig, layer: int, pos, cos, sin, cache, rt: Run
 
 
 def hidden_states(params: dict, tokens: jax.Array, pos: jax.Array, c: GptOssConfig, *,
-                  cache: list[LayerCache] | None = None, rt: Runtime = Runtime(),
+                  cache: list[LayerCache] | PagedCache | None = None, rt: Runtime = Runtime(),
                   segment_ids: jax.Array | None = None, fresh: bool = False,
                   record: bool = False):
     """Final-normed hidden states ``[b, t, d]`` and the updated cache.
 
     ``tokens`` int32 ``[b, t]``; ``pos`` int32 ``[b, t]`` absolute positions, -1 for padding.
-    ``segment_ids`` int32 ``[b, t]`` (no cache): packed documents, each with positions restarting
-    at 0, attend only within their own segment. ``fresh``: ``cache`` is empty (prefill from
-    scratch): attention skips its slots.
+    ``cache``: dense caches per layer, or a :class:`~gptoss_jax.model.kv_cache.PagedCache` (its
+    pools updated, its tables as given). ``segment_ids`` int32 ``[b, t]`` (no cache): packed
+    documents, each with positions restarting at 0, attend only within their own segment.
+    ``fresh``: the dense ``cache`` is empty (prefill from scratch): attention skips its slots.
 
     ``record`` (inspection, ``introspect.py``): also return, per layer, a dict of the router's
     logits ``[b*t, e]``, the chosen ``expert_ids`` / ``expert_weights`` ``[b*t, k]`` and the
@@ -86,18 +87,19 @@ def hidden_states(params: dict, tokens: jax.Array, pos: jax.Array, c: GptOssConf
         x = jnp.take(params["embed"], tokens, axis=0).astype(dt)
         x = constrain(x, ("batch", None, "embed"), rt.mesh)  # batch on data; no-op without mesh
     cos, sin = rope.cos_sin(jnp.maximum(pos, 0), c)
-    new_cache, records = [], []
+    records = []
     for layer, p in enumerate(params["layers"]):
         f = block
         if rt.remat:
             f = jax.checkpoint(block, static_argnums=(2, 3, 8, 10, 11))
-        layer_cache = None if cache is None else cache[layer]
+        layer_cache = None if cache is None else kv_cache.layer_of(cache, c, layer)
         x, layer_cache, *rec = f(x, p, c, layer, pos, cos, sin, layer_cache, rt, segment_ids,
                                  fresh, record)
-        new_cache.append(layer_cache)
+        if cache is not None:
+            cache = kv_cache.with_layer(cache, c, layer, layer_cache)
         records += rec
     x = rms_norm(x, params["final_norm"], c.rms_norm_eps)
-    out = x, (None if cache is None else new_cache)
+    out = x, cache
     return (*out, records) if record else out
 
 
@@ -105,6 +107,13 @@ def unembed(params: dict, x: jax.Array, rt: Runtime = Runtime()) -> jax.Array:
     """Logits ``[..., v]`` in f32 (untied unembedding)."""
     with jax.named_scope("unembed"):
         return projection.unembed(x, params["unembed"], rt.ops)
+
+
+def unembed_greedy(params: dict, x: jax.Array, rt: Runtime = Runtime()):
+    """(logits ``[n, v]`` f32, greedy token ``[n]`` int32 or None) for rows ``x`` ``[n, d]``, for
+    sampling: on CPU the unembedding kernel takes the argmax in the same pass (None elsewhere)."""
+    with jax.named_scope("unembed"):
+        return projection.unembed_greedy(x, params["unembed"], rt.ops)
 
 
 def positions_from_lengths(tokens: jax.Array, lengths: jax.Array | None) -> jax.Array:

@@ -11,8 +11,13 @@ Backends, chosen from the resolved :class:`~gptoss_jax.ops.runtime.Ops` and the 
   (``pallas_kernels.grouped_mxfp4``: Triton-style, or Mosaic GPU when asked for) take the sorted
   pairs straight from the packed weights, with the bias, the SwiGLU and the routing weight fused
   into their epilogues;
-* ``cpu_kernel`` (x86-64 with AVX-512; packed experts, decode-sized row counts): the same two
-  grouped matmuls in the C++ MXFP4 kernel (``grouped_matmul.py``), the epilogues in XLA;
+* ``expert_mlp`` (x86-64 with AVX2; packed experts without adapters, bf16 decode rows): the
+  whole MLP (both matmuls, biases, SwiGLU, routing weights, the sum over slots) in one C++
+  call, which groups the pairs by expert itself; its gradient is the sorted XLA path's;
+* ``mxfp4_gemv`` / ``mxfp4_grouped`` (x86-64; packed experts, decode-sized row counts): the
+  same two grouped matmuls in a C++ MXFP4 kernel (``grouped_matmul.py``), the epilogues in XLA:
+  ``mxfp4_gemv`` (any CPU with AVX2; bf16 rows, up to a few per expert) or ``mxfp4_grouped``
+  (AVX-512; 8 rows a pass, f32 rows too);
 * ``xla``: for ``T*k <= E`` pairs the gather path, else the tiled per-expert loop
   (``experts_xla.py``).
 
@@ -23,27 +28,36 @@ Every backend but the gather path works on the (token, slot) pairs sorted by exp
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+import cpu_kernels
 from gptoss_jax.ops import experts_xla
 from gptoss_jax.ops.runtime import Ops
 from gptoss_jax.ops.weights import Experts
 
+# the sorted path in plain XLA on CPU (no kernel): the fused kernel's gradient
+PORTABLE_CPU = Ops(platform="cpu")
 
-def backend(experts: Experts, pairs: int, ops: Ops, *, grouped: bool = False) -> str:
-    """The backend that computes ``pairs`` (token, slot) pairs of ``experts``: ``"gather"``,
-    ``"pallas"``, ``"cpu_kernel"`` or ``"xla"`` (the tiled loop). ``grouped``: only the sorted
-    backends (expert parallel)."""
-    kernel = (ops.experts == "cpu_kernel" and experts.packed
-              and (ops.experts_kernel_max_rows is None
-                   or pairs <= ops.experts_kernel_max_rows * experts.num_experts))
+
+def backend(experts: Experts, pairs: int, ops: Ops, dtype, *, grouped: bool = False) -> str:
+    """The backend that computes ``pairs`` (token, slot) pairs of ``experts`` with rows of
+    ``dtype``: ``"gather"``, ``"pallas"``, ``"expert_mlp"``, ``"mxfp4_gemv"``,
+    ``"mxfp4_grouped"`` or ``"xla"`` (the tiled loop). ``grouped``: only the sorted backends
+    (expert parallel)."""
+    if (not grouped and experts.packed and not experts.has_lora
+            and ops.fused_experts(pairs, experts.num_experts, dtype)):
+        return "expert_mlp"
+    kernel = ops.experts_kernel(pairs, experts.num_experts, dtype) if experts.packed else None
     pallas = ops.experts == "pallas" and not experts.has_lora
     if not grouped and pairs <= experts.num_experts and not (pallas or kernel):
         return "gather"
     if pallas and experts.packed:
         return "pallas"
-    return "cpu_kernel" if kernel else "xla"
+    return kernel or "xla"
 
 
 def skip_rows(weights, idx, valid, num_experts: int):
@@ -62,9 +76,37 @@ def expert_mlp(x, weights, idx, experts: Experts, ops: Ops, *, limit: float,
                alpha: float) -> jax.Array:
     """``y`` ``[T, d]`` in ``x``'s dtype (see the module doc); ``limit`` / ``alpha`` are the SwiGLU's
     clamp and slope."""
-    if backend(experts, idx.size, ops) == "gather":
+    chosen = backend(experts, idx.size, ops, x.dtype)
+    if chosen == "gather":
         return experts_xla.gather_mlp(x, weights, idx, experts, ops, limit=limit, alpha=alpha)
+    if chosen == "expert_mlp":
+        return _fused_mlp(x, weights, idx, experts, ops.cpu_isa, limit, alpha)
     return sorted_mlp(x, weights, idx, experts, ops, limit=limit, alpha=alpha)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _fused_mlp(x, weights, idx, experts: Experts, branch, limit, alpha):
+    """The ``expert_mlp`` kernel; its gradient is the sorted XLA path's (decode rarely needs one,
+    but a short training batch may land here)."""
+    return cpu_kernels.expert_mlp(
+        x, idx, weights, experts.gate_up.blocks, experts.gate_up.scales, experts.gate_up_bias,
+        experts.down.blocks, experts.down.scales, experts.down_bias, limit=limit, alpha=alpha,
+        branch=branch).astype(x.dtype)
+
+
+def _fused_mlp_fwd(x, weights, idx, experts, branch, limit, alpha):
+    return _fused_mlp(x, weights, idx, experts, branch, limit, alpha), (x, weights, idx, experts)
+
+
+def _fused_mlp_bwd(branch, limit, alpha, res, g):
+    x, weights, idx, experts = res
+    _, vjp = jax.vjp(lambda x, w, e: sorted_mlp(x, w, idx, e, PORTABLE_CPU, limit=limit,
+                                                alpha=alpha), x, weights, experts)
+    dx, dw, de = vjp(g)
+    return dx, dw, np.zeros(idx.shape, jax.dtypes.float0), de
+
+
+_fused_mlp.defvjp(_fused_mlp_fwd, _fused_mlp_bwd)
 
 
 def _sort_pairs(idx: jax.Array, num_experts: int):
@@ -89,12 +131,13 @@ def sorted_mlp(x, weights, idx, experts: Experts, ops: Ops, *, limit: float, alp
     order, token, group_sizes = _sort_pairs(idx, experts.num_experts)
     row_w = weights.reshape(-1)[order]  # routing weight of each sorted pair
     xs = experts_xla.take_rows(x, token)  # [T*k, d]
-    chosen = backend(experts, t * k, ops, grouped=True)
+    chosen = backend(experts, t * k, ops, x.dtype, grouped=True)
     if chosen == "pallas":
         y = _pallas_mlp(xs, row_w, group_sizes, experts, ops, limit=limit, alpha=alpha)
     else:
         y = experts_xla.sorted_mlp(x, xs, token, row_w, group_sizes, experts, limit=limit,
-                                   alpha=alpha, kernel=chosen == "cpu_kernel")
+                                   alpha=alpha, kernel=None if chosen == "xla" else chosen,
+                                   branch=ops.cpu_isa)
     # back to (token, slot) order and sum each token's k rows: a gather instead of a
     # scatter-add into zeros (XLA:CPU copies a fresh zero buffer for every scatter)
     _, back = jax.lax.sort((order, jnp.arange(t * k, dtype=jnp.int32)), num_keys=1)

@@ -35,11 +35,30 @@ from pallas_kernels.common import swiglu, swiglu_interleaved
 
 
 def take_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
-    """``x[rows]``; bf16 moves as its 16-bit pattern (XLA:CPU widens a bf16 gather to f32)."""
+    """``x[rows]``; bf16 moves as its 16-bit pattern (XLA:CPU widens a bf16 gather to f32), with
+    the gather's gradient (a bit pattern has none: the cotangent is added back per row)."""
     if x.dtype != jnp.bfloat16:
         return x[rows]
+    return _take_bf16_rows(x, rows)
+
+
+@jax.custom_vjp
+def _take_bf16_rows(x, rows):
     bits = jax.lax.bitcast_convert_type
     return bits(bits(x, jnp.uint16)[rows], jnp.bfloat16)
+
+
+def _take_bf16_rows_fwd(x, rows):
+    return _take_bf16_rows(x, rows), (rows, jnp.zeros((x.shape[0], 0), x.dtype))
+
+
+def _take_bf16_rows_bwd(res, g):
+    rows, like = res  # like: [T, 0], the rows' count and dtype
+    d = jnp.zeros((like.shape[0], g.shape[-1]), jnp.float32).at[rows].add(g.astype(jnp.float32))
+    return d.astype(like.dtype), np.zeros(rows.shape, jax.dtypes.float0)
+
+
+_take_bf16_rows.defvjp(_take_bf16_rows_fwd, _take_bf16_rows_bwd)
 
 
 def _selected(w: Weight, index: jax.Array, dtype) -> jax.Array:
@@ -129,29 +148,33 @@ def _swiglu_order(a: jax.Array, split: bool) -> jax.Array:
 
 
 def sorted_mlp(x, xs, token, row_w, group_sizes, experts: Experts, *, limit: float,
-               alpha: float, kernel: bool = False) -> jax.Array:
+               alpha: float, kernel: str | None = None, branch: str | None = None) -> jax.Array:
     """The expert MLP on the pairs sorted by expert: f32 ``[P, d]`` (routing weight applied;
     rows in no group 0), before the sum over each token's pairs.
 
     ``x`` ``[T, d]`` the tokens, ``xs`` ``[P, d]`` = ``x[token]`` the sorted pairs' rows,
-    ``row_w`` ``[P]`` their routing weights. ``kernel``: the matmuls run in the CPU kernel (no
-    reordering: it reads the packed weights as stored).
+    ``row_w`` ``[P]`` their routing weights. ``kernel`` (``"mxfp4_gemv"`` / ``"mxfp4_grouped"``):
+    the matmuls run in that CPU kernel (no reordering: it reads the packed weights as stored);
+    ``branch`` is the ISA branch of ``mxfp4_gemv`` (``Ops.cpu_isa``).
     """
     f, m = experts.gate_up_bias.shape[-1] // 2, xs.shape[0]
     split = is_packed(experts.down)
-    reorder = m >= 4 * group_sizes.shape[0] and not kernel
+    reorder = m >= 4 * group_sizes.shape[0] and kernel is None
     gate_up, gate_up_bias = experts.gate_up, experts.gate_up_bias
     if reorder:
         gate_up, gate_up_bias = jax.tree.map(lambda a: _swiglu_order(a, split),
                                              (gate_up, gate_up_bias))
-    # permute the T rows for the expansion's K order before gathering P of them
-    xo = take_rows(contract_order(experts.gate_up, x), token)
-    h = grouped_matmul(xo, gate_up, group_sizes, gate_up_bias, kernel=kernel, ordered=True)
+    if kernel == "mxfp4_gemv":  # rows in their natural order
+        h = grouped_matmul(xs, gate_up, group_sizes, gate_up_bias, kernel=kernel, branch=branch)
+    else:  # permute the T rows for the expansion's K order before gathering P of them
+        xo = take_rows(contract_order(experts.gate_up, x), token)
+        h = grouped_matmul(xo, gate_up, group_sizes, gate_up_bias, kernel=kernel, ordered=True)
     delta = (None if experts.gate_up_lora is None
              else _lora_grouped(xs, experts.gate_up_lora, group_sizes))
     if not reorder:
         a = swiglu_interleaved(h if delta is None else h + delta, limit, alpha).astype(x.dtype)
-        y = grouped_matmul(a, experts.down, group_sizes, experts.down_bias, kernel=kernel)
+        y = grouped_matmul(a, experts.down, group_sizes, experts.down_bias, kernel=kernel,
+                           branch=branch)
         if experts.down_lora is not None:
             y = y + _lora_grouped(a, experts.down_lora, group_sizes)
         return y * row_w[:, None]

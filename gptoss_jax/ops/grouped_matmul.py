@@ -8,8 +8,10 @@ rows each; rows past their sum belong to no expert and come out as zeros).
   with a dynamic trip count), so the work is at most ``M + E * tile`` rows.
   (``jax.lax.ragged_dot`` off TPU/GPU lowers to a dense masked product over every group — E
   times the work.) The bias is added in the loop, per tile.
-* The CPU kernel (``cpu_kernels.grouped_matmul``): each MXFP4 block decoded in registers and
-  used by every row of its expert; no expert is ever expanded to memory.
+* The CPU kernels: each MXFP4 block decoded in registers and used by every row of its expert;
+  no expert is ever expanded to memory. ``mxfp4_grouped`` (``cpu_kernels.grouped_matmul``, f32
+  rows in split order, 8 a pass) or ``mxfp4_gemv`` (``cpu_kernels.mxfp4_gemv``: bf16 rows in
+  their natural order, 4 a pass, the fewest instructions a block on each ISA branch: decode).
 
 A loop with a dynamic trip count has no reverse-mode rule, so the gradient w.r.t. ``lhs`` (LoRA
 training backpropagates through the frozen experts) is a custom VJP: the same loop with each
@@ -38,15 +40,20 @@ EXPAND_BUDGET_BYTES = 256 << 20
 
 
 def grouped_matmul(lhs: jax.Array, w: Weight, group_sizes: jax.Array, bias: jax.Array | None = None,
-                   *, kernel: bool = False, ordered: bool = False) -> jax.Array:
+                   *, kernel: str | None = None, ordered: bool = False,
+                   branch: str | None = None) -> jax.Array:
     """f32 ``[M, N]``: ``W[e(r)] @ lhs[r] + bias[e(r)]`` for ``lhs`` ``[M, K]`` sorted by expert,
     ``w`` ``[E, N, K]`` (packed or dense), ``bias`` ``[E, N]`` or None.
 
     Packed weights expand in MXFP4 split order, so ``lhs``'s K axis is permuted to match unless
     the caller did (``ordered``); autodiff maps the gradient back through the permutation.
-    ``kernel``: the forward product runs in the CPU kernel (packed weights; the gradient stays
-    the XLA loop's).
+    ``kernel`` (``"mxfp4_grouped"`` / ``"mxfp4_gemv"``): the forward product runs in that CPU
+    kernel (packed weights; the gradient stays the XLA loop's). ``mxfp4_gemv`` takes ``lhs`` in
+    its natural order (not ``ordered``) and runs instruction-set ``branch`` (``Ops.cpu_isa``).
     """
+    if kernel == "mxfp4_gemv":
+        assert not ordered, "mxfp4_gemv takes rows in their natural order"
+        return _gemv_vjp(lhs, (w, bias), group_sizes, branch)
     return _grouped_vjp(lhs if ordered else contract_order(w, lhs), (w, bias), group_sizes,
                         kernel)
 
@@ -65,15 +72,55 @@ def _grouped_vjp_fwd(lhs, parts, group_sizes, kernel):
     return _forward(lhs, parts, group_sizes, kernel), (parts, group_sizes, lhs[:0])
 
 
+def _zero_cotangents(parts, group_sizes):
+    zero = lambda a: (jnp.zeros_like(a) if jnp.issubdtype(a.dtype, jnp.floating)
+                      else np.zeros(a.shape, jax.dtypes.float0))
+    return jax.tree.map(zero, parts), zero(group_sizes)
+
+
 def _grouped_vjp_bwd(kernel, res, g):
     parts, group_sizes, lhs0 = res
     d_lhs = _loop(g.astype(lhs0.dtype), parts[0], None, group_sizes, True).astype(lhs0.dtype)
-    zero = lambda a: (jnp.zeros_like(a) if jnp.issubdtype(a.dtype, jnp.floating)
-                      else np.zeros(a.shape, jax.dtypes.float0))
-    return d_lhs, jax.tree.map(zero, parts), zero(group_sizes)
+    return (d_lhs, *_zero_cotangents(parts, group_sizes))
 
 
 _grouped_vjp.defvjp(_grouped_vjp_fwd, _grouped_vjp_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _gemv_vjp(lhs, parts, group_sizes, branch):
+    return _gemv_product(lhs, *parts, group_sizes, branch)
+
+
+def _gemv_vjp_fwd(lhs, parts, group_sizes, branch):
+    return _gemv_product(lhs, *parts, group_sizes, branch), (parts, group_sizes, lhs[:0])
+
+
+def _gemv_vjp_bwd(branch, res, g):
+    parts, group_sizes, lhs0 = res
+    d_split = _loop(g.astype(lhs0.dtype), parts[0], None, group_sizes, True)  # K in split order
+    k = d_split.shape[-1]  # back to the natural order (split_order's inverse)
+    d_lhs = jnp.swapaxes(d_split.reshape(-1, k // 32, 2, 16), -1, -2).reshape(d_split.shape)
+    return (d_lhs.astype(lhs0.dtype), *_zero_cotangents(parts, group_sizes))
+
+
+_gemv_vjp.defvjp(_gemv_vjp_fwd, _gemv_vjp_bwd)
+
+
+def _gemv_product(lhs, w: Mxfp4Weight, bias, group_sizes, branch):
+    """The forward product in ``mxfp4_gemv`` (``lhs`` in natural order), bias added after."""
+    out = cpu_kernels.mxfp4_gemv(lhs, w.blocks, w.scales, group_sizes,
+                                 branch=branch)  # rows in no group: 0
+    return _add_bias(out, bias, group_sizes)
+
+
+def _add_bias(out, bias, group_sizes):
+    if bias is None:
+        return out
+    m, num_experts = out.shape[0], group_sizes.shape[0]
+    expert = jnp.repeat(jnp.arange(num_experts), group_sizes, total_repeat_length=m)
+    used = (jnp.arange(m) < jnp.sum(group_sizes))[:, None]
+    return jnp.where(used, out + bias[expert].astype(jnp.float32), 0.0)
 
 
 def _expand_chunk(shape: tuple[int, int, int], itemsize: int) -> int:
@@ -99,16 +146,11 @@ def _after(tree, *deps):
 
 
 def _kernel_product(lhs, w: Mxfp4Weight, bias, group_sizes, transpose: bool):
-    """:func:`_loop`'s forward product in the CPU kernel (``lhs`` in split order)."""
+    """:func:`_loop`'s forward product in the ``mxfp4_grouped`` kernel (``lhs`` in split order)."""
     assert not transpose
-    m, num_experts = lhs.shape[0], group_sizes.shape[0]
     out = cpu_kernels.grouped_matmul(lhs, w.blocks, w.scales, group_sizes,
                                      split_order=True)  # rows in no group: zeros
-    if bias is not None:
-        expert = jnp.repeat(jnp.arange(num_experts), group_sizes, total_repeat_length=m)
-        used = (jnp.arange(m) < jnp.sum(group_sizes))[:, None]
-        out = jnp.where(used, out + bias[expert].astype(jnp.float32), 0.0)
-    return out
+    return _add_bias(out, bias, group_sizes)
 
 
 def _loop(lhs, w: Weight, bias, group_sizes, transpose: bool):

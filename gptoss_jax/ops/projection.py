@@ -12,13 +12,12 @@ XLA:CPU's habits (``Ops.cpu``), each measured on the bench config and gpt-oss-20
 * a bf16 dot with fewer than 8 rows takes a scalar path: it first converts the whole weight to
   f32 (a full-size temporary) and runs ~10x slower than with 8 rows. Decode has 1-8 rows per
   step, so they are zero-padded to 8 (same bytes read, no temporary), or go to a CPU kernel
-  (``cpu_kernels``): ``bf16_matvec`` for weights stored ``[in, out]`` (the attention
-  projections; 2.8x XLA's padded GEMM on gpt-oss-20b's q projection at one row) and
-  ``bf16_rows`` for 2-8 rows against weights stored ``[out, in]`` (batched decode's
-  unembedding: 7.2 vs 10.5 ms at 8 rows);
-* one row against a weight stored ``[out, in]`` (the unembedding) written as ``x @ W^T`` in f32
-  fuses the conversion into a vector-matrix loop that streams the bf16 weight once (~2x faster
-  than the 8-row GEMM, which is compute-bound there).
+  (``cpu_kernels``, the branch ``Ops.cpu_isa``): ``bf16_vecmat`` for weights stored
+  ``[in, out]`` (the attention projections, streamed in panels of whole rows) and
+  ``bf16_gemv`` for weights stored ``[out, in]`` (the unembedding: XLA's fused f32
+  vector-matrix loop for one row runs on one core, half the bandwidth on most Intel parts;
+  its 8-row GEMM is compute-bound). :func:`unembed_greedy` also returns the kernel's argmax,
+  taken in the same pass.
 
 The kernels' gradients are XLA's (training rarely has so few rows).
 """
@@ -32,20 +31,23 @@ import jax
 import jax.numpy as jnp
 
 import cpu_kernels
-from gptoss_jax.ops.runtime import CPU_MATVEC_MAX_ROWS, CPU_MIN_ROWS, CPU_ROWS_MAX_ROWS, Ops
+from gptoss_jax.ops.runtime import CPU_MIN_ROWS, Ops
 
 
 def _cpu_kernel_for(spec: str, x: jax.Array, w: jax.Array, rows: int, ops: Ops):
     """The CPU kernel for ``einsum(spec, x, w)`` of ``rows`` rows on a bf16 weight, or None."""
-    if not ops.cpu or w.dtype != jnp.bfloat16:
+    if x.dtype != w.dtype:
         return None
-    if (spec == "rk,kn->rn" and rows <= CPU_MATVEC_MAX_ROWS
-            and "bf16_matvec" in ops.cpu_kernels):
-        return cpu_kernels.bf16_matvec
-    if (spec == "rk,nk->rn" and 2 <= rows <= CPU_ROWS_MAX_ROWS and x.dtype == jnp.bfloat16
-            and x.shape[-1] % 32 == 0 and "bf16_rows" in ops.cpu_kernels):
-        return cpu_kernels.bf16_rows
+    name = ops.projection_kernel(spec, rows, w.dtype)
+    if name == "bf16_vecmat":
+        return functools.partial(cpu_kernels.bf16_vecmat, branch=ops.cpu_isa)
+    if name == "bf16_gemv":
+        return functools.partial(_gemv_logits, branch=ops.cpu_isa)
     return None
+
+
+def _gemv_logits(x, w, *, branch):
+    return cpu_kernels.bf16_gemv(x, w, branch=branch)[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -88,10 +90,10 @@ def project(eq: str, x: jax.Array, w: jax.Array, ops: Ops, out_dtype=None) -> ja
         out = jnp.einsum(eq, x.reshape((rows,) + x.shape[x.ndim - feat:]), w,
                          preferred_element_type=jnp.float32)
         out_feat = out.shape[1:]
-    elif rows == 1 and ops.cpu and spec == "rk,nk->rn":
-        out = flat.astype(jnp.float32) @ w2.T.astype(jnp.float32)  # the 1-row vector-matrix loop
     elif (kernel := _cpu_kernel_for(spec, flat, w2, rows, ops)) is not None:
         out = _cpu_product(spec, kernel, flat, w2)
+    elif rows == 1 and ops.cpu and spec == "rk,nk->rn":
+        out = flat.astype(jnp.float32) @ w2.T.astype(jnp.float32)  # the 1-row vector-matrix loop
     else:
         if rows < CPU_MIN_ROWS and x.dtype == jnp.bfloat16 and ops.cpu:
             flat = jnp.pad(flat, [(0, CPU_MIN_ROWS - rows), (0, 0)])
@@ -103,6 +105,16 @@ def project(eq: str, x: jax.Array, w: jax.Array, ops: Ops, out_dtype=None) -> ja
 def unembed(x: jax.Array, w: jax.Array, ops: Ops) -> jax.Array:
     """Logits ``[..., v]`` in f32 for ``x`` ``[..., d]`` and the unembedding ``w`` ``[v, d]``."""
     return project("rd,vd->rv", x, w.astype(x.dtype), ops)
+
+
+def unembed_greedy(x: jax.Array, w: jax.Array, ops: Ops) -> tuple[jax.Array, jax.Array | None]:
+    """(logits ``[n, v]`` f32, argmax ``[n]`` int32 or None) for rows ``x`` ``[n, d]``, for
+    sampling (no gradient): the CPU kernel takes the argmax (first index of the maximum) in the
+    pass that makes the logits; elsewhere it is None and the caller takes it."""
+    w = w.astype(x.dtype)
+    if ops.projection_kernel("rk,nk->rn", x.shape[0], x.dtype) == "bf16_gemv":
+        return cpu_kernels.bf16_gemv(x, w, branch=ops.cpu_isa)
+    return unembed(x, w, ops), None
 
 
 def batched_matmul(eq: str, a: jax.Array, b: jax.Array, ops: Ops) -> jax.Array:

@@ -10,6 +10,8 @@ answers, with OpenAI's error object). ``model_name`` is one id or several (alias
 the one a blank ``model`` means). With an API key every route, these included, needs
 ``Authorization: Bearer <key>``. Stored responses go to ``store`` (default: in memory, the
 ``store_size`` most recently used).
+``toolbox`` holds the built-in tools the server runs for Responses requests that enable them
+(``tools.build_tools``); the app closes it at shutdown.
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ from gptoss_jax.server.auth import APIKeyMiddleware
 from gptoss_jax.server.response_store import MemoryResponseStore, ResponseStore
 from gptoss_jax.server.scheduler import Scheduler
 from gptoss_jax.server.state import ServerState
+from gptoss_jax.tools import Toolbox
 
 
 def create_app(scheduler: Scheduler, tokenizer: Tokenizer, *, model_name: str | Sequence[str],
-               api_key: str | None = None, store_size: int = 1000, store: ResponseStore | None = None) -> FastAPI:
+               api_key: str | None = None, store_size: int = 1000, store: ResponseStore | None = None,
+               toolbox: Toolbox | None = None) -> FastAPI:
     names = (model_name,) if isinstance(model_name, str) else tuple(dict.fromkeys(model_name))
     if not names or not all(isinstance(n, str) and n for n in names):
         raise ValueError(f"model_name must be one or more non-empty strings, got {model_name!r}")
@@ -40,11 +44,14 @@ def create_app(scheduler: Scheduler, tokenizer: Tokenizer, *, model_name: str | 
             yield
         finally:
             scheduler.stop()  # running background responses fail with their jobs
+            if toolbox is not None:  # on the server's loop, which the tools' clients are bound to
+                await toolbox.aclose()
 
     app = FastAPI(title="gptoss_jax", version="1", lifespan=lifespan,
                   description="OpenAI-compatible API for gpt-oss on JAX")
     app.state.gptoss = ServerState(scheduler, tokenizer, names,
-                                   store if store is not None else MemoryResponseStore(store_size), api_key)
+                                   store if store is not None else MemoryResponseStore(store_size), api_key,
+                                   toolbox=toolbox)
     errors.install(app)
     app.add_middleware(APIKeyMiddleware, api_key=api_key)
     for module in (models, responses, response_routes, chat_completions, completions):

@@ -73,7 +73,7 @@ async def completions(req: CompletionRequest, request: Request):
 
     def usage() -> dict:
         return generation.completion_usage(len(prompt), sum(t.count for t in texts),
-                                           cached=generation.cached_tokens(jobs))
+                                           cached_tokens=generation.cached_tokens(jobs))
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -31,7 +31,7 @@ from fastapi.responses import StreamingResponse
 from gptoss_jax.chat.encoding import STOP_TOKENS
 from gptoss_jax.inference.sampling import SamplingParams
 from gptoss_jax.server.errors import APIError
-from gptoss_jax.server.scheduler import EngineError, Job, Scheduler
+from gptoss_jax.server.scheduler import EngineError, EngineUnavailable, Job, Scheduler
 from gptoss_jax.server.state import ServerState
 
 
@@ -48,13 +48,30 @@ class Consumer(Protocol):
 
 
 def submit(st: ServerState, prompt: list[int], sampling: SamplingParams, max_new_tokens: int) -> Job:
-    return st.scheduler.submit(prompt, sampling, max_new_tokens, STOP_TOKENS)
+    """Queue the job; a request the engine can never run (its context, or a KV pool too small
+    for prompt + budget even alone) is a 400 at once."""
+    return submit_choices(st, prompt, sampling, max_new_tokens, 1)[0]
+
+
+def failure(e: EngineError) -> APIError:
+    """An engine failure as the client sees it: 503 when the engine is gone (a multi-host
+    follower died), else 500."""
+    if isinstance(e, EngineUnavailable):
+        return APIError(f"The model is unavailable: {e}", status=503, type="server_error",
+                        code="service_unavailable")
+    return APIError(f"Generation failed: {e}", status=500, type="server_error",
+                    code="server_error")
 
 
 def submit_choices(st: ServerState, prompt: list[int], sampling: SamplingParams, max_new_tokens: int,
                    n: int) -> list[Job]:
-    """``n`` jobs on one prompt (choice ``j`` samples with ``sampling.for_choice(j)``)."""
-    return st.scheduler.submit_choices(prompt, sampling, max_new_tokens, STOP_TOKENS, n)
+    """``n`` jobs on one prompt (choice ``j`` samples with ``sampling.for_choice(j)``); a 400
+    as :func:`submit` for a request the engine can never run."""
+    try:
+        return st.scheduler.submit_choices(prompt, sampling, max_new_tokens, STOP_TOKENS, n)
+    except ValueError as e:
+        raise APIError(f"This request cannot be served: {e}", status=400,
+                       code="context_length_exceeded") from None
 
 
 async def _wait_job(job: Job, request: Request, scheduler: Scheduler,
@@ -84,8 +101,7 @@ async def _wait_job(job: Job, request: Request, scheduler: Scheduler,
     try:
         runner.result()  # re-raises an engine error, or CancelledError for a client that left
     except EngineError as e:
-        raise APIError(f"Generation failed: {e}", status=500, type="server_error",
-                       code="server_error") from None
+        raise failure(e) from None
 
 
 async def collect(job: Job, consumer: Consumer, request: Request, scheduler: Scheduler) -> None:
@@ -157,16 +173,19 @@ async def merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, A
 
 
 def cached_tokens(jobs: list[Job]) -> int:
-    """Prompt tokens the engine served from its cache (the one place usage reads it: today's
-    engine prefills every prompt, so this is 0 until prefix caching lands)."""
+    """Prompt tokens the engine served from its prefix cache for a request: its first choice's
+    (the prompt is counted once, as ``prompt_tokens``; the other choices reuse the first's
+    pages, which is the prefill they share, not a cache hit of the request)."""
     return jobs[0].cached_tokens if jobs else 0
 
 
 def completion_usage(prompt_len: int, completion_tokens: int, reasoning: int | None = None,
-                     cached: int = 0) -> dict:
-    """The ``usage`` object of chat and text completions (``completion_tokens``: all choices)."""
+                     cached_tokens: int = 0) -> dict:
+    """The ``usage`` object of chat and text completions (``completion_tokens``: all choices;
+    ``cached_tokens``: prompt tokens whose KV came from the prefix cache)."""
     out = {"prompt_tokens": prompt_len, "completion_tokens": completion_tokens,
-           "total_tokens": prompt_len + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached}}
+           "total_tokens": prompt_len + completion_tokens,
+           "prompt_tokens_details": {"cached_tokens": cached_tokens}}
     if reasoning is not None:
         out["completion_tokens_details"] = {"reasoning_tokens": reasoning}
     return out

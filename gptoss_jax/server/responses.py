@@ -19,6 +19,11 @@ Also read here: logprobs (``include: ["message.output_text.logprobs"]``, ``top_l
 vLLM's sampling extras, ``max_tool_calls`` (accepted: this route runs no built-in tools) and the
 top-level ``reasoning_effort`` of openai/gpt-oss's reference server (an alias of
 ``reasoning.effort``).
+
+A request whose ``tools`` enable built-in tools (web search, code interpreter, MCP:
+:mod:`gptoss_jax.server.builtin_tools`) declares them in the system message and goes through
+the tool loop instead (:mod:`gptoss_jax.server.tool_loop`; not in the background, and without
+logprobs).
 """
 
 from __future__ import annotations
@@ -27,13 +32,15 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from gptoss_jax.chat.messages import Message
+from gptoss_jax.chat.render import render_harmony
 from gptoss_jax.inference.logprobs import TokenBytes
-from gptoss_jax.server import generation, inputs, params, request_sampling, stored
+from gptoss_jax.server import builtin_tools, generation, inputs, params, request_sampling, stored, tool_loop
 from gptoss_jax.server.background_responses import BackgroundRun, stored_events
 from gptoss_jax.server.choices import ReplyLogprobs
 from gptoss_jax.server.errors import APIError, unsupported
 from gptoss_jax.server.generation import SSEResponse
 from gptoss_jax.server.openapi import STREAMING, errors
+from gptoss_jax.server.reply import ReplyTracker
 from gptoss_jax.server.response_output import ResponseRun, StreamEvents
 from gptoss_jax.server.response_store import ACTIVE
 from gptoss_jax.server.scheduler import EngineError, Job
@@ -48,10 +55,7 @@ def _check(req: ResponsesRequest) -> None:
     params.check_stream_options(req)
     if req.reasoning is not None:
         params.check_extra(req.reasoning)
-    other = [i for i in req.include or [] if i != request_sampling.LOGPROBS_INCLUDE]
-    if other:
-        raise unsupported("include", f"'include' values {other} are not supported "
-                                     f"(only {request_sampling.LOGPROBS_INCLUDE!r})")
+    builtin_tools.check_include([i for i in req.include or [] if i != request_sampling.LOGPROBS_INCLUDE])
     if req.max_tool_calls is not None and req.max_tool_calls < 1:
         raise APIError(f"Invalid 'max_tool_calls': must be >= 1, got {req.max_tool_calls}",
                        param="max_tool_calls", code="invalid_value")
@@ -130,13 +134,16 @@ async def create_response(req: ResponsesRequest, request: Request):
     model = params.model_of(st, req.model)
     messages, call_names = _conversation(st, req)
     effort = _effort(req)
-    tools = inputs.function_tools(req.tools)
+    requested = builtin_tools.request_tools(req.tools, st.toolbox)
+    tools = inputs.function_tools(requested.functions)
     choice = params.tool_choice(req.tool_choice)
+    if requested.namespaces and choice != "none":
+        return await _with_builtin_tools(st, req, request, messages, call_names, effort, requested, model)
     prompt = _prompt(st, req, messages, reasoning_effort=effort, tools=[] if choice == "none" else tools)
     max_new = params.token_budget(st, len(prompt), req.max_output_tokens, "max_output_tokens", "input")
     k = request_sampling.response_logprobs(req.include, req.top_logprobs)
     sampling = request_sampling.sampling(st, req, max_new_tokens=max_new, logprobs=k)
-    run = ResponseRun(req, model=model, prompt_len=len(prompt), effort=effort, tools=tools)
+    run = ResponseRun(req, model=model, prompt_len=len(prompt), effort=effort, tools=requested.listed)
     items = stored.input_items(req.input)
     job = generation.submit(st, prompt, sampling, max_new)
     consumer = run.tracker if k is None else ReplyLogprobs(run.tracker, job, k, TokenBytes(st.tokenizer))
@@ -159,6 +166,29 @@ async def create_response(req: ResponsesRequest, request: Request):
     run.complete()
     save()
     return JSONResponse(run.json())
+
+
+async def _with_builtin_tools(st: ServerState, req: ResponsesRequest, request: Request, messages: list[Message],
+                              call_names: dict[str, str], effort: str, requested: builtin_tools.RequestTools,
+                              model: str):
+    if req.background:
+        raise unsupported("background", "background responses with built-in tools are not supported")
+    if request_sampling.response_logprobs(req.include, req.top_logprobs) is not None:
+        raise unsupported("top_logprobs", "logprobs with built-in tools are not supported")
+    toolbox = requested.toolbox(st.toolbox)
+    functions = inputs.function_tools(requested.functions)
+    conversation = inputs.conversation(messages, reasoning_effort=effort, instructions=req.instructions,
+                                       tools=functions, tool_namespaces=toolbox.configs())
+    prompt = render_harmony(conversation)
+    max_new = params.token_budget(st, len(prompt), req.max_output_tokens, "max_output_tokens", "input")
+    tracker = ReplyTracker(item_type=toolbox.item_type)
+    run = ResponseRun(req, model=model, prompt_len=len(prompt), effort=effort, tools=requested.listed,
+                      tracker=tracker)
+    conversation_id = tool_loop.conversation_root(st, req.previous_response_id, run.id)
+    run.container_id = tool_loop.container_id(conversation_id)
+    sampling = request_sampling.sampling(st, req, max_new_tokens=max_new)
+    return await tool_loop.respond(st, run, request, conversation, toolbox, sampling, messages=messages,
+                                   call_names=call_names, conversation_id=conversation_id)
 
 
 async def _stream(run: ResponseRun, job: Job, consumer, st: ServerState, save):

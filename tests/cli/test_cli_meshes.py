@@ -4,12 +4,11 @@ with a sliding and a full layer, prompts longer than the window, batch 1 and bat
 concurrent requests), each against the same thing on one device.
 
 Meshes: ``expert=8``; ``expert=4,tensor=2`` (the README's 120b example); ``data=2,expert=2,
-tensor=2``. Issue 17: only ``expert=8`` works today. The engine's state is placed and compiled
-with shardings that nothing pins: the steps' outputs come back with shardings GSPMD chose (the
-full layer's ``pos`` split on ``tensor``, or the sequence axis on ``data`` when the batch does not
-divide it) and the AOT-compiled decode/prefill refuse them. Those cases are strict xfails until
-the engine derives every state sharding in one place; finetune's step recompiles on its second
-call for the same reason (its adapters and optimizer state are not placed).
+tensor=2``. Issue 17: these failed while the engine's state was placed and compiled with
+shardings nothing pinned (the AOT-compiled steps refused the shardings GSPMD gave the previous
+step's outputs), and finetune's step recompiled on its second call (adapters and optimizer
+state unplaced). The engine now derives every state sharding in one place
+(``inference.engine_state``) and finetune places its state (``train.state_shardings``).
 """
 
 from __future__ import annotations
@@ -45,11 +44,7 @@ CONFIG = GptOssConfig(
 PROMPTS = [[5, 17, 33, 101, 7, 640, 12, 9, 900, 3, 77], [240, 3, 9], [1, 2, 3, 4, 5, 6, 7, 8]]
 NEW = 6
 
-BROKEN = pytest.mark.xfail(strict=True, reason="issue 17: engine state shardings are not "
-                                                "pinned; fixed in the engine integration")
-MESHES = [pytest.param("expert=8"),
-          pytest.param("expert=4,tensor=2", marks=BROKEN),
-          pytest.param("data=2,expert=2,tensor=2", marks=BROKEN)]
+MESHES = ["expert=8", "expert=4,tensor=2", "data=2,expert=2,tensor=2"]
 
 pytestmark = pytest.mark.slow  # every test starts 8-device processes (~15-40 s each)
 
@@ -216,9 +211,7 @@ def test_finetune_cli(finetune_runs, mesh):
         np.testing.assert_allclose(adapter[name], value, rtol=0, atol=1e-4 * scale, err_msg=name)
 
 
-@pytest.mark.parametrize("mesh", [pytest.param("expert=4,tensor=2", marks=pytest.mark.xfail(
-    strict=True, reason="issue 17: adapters and optimizer state are not placed on the mesh, so "
-                        "the step's outputs come back sharded and the second step recompiles"))])
+@pytest.mark.parametrize("mesh", ["expert=4,tensor=2", "data=2,expert=2,tensor=2"])
 def test_finetune_compiles_its_step_once(finetune_runs, mesh):
     assert finetune_runs(None)[2] == 1
     assert finetune_runs(mesh)[2] == 1

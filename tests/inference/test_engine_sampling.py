@@ -1,6 +1,7 @@
 """The engine's sampler: logprobs from the jitted steps (against transformers), n choices sharing
-one prefill, seeds independent of the batch, penalties and bias in the decode loop (against a
-numpy reference over transformers' logits). Each test compiles its own sample modes: slow."""
+one prefill (their prompt pages from the prefix cache), seeds independent of the batch,
+penalties and bias in the decode loop (against a numpy reference over transformers' logits).
+Each test compiles its own sample modes: slow."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ from gptoss_jax.inference.sampling import SamplingParams
 from tests.conftest import hf_logits
 
 MAX_LEN = 48
+PAGE = 4  # the prompt (9 tokens) spans two full pages the n choices share
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_f32):
-    return Engine(tiny_model_f32, max_batch=4, max_len=MAX_LEN)
+    return Engine(tiny_model_f32, max_batch=4, max_len=MAX_LEN, page_size=PAGE)
 
 
 @pytest.fixture(scope="module")
@@ -25,13 +27,18 @@ def prompt(tiny_config):
     return np.random.default_rng(11).integers(0, tiny_config.vocab_size, size=9).tolist()
 
 
+def idle(engine) -> bool:
+    """Nothing left in the engine and every page free or cached (none held by a sequence)."""
+    return not engine.seqs and engine.idle and engine.stats()["running"] == 0
+
+
 def run(engine, prompts, samplings, new, stops=()):
-    """Every sequence to its end; returns their SlotSequence records in order."""
+    """Every sequence to its end; returns their Generation records in order."""
     added = engine.add(prompts, samplings, [new] * len(prompts), [stops] * len(prompts))
-    seqs = [engine.seqs[slot] for slot, _ in added]
-    while engine.step():
-        pass
-    assert not engine.seqs and len(engine.free_slots) == engine.max_batch
+    seqs = [engine.seqs[i] for i, _ in added]
+    while not engine.idle:
+        engine.step()
+    assert idle(engine)
     return seqs
 
 
@@ -68,12 +75,14 @@ def test_no_logprobs_unless_asked(engine, prompt):
 
 
 @pytest.mark.slow
-def test_choices_share_one_prefill_and_match_separate_runs(engine, prompt):
+def test_choices_share_one_prefill_and_match_separate_runs(tiny_model_f32, engine, prompt):
     base = SamplingParams(temperature=1.0, seed=41)
     choices = [base.for_choice(j) for j in range(3)]
-    together = run(engine, [prompt] * 3, choices, 8)
-    keys = [k for k in engine.compiled if k[0] == "prefill" and k[3] == 3]
-    assert keys and all(k[1] == 1 for k in keys)  # three sequences, one prompt row
+    fresh = Engine(tiny_model_f32, max_batch=4, max_len=MAX_LEN, page_size=PAGE)
+    together = run(fresh, [prompt] * 3, choices, 8)
+    full = len(prompt) // PAGE * PAGE  # the prompt's full pages: the part a cache can share
+    assert [s.cached_tokens for s in together] == [0, full, full]
+    assert fresh.stats()["prefix_hit_tokens"] == 2 * full
     alone = [run(engine, [prompt], [c], 8)[0] for c in choices]
     assert [s.tokens for s in together] == [s.tokens for s in alone]
     assert len({tuple(s.tokens) for s in together}) == 3  # distinct at temperature 1
@@ -139,8 +148,11 @@ def test_mixed_batch_keeps_plain_rows_unchanged(engine, prompt, tiny_config):
 
 def test_bad_settings_admit_nothing(engine, prompt, tiny_config):
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        engine.add([prompt], [SamplingParams(logit_bias={tiny_config.vocab_size: 1.0})], [4], [()])
-    assert not engine.seqs and len(engine.free_slots) == engine.max_batch
+        engine.add([prompt, prompt], [SamplingParams(), SamplingParams(logit_bias={tiny_config.vocab_size: 1.0})],
+                   [4, 4], [(), ()])
+    with pytest.raises(ValueError, match="min_tokens needs the sequence's 9 stop tokens"):
+        engine.submit(prompt, SamplingParams(min_tokens=2), 4, stop_tokens=range(9))
+    assert idle(engine)
 
 
 def _cost(compiled) -> dict:
@@ -154,24 +166,26 @@ def test_greedy_decode_costs_what_forward_and_argmax_cost(tiny_model_f32):
     of flops and transcendentals) what the forward pass plus an argmax costs; logprobs add work."""
     import jax
 
-    from gptoss_jax.inference import engine as E
+    from gptoss_jax.inference.engine_steps import forward_rows
     from gptoss_jax.inference.sampling import SampleMode, argmax
-    from gptoss_jax.model import transformer as M
 
     m = tiny_model_f32
     eng = Engine(m, max_batch=4, max_len=32)
     v = m.config.vocab_size
 
+    def inputs(mode):
+        return eng._rows(eng.max_batch, 1, eng._widths(mode))
+
     def lower(mode):
-        return _cost(E._decode.lower(m.params, eng.slots, m.config, m.runtime, mode).compile())
+        return _cost(eng.executables.get(eng.state, inputs(mode), mode))
 
-    def bare(params, cache, token, pos):
-        x, cache = M.hidden_states(params, token[:, None], pos[:, None], m.config, cache=cache, rt=m.runtime)
-        return argmax(M.unembed(params, x[:, 0])), cache
+    def bare(params, state, x):
+        logits, greedy, state = forward_rows(params, state, x, m.config, m.runtime)
+        return state, argmax(logits) if greedy is None else greedy
 
-    s = eng.slots
-    ref = _cost(jax.jit(bare).lower(m.params, s.cache, s.token, s.pos).compile())
-    greedy = lower(SampleMode.of([SamplingParams(temperature=0)], v))
+    mode = SampleMode.of([SamplingParams(temperature=0)], v)
+    ref = _cost(jax.jit(bare).lower(m.params, eng.state, inputs(mode)).compile())
+    greedy = lower(mode)
     assert greedy["flops"] == pytest.approx(ref["flops"], rel=1e-3)
     assert greedy["transcendentals"] == ref["transcendentals"]
     with_logprobs = lower(SampleMode.of([SamplingParams(temperature=0, logprobs=5)], v))

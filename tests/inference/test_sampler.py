@@ -86,13 +86,14 @@ def test_more_prompts_than_slots_join_between_steps(tiny_model_f32, prompts, gre
 
 def test_engine_rejects_bad_prompts(tiny_model_f32):
     eng = Engine(tiny_model_f32, max_batch=1, max_len=32)
-    s = [SamplingParams()]
+    s = SamplingParams()
     with pytest.raises(ValueError, match="empty prompt"):
-        eng.add([[]], s, [4], [()])
+        eng.submit([], s, 4, ())
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        eng.add([[1, 10_000]], s, [4], [()])
+        eng.submit([1, 10_000], s, 4, ())
     with pytest.raises(ValueError, match="exceeds the context"):
-        eng.add([[1] * 30], s, [4], [()])
+        eng.submit([1] * 30, s, 4, ())
+    assert eng.idle and not eng.seqs
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5),
@@ -116,10 +117,11 @@ def test_bf16_cached_decode_follows_full_forward(tiny_ckpts, prompts, tiny_confi
         model = model.with_runtime(ops=resolve(use_cpu_kernels=False))
         assert "cpu_kernel" not in str(model.runtime.ops.table())
     eng = Engine(model, max_batch=2, max_len=32)
-    assert all(c.dtype.name == "bfloat16" for c in eng.slots.cache)
+    pools = eng.state.k + eng.state.v
+    assert all(a.dtype.name == "uint16" for a in pools)  # bf16 stored as its bit patterns
     new = 2 * tiny_config.sliding_window + 3
     outs = generate(model, prompts, max_new_tokens=new, temperature=0.0, stop_tokens=(),
-                    decode_text=False)
+                    decode_text=False, engine=eng)
     checked = 0
     for p, out in zip(prompts, outs):
         seqs = list(p) + out.tokens

@@ -132,18 +132,21 @@ def test_probe_answers_for_every_kernel():
         cpu_kernels.available("nope")
 
 
-# The XLA fallback, forced: a fresh process where the kernels cannot run (the kill switch, or a
-# CPU without AVX-512 simulated by an empty flag set). The wrappers refuse with the reason; the
-# references (XLA's path) still give numpy's answer.
+# The XLA fallback, forced: a fresh process where the kernels cannot run (the kill switch, a CPU
+# without AVX-512 but with AVX2, or one without AVX2, simulated by the flag set). The wrappers
+# refuse with the reason; the references (XLA's path) still give numpy's answer. Without
+# AVX-512 the ISA-dispatched kernels still run, on their AVX2 branch.
 FALLBACK_SCRIPT = textwrap.dedent("""
     import json, sys
     import numpy as np
     import cpu_kernels
-    from cpu_kernels import build
+    from cpu_kernels import build, isa
     if sys.argv[1] == "no-avx512":
-        build.cpu_flags = lambda: set()
+        build.cpu_flags = lambda: {"sse2", "avx", "avx2", "fma", "f16c"}
+    if sys.argv[1] == "no-avx2":
+        build.cpu_flags = lambda: {"sse2", "avx"}
     from tests.kernels.test_cpu_kernels import grouped_case, matvec_case, rows_case
-    out = {"probe": cpu_kernels.probe(),
+    out = {"probe": cpu_kernels.probe(), "branch": isa.best(),
            "reasons": {n: cpu_kernels.unavailable_reason(n) for n in cpu_kernels.KERNELS}}
     x, blocks, scales, gs, want = grouped_case()
     got = cpu_kernels.grouped_matmul_reference(x, blocks, scales, gs)
@@ -154,6 +157,9 @@ FALLBACK_SCRIPT = textwrap.dedent("""
     x, w, want = rows_case(5)
     got = cpu_kernels.bf16_rows_reference(x, w)
     out["rows_err"] = float(np.max(np.abs(np.asarray(got) - want)) / np.abs(want).max())
+    if out["probe"]["bf16_gemv"]:
+        got = np.asarray(cpu_kernels.bf16_gemv(x, w)[0])
+        out["gemv_err"] = float(np.max(np.abs(got - want)) / np.abs(want).max())
     try:
         cpu_kernels.bf16_rows(x, w)
     except RuntimeError as e:
@@ -161,17 +167,25 @@ FALLBACK_SCRIPT = textwrap.dedent("""
     print(json.dumps(out))
 """)
 
+AVX512 = {n for n, k in cpu_kernels.KERNELS.items() if "avx512f" in k.cpu_flags}
+
 
 @pytest.mark.parametrize("how,reason", [("switch", "GPTOSS_JAX_CPU_KERNELS=0"),
-                                        ("no-avx512", "lacks avx512")])
+                                        ("no-avx512", "lacks avx512"),
+                                        ("no-avx2", "this CPU lacks")])
 def test_xla_fallback_when_kernels_cannot_run(how, reason):
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
            "GPTOSS_JAX_CPU_KERNELS": "0" if how == "switch" else "1"}
     proc = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT, how], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["probe"] == dict.fromkeys(cpu_kernels.KERNELS, False)
-    assert all(reason in r for r in out["reasons"].values()), out["reasons"]
+    off = AVX512 if how == "no-avx512" else set(cpu_kernels.KERNELS)
+    assert {n for n, ok in out["probe"].items() if not ok} == off
+    assert all(reason in out["reasons"][n] for n in off), out["reasons"]
     assert max(out["grouped_err"], out["matvec_err"], out["rows_err"]) < 1e-5
     assert "not available here" in out["refusal"] and reason in out["refusal"]
+    if how == "no-avx512":  # the dispatched kernels run their AVX2 branch
+        assert out["branch"] == "avx2" and out["gemv_err"] < 1e-5
+    elif how == "no-avx2":
+        assert out["branch"] is None

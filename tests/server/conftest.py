@@ -78,13 +78,16 @@ def serving(engine, *, model_name="tiny-chat", store=None, **app_kw):
 
 
 def settled(s, timeout: float = 30.0) -> dict:
-    """The server's stats once no request holds or waits for a slot (fails after ``timeout``)."""
+    """The server's stats once no request runs or waits in the engine (its pages released:
+    none in use beyond the null page) (fails after ``timeout``)."""
     import time
 
     deadline = time.time() + timeout
     while True:
         st = s.stats()
-        if st["active"] == 0 and st["waiting"] == 0 and st["free_slots"] == st["max_batch"]:
+        engine = st["engine"]
+        if (st["active"] == 0 and st["waiting"] == 0 and engine.get("running", 0) == 0
+                and engine.get("waiting", 0) == 0 and engine.get("kv_pages_in_use", 0) <= 1):
             return st
         assert time.time() < deadline, st
         time.sleep(0.05)

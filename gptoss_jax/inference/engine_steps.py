@@ -1,0 +1,124 @@
+"""The engine's one compiled step: run rows of tokens through the paged KV cache and sample a
+token per row.
+
+A decode step is ``rows = slots`` of one token each; a prefill step is ``rows`` chunks of up to
+``T`` tokens (padded to a power of two), each attending to its sequence's cached prefix and to
+itself through the page tables. Both are :func:`step`; the host (``engine.py``) decides the
+inputs, and they are all inputs: positions, tables and sampling settings come from the host each
+step (tiny next to the cache), so the only device state is the KV pools, donated and updated in
+place. The parts are separate functions so that each can grow on its own:
+
+* :func:`forward_rows` -- the model over the rows, logits of each row's last token;
+* :func:`sample_rows` -- the sampling call site (one token per row from its settings; the
+  randomness is ``fold_in(key(seed), step)``: a request's draw depends on its seed and on how
+  many tokens it has sampled, never on its row, its batch or a preemption in between). The
+  extras (penalties, ``logit_bias``, ``min_tokens``) are row inputs too
+  (``sampler_state.from_inputs``), and logprobs are computed for every row when the static
+  ``SampleMode.logprobs`` says some row wants them; without it the step returns ``None`` in
+  their place and compiles to exactly the step without logprobs.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+from gptoss_jax.inference import engine_state
+from gptoss_jax.inference.engine_state import EngineState
+from gptoss_jax.inference.sampler_state import from_inputs
+from gptoss_jax.inference.sampling import SampleMode, sample_step
+from gptoss_jax.model import transformer as M
+from gptoss_jax.model.kv_cache import PagedCache
+
+
+def forward_rows(params, state: EngineState, inputs: dict, config, runtime):
+    """Logits ``[rows, v]`` at each row's ``last`` token, their argmax ``[rows]`` where the
+    unembedding took it in the same pass (the CPU kernel; else None), and the state with the
+    rows' keys and values written into their pages."""
+    cache = PagedCache(state.k, state.v, inputs["tables"])
+    x, cache = M.hidden_states(params, inputs["tokens"], inputs["pos"], config, cache=cache,
+                               rt=runtime)
+    last = jnp.take_along_axis(x, inputs["last"][:, None, None], axis=1)[:, 0]  # [rows, d]
+    logits, greedy = M.unembed_greedy(params, last, runtime)
+    return logits, greedy, EngineState(cache.k, cache.v)
+
+
+def row_keys(seed_lo, seed_hi, step):
+    """PRNG keys ``[rows]``: ``key(seed)`` (all 64 bits: the high word folded in when set, as
+    ``sampling.seed_keys``), then the step folded in."""
+    keys = jax.vmap(jax.random.key)(seed_lo)
+    folded = jax.vmap(jax.random.fold_in)(keys, seed_hi)
+    data = jnp.where((seed_hi != 0)[:, None], jax.random.key_data(folded),
+                     jax.random.key_data(keys))
+    return jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(data), step)
+
+
+def sample_rows(logits, inputs: dict, mode: SampleMode, greedy=None):
+    """The sampling call site: one token per row from its settings (``mode`` static); returns
+    the tokens and their ``StepLogprobs`` (None unless ``mode.logprobs``)."""
+    keys = row_keys(inputs["seed_lo"], inputs["seed_hi"], inputs["step"])
+    rows = from_inputs(inputs, logits.shape[-1], history=mode.history)
+    return sample_step(logits, rows, mode, keys=keys, greedy=greedy)
+
+
+def step(params, state: EngineState, inputs: dict, config, runtime, mode: SampleMode):
+    """``(state, tokens [rows], logprobs)``: the rows through the model, then a token for each
+    (``logprobs``: ``StepLogprobs``, or None unless ``mode.logprobs``)."""
+    logits, greedy, state = forward_rows(params, state, inputs, config, runtime)
+    tokens, logprobs = sample_rows(logits, inputs, mode, greedy)
+    return state, tokens, logprobs
+
+
+def _signature(tree) -> tuple:
+    """Structure, shapes, dtypes and shardings of a tree of arrays (what a compile depends on)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((a.shape, a.dtype, getattr(a, "sharding", None)) for a in leaves)
+
+
+class Executables:
+    """Steps compiled ahead of time, one per (rows, T, sample mode), with the engine state's
+    shardings as their input and output shardings (``engine_state.step_shardings``).
+
+    Compiled steps are shared by every engine of the same model, mesh and pool shape (a
+    process-wide LRU of :data:`CACHE_SIZE`), so ``gptoss_jax.generate`` called again does not
+    compile again."""
+
+    def __init__(self, model, mesh):
+        self.model, self.mesh = model, mesh
+        self._model_key = (model.config, model.runtime, _signature(model.params))
+        self.compile_s = 0.0  # time spent compiling so far (reported apart from run time)
+
+    def key(self, state: EngineState, inputs: dict, mode: SampleMode) -> tuple:
+        """What a compiled step is looked up by."""
+        return (self._model_key, _signature(state),
+                tuple((n, a.shape, a.dtype) for n, a in sorted(inputs.items())), mode)
+
+    def get(self, state: EngineState, inputs: dict, mode: SampleMode):
+        key = self.key(state, inputs, mode)
+        exe = _COMPILED.pop(key, None)
+        if exe is None:
+            t0 = time.perf_counter()
+            abstract = {n: jax.ShapeDtypeStruct(a.shape, a.dtype) for n, a in inputs.items()}
+            ins, outs = engine_state.step_shardings(self.model.params, state, abstract, self.mesh)
+            kw = {} if ins is None else {"in_shardings": ins, "out_shardings": outs}
+            fn = jax.jit(step, static_argnums=(3, 4, 5), donate_argnums=(1,), **kw)
+            exe = fn.lower(self.model.params, state, abstract, self.model.config,
+                           self.model.runtime, mode).compile()
+            self.compile_s += time.perf_counter() - t0
+        _COMPILED[key] = exe  # most recently used last
+        while len(_COMPILED) > CACHE_SIZE:
+            _COMPILED.pop(next(iter(_COMPILED)))
+        return exe
+
+    def run(self, state: EngineState, inputs: dict, mode: SampleMode):
+        """``(state, tokens, logprobs)`` of one step on host ``inputs`` (numpy); tokens and
+        logprobs (None unless ``mode.logprobs``: only then are they copied) as numpy."""
+        exe = self.get(state, inputs, mode)
+        state, tokens, lp = exe(self.model.params, state, engine_state.place_inputs(inputs, self.mesh))
+        return state, jax.device_get(tokens), None if lp is None else jax.device_get(lp)
+
+
+CACHE_SIZE = 64
+_COMPILED: dict[tuple, object] = {}
