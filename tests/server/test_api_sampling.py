@@ -80,8 +80,14 @@ def test_n_choices_distinct_sampled_identical_greedy(served, prompt):
     assert len(set(texts)) == 4 and [c.index for c in sampled.choices] == [0, 1, 2, 3]
     assert sampled.usage.completion_tokens == 4 * 8 and sampled.usage.prompt_tokens == len(prompt)
     assert sampled.usage.prompt_tokens_details.cached_tokens == 0
-    shared = [k for k in served.engine.compiled if k[0] == "prefill" and k[3] == 4]
-    assert shared and all(k[1] == 1 for k in shared)  # four sequences from one prefilled prompt row
+    # the prompt is prefilled once: the other choices take its full pages from the prefix cache
+    long = prompt * 6
+    page = served.engine.pages.page_size
+    assert len(long) >= 2 * page
+    before = served.engine.stats()["prefix_hit_tokens"]
+    shared = _complete(served, long, n=4, temperature=1.0, seed=7)
+    assert shared.usage.prompt_tokens == len(long) and shared.usage.completion_tokens == 4 * 8
+    assert served.engine.stats()["prefix_hit_tokens"] - before == 3 * (len(long) // page * page)
     greedy = _complete(served, prompt, n=3)
     assert len({c.text for c in greedy.choices}) == 1
     # choice j samples as the same request with seed + j would (vLLM's rule)
