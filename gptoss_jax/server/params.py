@@ -14,11 +14,9 @@ and ``tool_choice`` are where a request's structured-output or tool-choice rules
 
 from __future__ import annotations
 
-import secrets
 from typing import Any
 
 from gptoss_jax.chat.render import EFFORTS
-from gptoss_jax.inference.sampling import SamplingParams
 from gptoss_jax.server.errors import APIError, unsupported
 from gptoss_jax.server.state import ServerState
 
@@ -93,14 +91,6 @@ def token_budget(st: ServerState, prompt_len: int, requested: int | None, param:
                        f"this server's context of {ctx} tokens (at most {ctx - prompt_len} "
                        f"more tokens fit)", param=param, code="context_length_exceeded")
     return requested
-
-
-def sampling_of(temperature: float | None, top_p: float | None, seed: int | None) -> SamplingParams:
-    """OpenAI's defaults (temperature 1, top_p 1); no seed: a fresh random one (the sampler
-    uses all 64 bits of a seed)."""
-    return SamplingParams(temperature=1.0 if temperature is None else float(temperature),
-                          top_p=1.0 if top_p is None else float(top_p),
-                          seed=secrets.randbits(63) if seed is None else int(seed))
 
 
 def effort_of(value: Any, param: str) -> str:

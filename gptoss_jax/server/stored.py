@@ -2,7 +2,8 @@
 
 A record's ``conversation`` is ``{"messages": [...]}``: the harmony conversation that a
 ``previous_response_id`` follow-up continues (the input messages, stored ones first, and the
-reply), each ``chat.messages.Message`` as the dict of its fields. Instructions are not in it:
+reply), each ``chat.messages.Message`` as the dict of its fields (its tool calls' too: a
+built-in call keeps its channel and content type). Instructions are not in it:
 they are a rendering option of each request, so a follow-up's ``instructions`` replace the
 previous ones, as OpenAI documents. The conversation is an object so that other per-chain state
 can sit beside the messages.
@@ -20,7 +21,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from gptoss_jax.chat.messages import Message
+from gptoss_jax.chat.messages import Message, ToolCall
 from gptoss_jax.server.reply import new_id
 from gptoss_jax.server.response_store import StoredResponse
 
@@ -34,7 +35,8 @@ def messages_json(messages: Sequence[Message]) -> list[dict]:
 def messages_of(record: StoredResponse) -> list[Message]:
     """The stored conversation's messages (``Message`` objects again)."""
     data = record.conversation if isinstance(record.conversation, Mapping) else {}
-    return [Message(**{**m, "tool_calls": tuple(m.get("tool_calls") or ())}) for m in data.get("messages", [])]
+    return [Message(**{**m, "tool_calls": tuple(ToolCall(**tc) for tc in m.get("tool_calls") or ())})
+            for m in data.get("messages", [])]
 
 
 def conversation_json(messages: Sequence[Message]) -> dict:
