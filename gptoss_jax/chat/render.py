@@ -123,7 +123,7 @@ def _to_harmony(m: Message) -> list[oh.Message]:
                 oh.Message.from_role_and_content(A, tc.arguments)
                 .with_channel("commentary")
                 .with_recipient(tc.target)
-                .with_content_type("json")
+                .with_content_type(tc.content_type)
             )
     elif m.content or not m.thinking:
         out.append(oh.Message.from_role_and_content(A, m.content).with_channel("final"))

@@ -12,6 +12,18 @@ position, last token, PRNG key and sampling settings. Two compiled functions do 
 
 The host loop checks stop tokens and budgets per slot; new sequences join between steps
 (continuous batching: the server drives the same engine).
+
+Constrained decoding (Structured Outputs, tool choice): a sequence may carry a compiled
+constraint (``add(..., constraints=)``), kept per slot by ``self.constraints``
+(:mod:`gptoss_jax.inference.slot_constraints`). Sampling takes a token bitmask int32 ``[slots,
+ceil(vocab / 32)]`` (fixed shape: no recompile per request), applied to the logits before
+temperature, filters and greedy; free slots' rows are all ones, and a batch without
+constraints passes a constant all-ones device array to the fused ``decode``. A batch with
+constraints runs the step in two halves, ``decode_forward`` (dispatched asynchronously) and
+``decode_sample``: the host fills the mask while the device runs the forward pass, so the mask
+costs no sequential time unless it is slower than the forward. Prefill's first token is masked
+the same way. A slot whose constraint dead-ends ends with finish reason ``"error"``
+(``SlotSequence.error`` says why) and no token; the others carry on.
 """
 
 from __future__ import annotations
@@ -26,7 +38,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gptoss_jax.inference.constraints.mask import apply_token_mask
 from gptoss_jax.inference.sampling import SampleMode, SamplingParams, sample
+from gptoss_jax.inference.slot_constraints import SlotConstraints
 from gptoss_jax.model import transformer as M
 
 MIN_BUCKET = 16
@@ -65,7 +79,7 @@ def _prefill(params, slots: Slots, batch, config, runtime, mode: SampleMode):
     pos = M.positions_from_lengths(tokens, lengths)
     x, fresh = M.hidden_states(params, tokens, pos, config, cache=fresh, rt=runtime, fresh=True)
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [n, d]
-    logits = M.unembed(params, last)
+    logits = apply_token_mask(M.unembed(params, last), batch["mask"])
     keys = jax.vmap(jax.random.fold_in)(batch["key"], jnp.zeros(n, jnp.int32))
     first = sample(logits, keys, batch["temperature"], batch["top_k"], batch["top_p"],
                    batch["min_p"], mode=mode)
@@ -81,20 +95,44 @@ def _prefill(params, slots: Slots, batch, config, runtime, mode: SampleMode):
     return s, first
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4), donate_argnums=(1,))
-def _decode(params, slots: Slots, config, runtime, mode: SampleMode):
-    """Feed every slot's last token, return the next one for each slot."""
+def _forward(params, slots: Slots, config, runtime):
+    """Feed every slot's last token: the next-token logits [B, V] and the updated cache."""
     pos = slots.pos[:, None]
     x, cache = M.hidden_states(params, slots.token[:, None], pos, config, cache=slots.cache,
                                rt=runtime)
-    logits = M.unembed(params, x[:, 0])
+    return M.unembed(params, x[:, 0]), cache
+
+
+def _sample_next(slots: Slots, logits, mask, mode: SampleMode):
+    """Mask the logits, sample the next token of every slot, advance the active ones."""
+    logits = apply_token_mask(logits, mask)
     keys = jax.vmap(jax.random.fold_in)(slots.key, slots.step)
     nxt = sample(logits, keys, slots.temperature, slots.top_k, slots.top_p, slots.min_p,
                  mode=mode)
     active = slots.pos >= 0
     nxt = jnp.where(active, nxt, 0)
-    return slots._replace(cache=cache, pos=jnp.where(active, slots.pos + 1, -1), token=nxt,
+    return slots._replace(pos=jnp.where(active, slots.pos + 1, -1), token=nxt,
                           step=slots.step + active), nxt
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5), donate_argnums=(1,))
+def _decode(params, slots: Slots, mask, config, runtime, mode: SampleMode):
+    """One decode step in one executable: the next token for each slot under ``mask``."""
+    logits, cache = _forward(params, slots, config, runtime)
+    return _sample_next(slots._replace(cache=cache), logits, mask, mode)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3), donate_argnums=(1,))
+def _decode_forward(params, slots: Slots, config, runtime):
+    """The first half of a constrained decode step: logits, and the slots with the new cache."""
+    logits, cache = _forward(params, slots, config, runtime)
+    return logits, slots._replace(cache=cache)
+
+
+@functools.partial(jax.jit, static_argnums=(3,), donate_argnums=(0,))
+def _decode_sample(slots: Slots, logits, mask, mode: SampleMode):
+    """The second half: sampling under the mask the host filled while the forward ran."""
+    return _sample_next(slots, logits, mask, mode)
 
 
 @dataclasses.dataclass
@@ -105,7 +143,8 @@ class SlotSequence:
     max_new_tokens: int
     stop_tokens: frozenset
     tokens: list[int] = dataclasses.field(default_factory=list)
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "error" (a constraint dead-ended)
+    error: str | None = None  # why, for "error"
 
 
 class Engine:
@@ -135,6 +174,7 @@ class Engine:
         self.batch_sizes: list[int] = []  # active slots per decode step (for reports)
         self.compiled: dict[tuple, object] = {}  # AOT executables, one per shape bucket
         self.compile_s = 0.0  # time spent compiling so far (reported apart from run time)
+        self.constraints = SlotConstraints(max_batch, c.vocab_size)  # per-slot masks (hook)
 
     def _executable(self, key: tuple, fn, *args):
         """Compile ``fn`` for these argument shapes once (ahead of time) and reuse it."""
@@ -156,8 +196,8 @@ class Engine:
         mode = SampleMode.of(samplings, self.config.vocab_size)
         self._executable(("prefill", num_prompts, t, mode), _prefill, self.model.params, self.slots,
                          batch, self.config, self.model.runtime, mode)
-        self._executable(("decode", mode), _decode, self.model.params, self.slots, self.config,
-                         self.model.runtime, mode)
+        self._executable(("decode", mode), _decode, self.model.params, self.slots,
+                         self.constraints.ones(self.max_batch), self.config, self.model.runtime, mode)
         return self.compile_s - before
 
     # -- slots ---------------------------------------------------------------------------------
@@ -176,28 +216,38 @@ class Engine:
                              f"exceeds the context of {self.max_len} tokens")
 
     def add(self, prompts: Sequence[Sequence[int]], samplings: Sequence[SamplingParams],
-            max_new_tokens: Sequence[int], stop_tokens: Sequence[Iterable[int]]) -> list[tuple[int, int]]:
-        """Prefill prompts into free slots; returns (slot, first token) per prompt."""
+            max_new_tokens: Sequence[int], stop_tokens: Sequence[Iterable[int]],
+            constraints: Sequence | None = None) -> list[tuple[int, int | None]]:
+        """Prefill prompts into free slots; returns (slot, first token) per prompt.
+
+        ``constraints``: a compiled ``constraints.Constraint`` or None per prompt (whole-turn
+        ones start after the prompt's last ``<|start|>assistant``). The first token is None for
+        a sequence whose constraint dead-ended at once (finish reason ``"error"``)."""
         free = self.free_slots
         if len(prompts) > len(free):
             raise RuntimeError(f"{len(prompts)} prompts but only {len(free)} free slots")
         for p, m in zip(prompts, max_new_tokens):
             self.check_prompt(p, m)
         slot_ids = free[:len(prompts)]
-        batch = self._batch(prompts, samplings, slot_ids)
-        n, t = batch["tokens"].shape
-        mode = SampleMode.of(samplings, self.config.vocab_size)
-        exe = self._executable(("prefill", n, t, mode), _prefill, self.model.params,
-                               self.slots, batch, self.config, self.model.runtime, mode)
-        self.slots, first = exe(self.model.params, self.slots, batch)
+        self.constraints.attach(slot_ids, constraints or [None] * len(prompts), prompts)
+        try:
+            batch = self._batch(prompts, samplings, slot_ids)
+            n, t = batch["tokens"].shape
+            mode = SampleMode.of(samplings, self.config.vocab_size)
+            exe = self._executable(("prefill", n, t, mode), _prefill, self.model.params,
+                                   self.slots, batch, self.config, self.model.runtime, mode)
+            self.slots, first = exe(self.model.params, self.slots, batch)
+        except BaseException:
+            for slot in slot_ids:
+                self.constraints.release(slot)
+            raise
         first = np.asarray(first).tolist()
         out = []
         for slot, p, s, m, st, tok in zip(slot_ids, prompts, samplings, max_new_tokens,
                                           stop_tokens, first):
             seq = SlotSequence(list(p), s, m, frozenset(st))
             self.seqs[slot] = seq
-            self._record(slot, tok)
-            out.append((slot, tok))
+            out.append((slot, self._record(slot, tok)))
         return out
 
     def _batch(self, prompts, samplings, slot_ids) -> dict:
@@ -214,38 +264,57 @@ class Engine:
             "top_k": jnp.asarray([min(s.top_k, self.config.vocab_size) for s in samplings], jnp.int32),
             "top_p": jnp.asarray([s.top_p for s in samplings], jnp.float32),
             "min_p": jnp.asarray([s.min_p for s in samplings], jnp.float32),
+            "mask": self.constraints.prefill_mask(slot_ids),
         }
 
-    def _record(self, slot: int, token: int) -> None:
+    def _record(self, slot: int, token: int) -> int | None:
+        """Book a sampled token; None (and finish reason "error") if its constraint failed."""
         seq = self.seqs[slot]
+        error = self.constraints.accept(slot, token)
+        if error is not None:
+            seq.finish_reason, seq.error = "error", error
+            return None
         seq.tokens.append(token)
-        if token in seq.stop_tokens:
+        if token in seq.stop_tokens or self.constraints.done(slot):
             seq.finish_reason = "stop"
         elif len(seq.tokens) >= seq.max_new_tokens:
             seq.finish_reason = "length"
+        return token
 
     def release(self, slot: int) -> SlotSequence | None:
         """Free a slot (finished, or its client went away)."""
         seq = self.seqs.pop(slot, None)
+        self.constraints.release(slot)
         if seq is not None:
             self.slots = self.slots._replace(pos=self.slots.pos.at[slot].set(-1))
         return seq
 
-    def step(self) -> list[tuple[int, int]]:
-        """One decode step for every unfinished slot; returns (slot, token) pairs."""
+    def step(self) -> list[tuple[int, int | None]]:
+        """One decode step for every unfinished slot; returns (slot, token) pairs (token None:
+        the slot's constraint dead-ended, its sequence ended with finish reason "error")."""
         for slot in [s for s, q in self.seqs.items() if q.finish_reason]:
             self.release(slot)
         if not self.seqs:
             return []
         mode = SampleMode.of([q.sampling for q in self.seqs.values()], self.config.vocab_size)
-        exe = self._executable(("decode", mode), _decode, self.model.params, self.slots,
-                               self.config, self.model.runtime, mode)
-        self.slots, nxt = exe(self.model.params, self.slots)
+        params, rt = self.model.params, self.model.runtime
+        if self.constraints.active:
+            fwd = self._executable(("decode_forward",), _decode_forward, params, self.slots,
+                                   self.config, rt)
+            logits, slots = fwd(params, self.slots)  # dispatched; runs while the host fills
+            try:
+                mask = self.constraints.step_mask()
+            except BaseException:
+                self.slots = slots  # the donated state lives on here (a rerun rewrites the same KV)
+                raise
+            sample_exe = self._executable(("decode_sample", mode), _decode_sample, slots, logits,
+                                          mask, mode)
+            self.slots, nxt = sample_exe(slots, logits, mask)
+        else:
+            ones = self.constraints.ones(self.max_batch)
+            exe = self._executable(("decode", mode), _decode, params, self.slots, ones,
+                                   self.config, rt, mode)
+            self.slots, nxt = exe(params, self.slots, ones)
         nxt = np.asarray(nxt)
         self.batch_sizes.append(len(self.seqs))
-        out = []
-        for slot in list(self.seqs):
-            tok = int(nxt[slot])
-            self._record(slot, tok)
-            out.append((slot, tok))
-        return out
+        return [(slot, self._record(slot, int(nxt[slot]))) for slot in list(self.seqs)]

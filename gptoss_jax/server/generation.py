@@ -2,8 +2,9 @@
 
 Every endpoint does the same three things around its own output format:
 
-* ``submit(st, prompt, sampling, max_new_tokens)`` hands the job to the scheduler (the stop
-  tokens are harmony's: ``<|return|>``, ``<|call|>``, ``<|endoftext|>``);
+* ``submit(st, prompt, sampling, max_new_tokens, constraint)`` hands the job to the scheduler
+  (the stop tokens are harmony's: ``<|return|>``, ``<|call|>``, ``<|endoftext|>``; the
+  constraint, if any, is the request's compiled output rules from ``params.request_constraint``);
 * a **consumer** (``ReplyTracker`` for the chat formats, the completions' text decoder) takes
   ``feed(token, finish)``, says when it has ``stopped`` by itself (then the job is cancelled:
   the slot is free for the next request at once), and is closed by ``end()``;
@@ -12,7 +13,9 @@ Every endpoint does the same three things around its own output format:
   events, cancelling the job however the stream ends (a client that disconnects included).
 
 A failure inside the engine reaches a plain request as a 500 with OpenAI's error object, and a
-stream as the endpoint's own error event (``stream`` re-raises :class:`EngineError`).
+stream as the endpoint's own error event (``stream`` re-raises :class:`EngineError`). A
+constraint that dead-ended (:class:`ConstraintFailed`) is left to the endpoint (``collect``
+re-raises it): the Responses API reports it as a failed response.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from fastapi.responses import StreamingResponse
 from gptoss_jax.chat.encoding import STOP_TOKENS
 from gptoss_jax.inference.sampling import SamplingParams
 from gptoss_jax.server.errors import APIError
-from gptoss_jax.server.scheduler import EngineError, Job, Scheduler
+from gptoss_jax.server.scheduler import ConstraintFailed, EngineError, Job, Scheduler
 from gptoss_jax.server.state import ServerState
 
 
@@ -45,8 +48,9 @@ class Consumer(Protocol):
         """The generation ended; the last outputs. A no-op when already ended."""
 
 
-def submit(st: ServerState, prompt: list[int], sampling: SamplingParams, max_new_tokens: int) -> Job:
-    return st.scheduler.submit(prompt, sampling, max_new_tokens, STOP_TOKENS)
+def submit(st: ServerState, prompt: list[int], sampling: SamplingParams, max_new_tokens: int,
+           constraint=None) -> Job:
+    return st.scheduler.submit(prompt, sampling, max_new_tokens, STOP_TOKENS, constraint)
 
 
 async def _wait_job(job: Job, request: Request, scheduler: Scheduler,
@@ -73,8 +77,12 @@ async def _wait_job(job: Job, request: Request, scheduler: Scheduler,
         if not runner.done():  # the client went away (or this handler was cancelled)
             runner.cancel()
             scheduler.cancel(job)
+    if not runner.done():  # cancelled above, not yet unwound: the client left
+        raise asyncio.CancelledError
     try:
         runner.result()  # re-raises an engine error, or CancelledError for a client that left
+    except ConstraintFailed:
+        raise
     except EngineError as e:
         raise APIError(f"Generation failed: {e}", status=500, type="server_error",
                        code="server_error") from None

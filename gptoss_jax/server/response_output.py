@@ -11,10 +11,13 @@ any moment. :class:`StreamEvents` turns the reply's item operations (``server.re
       message:   response.content_part.added, response.output_text.delta*,
                  response.output_text.done, response.content_part.done
       function:  response.function_call_arguments.delta*, response.function_call_arguments.done
+      custom:    response.custom_tool_call_input.delta*, response.custom_tool_call_input.done
     response.output_item.done,
     response.completed (or response.incomplete when max_output_tokens cut the reply)
 
-and, on a decode failure, ``error`` + ``response.failed``. A new kind of output item (a built-in
+and, on a decode failure (an engine error, or the request's output constraint dead-ending),
+``error`` + ``response.failed``; a plain request gets the response object with status
+``failed`` and its ``error``. A new kind of output item (a built-in
 tool's call, say) needs its JSON in ``item_json`` and its events in ``StreamEvents.ops``.
 """
 
@@ -32,7 +35,11 @@ _CONTENT = {"reasoning": ("reasoning_text", "response.reasoning_text"),
 
 
 def tool_json(tool: dict) -> dict:
-    """A function tool as the response object lists it (either request shape in)."""
+    """A function or custom tool as the response object lists it (either request shape in)."""
+    if tool.get("type") == "custom":
+        c = tool.get("custom", tool)
+        return {"type": "custom", "name": c["name"], "description": c.get("description"),
+                "format": c.get("format") or {"type": "text"}}
     fn = tool.get("function", tool)
     return {"type": "function", "name": fn["name"], "description": fn.get("description"),
             "parameters": fn.get("parameters"), "strict": fn.get("strict")}
@@ -54,6 +61,9 @@ def item_json(item: Item, done: bool) -> dict:
         content = [_part("message", item.text)] if done else []
         return {"type": "message", "id": item.id, "role": "assistant", "status": status,
                 "phase": item.phase, "content": content}
+    if item.kind == "custom_tool_call":
+        return {"type": "custom_tool_call", "id": item.id, "call_id": item.call_id,
+                "name": item.name, "input": item.text if done else "", "status": status}
     return {"type": "function_call", "id": item.id, "call_id": item.call_id, "name": item.name,
             "arguments": item.text if done else "", "status": status}
 
@@ -62,13 +72,13 @@ class ResponseRun:
     """One response being generated: the request's echoed fields and the reply so far."""
 
     def __init__(self, req: ResponsesRequest, *, model: str, prompt_len: int, effort: str,
-                 tools: list[dict]):
+                 tools: list[dict], custom_tools: frozenset[str] = frozenset()):
         self.req, self.model, self.prompt_len, self.effort = req, model, prompt_len, effort
         self.tools = [tool_json(t) for t in tools]
         self.id = new_id("resp")
         self.created_at = int(time.time())
         self.completed_at: int | None = None
-        self.tracker = ReplyTracker()
+        self.tracker = ReplyTracker(custom_tools)
         self.status = "in_progress"
         self.error: dict | None = None
 
@@ -80,9 +90,13 @@ class ResponseRun:
             self.status = "incomplete" if self.tracker.cut else "completed"
             self.completed_at = int(time.time())
 
-    def fail(self, message: str) -> None:
+    def fail(self, message: str) -> list[Op]:
+        """The generation failed: status failed with OpenAI's error object; the item it was
+        writing is closed as incomplete (its ops returned, for a stream)."""
+        ops = self.tracker.end("error")
         self.status = "failed"
         self.error = {"code": "server_error", "message": message}
+        return ops
 
     # -- the response object ------------------------------------------------------------------
     def usage(self) -> dict:
@@ -110,7 +124,7 @@ class ResponseRun:
             "store": req.store is not False,
             "temperature": 1.0 if req.temperature is None else req.temperature,
             "top_p": 1.0 if req.top_p is None else req.top_p,
-            "text": {"format": {"type": "text"}},
+            "text": {"format": (req.text or {}).get("format") or {"type": "text"}},
             "tool_choice": req.tool_choice or "auto", "tools": self.tools,
             "truncation": req.truncation or "disabled", "usage": self.usage() if done else None,
             "user": req.user, "metadata": req.metadata or {},
@@ -140,6 +154,7 @@ class StreamEvents:
             at = {"item_id": item.id, "output_index": self.index[item.id]}
             content = _CONTENT.get(item.kind)
             extra = {"logprobs": []} if item.kind == "message" else {}
+            custom = item.kind == "custom_tool_call"
             if op.kind == "open":
                 out.append(self.event("response.output_item.added", output_index=at["output_index"],
                                       item=item_json(item, False)))
@@ -150,6 +165,8 @@ class StreamEvents:
                 if content:
                     out.append(self.event(f"{content[1]}.delta", **at, content_index=0,
                                           delta=op.text, **extra))
+                elif custom:
+                    out.append(self.event("response.custom_tool_call_input.delta", **at, delta=op.text))
                 else:
                     out.append(self.event("response.function_call_arguments.delta", **at, delta=op.text))
             else:
@@ -158,6 +175,8 @@ class StreamEvents:
                                           **extra))
                     out.append(self.event("response.content_part.done", **at, content_index=0,
                                           part=_part(item.kind, item.text)))
+                elif custom:
+                    out.append(self.event("response.custom_tool_call_input.done", **at, input=item.text))
                 else:
                     out.append(self.event("response.function_call_arguments.done", **at,
                                           name=item.name, arguments=item.text))

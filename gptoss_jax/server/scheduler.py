@@ -13,9 +13,15 @@ Prefill groups are powers of two up to ``max_prefill_batch`` (each group size an
 is compiled once, so the set of shapes stays small). A failure inside the engine ends the jobs
 it touched with an error; the thread keeps serving.
 
+A job may carry a compiled output constraint (``submit(..., constraint=)``), handed to the
+engine's ``add(..., constraints=)`` with its group. A constraint that dead-ends mid-generation
+(the engine returns no token for that slot, finish reason "error") ends that job with
+:class:`ConstraintFailed`; the other jobs carry on.
+
 The engine is duck-typed: anything with ``add``, ``step``, ``release``, ``seqs``,
 ``free_slots``, ``max_batch``, ``max_len``, ``batch_sizes`` and ``compile`` works (the tests
-drive a scripted stub through the same interface).
+drive a scripted stub through the same interface); ``add`` is given ``constraints=`` only when
+some job of the group has one.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 from gptoss_jax.inference.sampling import SamplingParams
 
@@ -38,6 +45,11 @@ _ids = itertools.count(1)
 
 class EngineError(RuntimeError):
     """The engine failed while running a job (reported to the client as a server error)."""
+
+
+class ConstraintFailed(EngineError):
+    """The job's output constraint dead-ended (no token was allowed): its generation ended
+    with an error; the engine and the other jobs carry on."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -50,6 +62,7 @@ class Job:
     stop_tokens: frozenset
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)
+    constraint: Any = None  # a compiled inference.constraints.Constraint, or None
     id: int = dataclasses.field(default_factory=lambda: next(_ids))
     submitted_at: float = dataclasses.field(default_factory=time.perf_counter)
     # scheduler-thread state
@@ -99,11 +112,11 @@ class Scheduler:
         return self.engine.max_len
 
     def submit(self, prompt: Sequence[int], sampling: SamplingParams, max_new_tokens: int,
-               stop_tokens) -> Job:
+               stop_tokens, constraint=None) -> Job:
         if not self.alive:
             raise EngineError("the generation thread is not running")
         job = Job(list(prompt), sampling, int(max_new_tokens), frozenset(stop_tokens),
-                  asyncio.get_running_loop())
+                  asyncio.get_running_loop(), constraint=constraint)
         self._inbox.put(("submit", job))
         return job
 
@@ -138,6 +151,7 @@ class Scheduler:
                 "max_context": self.engine.max_len,
                 "active": len(self._active),
                 "waiting": len(self._pending),
+                "constrained_slots": self._constrained_slots(),
                 "decode_steps": steps,
                 "decode_batch_sizes": {str(k): v for k, v in hist.items()},
                 "mean_decode_batch": round(sum(k * v for k, v in hist.items()) / steps, 3) if steps else None,
@@ -151,6 +165,11 @@ class Scheduler:
                 "compile_s": round(getattr(self.engine, "compile_s", 0.0), 3),
                 "uptime_s": round(time.time() - self.started_at, 3),
             }
+
+    def _constrained_slots(self) -> int:
+        """Engine slots holding a constraint matcher (0 for an engine without constraints)."""
+        batch = getattr(getattr(self.engine, "constraints", None), "batch", None)
+        return len(batch.constrained) if batch is not None else 0
 
     # -- the scheduler thread ---------------------------------------------------------------------
     def _run(self) -> None:
@@ -225,10 +244,12 @@ class Scheduler:
             k = min(free, len(self._pending), self.max_prefill_batch)
             k = 1 << (k.bit_length() - 1)  # powers of two: few compiled prefill shapes
             group = [self._pending.popleft() for _ in range(k)]
+            extra = ({"constraints": [j.constraint for j in group]}
+                     if any(j.constraint is not None for j in group) else {})
             try:
                 added = self.engine.add([j.prompt for j in group], [j.sampling for j in group],
                                         [j.max_new_tokens for j in group],
-                                        [j.stop_tokens for j in group])
+                                        [j.stop_tokens for j in group], **extra)
             except Exception as e:
                 log.exception("prefill failed for %d request(s)", len(group))
                 for job in group:
@@ -260,8 +281,13 @@ class Scheduler:
             if job is not None:
                 self._emit(job, tok)
 
-    def _emit(self, job: Job, tok: int) -> None:
+    def _emit(self, job: Job, tok: int | None) -> None:
         seq = self.engine.seqs.get(job.slot)
+        if tok is None:  # the job's constraint dead-ended: no token, the job fails
+            why = getattr(seq, "error", None) or "no token is allowed"
+            self._release(job)
+            self._finish(job, ConstraintFailed(f"the output constraint dead-ended: {why}"))
+            return
         reason = seq.finish_reason if seq is not None else "stop"
         with self._lock:
             self._counts["generated_tokens"] += 1

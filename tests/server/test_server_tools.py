@@ -93,7 +93,7 @@ class ScriptedEngine:
     def free_slots(self):
         return [i for i in range(self.max_batch) if i not in self.seqs]
 
-    def add(self, prompts, samplings, max_new_tokens, stop_tokens):
+    def add(self, prompts, samplings, max_new_tokens, stop_tokens, constraints=None):  # replays, unconstrained
         out = []
         for p, s, m, st in zip(prompts, samplings, max_new_tokens, stop_tokens):
             slot = self.free_slots[0]
