@@ -16,6 +16,11 @@ unembedding row carries a random part in the complement, so their next-token log
 every decision there. Script tokens themselves carry a small random complement part too
 (``mix``), so the logits after the script's last token are random rather than exactly flat.
 
+Optionally a unigram ``prior`` (logits added after every token, ``[vocab]``) shapes those free
+choices without regard to what they are for: e.g. a few logits on short tokens, so that free
+strings end in a few tokens rather than hundreds. It rides on one direction shared by every
+embedding, so it never competes with a successor's margin.
+
 A token with two different successors cannot be scripted (``successors`` raises). Check each
 script against transformers' greedy generation and openai-harmony's parser (the tests of this
 helper do).
@@ -51,9 +56,11 @@ def script_successors(*scripts: Sequence[int]) -> dict[int, int]:
 
 
 def scripted_getter(config: GptOssConfig, successors: Mapping[int, int], *, seed: int = 0,
-                    gain: float = 8.0, noise: float = 0.3, mix: float = 0.5):
+                    gain: float = 8.0, noise: float = 0.3, mix: float = 0.5,
+                    prior: np.ndarray | None = None):
     """``get(path) -> np.ndarray`` for ``convert.writer.write_checkpoint``: the bigram machine's
-    embedding, unembedding, zero attention output and experts; the rest random."""
+    embedding, unembedding, zero attention output and experts; the rest random. ``prior``: an
+    optional ``[vocab]`` unigram logit prior (module docstring)."""
     v, d = config.vocab_size, config.hidden_size
     heads = sorted(successors)
     k = len(heads)
@@ -64,17 +71,24 @@ def scripted_getter(config: GptOssConfig, successors: Mapping[int, int], *, seed
         raise ValueError(f"token {bad[0]} is outside the vocabulary ({v})")
     rng = np.random.default_rng(seed)
     q, _ = np.linalg.qr(rng.standard_normal((d, d)))
-    script_dirs, rest = q[:, :k], q[:, k:]  # [d, k] orthonormal; [d, d - k] its complement
+    script_dirs, shared, rest = q[:, :k], q[:, k], q[:, k + 1:]  # orthonormal, [d, k] [d] [d, d-k-1]
+    k += 1  # the shared direction (the prior's) is not free either
 
     def unit_rest(n: int) -> np.ndarray:
         g = rng.standard_normal((n, d - k))
         return (g / np.linalg.norm(g, axis=1, keepdims=True)) @ rest.T  # [n, d] unit rows
 
     embed = unit_rest(v)
-    embed[heads] = script_dirs.T + mix * unit_rest(k)
+    embed[heads] = script_dirs.T + mix * unit_rest(len(heads))
     unembed = noise * rng.standard_normal((v, d - k)) @ rest.T / math.sqrt(d - k) * math.sqrt(d)
     for i, t in enumerate(heads):
         unembed[successors[t]] += gain * script_dirs[:, i]
+    if prior is not None:
+        prior = np.asarray(prior, np.float64)
+        if prior.shape != (v,):
+            raise ValueError(f"prior must have shape ({v},), got {prior.shape}")
+        embed += shared  # every hidden state: (own part + shared) / its norm * sqrt(d)
+        unembed += np.outer(prior * math.sqrt(2.0 / d), shared)
     fixed = {("embed",): embed.astype(np.float32), ("unembed",): unembed.astype(np.float32),
              ("final_norm",): np.ones(d, np.float32)}
     base = random_getter(config, seed=seed)

@@ -4,14 +4,20 @@
     python -m gptoss_jax.generate --checkpoint DIR --raw --prompt "Once upon a time"
     python -m gptoss_jax.generate --checkpoint DIR --prompt-ids 200006,17360,200008 --json
     python -m gptoss_jax.generate --checkpoint DIR            # interactive multi-turn chat
+    python -m gptoss_jax.generate --checkpoint DIR --prompt "A user record" --json-schema user.json
+    python -m gptoss_jax.generate --checkpoint DIR --raw --prompt "Date:" --regex "[0-9]{4}-[0-9]{2}"
 
 Thin CLI over :func:`gptoss_jax.inference.api.generate_stream` and :mod:`gptoss_jax.chat`. Bad
-arguments give a one-line error and exit code 2 (``cli.common``). """
+arguments give a one-line error and exit code 2 (``cli.common``), a schema, regex or grammar
+that cannot be enforced included (checked before the model loads). With a chat prompt the
+output format constrains the final answer (reasoning stays free); with ``--raw`` /
+``--prompt-ids`` that open no assistant turn, the continuation itself. """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -21,7 +27,9 @@ from gptoss_jax.cli import common
 from gptoss_jax.cli.common import UsageError
 from gptoss_jax.inference import api
 from gptoss_jax.inference import engine as sampler
+from gptoss_jax.inference.constraints import ConstraintError, Lark, Regex, generate_constraint
 from gptoss_jax.inference.sampling import SamplingParams
+from gptoss_jax.inference.slot_constraints import is_harmony_prompt
 
 PROG = "python -m gptoss_jax.generate"
 
@@ -41,8 +49,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--show-reasoning", action="store_true", help="print the analysis channel")
     p.add_argument("--json", action="store_true", help="print one JSON object (tokens, text, channels, timings)")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json-schema", metavar="FILE_OR_JSON",
+                     help="constrain the answer to this JSON Schema (a file, or the JSON itself)")
+    fmt.add_argument("--regex", metavar="R", help="constrain the answer to this regular expression")
+    fmt.add_argument("--grammar", metavar="FILE", help="constrain the answer to this Lark grammar (llguidance)")
+    p.add_argument("--json-whitespace", default="compact", choices=("compact", "flexible"),
+                   help="JSON layout under --json-schema: no whitespace between tokens, or any")
     common.add_model_args(p)
     return p
+
+
+def _read(path: str, flag: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise UsageError(f"{flag}: cannot read {path!r}: {e.strerror}") from None
+
+
+def response_format_of(args):
+    """The output format the flags ask for (None, a JSON Schema dict, ``Regex`` or ``Lark``),
+    compiled once to check it: a bad one is a UsageError naming its flag."""
+    if args.json_schema is not None:
+        flag, text = "--json-schema", args.json_schema
+        if os.path.isfile(text):
+            text = _read(text, flag)
+        try:
+            fmt = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--json-schema: neither a file nor JSON ({e})") from None
+        if not isinstance(fmt, dict):
+            raise UsageError(f"--json-schema: a schema is a JSON object, got {type(fmt).__name__}")
+        fmt = {"type": "json_schema", "name": "response", "schema": fmt, "strict": True}
+    elif args.regex is not None:
+        flag, fmt = "--regex", Regex(args.regex)
+    elif args.grammar is not None:
+        flag, fmt = "--grammar", Lark(_read(args.grammar, "--grammar"))
+    else:
+        return None
+    try:
+        generate_constraint(fmt, harmony=not args.raw and args.prompt_ids is None,
+                            whitespace=args.json_whitespace)
+    except ConstraintError as e:
+        raise UsageError(f"{flag}: {e.message}") from None
+    return fmt
 
 
 def check_args(args) -> None:
@@ -73,6 +124,7 @@ def check_args(args) -> None:
             raise UsageError("--prompt-ids is empty")
     if args.raw and args.prompt is None and args.prompt_ids is None:
         raise UsageError("--raw needs --prompt (interactive mode is a chat)")
+    args.response_format = response_format_of(args)
 
 
 class Session:
@@ -82,7 +134,7 @@ class Session:
         self.model, self.args = model, args
         self.engine = None
 
-    def run(self, prompt_ids: list[int], on_token) -> tuple[list[int], str, dict]:
+    def run(self, prompt_ids: list[int], on_token) -> tuple[list[int], str, dict, str | None]:
         a, c = self.args, self.model.config
         if len(prompt_ids) + a.max_new_tokens > c.max_position_embeddings:
             raise UsageError(f"prompt of {len(prompt_ids)} tokens + --max-new-tokens "
@@ -95,21 +147,24 @@ class Session:
         if not a.json:
             print("compiling...", end="", file=sys.stderr, flush=True)
         compile_s = self.engine.compile(len(prompt_ids), sampling=SamplingParams(
-            temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p, seed=a.seed))
+            temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p, seed=a.seed),
+            constrained=a.response_format is not None)
         if not a.json:
             print(f" {compile_s:.1f}s", file=sys.stderr, flush=True)
-        tokens, reason, t_first = [], "length", None
+        tokens, reason, error, t_first = [], "length", None, None
         t0 = time.perf_counter()
         for ev in api.generate_stream(
                 self.model, [prompt_ids], max_new_tokens=a.max_new_tokens,
                 temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
-                seed=a.seed, engine=self.engine):
+                seed=a.seed, engine=self.engine, response_format=a.response_format,
+                json_whitespace=a.json_whitespace):
             if t_first is None:
                 t_first = time.perf_counter() - t0
-            tokens.append(ev.token)
-            on_token(ev.token)
+            if ev.token is not None:
+                tokens.append(ev.token)
+                on_token(ev.token)
             if ev.finish_reason:
-                reason = ev.finish_reason
+                reason, error = ev.finish_reason, ev.error
         total = time.perf_counter() - t0
         decode = total - t_first
         timings = {"prompt_tokens": len(prompt_ids), "new_tokens": len(tokens),
@@ -117,7 +172,7 @@ class Session:
                    "time_to_first_token_s": round(t_first, 4), "decode_s": round(decode, 4),
                    "decode_tokens_per_s": (round((len(tokens) - 1) / decode, 2)
                                            if len(tokens) > 1 and decode > 0 else None)}
-        return tokens, reason, timings
+        return tokens, reason, timings, error
 
 
 def _report(t: dict, quiet: bool) -> None:
@@ -141,15 +196,21 @@ def run_once(args, model) -> int:
     if bad:
         raise UsageError(f"prompt token {bad[0]} is outside the model's vocabulary "
                          f"({model.config.vocab_size})")
+    if args.response_format is not None and not args.raw and args.prompt_ids is not None:
+        chat = is_harmony_prompt(prompt_ids)  # ids that open an assistant turn: a whole turn
     session = Session(model, args)
     stream = parse.ReplyStream() if chat else None
     printer = _Printer(args, tok, stream)
-    tokens, reason, timings = session.run(prompt_ids, printer.on_token)
+    tokens, reason, timings, error = session.run(prompt_ids, printer.on_token)
     printer.close()
     reply = parse.parse_reply(tokens) if chat else None
+    if error is not None:
+        common.log(f"{PROG}: the output constraint failed: {error}")
     if args.json:
         out = {"prompt_tokens": prompt_ids, "tokens": tokens, "text": tok.decode(tokens),
                "finish_reason": reason, "timings": timings}
+        if error is not None:
+            out["error"] = error
         if reply is not None:
             out["channels"] = {"analysis": reply.analysis, "final": reply.final,
                                "commentary": reply.commentary,
@@ -158,7 +219,7 @@ def run_once(args, model) -> int:
                                "error": reply.error}
         print(json.dumps(out, ensure_ascii=False))
     _report(timings, args.json)
-    return 0
+    return 1 if error is not None else 0
 
 
 class _Printer:
@@ -234,13 +295,15 @@ def interactive(args, model) -> int:
         stream = parse.ReplyStream()
         printer = _Printer(args, tok, stream)
         try:
-            tokens, _, timings = session.run(prompt, printer.on_token)
+            tokens, _, timings, error = session.run(prompt, printer.on_token)
         except UsageError as e:
             print(f"error: {e}", file=sys.stderr)
             history.pop()
             continue
         printer.close()
         reply = parse.parse_reply(tokens)
+        if error is not None:
+            print(f"[the output constraint failed: {error}]", file=sys.stderr)
         if reply.error:
             print(f"[note: the reply did not parse cleanly: {reply.error}]", file=sys.stderr)
         history.append({"role": "assistant", "content": reply.final, "thinking": reply.analysis or None})

@@ -101,7 +101,8 @@ def main(argv=None) -> int:
 def serve(args, sock, engine, tokenizer, api_key: str | None) -> int:
     """Serve until interrupted (Ctrl-C is a normal stop: exit status 0)."""
     name = args.model_name or model_name(args.checkpoint)
-    scheduler = Scheduler(engine, max_prefill_batch=args.max_prefill_batch, warmup_lengths=args.warmup)
+    scheduler = Scheduler(engine, max_prefill_batch=args.max_prefill_batch, warmup_lengths=args.warmup,
+                          warmup_constrained=True)  # structured outputs: no compile on first use
     app = create_app(scheduler, tokenizer, model_name=name, api_key=api_key, store_size=args.store_size)
     host, port = sock.getsockname()[:2]
     print(f"serving {name} on http://{host}:{port} (max batch {args.max_batch}, context "

@@ -187,8 +187,10 @@ class Engine:
         return exe
 
     def compile(self, prompt_len: int, num_prompts: int = 1,
-                sampling: SamplingParams | None = None) -> float:
-        """Compile prefill for this prompt bucket and the decode step ahead of time; returns seconds."""
+                sampling: SamplingParams | None = None, constrained: bool = False) -> float:
+        """Compile prefill for this prompt bucket and the decode step ahead of time; returns
+        seconds. ``constrained``: also the two halves of a constrained decode step (else the
+        first constrained sequence compiles them)."""
         before = self.compile_s
         t = min(bucket(prompt_len), self.max_len)
         samplings = [sampling or SamplingParams()] * num_prompts
@@ -196,8 +198,14 @@ class Engine:
         mode = SampleMode.of(samplings, self.config.vocab_size)
         self._executable(("prefill", num_prompts, t, mode), _prefill, self.model.params, self.slots,
                          batch, self.config, self.model.runtime, mode)
-        self._executable(("decode", mode), _decode, self.model.params, self.slots,
-                         self.constraints.ones(self.max_batch), self.config, self.model.runtime, mode)
+        ones = self.constraints.ones(self.max_batch)
+        self._executable(("decode", mode), _decode, self.model.params, self.slots, ones,
+                         self.config, self.model.runtime, mode)
+        if constrained:
+            fwd = self._executable(("decode_forward",), _decode_forward, self.model.params,
+                                   self.slots, self.config, self.model.runtime)
+            logits = fwd.out_info[0]
+            self._executable(("decode_sample", mode), _decode_sample, self.slots, logits, ones, mode)
         return self.compile_s - before
 
     # -- slots ---------------------------------------------------------------------------------

@@ -87,12 +87,14 @@ class Job:
 class Scheduler:
     """Drives an engine from one thread; thread-safe ``submit`` / ``cancel`` / ``stats``."""
 
-    def __init__(self, engine, *, max_prefill_batch: int = 1, warmup_lengths: Sequence[int] = ()):
+    def __init__(self, engine, *, max_prefill_batch: int = 1, warmup_lengths: Sequence[int] = (),
+                 warmup_constrained: bool = False):
         if max_prefill_batch < 1:
             raise ValueError(f"max_prefill_batch must be >= 1, got {max_prefill_batch}")
         self.engine = engine
         self.max_prefill_batch = max_prefill_batch
         self.warmup_lengths = tuple(warmup_lengths)
+        self.warmup_constrained = warmup_constrained  # also compile the constrained decode step
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._pending: collections.deque[Job] = collections.deque()
         self._active: dict[int, Job] = {}  # slot -> job
@@ -174,8 +176,9 @@ class Scheduler:
     # -- the scheduler thread ---------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            for n in self.warmup_lengths:
-                s = self.engine.compile(n)
+            for i, n in enumerate(self.warmup_lengths):
+                extra = {"constrained": True} if self.warmup_constrained and i == 0 else {}
+                s = self.engine.compile(n, **extra)
                 log.info("compiled prefill bucket for %d prompt tokens + decode step in %.1fs", n, s)
         except Exception:
             log.exception("warm-up compilation failed; continuing (shapes compile on first use)")
