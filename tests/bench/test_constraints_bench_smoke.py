@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+@pytest.mark.slow  # compiles two small engines for the decode comparison
 def test_constraints_bench_smoke():
     out = subprocess.run(
         [sys.executable, os.path.join(ROOT, "bench", "constraints.py"), "--rows", "1,3",
