@@ -77,7 +77,10 @@ class Ours:
 
         greedy = SamplingParams(temperature=0.0)
         if b not in self.engines:
-            eng = Engine(self.model, max_batch=b, max_len=self.prompt_len + self.new_tokens + 16)
+            # the whole batch prefilled in one step; no prefix cache (the prompts repeat)
+            eng = Engine(self.model, max_batch=b, max_len=self.prompt_len + self.new_tokens + 16,
+                         prefill_tokens=b * self.prompt_len, max_prefill_rows=b,
+                         prefix_caching=False)
             self.info[f"compile_s_batch{b}"] = eng.compile(self.prompt_len, num_prompts=b,
                                                            sampling=greedy)
             self.engines[b] = eng
@@ -88,15 +91,15 @@ class Ours:
         samp, new_tokens = [greedy] * b, self.new_tokens
         ttfts = []
         for _ in range(PREFILL_REPEATS):  # a single prefill is too noisy to report alone
-            for slot in list(eng.seqs):
-                eng.release(slot)
+            for seq_id in list(eng.seqs):
+                eng.cancel(seq_id)
             t = time.perf_counter()
             eng.add(prompts, samp, [new_tokens] * b, [()] * b)
             ttfts.append(time.perf_counter() - t)
         ttft = float(np.median(ttfts))
         steps = 0
         t = time.perf_counter()
-        while eng.seqs and steps < new_tokens - 1:
+        while not eng.idle and steps < new_tokens - 1:
             eng.step()
             steps += 1
         dt = time.perf_counter() - t

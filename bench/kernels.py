@@ -28,8 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pallas_kernels import mxfp4
-from pallas_kernels.grouped_mxfp4 import grouped_mxfp4_matmul, pick_backend, validate
+from pallas_kernels import grouped_mxfp4_matmul, mxfp4
+from pallas_kernels.common import validate
+from pallas_kernels.grouped_mxfp4 import pick_backend
 
 TOP_K = 4
 MODELS = {"20b": 32, "120b": 128}  # experts

@@ -42,6 +42,7 @@ def child(folder: str, dtype: str) -> dict:
     import jax
 
     import gptoss_jax
+    from gptoss_jax.model import params
 
     jax.devices()
     base = _status("VmRSS")
@@ -49,10 +50,9 @@ def child(folder: str, dtype: str) -> dict:
     model = gptoss_jax.load(folder, dtype=dtype, progress=False)
     jax.block_until_ready(model.params)
     load_s = time.perf_counter() - t0
-    leaves = jax.tree_util.tree_leaves_with_path(model.params)
+    leaves = list(params.leaf_paths(model.params))
     held = sum(x.nbytes for _, x in leaves)
-    packed = sum(x.nbytes for p, x in leaves if str(p[-1]).strip("[]'\"").endswith(
-        ("_blocks", "_scales")))
+    packed = sum(x.nbytes for p, x in leaves if p[-1] in ("blocks", "scales"))  # Mxfp4Weight
     return {"load_s": load_s, "base_rss": base, "peak_rss": _status("VmHWM"), "held_bytes": held,
             "packed_expert_bytes_held": packed, "jax": jax.__version__,
             "device": str(jax.devices()[0])}

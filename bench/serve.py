@@ -148,8 +148,7 @@ def main(argv=None) -> int:
     engine = sampler.Engine(model, max_batch=max_batch, max_len=args.max_context)
     tok_dir = ckpt if os.path.isfile(os.path.join(str(ckpt), "tokenizer.json")) else None
     name = "bench-model"
-    scheduler = Scheduler(engine, max_prefill_batch=args.max_prefill_batch,
-                          warmup_lengths=(args.prompt_tokens,))
+    scheduler = Scheduler(engine, warmup_lengths=(args.prompt_tokens,))
     server = BackgroundServer(create_app(scheduler, load_tokenizer(tok_dir), model_name=name)).start()
     prompts = prompts_for(max_batch * args.requests, args.prompt_tokens, model.config.vocab_size)
     try:

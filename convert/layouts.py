@@ -24,7 +24,7 @@ import numpy as np
 from gptoss_jax.model.config import GptOssConfig
 
 LAYOUTS = ("hf_mxfp4", "hf_bf16", "original")
-Path = tuple  # a path into the parameter tree, e.g. ("layers", 3, "attn", "q_w")
+Path = tuple  # a path into the parameter tree (params.py), e.g. ("layers", 3, "attn", "q_w")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,11 +70,12 @@ def _experts_packed(c: GptOssConfig, prefix: str, names: dict[str, str], layer: 
     e, d, f = c.num_local_experts, c.hidden_size, c.intermediate_size
     t = ("layers", layer, "experts")
     return [
-        _same((e, 2 * f, d // 32, 16), prefix + names["gate_up_blocks"], t + ("gate_up_blocks",), True),
-        _same((e, 2 * f, d // 32), prefix + names["gate_up_scales"], t + ("gate_up_scales",), True),
+        _same((e, 2 * f, d // 32, 16), prefix + names["gate_up_blocks"], t + ("gate_up", "blocks"),
+              True),
+        _same((e, 2 * f, d // 32), prefix + names["gate_up_scales"], t + ("gate_up", "scales"), True),
         _same((e, 2 * f), prefix + names["gate_up_bias"], t + ("gate_up_bias",)),
-        _same((e, d, f // 32, 16), prefix + names["down_blocks"], t + ("down_blocks",), True),
-        _same((e, d, f // 32), prefix + names["down_scales"], t + ("down_scales",), True),
+        _same((e, d, f // 32, 16), prefix + names["down_blocks"], t + ("down", "blocks"), True),
+        _same((e, d, f // 32), prefix + names["down_scales"], t + ("down", "scales"), True),
         _same((e, d), prefix + names["down_bias"], t + ("down_bias",)),
     ]
 

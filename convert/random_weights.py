@@ -48,23 +48,21 @@ def random_getter(config: GptOssConfig, *, seed: int = 0, experts: str = "mxfp4"
     packed_cache: dict = {}
 
     def get(path: tuple) -> np.ndarray:
-        spec = specs
-        for p in path:
-            spec = spec[p]
+        spec = P.get(specs, path)
         rng = np.random.default_rng([seed, zlib.crc32(repr(path).encode())])
         name = path[-1]
-        if name.endswith(("_blocks", "_scales")):
-            base, half = name.rsplit("_", 1)
-            key = path[:-1] + (base,)
-            if key not in packed_cache:
+        if name in ("blocks", "scales"):
+            # blocks and scales are one draw, seeded by the weight's path
+            weight = path[:-1]
+            if weight not in packed_cache:
                 packed_cache.clear()
-                prng = np.random.default_rng([seed, zlib.crc32(repr(key).encode())])
-                e, n, kb, _ = specs_for(specs, key)
+                prng = np.random.default_rng([seed, zlib.crc32(repr(weight).encode())])
+                e, n, kb, _ = P.get(specs, weight).blocks.shape
                 k = kb * mxfp4.BLOCK
                 centre = round(math.log2(1.0 / (FP4_RMS * math.sqrt(k))))
-                packed_cache[key] = mxfp4.random_packed(
+                packed_cache[weight] = mxfp4.random_packed(
                     prng, (e, n, k), scale_range=(127 + centre - 1, 127 + centre + 1))
-            return packed_cache[key][0 if half == "blocks" else 1]
+            return packed_cache[weight][0 if name == "blocks" else 1]
         if name in ("attn_norm", "mlp_norm", "final_norm"):
             return (1.0 + 0.1 * rng.standard_normal(spec.shape)).astype(np.float32)
         return (_std(name, spec.shape, config) * rng.standard_normal(spec.shape)).astype(np.float32)
@@ -72,22 +70,7 @@ def random_getter(config: GptOssConfig, *, seed: int = 0, experts: str = "mxfp4"
     return get
 
 
-def specs_for(specs, key):
-    node = specs
-    for p in key[:-1]:
-        node = node[p]
-    return node[key[-1] + "_blocks"].shape
-
-
 def random_tree(config: GptOssConfig, *, seed: int = 0, experts: str = "mxfp4") -> dict:
     """The whole random tree in memory (tiny configs only)."""
     get = random_getter(config, seed=seed, experts=experts)
-    specs = P.declare(config, experts=experts)
-
-    def fill(node, path):
-        if isinstance(node, dict):
-            return {k: fill(v, path + (k,)) for k, v in node.items()}
-        if isinstance(node, list):
-            return [fill(v, path + (i,)) for i, v in enumerate(node)]
-        return get(path)
-    return fill(specs, ())
+    return P.build(P.declare(config, experts=experts), lambda path, spec: get(path))

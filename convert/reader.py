@@ -136,71 +136,49 @@ def read_params(folder: str, config: GptOssConfig, *, dtype=np.float32, experts:
     for e in entries:
         _check(by_key[e.key], e)
 
-    tree: dict = jax.tree.map(lambda s: None, specs, is_leaf=P.is_spec)
+    known = dict(P.leaf_paths(specs, is_leaf=P.is_spec))
+    filled: dict[tuple, object] = {}  # path -> placed leaf, in the order the files are read
+
+    def fill(st, key, path, leaf):
+        if path in filled:
+            raise CheckpointError(f"{st.path}: tensor {key} fills {path} twice")
+        filled[path] = put(path, leaf)
+
     pending: dict[tuple, np.ndarray] = {}  # halves of a (blocks, scales) pair awaiting the other
     bar = tqdm(entries, desc="loading", unit="tensor", disable=not progress)
     for e in bar:
         st = by_key[e.key]
         if lazy and source_fmt == fmt and len(e.targets) == 1 and e.targets[0][2:3] == ("experts",):
-            parent, last = _parent(tree, e.targets[0])
-            if parent[last] is not None:
-                raise CheckpointError(f"{st.path}: tensor {e.key} fills {e.targets[0]} twice")
-            parent[last] = put(e.targets[0], _lazy_leaf(st, e, _lookup(specs, e.targets[0])))
+            fill(st, e.key, e.targets[0], _lazy_leaf(st, e, known[e.targets[0]]))
             continue
         for path, arr in zip(e.targets, e.to_tree(st.read(e.key))):
             for leaf_path, leaf in _convert_experts(path, arr, source_fmt, fmt, pending):
-                spec = _lookup(specs, leaf_path)
+                spec = known[leaf_path]
                 if tuple(leaf.shape) != spec.shape:
                     raise CheckpointError(f"{st.path}: tensor {e.key} maps to {leaf.shape}, "
                                           f"parameter {leaf_path} needs {spec.shape}")
-                parent, last = _parent(tree, leaf_path)
-                if parent[last] is not None:
-                    raise CheckpointError(f"{st.path}: tensor {e.key} fills {leaf_path} twice")
-                parent[last] = put(leaf_path, np.asarray(leaf).astype(spec.dtype, copy=False))
-    unfilled = [p for p, v in _flatten(tree) if v is None]
+                fill(st, e.key, leaf_path, np.asarray(leaf).astype(spec.dtype, copy=False))
+    unfilled = [p for p in known if p not in filled]
     if unfilled:
         raise CheckpointError(f"{folder}: parameter {unfilled[0]} was never filled")
-    return tree, layout
+    return P.build(specs, lambda path, spec: filled[path]), layout
 
 
 def _convert_experts(path, arr, source_fmt, fmt, pending):
-    """Yield (path, array) leaves, converting expert weights between packed and dense."""
-    name = path[-1]
+    """Yield (path, array) leaves, converting expert weights between packed and dense: a dense
+    ``(..., "gate_up")`` is the packed ``(..., "gate_up", "blocks" | "scales")``."""
     is_expert = path[0] == "layers" and path[2] == "experts"
-    if source_fmt == fmt or not is_expert or name.endswith("_bias"):
+    if source_fmt == fmt or not is_expert or path[3].endswith("_bias"):
         yield path, arr
     elif fmt == "mxfp4":  # dense source [e, N, K] -> blocks + scales
         blocks, scales = mxfp4.quantize_np(arr.astype(np.float32))
-        yield path[:-1] + (name + "_blocks",), blocks
-        yield path[:-1] + (name + "_scales",), scales
+        yield path + ("blocks",), blocks
+        yield path + ("scales",), scales
     else:  # packed source -> dense once both halves have been read
-        base, half = name.rsplit("_", 1)
-        pending[path[:-1] + (half,)] = arr
-        other = path[:-1] + ("scales" if half == "blocks" else "blocks",)
+        weight, half = path[:-1], path[-1]
+        pending[path] = arr
+        other = weight + ("scales" if half == "blocks" else "blocks",)
         if other in pending:
-            b = pending.pop(path[:-1] + ("blocks",))
-            s = pending.pop(path[:-1] + ("scales",))
-            yield path[:-1] + (base,), mxfp4.dequantize_np(b, s)
-
-
-def _lookup(tree, path):
-    for p in path:
-        tree = tree[p]
-    return tree
-
-
-def _parent(tree, path):
-    for p in path[:-1]:
-        tree = tree[p]
-    return tree, path[-1]
-
-
-def _flatten(tree, prefix=()):
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from _flatten(v, prefix + (k,))
-    elif isinstance(tree, list):
-        for i, v in enumerate(tree):
-            yield from _flatten(v, prefix + (i,))
-    else:
-        yield prefix, tree
+            b = pending.pop(weight + ("blocks",))
+            s = pending.pop(weight + ("scales",))
+            yield weight, mxfp4.dequantize_np(b, s)

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from convert import layouts
 from convert import safetensors_io as sio
+from gptoss_jax.model import params as P
 from gptoss_jax.model.config import GptOssConfig
 from pallas_kernels import mxfp4
 
@@ -28,32 +29,25 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 
 def tree_getter(tree) -> Callable[[tuple], np.ndarray]:
     """``get`` over an in-memory tree (numpy or jax leaves)."""
-    def get(path):
-        node = tree
-        for p in path:
-            node = node[p]
-        return np.asarray(node)
-    return get
+    return lambda path: np.asarray(P.get(tree, path))
 
 
 def _expert_view(get: Callable[[tuple], np.ndarray], packed_tree: bool) -> Callable:
-    """Serve both expert formats from a tree holding one of them (cached pairs per layer)."""
+    """Serve both expert formats from a tree holding one of them: a dense ``(..., "gate_up")``
+    is the packed ``(..., "gate_up", "blocks" | "scales")`` (quantized pairs cached per weight)."""
     cache: dict = {}
 
     def view(path):
-        name = path[-1]
-        if path[0] != "layers" or path[2] != "experts" or name.endswith("_bias"):
+        if path[0] != "layers" or path[2] != "experts" or path[3].endswith("_bias"):
             return get(path)
-        if packed_tree and name in ("gate_up", "down"):
-            return mxfp4.dequantize_np(get(path[:-1] + (name + "_blocks",)),
-                                       get(path[:-1] + (name + "_scales",)))
-        if not packed_tree and name.endswith(("_blocks", "_scales")):
-            base, half = name.rsplit("_", 1)
-            key = path[:-1] + (base,)
-            if key not in cache:
+        if packed_tree and len(path) == 4:
+            return mxfp4.dequantize_np(get(path + ("blocks",)), get(path + ("scales",)))
+        if not packed_tree and len(path) == 5:
+            weight = path[:4]
+            if weight not in cache:
                 cache.clear()
-                cache[key] = mxfp4.quantize_np(get(key).astype(np.float32))
-            return cache[key][0 if half == "blocks" else 1]
+                cache[weight] = mxfp4.quantize_np(get(weight).astype(np.float32))
+            return cache[weight][0 if path[4] == "blocks" else 1]
         return get(path)
     return view
 
@@ -63,9 +57,9 @@ def write_checkpoint(get: Callable[[tuple], np.ndarray], config: GptOssConfig, o
                      float_dtype=BF16, progress: bool = True) -> list[str]:
     """Write ``config`` + weights from ``get`` into ``out_dir`` in ``layout``; returns file names.
 
-    ``packed_tree`` says whether ``get`` serves packed experts (``*_blocks``/``*_scales``) or
-    dense ones (``gate_up``/``down``). ``float_dtype``: storage of the float tensors (bf16 as
-    released; float32 for exact exports).
+    ``packed_tree`` says whether ``get`` serves packed experts (``gate_up/blocks``,
+    ``gate_up/scales``, ...) or dense ones (``gate_up``, ``down``). ``float_dtype``: storage of
+    the float tensors (bf16 as released; float32 for exact exports).
     """
     os.makedirs(out_dir, exist_ok=True)
     view = _expert_view(get, packed_tree)

@@ -1,22 +1,21 @@
 """Look inside a forward pass: router choices, attention probabilities and sink mass per layer.
 
-``trace(model, tokens)`` runs one sequence through the model with the pure pieces of
-``model.py`` / ``moe.py`` (``rms_norm``, ``rope``, ``route``, ``moe``, the LoRA deltas) and
-returns, for every layer, what the forward pass normally throws away:
+``trace(model, tokens)`` runs one sequence through the model's own forward pass
+(``transformer.hidden_states(..., record=True)``) and returns, for every layer, what the
+forward pass normally throws away:
 
 * the router's logits over all experts, the top-k experts chosen per token and their weights
-  (softmax over the k selected logits only, as in ``moe.route``);
+  (softmax over the k selected logits only, as in ``moe.top_k_routing``);
 * the attention probabilities of every query head over the keys, and the probability the learned
   sink takes (the extra softmax column that outputs nothing) — so each row of
   ``attn_probs`` plus ``sink_probs`` sums to one.
 
-The residual stream is rebuilt from those same probabilities (``probs @ v``), and the trace
-carries the final logits: ``Trace.logits`` equal ``model(tokens)`` up to float rounding, which
-is what shows the recorded probabilities are the ones the model used (``tests/test_notebooks.py``
-checks it).
+With ``record`` the attention runs without query blocks (every score kept); everything else is
+the code the model runs. ``tests/model/test_introspect.py`` checks the trace against
+transformers' ``output_attentions`` / ``output_router_logits``.
 
-Einsum alphabet as in ``model.py``: b batch, t query time, s key time, d model, n q heads,
-k kv heads, g q heads per kv head, h head_dim, e experts.
+Einsum alphabet as in ``model/transformer.py``: b batch, t query time, s key time, d model,
+n q heads, k kv heads, g q heads per kv head, h head_dim, e experts.
 """
 
 from __future__ import annotations
@@ -28,8 +27,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptoss_jax.model import moe as moe_lib
-from gptoss_jax.model import rope
 from gptoss_jax.model import transformer as M
 from gptoss_jax.model.config import GptOssConfig
 
@@ -71,36 +68,12 @@ class Trace:
         return np.stack([lt.sink_probs.mean(axis=-1) for lt in self.layers])
 
 
-def _attention(x, p, c: GptOssConfig, layer: int, pos, cos, sin):
-    """``model.attention`` without a cache, also returning its probabilities ``[n, t, t + 1]``
-    per sequence (heads in q-head order n = k * g + g_i, the sink's probability last)."""
-    out, _, probs = M.attention(x, p, c, layer, pos, cos, sin, None, return_probs=True)
-    b, kvh, g, t, s1 = probs.shape
-    return out, probs.reshape(b, kvh * g, t, s1)
-
-
 @functools.partial(jax.jit, static_argnums=(2, 3))
-def _trace(params, tokens, c: GptOssConfig, rt: moe_lib.MoeRuntime):
-    """tokens ``[1, t]`` -> (logits [t, v], per-layer dict of arrays)."""
-    dt = params["embed"].dtype
+def _trace(params, tokens, c: GptOssConfig, rt: M.Runtime):
+    """tokens ``[1, t]`` -> (logits [t, v], per-layer dicts of ``hidden_states``' records)."""
     pos = M.positions_from_lengths(tokens, None)
-    x = jnp.take(params["embed"], tokens, axis=0).astype(dt)
-    cos, sin = rope.cos_sin(pos, c)
-    layers = []
-    for layer, p in enumerate(params["layers"]):
-        h, probs = _attention(M.rms_norm(x, p["attn_norm"], c.rms_norm_eps), p["attn"], c, layer,
-                              pos, cos, sin)
-        x = x + h
-        b, t, d = x.shape
-        y = M.rms_norm(x, p["mlp_norm"], c.rms_norm_eps).reshape(b * t, d)
-        logits = jnp.einsum("td,de->te", y, p["router"]["w"].astype(y.dtype),
-                            preferred_element_type=jnp.float32) + p["router"]["b"].astype(jnp.float32)
-        weights, idx = moe_lib.route(y, p["router"], c.num_experts_per_tok)
-        x = x + moe_lib.moe(y, p, c, rt).reshape(b, t, d)
-        layers.append({"router_logits": logits, "expert_ids": idx, "expert_weights": weights,
-                       "probs": probs[0], "sinks": p["attn"]["sinks"].astype(jnp.float32)})
-    x = M.rms_norm(x, params["final_norm"], c.rms_norm_eps)
-    return M.unembed(params, x)[0], layers
+    x, _, layers = M.hidden_states(params, tokens, pos, c, rt=rt, record=True)
+    return M.unembed(params, x, rt)[0], layers
 
 
 def trace(model, tokens) -> Trace:
@@ -112,13 +85,14 @@ def trace(model, tokens) -> Trace:
     """
     c = model.config
     toks = np.asarray(tokens, np.int32).reshape(1, -1)
-    logits, raw = _trace(model.params, jnp.asarray(toks), c, model.runtime.moe)
+    logits, raw = _trace(model.params, jnp.asarray(toks), c, model.runtime)
     layers = []
-    for i, r in enumerate(raw):
-        probs = np.asarray(r["probs"])  # [n, t, t + 1]
+    for i, (r, p) in enumerate(zip(raw, model.params["layers"])):
+        b, kvh, g, t, s1 = r["attn_probs"].shape  # heads in q-head order n = k * g + g_i
+        probs = np.asarray(r["attn_probs"]).reshape(kvh * g, t, s1)  # [n, t, t + 1]
         layers.append(LayerTrace(
             sliding=c.is_sliding(i), window=c.sliding_window if c.is_sliding(i) else None,
             router_logits=np.asarray(r["router_logits"]), expert_ids=np.asarray(r["expert_ids"]),
             expert_weights=np.asarray(r["expert_weights"]), attn_probs=probs[..., :-1],
-            sink_probs=probs[..., -1], sink_logits=np.asarray(r["sinks"])))
+            sink_probs=probs[..., -1], sink_logits=np.asarray(p["attn"]["sinks"], np.float32)))
     return Trace(tokens=toks[0], logits=np.asarray(logits), layers=layers)

@@ -16,12 +16,18 @@ Memory layout (the Hugging Face MXFP4 layout, see :mod:`pallas_kernels.mxfp4`):
 * ``scales`` ``[E, N, K/32]`` uint8, E8M0 exponents biased by 127.
 
 The weights stay packed in HBM; every kernel expands 4-bit codes to bf16 in registers (H100 has
-no FP4 tensor-core math) and accumulates in f32. Backends:
+no FP4 tensor-core math) and accumulates in f32. Backends, each imported only when picked (JAX
+0.11 deprecates Pallas' Triton backend; a JAX without it still imports this module, runs the
+reference and the Mosaic GPU kernel):
 
 * ``"triton"``: :mod:`pallas_kernels.grouped_mxfp4_triton`, Pallas' Triton-style model. Fully
-  checked on CPU with ``interpret=True`` and lowered for CUDA in the tests. The fallback.
-* ``"mosaic"``: :mod:`pallas_kernels.grouped_mxfp4_mosaic`, Mosaic GPU (Hopper, wgmma). See its
-  docstring for what has been checked; ``"auto"`` picks it only where it is known to work.
+  checked on CPU with ``interpret=True`` and lowered for CUDA in the tests. The default.
+* ``"mosaic"``: :mod:`pallas_kernels.grouped_mxfp4_mosaic`, Mosaic GPU (Hopper, wgmma). Opt-in:
+  ``"auto"`` picks it only once :data:`MOSAIC_VERIFIED_ON_GPU` is set (after
+  ``bench/gpu_check.py`` has passed on an H100/H200).
+
+Shared pieces (validation, group bounds, decoders, SwiGLU) live in :mod:`pallas_kernels.common`,
+block sizes in :mod:`pallas_kernels.tuning`.
 
 References: OCP Microscaling Formats (MX) v1.0; openai/gpt-oss ``torch/model.py`` (swiglu);
 JAX's ``ragged_dot_mgpu.py`` / ``hopper_mixed_type_matmul_mgpu.py`` (Mosaic GPU examples).
@@ -29,148 +35,49 @@ JAX's ``ragged_dot_mgpu.py`` / ``hopper_mixed_type_matmul_mgpu.py`` (Mosaic GPU 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
+import importlib
+from types import ModuleType
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from pallas_kernels import mxfp4
+from pallas_kernels import common, mxfp4
+from pallas_kernels import tuning as tuning_lib
+from pallas_kernels.common import Problem, validate  # also importable from here (notebooks)
 
-EPILOGUES = ("none", "swiglu")
 BACKENDS = ("auto", "mosaic", "triton")
-LHS_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
-OUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32), jnp.dtype(jnp.float16))
-
-# Up to this many rows the op is the memory-bound decode regime (a handful of rows per expert,
-# every expert tile streamed once); past it, the tensor-core-bound prefill regime.
-DECODE_MAX_ROWS = 512
-
-
-@dataclasses.dataclass(frozen=True)
-class Problem:
-    """Static shapes and options of one call, validated (see :func:`validate`)."""
-    m: int  # rows of lhs (tokens x experts per token, sorted by expert, plus padding)
-    k: int  # contraction size (a multiple of 32)
-    n: int  # weight rows = h columns (2 * expert width for gate/up)
-    e: int  # experts
-    epilogue: str
-    has_bias: bool
-    has_row_scale: bool
-    lhs_dtype: jnp.dtype
-    out_dtype: jnp.dtype
-
-    @property
-    def n_out(self) -> int:
-        return self.n // 2 if self.epilogue == "swiglu" else self.n
-
-    @property
-    def decode(self) -> bool:
-        return self.m <= DECODE_MAX_ROWS
+BACKEND_MODULES = {"triton": "pallas_kernels.grouped_mxfp4_triton",
+                   "mosaic": "pallas_kernels.grouped_mxfp4_mosaic"}
+# Set to True once bench/gpu_check.py has compared the Mosaic GPU kernel with the reference on a
+# Hopper GPU; until then backend="auto" keeps to the Triton-style kernel.
+MOSAIC_VERIFIED_ON_GPU = False
 
 
-def validate(lhs, blocks, scales, group_sizes, bias, *, epilogue, row_scale, out_dtype) -> Problem:
-    """Checks shapes and dtypes up front; raises ``ValueError`` naming the offending argument."""
-    if lhs.ndim != 2:
-        raise ValueError(f"lhs must be [M, K], got shape {lhs.shape}")
-    if jnp.dtype(lhs.dtype) not in LHS_DTYPES:
-        raise ValueError(f"lhs dtype must be bfloat16 or float32, got {lhs.dtype}")
-    m, k = lhs.shape
-    if k % mxfp4.BLOCK:
-        raise ValueError(f"K = {k} is not a multiple of the MXFP4 block size {mxfp4.BLOCK}")
-    if blocks.ndim != 4 or blocks.shape[3] != mxfp4.BLOCK // 2:
-        raise ValueError(f"blocks must be [E, N, K/32, 16], got shape {blocks.shape}")
-    if jnp.dtype(blocks.dtype) != jnp.uint8 or jnp.dtype(scales.dtype) != jnp.uint8:
-        raise ValueError(f"blocks and scales must be uint8, got {blocks.dtype} and {scales.dtype}")
-    e, n, kb, _ = blocks.shape
-    if kb * mxfp4.BLOCK != k:
-        raise ValueError(f"blocks hold K = {kb * mxfp4.BLOCK} but lhs has K = {k}")
-    if scales.shape != (e, n, kb):
-        raise ValueError(f"scales must be [E, N, K/32] = {(e, n, kb)}, got {scales.shape}")
-    if group_sizes.shape != (e,):
-        raise ValueError(f"group_sizes must be [E] = ({e},), got shape {group_sizes.shape}")
-    if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
-        raise ValueError(f"group_sizes must be integers, got {group_sizes.dtype}")
-    if bias is not None:
-        if bias.shape != (e, n):
-            raise ValueError(f"bias must be [E, N] = {(e, n)}, got {bias.shape}")
-        if not jnp.issubdtype(bias.dtype, jnp.floating):
-            raise ValueError(f"bias must be floating point, got {bias.dtype}")
-    if row_scale is not None:
-        if row_scale.shape != (m,):
-            raise ValueError(f"row_scale must be [M] = ({m},), got {row_scale.shape}")
-        if not jnp.issubdtype(row_scale.dtype, jnp.floating):
-            raise ValueError(f"row_scale must be floating point, got {row_scale.dtype}")
-    if epilogue not in EPILOGUES:
-        raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
-    if epilogue == "swiglu" and n % 2:
-        raise ValueError(f"swiglu needs an even N (interleaved gate/up), got N = {n}")
-    out_dtype = jnp.dtype(lhs.dtype if out_dtype is None else out_dtype)
-    if out_dtype not in OUT_DTYPES:
-        raise ValueError(f"out_dtype must be one of {[str(d) for d in OUT_DTYPES]}, got {out_dtype}")
-    return Problem(m=m, k=k, n=n, e=e, epilogue=epilogue, has_bias=bias is not None,
-                   has_row_scale=row_scale is not None, lhs_dtype=jnp.dtype(lhs.dtype),
-                   out_dtype=out_dtype)
+def backend_module(name: str) -> ModuleType:
+    """The module of backend ``name`` (``"triton"`` / ``"mosaic"``), imported on first use.
 
-
-def group_bounds(group_sizes: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
-    """``(starts, ends)`` int32 ``[E]`` of each group's rows, clipped to ``[0, m]``.
-
-    Groups are contiguous and in expert order; rows from ``ends[-1]`` on are padding. Sizes
-    summing past ``m`` are cut at ``m`` (the overflowing rows do not exist).
+    Imported here rather than at the top: each backend pulls in its Pallas backend, and the
+    Triton one is deprecated (JAX 0.11) and may be missing; only the picked one must load.
+    Raises ``ImportError`` naming the backend when it cannot load on this JAX.
     """
-    ends = jnp.minimum(jnp.cumsum(jnp.maximum(group_sizes.astype(jnp.int32), 0)), m)
-    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
-    return starts, ends
+    if name not in BACKEND_MODULES:
+        raise ValueError(f"backend must be one of {tuple(BACKEND_MODULES)}, got {name!r}")
+    try:
+        return importlib.import_module(BACKEND_MODULES[name])
+    except ImportError as e:
+        raise ImportError(f"the {name!r} backend of the grouped MXFP4 matmul does not load on "
+                          f"jax {jax.__version__}: {e}") from e
 
 
-def swiglu(h: jax.Array, limit: float, alpha: float) -> jax.Array:
-    """gpt-oss SwiGLU on interleaved ``[..., 2F]`` (gate even, up odd) -> ``[..., F]``, f32 in/out."""
-    gate, up = h[..., 0::2], h[..., 1::2]
-    gate = jnp.minimum(gate, limit)  # gate is clamped from above only
-    up = jnp.clip(up, -limit, limit)
-    return gate * jax.nn.sigmoid(alpha * gate) * (up + 1.0)  # the (up + 1) is gpt-oss's
-
-
-@functools.partial(jax.jit, static_argnames=(
-    "epilogue", "swiglu_limit", "swiglu_alpha", "out_dtype", "tuning", "backend", "interpret"))
-def grouped_mxfp4_matmul_reference(
-    lhs, blocks, scales, group_sizes, bias=None, *, epilogue="none", row_scale=None,
-    swiglu_limit=7.0, swiglu_alpha=1.702, out_dtype=None, tuning=None, backend="auto",
-    interpret=False,
-) -> jax.Array:
-    """Plain-jnp ground truth of :func:`grouped_mxfp4_matmul` (same signature).
-
-    A scan over experts: each step dequantizes one expert with :func:`mxfp4.dequantize` (exact in
-    f32), multiplies all rows in f32 at HIGHEST precision and keeps the rows of that expert.
-    ``tuning``, ``backend`` and ``interpret`` are accepted for signature parity and ignored.
-    """
-    del tuning, backend, interpret
-    p = validate(lhs, blocks, scales, group_sizes, bias, epilogue=epilogue, row_scale=row_scale,
-                 out_dtype=out_dtype)
-    _, ends = group_bounds(group_sizes, p.m)
-    row_expert = jnp.searchsorted(ends, jnp.arange(p.m), side="right")  # [M], E for padding
-    x = lhs.astype(jnp.float32)
-
-    def one_expert(acc, e):
-        w = mxfp4.dequantize(blocks[e], scales[e], jnp.float32)  # [N, K]
-        h = jnp.dot(x, w.T, precision=jax.lax.Precision.HIGHEST)  # [M, N]
-        if bias is not None:
-            h = h + bias[e].astype(jnp.float32)
-        return jnp.where((row_expert == e)[:, None], h, acc), None
-
-    h, _ = jax.lax.scan(one_expert, jnp.zeros((p.m, p.n), jnp.float32), jnp.arange(p.e))
-    out = swiglu(h, swiglu_limit, swiglu_alpha) if epilogue == "swiglu" else h
-    if row_scale is not None:
-        out = out * row_scale.astype(jnp.float32)[:, None]
-    return out.astype(p.out_dtype)
-
-
-def mosaic_supported(p: Problem) -> str | None:
-    """``None`` if the Mosaic GPU kernel handles ``p``, else the reason it does not."""
-    from pallas_kernels import grouped_mxfp4_mosaic
-    return grouped_mxfp4_mosaic.unsupported_reason(p)
+@functools.cache
+def backend_available(name: str) -> bool:
+    """Whether backend ``name``'s module (and its Pallas backend) imports on this JAX."""
+    try:
+        backend_module(name)
+    except ImportError:
+        return False
+    return True
 
 
 def _on_hopper() -> bool:
@@ -183,29 +90,33 @@ def _on_hopper() -> bool:
 
 
 def pick_backend(p: Problem, backend: str, interpret: bool) -> str:
-    """Resolves ``"auto"``: Mosaic GPU on a Hopper GPU where that kernel is known to work."""
+    """Resolves ``"auto"``: Mosaic GPU on a Hopper GPU once it is verified there (and supports
+    ``p``), else Triton-style (whose import then fails with a clear error on a JAX without it:
+    callers that want another fallback check :func:`backend_available` first)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "mosaic":
-        reason = mosaic_supported(p)
+        reason = backend_module("mosaic").unsupported_reason(p)
         if reason is not None:
             raise ValueError(f"backend='mosaic' does not support this call: {reason}")
         return "mosaic"
     if backend == "triton":
         return "triton"
-    from pallas_kernels import grouped_mxfp4_mosaic
-    if (not interpret and grouped_mxfp4_mosaic.VERIFIED_ON_GPU and _on_hopper()
-            and mosaic_supported(p) is None):
+    if (MOSAIC_VERIFIED_ON_GPU and not interpret and _on_hopper()
+            and backend_module("mosaic").unsupported_reason(p) is None):
         return "mosaic"
     return "triton"
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "epilogue", "swiglu_limit", "swiglu_alpha", "out_dtype", "tuning", "backend", "interpret"))
+_STATIC = ("epilogue", "swiglu_limit", "swiglu_alpha", "out_dtype", "tuning", "backend",
+           "interpret")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def grouped_mxfp4_matmul(
     lhs, blocks, scales, group_sizes, bias=None, *, epilogue="none", row_scale=None,
-    swiglu_limit=7.0, swiglu_alpha=1.702, out_dtype=None, tuning=None, backend="auto",
-    interpret=False,
+    swiglu_limit=common.SWIGLU_LIMIT, swiglu_alpha=common.SWIGLU_ALPHA, out_dtype=None,
+    tuning=None, backend="auto", interpret=False,
 ) -> jax.Array:
     """Grouped matmul of expert-sorted rows with packed MXFP4 expert weights (see module doc).
 
@@ -219,39 +130,49 @@ def grouped_mxfp4_matmul(
       row_scale: ``[M]`` or None, multiplies each output row (routing weights).
       swiglu_limit, swiglu_alpha: gpt-oss SwiGLU constants.
       out_dtype: output dtype, default ``lhs.dtype``.
-      tuning: the chosen backend's ``TuningConfig``; None picks by regime (decode / prefill).
-      backend: ``"mosaic"``, ``"triton"`` or ``"auto"``.
+      tuning: the chosen backend's config (:mod:`pallas_kernels.tuning`); None picks by regime.
+      backend: ``"mosaic"``, ``"triton"`` or ``"auto"`` (see :func:`pick_backend`).
       interpret: run on the CPU (plain interpreter for triton, the GPU interpreter for mosaic).
     """
     p = validate(lhs, blocks, scales, group_sizes, bias, epilogue=epilogue, row_scale=row_scale,
                  out_dtype=out_dtype)
     backend = pick_backend(p, backend, interpret)
-    if backend == "mosaic":
-        from pallas_kernels import grouped_mxfp4_mosaic as impl
-    else:
-        from pallas_kernels import grouped_mxfp4_triton as impl
-    if tuning is not None and not isinstance(tuning, impl.TuningConfig):
-        raise ValueError(f"tuning for backend {backend!r} must be {impl.__name__}.TuningConfig, "
-                         f"got {type(tuning).__name__}")
-    return impl.grouped_mxfp4_matmul_kernel_call(
+    if tuning is not None:
+        tuning_lib.check_tuning(backend, tuning)
+    return backend_module(backend).launch(
         p, lhs, blocks, scales, group_sizes, bias, row_scale,
         swiglu_limit=float(swiglu_limit), swiglu_alpha=float(swiglu_alpha),
         tuning=tuning, interpret=interpret)
 
 
-def fp4_codes_to_f32(codes: jax.Array) -> jax.Array:
-    """e2m1 codes (int32, 0..15) -> f32 values by bit arithmetic (no table gather in kernels).
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def grouped_mxfp4_matmul_reference(
+    lhs, blocks, scales, group_sizes, bias=None, *, epilogue="none", row_scale=None,
+    swiglu_limit=common.SWIGLU_LIMIT, swiglu_alpha=common.SWIGLU_ALPHA, out_dtype=None,
+    tuning=None, backend="auto", interpret=False,
+) -> jax.Array:
+    """Plain-jnp ground truth of :func:`grouped_mxfp4_matmul` (same signature).
 
-    Magnitudes 0 and 0.5 (exponent field 0) are ``code * 0.5``; the others are normal numbers
-    ``2**(e - 1) * (1 + m / 2)`` whose f32 bits are ``(e + 126) << 23 | m << 22``.
+    A scan over experts: each step dequantizes one expert with :func:`mxfp4.dequantize` (exact in
+    f32), multiplies all rows in f32 at HIGHEST precision and keeps the rows of that expert.
+    ``tuning``, ``backend`` and ``interpret`` are accepted for signature parity and ignored.
     """
-    mag = codes & 7
-    normal = jax.lax.bitcast_convert_type(((mag >> 1) + 126) << 23 | (mag & 1) << 22, jnp.float32)
-    val = jnp.where(mag < 2, mag.astype(jnp.float32) * 0.5, normal)
-    return jnp.where(codes >= 8, -val, val)
+    del tuning, backend, interpret
+    p = validate(lhs, blocks, scales, group_sizes, bias, epilogue=epilogue, row_scale=row_scale,
+                 out_dtype=out_dtype)
+    _, ends = common.group_bounds(group_sizes, p.m)
+    row_expert = jnp.searchsorted(ends, jnp.arange(p.m), side="right")  # [M], E for padding
+    x = lhs.astype(jnp.float32)
 
+    def one_expert(acc, e):
+        w = mxfp4.dequantize(blocks[e], scales[e], jnp.float32)  # [N, K]
+        h = jnp.dot(x, w.T, precision=jax.lax.Precision.HIGHEST)  # [M, N]
+        if bias is not None:
+            h = h + bias[e].astype(jnp.float32)
+        return jnp.where((row_expert == e)[:, None], h, acc), None
 
-def e8m0_to_f32(scales: jax.Array) -> jax.Array:
-    """E8M0 exponents (int32, 0..255) -> ``2 ** (s - 127)`` in f32 (255, NaN in E8M0, -> inf)."""
-    normal = jax.lax.bitcast_convert_type(scales << 23, jnp.float32)
-    return jnp.where(scales == 0, np.float32(2.0 ** -127), normal)
+    h, _ = jax.lax.scan(one_expert, jnp.zeros((p.m, p.n), jnp.float32), jnp.arange(p.e))
+    out = common.swiglu_interleaved(h, swiglu_limit, swiglu_alpha) if epilogue == "swiglu" else h
+    if row_scale is not None:
+        out = out * row_scale.astype(jnp.float32)[:, None]
+    return out.astype(p.out_dtype)

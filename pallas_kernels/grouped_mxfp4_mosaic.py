@@ -43,9 +43,8 @@ STATUS (jax 0.10.2, no GPU in the sessions that built it):
 
 * Lowers for CUDA on a CPU (``.lower(lowering_platforms=("cuda",))``, through Mosaic GPU's
   layout inference): both epilogues, 16 / 64 / 128-token tunings, gpt-oss gate_up and
-  down sizes (``test_mosaic_lowers_for_cuda`` in ``tests/test_kernels.py``,
-  ``tests/test_kernel_mosaic.py``). Lowering is not compiling: ptxas, register pressure and
-  the SMEM budget on a real device are unchecked.
+  down sizes (``tests/kernels/``), on JAX 0.10.2 and 0.11.2. Lowering is not compiling:
+  ptxas, register pressure and the SMEM budget on a real device are unchecked.
 * Runs under JAX's GPU interpreter (``InterpretGPUParams``) and matches the reference to f32
   rounding on small shapes: ragged groups, experts with no rows, all rows on one expert,
   padding rows, sizes summing past M, bias / row scale, both epilogues, bf16 / f32 out, several
@@ -54,7 +53,8 @@ STATUS (jax 0.10.2, no GPU in the sessions that built it):
   as a plain matmul of the operand tiles; it does not model register layouts, swizzling,
   wgmma asynchrony or timing.
 * NOT verified on a GPU: neither correctness nor speed has been measured on an H100/H200. Until
-  it has, ``VERIFIED_ON_GPU = False`` and ``backend="auto"`` keeps to the Triton-style kernel.
+  ``bench/gpu_check.py`` has passed on one, ``grouped_mxfp4.MOSAIC_VERIFIED_ON_GPU`` is False
+  and ``backend="auto"`` keeps to the Triton-style kernel.
 * Performance work left: one warpgroup per CTA and no warp specialization (the dequantization
   sits on the wgmma's critical path: ``wgmma_wait(0)`` every step), a single dequantized-weight
   buffer, per-tile expert loop that re-reads a weight tile for every token tile of the same
@@ -63,7 +63,6 @@ STATUS (jax 0.10.2, no GPU in the sessions that built it):
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -71,16 +70,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import grouped_mxfp4 as op
+from pallas_kernels import common
+from pallas_kernels.common import Problem
+from pallas_kernels.tuning import MOSAIC_STEP_K as STEP_K
+from pallas_kernels.tuning import MosaicTuningConfig, default_tuning
 
-# Set to True once the kernel has been compared with the reference on a Hopper GPU; until then
-# backend="auto" keeps to the Triton-style kernel.
-VERIFIED_ON_GPU = False
-# Whether the tests run this kernel under JAX's GPU interpreter (InterpretGPUParams) on CPU.
-INTERPRET_OK = True
-
-WG_M = 64  # rows of one wgmma (one warpgroup): weight rows here
-STEP_K = 64  # K per step: two scale blocks; 32 even + 32 odd elements (64-byte bf16 rows)
 HALF = STEP_K // 2  # packed bytes per weight row per step = elements per parity
 
 
@@ -104,43 +98,23 @@ def mma_swizzle(block_m: int) -> int:
     return 64 if (2 * block_m) % 64 == 0 else 32
 
 
-@dataclasses.dataclass(frozen=True)
-class TuningConfig:
-    """Block sizes of the Mosaic GPU kernel."""
-    block_m: int = 64  # tokens per CTA: the wgmma N (multiple of 16: >= 32-byte swizzled rows)
-    block_n: int = 64  # weight rows per CTA per part: the wgmma M (one warpgroup: 64)
-    num_stages: int = 2  # K steps whose TMA copies are in flight (1 = no pipelining)
-
-    def __post_init__(self):
-        if self.block_m % 16 or not 16 <= self.block_m <= 256:
-            raise ValueError(f"block_m must be a multiple of 16 in [16, 256], got {self.block_m}")
-        if self.block_n != WG_M:
-            raise ValueError(f"block_n must be {WG_M} (one warpgroup), got {self.block_n}")
-        if not 1 <= self.num_stages <= 8:
-            raise ValueError(f"num_stages must be in [1, 8], got {self.num_stages}")
+def interpret_params():
+    """JAX's GPU interpreter settings (public as ``plgpu.InterpretGPUParams`` from JAX 0.11)."""
+    cls = getattr(plgpu, "InterpretGPUParams", None)
+    if cls is None:  # JAX 0.10: only under jax._src
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as cls
+    return cls()
 
 
-# Decode: a few tokens per expert; a small token tile keeps the wasted wgmma columns low while
-# every CTA streams one 64-row slice of the expert's weights (the traffic).
-DECODE = TuningConfig(block_m=16, num_stages=4)
-# Prefill: many tokens per expert; a wider token tile reuses each dequantized weight tile. 64,
-# not 128: with swiglu the two f32 accumulators of 64 x 128 would take 128 of a thread's 255
-# registers before the merge's temporaries.
-PREFILL = TuningConfig(block_m=64, num_stages=3)
+def grid(p: Problem, cfg: MosaicTuningConfig) -> tuple[int, int]:
+    """The launch grid: (token tiles, weight-row tiles per part); one CTA each."""
+    parts = 2 if p.epilogue == "swiglu" else 1
+    return pl.cdiv(p.m, cfg.block_m), p.n // parts // cfg.block_n
 
 
-def default_tuning(p: op.Problem) -> TuningConfig:
-    return DECODE if p.decode else PREFILL
-
-
-def small_tuning_for_tests() -> TuningConfig:
-    """Small token tiles so test problems of ~45 rows span several tiles and experts."""
-    return TuningConfig(block_m=16)
-
-
-def unsupported_reason(p: op.Problem, tuning: TuningConfig | None = None) -> str | None:
+def unsupported_reason(p: Problem, tuning: MosaicTuningConfig | None = None) -> str | None:
     """Why this kernel cannot run ``p`` (None if it can)."""
-    cfg = tuning or default_tuning(p)
+    cfg = tuning or default_tuning("mosaic", p)
     parts = 2 if p.epilogue == "swiglu" else 1
     if p.lhs_dtype != jnp.bfloat16:
         return f"activations must be bfloat16 (got {p.lhs_dtype})"
@@ -156,21 +130,28 @@ def dequantize_step(
     s_ref,   # [2, bn] uint8 (SMEM): its two E8M0 scale blocks
     lo_ref,  # [bn, 32] bf16 (SMEM): out, the even K elements (low nibbles)
     hi_ref,  # [bn, 32] bf16 (SMEM): out, the odd K elements (high nibbles)
+    mode: str = "mxfp4",
 ):
     """MXFP4 -> bf16 for one K step, in registers, written to SMEM.
 
     Exact: every e2m1 value times a power of two in bf16's range is a bf16 (the f32 product is
-    rounded once, losslessly).
+    rounded once, losslessly). ``mode="cast"`` (diagnostic, wrong values: see
+    :mod:`pallas_kernels.tuning`) stores each code byte cast to bf16 instead.
     """
     bn = c_ref.shape[0]
     codes = c_ref[...].astype(jnp.int32)  # [bn, 32]
+    if mode == "cast":
+        x = codes.astype(jnp.float32).astype(jnp.bfloat16)
+        lo_ref[...] = x
+        hi_ref[...] = x
+        return
     col = jax.lax.broadcasted_iota(jnp.int32, (bn, HALF), 1)
-    s0, s1 = (op.e8m0_to_f32(s_ref[t].astype(jnp.int32)) for t in range(2))  # [bn] each
+    s0, s1 = (common.e8m0_to_f32(s_ref[t].astype(jnp.int32)) for t in range(2))  # [bn] each
     scale = jnp.where(col < HALF // 2,  # bytes 0-15: scale block 0, bytes 16-31: block 1
                       jax.lax.broadcast_in_dim(s0, (bn, HALF), (0,)),
                       jax.lax.broadcast_in_dim(s1, (bn, HALF), (0,)))
-    lo_ref[...] = (op.fp4_codes_to_f32(codes & 15) * scale).astype(jnp.bfloat16)
-    hi_ref[...] = (op.fp4_codes_to_f32(codes >> 4) * scale).astype(jnp.bfloat16)
+    lo_ref[...] = (common.fp4_codes_to_f32(codes & 15) * scale).astype(jnp.bfloat16)
+    hi_ref[...] = (common.fp4_codes_to_f32(codes >> 4) * scale).astype(jnp.bfloat16)
 
 
 def grouped_mxfp4_matmul_kernel(
@@ -194,7 +175,7 @@ def grouped_mxfp4_matmul_kernel(
     o_smem,         # [bn, bm] out dtype: output staging for the TMA store
     barriers,       # [S * (2 + 2P) + P] TMA barriers: one per K-step copy per stage, then
                     # P for the bias / row-scale copies
-    *, p: op.Problem, cfg: TuningConfig, parts: int, limit: float, alpha: float,
+    *, p: Problem, cfg: MosaicTuningConfig, parts: int, limit: float, alpha: float,
 ):
     bm, bn = cfg.block_m, cfg.block_n
     i = jax.lax.axis_index("m")
@@ -256,7 +237,7 @@ def grouped_mxfp4_matmul_kernel(
                         plgpu.barrier_wait(barriers.at[slot * per_step + t])
                     for q in range(parts):
                         dequantize_step(c_smem.at[slot, q], s_smem.at[slot, q],
-                                        w_smem.at[q, 0], w_smem.at[q, 1])
+                                        w_smem.at[q, 0], w_smem.at[q, 1], cfg.dequant)
                     plgpu.commit_smem()  # generic-proxy SMEM writes -> visible to wgmma
                     for q in range(parts):
                         for half in range(2):
@@ -284,9 +265,7 @@ def grouped_mxfp4_matmul_kernel(
     plgpu.copy_gmem_to_smem(row_scale_ref.at[pl.ds(r0, bm)], rs_smem, barriers.at[aux])
     plgpu.barrier_wait(barriers.at[aux])
     if parts == 2:
-        gate = jnp.minimum(h_smem[0], limit)  # gate is clamped from above only
-        up = jnp.clip(h_smem[1], -limit, limit)
-        out = gate * (1.0 / (1.0 + jnp.exp(-alpha * gate))) * (up + 1.0)  # gpt-oss's (up + 1)
+        out = common.swiglu(h_smem[0], h_smem[1], limit, alpha)
     else:
         out = h_smem[0]
     out = out * jax.lax.broadcast_in_dim(rs_smem[...], (bn, bm), (1,))
@@ -304,20 +283,15 @@ def transpose_k_steps(lhs: jax.Array, m_pad: int) -> jax.Array:
     return jnp.pad(x, ((0, 0), (0, m_pad - m)))
 
 
-def grouped_mxfp4_matmul_kernel_call(p: op.Problem, lhs, blocks, scales, group_sizes, bias,
-                                     row_scale, *, swiglu_limit, swiglu_alpha, tuning, interpret):
-    """Lays out the operands (see module doc) and launches :func:`grouped_mxfp4_matmul_kernel`."""
-    from pallas_kernels.grouped_mxfp4_triton import tile_expert_ranges
-    cfg = default_tuning(p) if tuning is None else tuning
-    reason = unsupported_reason(p, cfg)
-    if reason is not None:
-        raise ValueError(f"Mosaic GPU grouped MXFP4 matmul: {reason}")
+def layout_operands(p: Problem, cfg: MosaicTuningConfig, lhs, blocks, scales, group_sizes,
+                    bias, row_scale) -> tuple:
+    """The kernel's operands from the public ones (the per-call layout work of the module doc:
+    the scale transpose, the activation transpose, group bounds and tile ranges)."""
     parts = 2 if p.epilogue == "swiglu" else 1
     np_ = p.n // parts  # weight rows per part = output columns
-    bm, bn = cfg.block_m, cfg.block_n
-    m_pad = pl.cdiv(p.m, bm) * bm
-    starts, ends = op.group_bounds(group_sizes, p.m)
-    tile_lo, tile_hi = tile_expert_ranges(starts, ends, m_pad, bm)
+    m_pad = pl.cdiv(p.m, cfg.block_m) * cfg.block_m
+    starts, ends = common.group_bounds(group_sizes, p.m)
+    tile_lo, tile_hi = common.tile_expert_ranges(ends, m_pad, cfg.block_m)
     xt = transpose_k_steps(lhs, m_pad)
     codes = blocks.reshape(p.e, np_, parts * p.k // 2)  # free reshape
     s_t = scales.reshape(p.e, np_, parts, p.k // 32).transpose(0, 2, 3, 1)
@@ -325,17 +299,27 @@ def grouped_mxfp4_matmul_kernel_call(p: op.Problem, lhs, blocks, scales, group_s
     b = b.reshape(p.e, np_, parts).transpose(0, 2, 1)
     rs = jnp.ones((p.m,), jnp.float32) if row_scale is None else row_scale.astype(jnp.float32)
     rs = jnp.pad(rs, (0, m_pad - p.m))
+    return tile_lo, tile_hi, starts, ends, xt, codes, s_t, b, rs
+
+
+def launch_laid_out(p: Problem, cfg: MosaicTuningConfig, operands: tuple, *, swiglu_limit,
+                    swiglu_alpha, interpret) -> jax.Array:
+    """Launches :func:`grouped_mxfp4_matmul_kernel` on :func:`layout_operands`' result; returns
+    the transposed, token-padded ``[N_out, M_pad]`` output."""
+    parts = 2 if p.epilogue == "swiglu" else 1
+    np_ = p.n // parts
+    bm, bn = cfg.block_m, cfg.block_n
+    m_pad = pl.cdiv(p.m, bm) * bm
     swizzle = mma_swizzle(bm)
     stages = min(cfg.num_stages, p.k // STEP_K)
     kernel = functools.partial(grouped_mxfp4_matmul_kernel, p=p, cfg=cfg, parts=parts,
                                limit=swiglu_limit, alpha=swiglu_alpha)
     if interpret is True:  # an InterpretGPUParams instance (e.g. detect_races=True) passes as is
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-        interpret = InterpretGPUParams()
+        interpret = interpret_params()
     call = plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct((np_, m_pad), p.out_dtype),
-        grid=(m_pad // bm, np_ // bn),
+        grid=grid(p, cfg),
         grid_names=("m", "n"),
         scratch_types=[
             _mma_smem((stages, 2, HALF, bm), jnp.bfloat16, swizzle),
@@ -352,5 +336,17 @@ def grouped_mxfp4_matmul_kernel_call(p: op.Problem, lhs, blocks, scales, group_s
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=interpret,
     )
-    out_t = call(tile_lo, tile_hi, starts, ends, xt, codes, s_t, b, rs)  # [N_out, M_pad]
+    return call(*operands)
+
+
+def launch(p: Problem, lhs, blocks, scales, group_sizes, bias, row_scale, *, swiglu_limit,
+           swiglu_alpha, tuning, interpret):
+    """Lays out the operands (see module doc), launches the kernel, transposes the result back."""
+    cfg = default_tuning("mosaic", p) if tuning is None else tuning
+    reason = unsupported_reason(p, cfg)
+    if reason is not None:
+        raise ValueError(f"Mosaic GPU grouped MXFP4 matmul: {reason}")
+    operands = layout_operands(p, cfg, lhs, blocks, scales, group_sizes, bias, row_scale)
+    out_t = launch_laid_out(p, cfg, operands, swiglu_limit=swiglu_limit,
+                            swiglu_alpha=swiglu_alpha, interpret=interpret)  # [N_out, M_pad]
     return out_t[:, : p.m].T

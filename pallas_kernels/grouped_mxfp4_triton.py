@@ -18,13 +18,14 @@ Partial tiles (M, N or K not a multiple of the block) are handled by load/store 
 SwiGLU epilogue splits the interleaved gate/up columns in registers (``lax.unstack``, ``tt.split``).
 
 Status: fully checked against the reference on CPU with ``interpret=True`` and lowered for CUDA
-(``lower(lowering_platforms=("cuda",))``) in ``tests/test_kernels.py``; not yet timed on a GPU.
-JAX deprecates the Triton backend of Pallas; this stays as the fallback of the Mosaic GPU kernel.
+(``lower(lowering_platforms=("cuda",))``) in ``tests/kernels/``; not yet timed on a GPU.
+JAX 0.11 deprecates the Triton backend of Pallas: this module is imported only when the backend
+is picked (``grouped_mxfp4.backend_module``), so a JAX without it still loads ``pallas_kernels``.
+It stays the default GPU backend until the Mosaic GPU kernel has passed ``bench/gpu_check.py``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -32,54 +33,33 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels import grouped_mxfp4 as op
-from pallas_kernels import mxfp4
+from pallas_kernels import common, mxfp4
+from pallas_kernels.common import Problem
+from pallas_kernels.tuning import TritonTuningConfig, default_tuning
 
 
-def _is_pow2(x: int) -> bool:
-    return x > 0 and x & (x - 1) == 0
+def grid(p: Problem, cfg: TritonTuningConfig) -> tuple[int, int]:
+    """The launch grid: (row tiles, weight-row tiles); one program per output tile."""
+    return pl.cdiv(p.m, cfg.block_m), pl.cdiv(p.n, cfg.block_n)
 
 
-@dataclasses.dataclass(frozen=True)
-class TuningConfig:
-    """Block sizes and launch parameters of the Triton-style kernel (all powers of two)."""
-    block_m: int = 64    # rows per program (>= 16: minimum tensor-core tile)
-    block_n: int = 128   # weight rows (h columns) per program; swiglu writes block_n // 2
-    block_k: int = 64    # K per loop step, a multiple of 32 (whole scale blocks)
-    num_warps: int = 4
-    num_stages: int = 3  # software-pipelining depth of the K loop
+def dequantize_tile(codes_u8: jax.Array, scales_u8: jax.Array, dtype,
+                    mode: str = "mxfp4") -> jax.Array:
+    """``[bn, bk/2]`` packed bytes + ``[bn, bk/32]`` exponents -> ``[bn, bk]`` values in ``dtype``.
 
-    def __post_init__(self):
-        for name in ("block_m", "block_n", "block_k"):
-            if not _is_pow2(getattr(self, name)):
-                raise ValueError(f"{name} must be a power of two, got {getattr(self, name)}")
-        if self.block_m < 16 or self.block_n < 16:
-            raise ValueError(f"block_m and block_n must be >= 16, got {self}")
-        if self.block_k < mxfp4.BLOCK:
-            raise ValueError(f"block_k must be a multiple of {mxfp4.BLOCK}, got {self.block_k}")
-
-
-# Decode: few rows per expert, the op streams expert weights (memory bound). Small row tiles
-# (minimum MMA height), wide K steps so each program issues large contiguous weight loads.
-DECODE = TuningConfig(block_m=16, block_n=64, block_k=256, num_warps=4, num_stages=4)
-# Prefill: many rows per expert, tensor-core bound: square-ish tiles reuse each dequantized
-# weight tile across 64 rows.
-PREFILL = TuningConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3)
-
-
-def default_tuning(p: op.Problem) -> TuningConfig:
-    return DECODE if p.decode else PREFILL
-
-
-def dequantize_tile(codes_u8: jax.Array, scales_u8: jax.Array, dtype) -> jax.Array:
-    """``[bn, bk/2]`` packed bytes + ``[bn, bk/32]`` exponents -> ``[bn, bk]`` values in ``dtype``."""
+    ``mode="cast"`` (diagnostic, wrong values: see :mod:`pallas_kernels.tuning`) keeps the loads
+    and the K interleave but replaces the decode and the scale multiply by a cast of each byte.
+    """
     bn, half = codes_u8.shape
     b = codes_u8.astype(jnp.int32)
-    lo = op.fp4_codes_to_f32(b & 0xF)  # [bn, bk/2], elements 0, 2, 4, ...
-    hi = op.fp4_codes_to_f32(b >> 4)   # [bn, bk/2], elements 1, 3, 5, ...
+    if mode == "cast":
+        x = b.astype(dtype)
+        return jax.lax.stack([x, x], axis=2).reshape(bn, 2 * half)
+    lo = common.fp4_codes_to_f32(b & 0xF)  # [bn, bk/2], elements 0, 2, 4, ...
+    hi = common.fp4_codes_to_f32(b >> 4)   # [bn, bk/2], elements 1, 3, 5, ...
     vals = jax.lax.stack([lo, hi], axis=2).reshape(bn, 2 * half)  # [bn, bk] in K order
     nsb = scales_u8.shape[1]
-    s = op.e8m0_to_f32(scales_u8.astype(jnp.int32))  # [bn, bk/32]
+    s = common.e8m0_to_f32(scales_u8.astype(jnp.int32))  # [bn, bk/32]
     s = jax.lax.broadcast_in_dim(s, (bn, nsb, mxfp4.BLOCK), (0, 1)).reshape(bn, nsb * mxfp4.BLOCK)
     return (vals * s).astype(dtype)
 
@@ -93,7 +73,7 @@ def grouped_mxfp4_matmul_kernel(
     codes_ref,     # [E, N, K/2] uint8 (blocks with the 16-byte axis merged)
     scales_ref,    # [E, N, K/32] uint8
     *refs,         # bias_ref [E, N]?, row_scale_ref [M]?, out_ref [M, N_out]
-    p: op.Problem, cfg: TuningConfig, limit: float, alpha: float,
+    p: Problem, cfg: TritonTuningConfig, limit: float, alpha: float,
 ):
     refs = list(refs)
     bias_ref = refs.pop(0) if p.has_bias else None
@@ -101,6 +81,9 @@ def grouped_mxfp4_matmul_kernel(
     (out_ref,) = refs
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
     compute_dtype = jnp.bfloat16 if p.lhs_dtype == jnp.bfloat16 else jnp.float32
+    # f32 activations ask for f32 products: Triton's default for f32 dots is TF32 (10-bit
+    # mantissas), which would round the activations; bf16 ones are exact either way.
+    precision = jax.lax.Precision.HIGHEST if compute_dtype == jnp.float32 else None
 
     i, j = pl.program_id(0), pl.program_id(1)
     r0, c0 = i * bm, j * bn
@@ -124,9 +107,9 @@ def grouped_mxfp4_matmul_kernel(
             sb_ok = (k0 // 32 + jnp.arange(bk // 32, dtype=jnp.int32)) < p.k // 32
             sc = pltriton.load(scales_ref.at[e, pl.ds(c0, bn), pl.ds(k0 // 32, bk // 32)],
                                mask=col_ok[:, None] & sb_ok[None, :], other=127)  # [bn, bk/32]
-            w = dequantize_tile(codes, sc, compute_dtype)  # [bn, bk]
+            w = dequantize_tile(codes, sc, compute_dtype, cfg.dequant)  # [bn, bk]
             return acc + jax.lax.dot_general(
-                x.astype(compute_dtype), w, (((1,), (1,)), ((), ())),
+                x.astype(compute_dtype), w, (((1,), (1,)), ((), ())), precision=precision,
                 preferred_element_type=jnp.float32)
 
         def run(acc):
@@ -145,9 +128,7 @@ def grouped_mxfp4_matmul_kernel(
 
     if p.epilogue == "swiglu":
         gate, up = jax.lax.unstack(acc.reshape(bm, bn // 2, 2), axis=2)  # [bm, bn/2] each
-        gate = jnp.minimum(gate, limit)
-        up = jnp.clip(up, -limit, limit)
-        out = gate * (1.0 / (1.0 + jnp.exp(-alpha * gate))) * (up + 1.0)
+        out = common.swiglu(gate, up, limit, alpha)
         out_cols = c0 // 2 + jnp.arange(bn // 2, dtype=jnp.int32)
         oc0, obn = c0 // 2, bn // 2
     else:
@@ -160,28 +141,14 @@ def grouped_mxfp4_matmul_kernel(
                    mask=row_ok[:, None] & (out_cols < p.n_out)[None, :])
 
 
-def tile_expert_ranges(starts: jax.Array, ends: jax.Array, m: int, block_m: int):
-    """``(lo, hi)`` int32 ``[cdiv(m, block_m)]``: experts ``lo <= e < hi`` meet row tile ``i``.
-
-    Tiles wholly past the last group get ``lo == hi`` (nothing to do: their rows stay zero).
-    """
-    del starts
-    r0 = jnp.arange(pl.cdiv(m, block_m), dtype=jnp.int32) * block_m
-    r1 = jnp.minimum(r0 + block_m, m)
-    lo = jnp.searchsorted(ends, r0, side="right").astype(jnp.int32)  # first e with end > r0
-    hi = jnp.searchsorted(ends, r1 - 1, side="right").astype(jnp.int32) + 1
-    hi = jnp.maximum(jnp.minimum(hi, ends.shape[0]), lo)
-    return lo, hi
-
-
-def grouped_mxfp4_matmul_kernel_call(p: op.Problem, lhs, blocks, scales, group_sizes, bias,
-                                     row_scale, *, swiglu_limit, swiglu_alpha, tuning, interpret):
+def launch(p: Problem, lhs, blocks, scales, group_sizes, bias, row_scale, *, swiglu_limit,
+           swiglu_alpha, tuning, interpret):
     """Launches :func:`grouped_mxfp4_matmul_kernel` (inputs already validated into ``p``)."""
-    cfg = default_tuning(p) if tuning is None else tuning
+    cfg = default_tuning("triton", p) if tuning is None else tuning
     if p.epilogue == "swiglu" and cfg.block_n < 32:
         raise ValueError("swiglu needs block_n >= 32 (block_n // 2 output columns per tile)")
-    starts, ends = op.group_bounds(group_sizes, p.m)
-    tile_lo, tile_hi = tile_expert_ranges(starts, ends, p.m, cfg.block_m)
+    starts, ends = common.group_bounds(group_sizes, p.m)
+    tile_lo, tile_hi = common.tile_expert_ranges(ends, p.m, cfg.block_m)
     codes = blocks.reshape(p.e, p.n, p.k // 2)  # free: merges the two minor axes
     operands = [tile_lo, tile_hi, starts, ends, lhs, codes, scales]
     if bias is not None:
@@ -193,7 +160,7 @@ def grouped_mxfp4_matmul_kernel_call(p: op.Problem, lhs, blocks, scales, group_s
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((p.m, p.n_out), p.out_dtype),
-        grid=(pl.cdiv(p.m, cfg.block_m), pl.cdiv(p.n, cfg.block_n)),
+        grid=grid(p, cfg),
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps,
                                                 num_stages=cfg.num_stages),
         interpret=interpret,

@@ -14,6 +14,12 @@ Message model (plain dicts in the OpenAI chat style also work, see ``normalize_m
 * ``tool`` messages: the result of tool ``name`` (``functions.<name>`` to ``assistant`` on
   ``commentary``).
 
+Built-in tools (``browser.*``, ``python``, MCP namespaces) are called the way the model wrote the
+call: a ``ToolCall`` with its ``recipient``, ``channel`` (usually ``analysis``) and
+``content_type`` (``code``, or None); their results are ``tool`` messages with a ``channel``,
+whose ``name`` is then the harmony author exactly (the call's recipient, ``python``), not a
+function name to qualify.
+
 Reasoning of past turns. Harmony asks to drop the model's earlier chain of thought once a turn
 ended with a ``final`` answer, and to keep it while a turn is still in progress (tool calls and
 their results). openai-harmony's ``auto_drop_analysis`` (0.0.8) implements something narrower:
@@ -46,7 +52,8 @@ class ToolCall:
     name: str
     arguments: str = "{}"
     recipient: str | None = None
-    content_type: str = "json"
+    channel: str | None = None  # None: commentary, where function calls go
+    content_type: str | None = "json"  # as in the header; built-in calls: "code" or None
 
     @property
     def target(self) -> str:
@@ -63,6 +70,9 @@ class Message:
     thinking: assistant only; its chain of thought (``analysis`` channel).
     tool_calls: assistant only; calls it made, in order, after ``thinking`` and ``content``.
     name: tool only; which tool produced this result (``get_weather`` or ``functions.get_weather``).
+    channel: tool only; the harmony channel of a built-in tool's result (None: commentary, a
+      function's result); when set, ``name`` is the author verbatim (``python``,
+      ``browser.search``).
     """
 
     role: str
@@ -70,6 +80,7 @@ class Message:
     thinking: str | None = None
     tool_calls: tuple[ToolCall, ...] = ()
     name: str | None = None
+    channel: str | None = None
 
     def __post_init__(self):
         if self.role not in ROLES:
@@ -78,6 +89,8 @@ class Message:
             raise ValueError("a tool message needs the tool's name")
         if (self.thinking or self.tool_calls) and self.role != "assistant":
             raise ValueError(f"thinking and tool_calls belong to assistant messages, not {self.role!r}")
+        if self.channel is not None and self.role != "tool":
+            raise ValueError(f"channel belongs to tool messages, not {self.role!r}")
         calls = tuple(_tool_call_of(tc)[0] for tc in self.tool_calls)  # dicts accepted too
         object.__setattr__(self, "tool_calls", calls)
 
@@ -173,12 +186,14 @@ def _is_final(m: Message) -> bool:
 
 
 def drop_past_thinking(messages: Sequence[Message], *, keep_last_turn: bool = False) -> list[Message]:
-    """Remove ``thinking`` from assistant messages of turns that ended in a final answer.
+    """Remove the reasoning of turns that ended in a final answer.
 
-    Every assistant message up to and including the last final answer loses its reasoning; the
-    messages after it (a turn in progress: tool calls and results) keep theirs. With
-    ``keep_last_turn`` (training), a conversation that *ends* with a final answer keeps the
-    reasoning of that last turn, the target being trained.
+    Every assistant message up to and including the last final answer loses its reasoning, and
+    so do the built-in tool calls written on the analysis channel and their results (they are
+    reasoning too: openai-harmony drops every analysis message); function calls and their
+    results stay. The messages after it (a turn in progress: tool calls and results) keep
+    theirs. With ``keep_last_turn`` (training), a conversation that *ends* with a final answer
+    keeps the reasoning of that last turn, the target being trained.
     """
     finals = [i for i, m in enumerate(messages) if _is_final(m)]
     if keep_last_turn and finals and finals[-1] == len(messages) - 1:
@@ -186,10 +201,14 @@ def drop_past_thinking(messages: Sequence[Message], *, keep_last_turn: bool = Fa
     cut = finals[-1] if finals else -1
     out = []
     for i, m in enumerate(messages):
-        if i <= cut and m.thinking:
-            if not (m.content or m.tool_calls):
-                continue  # nothing but reasoning: the whole message goes
-            m = dataclasses.replace(m, thinking=None)
+        if i <= cut and m.role == "tool" and m.channel == "analysis":
+            continue
+        if i <= cut and m.role == "assistant":
+            calls = tuple(tc for tc in m.tool_calls if tc.channel != "analysis")
+            if m.thinking or len(calls) < len(m.tool_calls):
+                if not (calls or (m.content and not m.tool_calls)):
+                    continue  # nothing but reasoning (a preamble to dropped calls goes with them)
+                m = dataclasses.replace(m, thinking=None, tool_calls=calls)
         out.append(m)
     return out
 

@@ -31,9 +31,11 @@ from gptoss_jax.chat.encoding import END, RETURN, harmony_encoding
 from gptoss_jax.chat.messages import (
     Message,
     MessageLike,
+    ToolCall,
     drop_past_thinking,
     normalize_messages,
     qualified_tool_name,
+    tool_name,
 )
 
 _EFFORTS = {
@@ -71,15 +73,20 @@ def function_tools(tools: Iterable[Mapping[str, Any]] | None) -> list[oh.ToolDes
 
 
 def system_content(*, reasoning_effort: Any = "medium", date: str | datetime.date | None = None,
-                   model_identity: str | None = None) -> oh.SystemContent:
+                   model_identity: str | None = None,
+                   tool_namespaces: Sequence[oh.ToolNamespaceConfig] = ()) -> oh.SystemContent:
     """The harmony system message: reasoning effort, and the date (``YYYY-MM-DD``; left out
-    when None, so renders are deterministic) and model identity (None: harmony's default line)."""
+    when None, so renders are deterministic) and model identity (None: harmony's default line);
+    ``tool_namespaces`` declares built-in tools (``ToolNamespaceConfig.browser()``, the python
+    tool's, an MCP server's), in order, as ``SystemContent.with_tools`` does."""
     system = oh.SystemContent.new().with_reasoning_effort(_effort(reasoning_effort))
     if model_identity is not None:
         system = system.with_model_identity(model_identity)
     if date is not None:
         system = system.with_conversation_start_date(
             date.strftime("%Y-%m-%d") if isinstance(date, datetime.date) else str(date))
+    for config in tool_namespaces:
+        system = system.with_tools(config)
     return system
 
 
@@ -98,10 +105,12 @@ def developer_content(instructions: Sequence[str],
 
 
 def _tool_result(m: Message) -> oh.Message:
-    """A tool message: the result of ``functions.<name>``, to the assistant on commentary."""
-    author = oh.Author.new(oh.Role.TOOL, qualified_tool_name(m.name))
+    """A tool message: the result of ``functions.<name>``, to the assistant on commentary; a
+    built-in tool's (``channel`` set) from its recipient verbatim, on its channel."""
+    name = m.name if m.channel is not None else qualified_tool_name(m.name)
+    author = oh.Author.new(oh.Role.TOOL, name)
     return (oh.Message.from_author_and_content(author, m.content)
-            .with_channel("commentary").with_recipient("assistant"))
+            .with_channel(m.channel or "commentary").with_recipient("assistant"))
 
 
 def _to_harmony(m: Message) -> list[oh.Message]:
@@ -119,12 +128,9 @@ def _to_harmony(m: Message) -> list[oh.Message]:
         if m.content:  # a preamble shown to the user before the calls
             out.append(oh.Message.from_role_and_content(A, m.content).with_channel("commentary"))
         for tc in m.tool_calls:
-            out.append(
-                oh.Message.from_role_and_content(A, tc.arguments)
-                .with_channel("commentary")
-                .with_recipient(tc.target)
-                .with_content_type(tc.content_type)
-            )
+            call = (oh.Message.from_role_and_content(A, tc.arguments)
+                    .with_channel(tc.channel or "commentary").with_recipient(tc.target))
+            out.append(call.with_content_type(tc.content_type) if tc.content_type else call)
     elif m.content or not m.thinking:
         out.append(oh.Message.from_role_and_content(A, m.content).with_channel("final"))
     return out
@@ -138,17 +144,19 @@ def build_conversation(
     instructions: str | None = None,
     date: str | datetime.date | None = None,
     model_identity: str | None = None,
+    tool_namespaces: Sequence[oh.ToolNamespaceConfig] = (),
     for_training: bool = False,
 ) -> list[oh.Message]:
     """The harmony messages ``render_prompt`` / ``render_training`` render (for inspection).
 
     ``reasoning_effort``: low | medium | high (ValueError otherwise). ``tools``: OpenAI-style
     function tools (``function_tools``). ``instructions`` come first in the developer message,
-    then the conversation's system / developer messages. ``date`` and ``model_identity``: see
-    ``system_content``. ``for_training`` keeps the reasoning of a last turn that ends in a final
-    answer (``drop_past_thinking(keep_last_turn=True)``).
+    then the conversation's system / developer messages. ``date``, ``model_identity`` and
+    ``tool_namespaces`` (built-in tools): see ``system_content``. ``for_training`` keeps the
+    reasoning of a last turn that ends in a final answer (``drop_past_thinking(keep_last_turn=True)``).
     """
-    system = system_content(reasoning_effort=reasoning_effort, date=date, model_identity=model_identity)
+    system = system_content(reasoning_effort=reasoning_effort, date=date, model_identity=model_identity,
+                            tool_namespaces=tool_namespaces)
     msgs = normalize_messages(messages)
     out = [oh.Message.from_role_and_content(oh.Role.SYSTEM, system)]
     texts = [instructions] if instructions else []
@@ -169,10 +177,72 @@ def render_prompt(messages: Iterable[MessageLike], **options: Any) -> list[int]:
     ``instructions``, ``date``, ``model_identity``). Past reasoning is dropped as described in
     ``chat.messages``.
     """
-    conv = oh.Conversation.from_messages(build_conversation(messages, **options))
+    return render_harmony(build_conversation(messages, **options))
+
+
+def render_harmony(messages: Sequence[oh.Message]) -> list[int]:
+    """Token ids of harmony messages as they stand (nothing dropped), ready for the assistant's
+    next message: what ``render_prompt`` renders, and a tool loop's prompt after each call."""
+    conv = oh.Conversation.from_messages(list(messages))
     return harmony_encoding().render_conversation_for_completion(
         conv, oh.Role.ASSISTANT, oh.RenderConversationConfig(auto_drop_analysis=False)
     )
+
+
+def _text(m: oh.Message) -> str:
+    return "".join(c.text for c in m.content if isinstance(c, oh.TextContent))
+
+
+def from_harmony(messages: Iterable[oh.Message]) -> list[Message]:
+    """Assistant and tool harmony messages (a reply, a tool loop's rounds) as chat ``Message``s
+    that ``build_conversation`` renders back to the same messages (the recipient may move
+    between the role and the channel header, which harmony parses alike).
+
+    Consecutive assistant messages form one ``Message`` (reasoning, preamble, calls; or
+    reasoning and the answer); a tool message ends it. Function results come back as
+    ``name=<function>``, built-in tools' results with their ``channel``.
+    """
+    out: list[Message] = []
+    thinking: list[str] = []
+    preamble: list[str] = []
+    calls: list[ToolCall] = []
+
+    def flush(final: str | None = None) -> None:
+        if thinking or preamble or calls or final is not None:
+            out.append(Message(role="assistant", content=final if final is not None else "\n".join(preamble),
+                               thinking="\n".join(thinking) or None, tool_calls=tuple(calls)))
+        thinking.clear()
+        preamble.clear()
+        calls.clear()
+
+    for m in messages:
+        text = _text(m)
+        if m.author.role == oh.Role.TOOL:
+            flush()
+            name, channel = m.author.name or "", m.channel
+            if name.startswith("functions.") and channel in (None, "commentary"):
+                out.append(Message(role="tool", name=tool_name(name), content=text))
+            else:
+                out.append(Message(role="tool", name=name, content=text, channel=channel or "commentary"))
+        elif m.author.role != oh.Role.ASSISTANT:
+            raise ValueError(f"from_harmony takes assistant and tool messages, not {m.author.role.value!r}")
+        elif m.recipient not in (None, "all", "assistant"):
+            calls.append(ToolCall(name=tool_name(m.recipient), arguments=text, recipient=m.recipient,
+                                  channel=m.channel, content_type=m.content_type))
+        elif m.channel == "analysis":
+            if calls or preamble:
+                flush()
+            thinking.append(text)
+        elif m.channel == "commentary":
+            if calls:
+                flush()
+            preamble.append(text)
+        else:  # final (or no channel)
+            if calls or preamble:
+                flush()
+            flush(final=text)
+    flush()
+    return out
 
 
 def _is_final_harmony(m: oh.Message) -> bool:

@@ -18,9 +18,12 @@ import numpy as np
 
 from convert import reader
 from convert.safetensors_io import CheckpointError
+from gptoss_jax.model import sharding
 from gptoss_jax.model import transformer as M
 from gptoss_jax.model.config import ConfigError, GptOssConfig
 from gptoss_jax.model.model import Model
+from gptoss_jax.ops import runtime as ops_runtime
+from gptoss_jax.parallel.mesh import make_mesh
 
 HUB_FILES = ["config.json", "generation_config.json", "model.safetensors.index.json",
              "*.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -83,7 +86,9 @@ def load(path_or_hub_id: str, *, dtype: Any = "bfloat16", experts: str = "auto",
     request). ``experts``: ``"auto"`` keeps the checkpoint's expert format (MXFP4 stays packed),
     ``"mxfp4"`` quantizes a bf16 checkpoint's experts, ``"dense"`` expands packed ones.
     ``mesh`` (a ``Mesh`` or ``"data=..,expert=..,tensor=.."``): each tensor is placed sharded as
-    it is read, each process reading only the expert rows its devices hold (``sharding.py``).
+    it is read, each process reading only the expert rows its devices hold (``model/sharding.py``).
+    ``runtime``: how to run it; default: the ops resolved for the devices' platform
+    (``ops.resolve()``: which CPU kernels build here, Pallas on GPU).
     """
     dtype = resolve_dtype(dtype)
     folder = resolve_checkpoint(path_or_hub_id, revision=revision)
@@ -91,14 +96,15 @@ def load(path_or_hub_id: str, *, dtype: Any = "bfloat16", experts: str = "auto",
         config = GptOssConfig.from_json(os.path.join(folder, "config.json"))
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
-    runtime = runtime or M.Runtime()
     put = None
     if mesh is not None:
-        from gptoss_jax.parallel import sharding
-
-        mesh = sharding.make_mesh(mesh) if isinstance(mesh, str) else mesh
+        mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
         sharding.validate(config, mesh)  # before reading anything
         put = sharding.loader_put(config, mesh)
+    if runtime is None:
+        platform = None if mesh is None else mesh.devices.flat[0].platform
+        runtime = M.Runtime(ops=ops_runtime.resolve(platform=platform))
+    if mesh is not None:
         runtime = dataclasses.replace(runtime, mesh=mesh)
     params, _ = reader.read_params(folder, config, dtype=dtype, experts=experts, put=put,
                             lazy=mesh is not None, progress=progress)

@@ -10,6 +10,12 @@
   :func:`gptoss_jax.parallel.distributed.add_distributed_args`, ``--mesh`` and the multi-host
   flags (``--coordinator-address``, ``--num-processes``, ``--process-id``) the same way in every
   CLI; :func:`check_model_args`, :func:`setup_mesh` and :func:`load_model` read them.
+* :func:`add_tool_args` declares the built-in tool flags of ``generate`` and ``serve``
+  (``--browser``, ``--python``, ``--tool-server``, ``--python-allow-network``,
+  ``--max-tool-iterations``, ``--tool-output-max-tokens``, ``--tool-output-max-chars``);
+  :func:`build_toolbox` turns them into a :class:`gptoss_jax.tools.Toolbox` (None without
+  tools), reading an HTTP browser backend's key from its environment variable; a backend that
+  cannot start is a :class:`UsageError`.
 """
 
 from __future__ import annotations
@@ -19,11 +25,15 @@ import sys
 import time
 from collections.abc import Callable
 
+import jax
+
 from gptoss_jax.chat.tokenizer import Tokenizer, VocabFileError, load_tokenizer
 from gptoss_jax.checkpoint.load import DTYPES, load
 from gptoss_jax.finetune.export import load_adapter
+from gptoss_jax.inference.multihost import Channel
 from gptoss_jax.model.model import Model
 from gptoss_jax.parallel.distributed import add_distributed_args, setup_from_args
+from gptoss_jax.tools import Toolbox, ToolSetupError, api_key_from_env, build_tools
 
 DEFAULT_CHECKPOINT = "openai/gpt-oss-20b"
 
@@ -89,10 +99,79 @@ def check_model_args(args: argparse.Namespace) -> None:
     args.dtype = "bfloat16" if DTYPES[args.dtype] == DTYPES["bfloat16"] else "float32"
 
 
+def add_serving_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--step-timeout`` (the multi-host flags' companion for ``serve`` and ``generate``)."""
+    parser.add_argument("--step-timeout", type=float, default=120.0, metavar="SECONDS",
+                        help="multi-host: a model step the other processes do not finish within "
+                             "this time (first runs of a shape: 15x longer, for compiling) means "
+                             "one is gone; the leader fails its requests with a 503 and exits")
+    return parser
+
+
+def channel_for(args: argparse.Namespace):
+    """The leader/follower channel of a multi-host ``serve`` or ``generate`` (None in one
+    process): process 0 leads, the others follow its steps."""
+    if jax.process_count() == 1:
+        return None
+    if not args.step_timeout > 0:
+        raise UsageError(f"--step-timeout must be > 0, got {args.step_timeout}")
+    return Channel(step_timeout_s=args.step_timeout, compile_timeout_s=15 * args.step_timeout)
+
+
 def setup_mesh(args: argparse.Namespace):
     """Start multi-host JAX if the flags ask for it, then build the ``--mesh`` (None without
     one). A mesh that does not fit the devices, or bad process flags: ValueError."""
     return setup_from_args(args)
+
+
+def add_tool_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The built-in tool flags (see the module docstring); nothing runs code or touches the
+    network unless they ask for it."""
+    g = parser.add_argument_group("built-in tools")
+    g.add_argument("--browser", metavar="BACKEND",
+                   help="enable the browser tool: local:DIR (offline search over DIR's .txt/.md/.html), exa "
+                        "($EXA_API_KEY) or youcom ($YDC_API_KEY)")
+    g.add_argument("--python", metavar="BACKEND",
+                   help="enable the python tool: subprocess (sandbox), docker[:IMAGE] or jupyter (a kernel per "
+                        "conversation); without it no code is ever run")
+    g.add_argument("--tool-server", metavar="URL[,URL...]", action="append", default=[],
+                   help="MCP tool server(s) whose tools the model may call (repeatable)")
+    g.add_argument("--python-allow-network", action="store_true",
+                   help="run the python sandbox where no network namespace can be made (code gets the network)")
+    g.add_argument("--max-tool-iterations", type=int, default=16, metavar="N",
+                   help="most tool calls run for one reply (default: %(default)s)")
+    g.add_argument("--tool-output-max-tokens", type=int, default=4096, metavar="N",
+                   help="tokens of one tool result the model sees (default: %(default)s)")
+    g.add_argument("--tool-output-max-chars", type=int, default=20000, metavar="N",
+                   help="characters of one tool result the model sees (default: %(default)s)")
+    return parser
+
+
+def check_tool_args(args: argparse.Namespace) -> None:
+    for name in ("max_tool_iterations", "tool_output_max_tokens", "tool_output_max_chars"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+
+
+def build_toolbox(args: argparse.Namespace) -> Toolbox | None:
+    """The tools ``add_tool_args``' flags ask for, started now (MCP servers are contacted to
+    list their tools); None when none is asked for."""
+    if not (args.browser or args.python or args.tool_server):
+        return None
+    tok = load_tokenizer()  # every gpt-oss checkpoint has this vocabulary
+
+    def count_tokens(text: str) -> int:
+        return len(tok.encode(text, allow_special=False))
+
+    try:
+        return build_tools(args.browser, args.python, args.tool_server,
+                           browser_api_key=api_key_from_env(args.browser) if args.browser else None,
+                           python_allow_network=args.python_allow_network,
+                           max_tool_iterations=args.max_tool_iterations,
+                           max_output_chars=args.tool_output_max_chars,
+                           max_output_tokens=args.tool_output_max_tokens, count_tokens=count_tokens)
+    except ToolSetupError as e:
+        raise UsageError(str(e)) from None
 
 
 def log(message: str, quiet: bool = False) -> None:

@@ -19,6 +19,7 @@ process runs the same command. Bad arguments or unusable data: one line on stder
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -31,8 +32,7 @@ from jax.sharding import PartitionSpec as P
 from gptoss_jax.cli import common
 from gptoss_jax.cli.common import UsageError
 from gptoss_jax.finetune import data, export, lora, train
-from gptoss_jax.model import transformer as M
-from gptoss_jax.parallel import sharding
+from gptoss_jax.parallel import mesh as meshes
 
 PROG = "python -m gptoss_jax.finetune"
 
@@ -102,9 +102,9 @@ def _configs(args):
 def run(args, log) -> dict:
     lc, tc = _configs(args)
     mesh = common.setup_mesh(args)
-    if mesh is not None and args.batch_size % sharding.axis_size(mesh, "data"):
+    if mesh is not None and args.batch_size % meshes.axis_size(mesh, "data"):
         raise UsageError(f"--batch-size {args.batch_size} is not divisible by the data axis "
-                         f"({sharding.axis_size(mesh, 'data')})")
+                         f"({meshes.axis_size(mesh, 'data')})")
     model = common.load_model(args, mesh=mesh, quiet=args.quiet)
     c = model.config
 
@@ -127,7 +127,7 @@ def run(args, log) -> dict:
     if mesh is not None:
         rows = NamedSharding(mesh, P(None, "data"))
         place = lambda batch: jax.device_put(batch, rows)
-    rt = M.Runtime(remat=True, mesh=mesh, moe=model.runtime.moe)
+    rt = dataclasses.replace(model.runtime, remat=True, mesh=mesh)
     t0 = time.perf_counter()
     result = train.train(model.params, c, lc, tc, train_data, output_dir=args.output,
                          save_every=args.save_every, resume=args.resume, eval_data=eval_data,

@@ -4,14 +4,17 @@
     python -m gptoss_jax.generate --checkpoint DIR --raw --prompt "Once upon a time"
     python -m gptoss_jax.generate --checkpoint DIR --prompt-ids 200006,17360,200008 --json
     python -m gptoss_jax.generate --checkpoint DIR            # interactive multi-turn chat
+    python -m gptoss_jax.generate --checkpoint DIR --prompt "2**100?" --python subprocess
     python -m gptoss_jax.generate --checkpoint DIR --prompt "A user record" --json-schema user.json
     python -m gptoss_jax.generate --checkpoint DIR --raw --prompt "Date:" --regex "[0-9]{4}-[0-9]{2}"
 
-Thin CLI over :func:`gptoss_jax.inference.api.generate_stream` and :mod:`gptoss_jax.chat`. Bad
-arguments give a one-line error and exit code 2 (``cli.common``), a schema, regex or grammar
-that cannot be enforced included (checked before the model loads). With a chat prompt the
-output format constrains the final answer (reasoning stays free); with ``--raw`` /
-``--prompt-ids`` that open no assistant turn, the continuation itself. """
+Thin CLI over :func:`gptoss_jax.inference.api.generate_stream` and :mod:`gptoss_jax.chat`; with
+built-in tools (``--browser``, ``--python``, ``--tool-server``) the chat runs the tool loop
+(:mod:`gptoss_jax.cli.tool_chat`). Bad arguments give a one-line error and exit code 2
+(``cli.common``), a schema, regex or grammar that cannot be enforced included (checked before
+the model loads). With a chat prompt the output format constrains the final answer (reasoning
+stays free); with ``--raw`` / ``--prompt-ids`` that open no assistant turn, the continuation
+itself. """
 
 from __future__ import annotations
 
@@ -21,9 +24,11 @@ import os
 import sys
 import time
 
+import jax
+
 from gptoss_jax.chat import parse, render
 from gptoss_jax.chat.render import EFFORTS
-from gptoss_jax.cli import common
+from gptoss_jax.cli import common, tool_chat
 from gptoss_jax.cli.common import UsageError
 from gptoss_jax.inference import api
 from gptoss_jax.inference import engine as sampler
@@ -57,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json-whitespace", default="compact", choices=("compact", "flexible"),
                    help="JSON layout under --json-schema: no whitespace between tokens, or any")
     common.add_model_args(p)
+    common.add_tool_args(p)
+    common.add_serving_args(p)
     return p
 
 
@@ -124,24 +131,56 @@ def check_args(args) -> None:
             raise UsageError("--prompt-ids is empty")
     if args.raw and args.prompt is None and args.prompt_ids is None:
         raise UsageError("--raw needs --prompt (interactive mode is a chat)")
+    common.check_tool_args(args)
+    if (args.browser or args.python or args.tool_server) and (args.raw or args.prompt_ids is not None):
+        raise UsageError("--browser, --python and --tool-server need the chat, not --raw or --prompt-ids")
     args.response_format = response_format_of(args)
+    if args.response_format is not None and (args.browser or args.python or args.tool_server):
+        raise UsageError("--json-schema, --regex and --grammar constrain a plain answer: not "
+                         "with --browser, --python or --tool-server")
+
+
+MULTIHOST_CONTEXT = 16384  # a multi-host chat's engine is fixed up front (every process builds it)
+
+
+def multihost_engine(model, channel) -> sampler.Engine:
+    """The engine of a multi-host run: the same on every process, made before any prompt."""
+    return sampler.Engine(model, max_batch=1, channel=channel,
+                          max_len=min(model.config.max_position_embeddings, MULTIHOST_CONTEXT))
 
 
 class Session:
-    """One model + engine; runs a prompt and reports timings."""
+    """One model + engine; runs a prompt and reports timings. The engine is kept across turns
+    (a chat's next prompt reuses the KV of the conversation so far) and made larger when a
+    prompt needs it, unless it was given (multi-host: fixed)."""
 
-    def __init__(self, model, args):
+    def __init__(self, model, args, engine=None):
         self.model, self.args = model, args
-        self.engine = None
+        self.engine, self.fixed = engine, engine is not None
+        self.timings: dict = {}
+        self.error: str | None = None  # why the last run's output constraint failed
 
     def run(self, prompt_ids: list[int], on_token) -> tuple[list[int], str, dict, str | None]:
+        """The whole reply: ``(tokens, finish_reason, timings, error)`` (error: why an output
+        constraint failed, for finish reason "error")."""
+        tokens, reason = [], "length"
+        for token, finish in self.stream(prompt_ids, self.args.max_new_tokens):
+            if token is not None:
+                tokens.append(token)
+                on_token(token)
+            reason = finish or reason
+        return tokens, reason, self.timings, self.error
+
+    def stream(self, prompt_ids: list[int], max_new_tokens: int):
+        """``(token, finish_reason)`` as they are generated (token None only on an "error"
+        event: ``error`` says why); ``timings`` describes the run after."""
         a, c = self.args, self.model.config
-        if len(prompt_ids) + a.max_new_tokens > c.max_position_embeddings:
+        limit = self.engine.max_len if self.fixed else c.max_position_embeddings
+        if len(prompt_ids) + max_new_tokens > limit:
             raise UsageError(f"prompt of {len(prompt_ids)} tokens + --max-new-tokens "
-                             f"{a.max_new_tokens} exceeds the model's context of "
-                             f"{c.max_position_embeddings} tokens")
-        need = sampler.bucket(len(prompt_ids) + a.max_new_tokens)
-        if self.engine is None or self.engine.max_len < len(prompt_ids) + a.max_new_tokens:
+                             f"{max_new_tokens} exceeds the context of {limit} tokens")
+        need = sampler.bucket(len(prompt_ids) + max_new_tokens)
+        if self.engine is None or self.engine.max_len < len(prompt_ids) + max_new_tokens:
             self.engine = sampler.Engine(self.model, max_batch=1,
                                          max_len=min(max(need, 1024), c.max_position_embeddings))
         if not a.json:
@@ -151,28 +190,33 @@ class Session:
             constrained=a.response_format is not None)
         if not a.json:
             print(f" {compile_s:.1f}s", file=sys.stderr, flush=True)
-        tokens, reason, error, t_first = [], "length", None, None
+        tokens, t_first = [], None
+        self.error = None
         t0 = time.perf_counter()
         for ev in api.generate_stream(
-                self.model, [prompt_ids], max_new_tokens=a.max_new_tokens,
+                self.model, [prompt_ids], max_new_tokens=max_new_tokens,
                 temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
                 seed=a.seed, engine=self.engine, response_format=a.response_format,
                 json_whitespace=a.json_whitespace):
             if t_first is None:
                 t_first = time.perf_counter() - t0
+            self.error = ev.error
             if ev.token is not None:
                 tokens.append(ev.token)
-                on_token(ev.token)
-            if ev.finish_reason:
-                reason, error = ev.finish_reason, ev.error
+            yield ev.token, ev.finish_reason
         total = time.perf_counter() - t0
         decode = total - t_first
-        timings = {"prompt_tokens": len(prompt_ids), "new_tokens": len(tokens),
-                   "compile_s": round(compile_s, 3),
-                   "time_to_first_token_s": round(t_first, 4), "decode_s": round(decode, 4),
-                   "decode_tokens_per_s": (round((len(tokens) - 1) / decode, 2)
-                                           if len(tokens) > 1 and decode > 0 else None)}
-        return tokens, reason, timings, error
+        self.timings = {"prompt_tokens": len(prompt_ids), "new_tokens": len(tokens),
+                        "compile_s": round(compile_s, 3),
+                        "time_to_first_token_s": round(t_first, 4), "decode_s": round(decode, 4),
+                        "decode_tokens_per_s": (round((len(tokens) - 1) / decode, 2)
+                                                if len(tokens) > 1 and decode > 0 else None)}
+
+
+def _report_turn(t: dict, quiet: bool) -> None:
+    rate = t.get("decode_tokens_per_s")
+    common.log(f"[{t['model_calls']} model call(s), {t.get('new_tokens', 0)} new tokens, decode "
+               f"{rate if rate is not None else '-'} tok/s]", quiet)
 
 
 def _report(t: dict, quiet: bool) -> None:
@@ -181,7 +225,7 @@ def _report(t: dict, quiet: bool) -> None:
          f"{t['new_tokens']} new tokens, decode {rate if rate is not None else '-'} tok/s]", quiet)
 
 
-def run_once(args, model) -> int:
+def run_once(args, model, engine=None) -> int:
     tok = common.tokenizer_for(model)
     chat = not args.raw and args.prompt_ids is None
     if args.prompt_ids is not None:
@@ -198,7 +242,7 @@ def run_once(args, model) -> int:
                          f"({model.config.vocab_size})")
     if args.response_format is not None and not args.raw and args.prompt_ids is not None:
         chat = is_harmony_prompt(prompt_ids)  # ids that open an assistant turn: a whole turn
-    session = Session(model, args)
+    session = Session(model, args, engine)
     stream = parse.ReplyStream() if chat else None
     printer = _Printer(args, tok, stream)
     tokens, reason, timings, error = session.run(prompt_ids, printer.on_token)
@@ -276,10 +320,10 @@ class _Printer:
             sys.stdout.flush()
 
 
-def interactive(args, model) -> int:
+def interactive(args, model, engine=None) -> int:
     """Multi-turn chat; history kept, past reasoning dropped (render.render_prompt does that)."""
     tok = common.tokenizer_for(model)
-    session = Session(model, args)
+    session = Session(model, args, engine)
     history: list = []
     print("Interactive chat. Empty line or Ctrl-D to quit.", file=sys.stderr)
     while True:
@@ -316,10 +360,23 @@ def main(argv=None) -> int:
 
     def body() -> int:
         check_args(args)
-        model = common.load_model(args, mesh=common.setup_mesh(args), quiet=args.json)
-        if args.prompt is None and args.prompt_ids is None:
-            return interactive(args, model)
-        return run_once(args, model)
+        toolbox = common.build_toolbox(args)  # before loading: a backend that cannot start fails fast
+        mesh = common.setup_mesh(args)
+        leader = jax.process_index() == 0
+        model = common.load_model(args, mesh=mesh, quiet=args.json or not leader)
+        channel = common.channel_for(args)
+        engine = None if channel is None else multihost_engine(model, channel)
+        if not leader:  # a follower runs process 0's steps (it reads the prompts) until it stops
+            engine.follow()
+            return 0
+        try:
+            if toolbox is not None:
+                return tool_chat.run_chat(Session(model, args, engine), toolbox, args, report=_report_turn)
+            chat = interactive if args.prompt is None and args.prompt_ids is None else run_once
+            return chat(args, model, engine)
+        finally:
+            if engine is not None:
+                engine.close()
 
     return common.run(PROG, body)
 

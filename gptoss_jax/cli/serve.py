@@ -10,6 +10,11 @@ every route. Every argument is checked before anything loads, and the port is bo
 model: a bad argument or a taken port is a one-line error and exit code 2 (``cli.common``).
 Once listening, one line ``serving MODEL on http://HOST:PORT`` goes to stderr; ``/health``
 answers 200 after warm-up.
+
+Built-in tools (``--browser``, ``--python``, ``--tool-server``: ``cli.common.add_tool_args``)
+start after the port is bound and before the model loads, so a backend that cannot start fails
+fast (one line, exit 2); Responses requests that enable them run the tool loop. The server never
+executes code unless started with ``--python``.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ import argparse
 import logging
 import os
 import sys
+import threading
 
+import jax
 import uvicorn
 
 from gptoss_jax.cli import common
@@ -35,11 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = common.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="0 = any free port (default: %(default)s)")
-    p.add_argument("--max-batch", type=int, default=8, help="decode slots (concurrent requests)")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences running at once")
     p.add_argument("--max-context", type=int, default=4096,
-                   help="tokens per sequence, prompt + output (KV cache length)")
-    p.add_argument("--max-prefill-batch", type=int, default=1,
-                   help="prompts prefilled in one call (powers of two up to this)")
+                   help="tokens per sequence, prompt + output")
+    kv = p.add_mutually_exclusive_group()
+    kv.add_argument("--kv-cache-tokens", type=int, default=None, metavar="N",
+                    help="KV cache pool size in token positions, shared by all sequences "
+                         "(default: room for --max-batch sequences of --max-context tokens)")
+    kv.add_argument("--kv-cache-memory", type=float, default=None, metavar="FRACTION",
+                    help="KV cache pool size as a fraction of the free device memory")
+    p.add_argument("--prefill-tokens", type=int, default=512,
+                   help="prompt tokens prefilled per step (longer prompts run in chunks)")
+    p.add_argument("--max-prefill-batch", type=int, default=8,
+                   help="prefill chunks run in one call (powers of two up to this)")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="do not reuse the KV of prompt prefixes seen before")
     p.add_argument("--warmup", default="64,128",
                    help="comma-separated prompt lengths to compile before serving ('' = none)")
     p.add_argument("--model-name", help="the model id clients use (default: the checkpoint's name)")
@@ -47,16 +64,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store-size", type=int, default=1000, help="stored responses kept in memory")
     p.add_argument("--log-level", default="info", help="debug | info | warning | error")
     common.add_model_args(p)
+    common.add_tool_args(p)
+    common.add_serving_args(p)
     return p
 
 
 def check_args(args) -> None:
     if not 0 <= args.port < 65536:
         raise UsageError(f"--port must be in [0, 65535], got {args.port}")
-    for name in ("max_batch", "max_context", "max_prefill_batch", "store_size"):
+    for name in ("max_batch", "max_context", "max_prefill_batch", "store_size", "prefill_tokens"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.kv_cache_tokens is not None and args.kv_cache_tokens < 1:
+        raise UsageError(f"--kv-cache-tokens must be >= 1, got {args.kv_cache_tokens}")
+    if args.kv_cache_memory is not None and not 0 < args.kv_cache_memory < 1:
+        raise UsageError(f"--kv-cache-memory must be in (0, 1), got {args.kv_cache_memory}")
     common.check_model_args(args)
+    common.check_tool_args(args)
     try:
         args.warmup = [int(x) for x in args.warmup.split(",") if x.strip()]
     except ValueError:
@@ -90,28 +114,60 @@ def main(argv=None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def body() -> int:
-        sock = _listen(args)  # before loading: a taken port fails fast
-        model = common.load_model(args, mesh=common.setup_mesh(args))
-        engine = Engine(model, max_batch=args.max_batch, max_len=args.max_context)
-        return serve(args, sock, engine, common.tokenizer_for(model), api_key)
+        mesh = common.setup_mesh(args)  # multi-host: connects the processes first
+        leader = jax.process_index() == 0
+        sock = _listen(args) if leader else None  # before loading: a taken port fails fast
+        toolbox = common.build_toolbox(args) if leader else None  # so does a tool backend
+        model = common.load_model(args, mesh=mesh, quiet=not leader)
+        engine = make_engine(args, model, common.channel_for(args))
+        if not leader:  # a follower runs the leader's steps until it stops
+            engine.follow()
+            return 0
+        return serve(args, sock, engine, common.tokenizer_for(model), api_key, toolbox)
 
     return common.run(PROG, body)
 
 
-def serve(args, sock, engine, tokenizer, api_key: str | None) -> int:
-    """Serve until interrupted (Ctrl-C is a normal stop: exit status 0)."""
+def make_engine(args, model, channel=None) -> Engine:
+    return Engine(model, max_batch=args.max_batch, max_len=args.max_context,
+                  kv_cache_tokens=args.kv_cache_tokens, kv_cache_memory=args.kv_cache_memory,
+                  prefill_tokens=args.prefill_tokens, max_prefill_rows=args.max_prefill_batch,
+                  prefix_caching=not args.no_prefix_caching, channel=channel)
+
+
+def serve(args, sock, engine, tokenizer, api_key: str | None, toolbox=None) -> int:
+    """Serve until interrupted (Ctrl-C is a normal stop: exit status 0); the app closes
+    ``toolbox`` at shutdown."""
     name = args.model_name or model_name(args.checkpoint)
-    scheduler = Scheduler(engine, max_prefill_batch=args.max_prefill_batch, warmup_lengths=args.warmup,
+    fatal: list[BaseException] = []
+    scheduler = Scheduler(engine, warmup_lengths=args.warmup, on_fatal=lambda e: stop(e),
                           warmup_constrained=True)  # structured outputs: no compile on first use
-    app = create_app(scheduler, tokenizer, model_name=name, api_key=api_key, store_size=args.store_size)
-    host, port = sock.getsockname()[:2]
-    print(f"serving {name} on http://{host}:{port} (max batch {args.max_batch}, context "
-          f"{args.max_context}{', API key required' if api_key else ''})", file=sys.stderr, flush=True)
+    app = create_app(scheduler, tokenizer, model_name=name, api_key=api_key, store_size=args.store_size,
+                     toolbox=toolbox)
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level.lower(), timeout_keep_alive=30))
+
+    def stop(error: BaseException) -> None:
+        """The engine is gone (a multi-host process died; the requests got their 503s): stop
+        serving, and exit even if a collective never returns."""
+        fatal.append(error)
+        server.should_exit = True
+        threading.Timer(15.0, os._exit, (3,)).start()
+
+    if engine.channel is not None:  # a step that never ends: 503s, then exit
+        engine.channel.watchdog.on_timeout = scheduler.abort
+    host, port = sock.getsockname()[:2]
+    pool = engine.pages.pool.num_pages * engine.pages.page_size
+    tools = f", tools {', '.join(toolbox.namespaces)}" if toolbox else ""
+    print(f"serving {name} on http://{host}:{port} (max batch {args.max_batch}, context "
+          f"{args.max_context}, KV pool {pool} tokens{', API key required' if api_key else ''}{tools})",
+          file=sys.stderr, flush=True)
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:
         pass
+    if fatal:
+        print(f"{PROG}: error: {fatal[0]}; exiting", file=sys.stderr, flush=True)
+        os._exit(3)  # not through atexit: jax.distributed's shutdown would wait for the lost peer
     return 0
 
 

@@ -210,7 +210,7 @@ def merged_getter(params: dict, adapters: dict, lc: lora.LoraConfig):
     ``gate_up`` / ``down`` (base expanded + update, one layer's matrix at a time).
     """
     get = writer.tree_getter(params)
-    packed = "gate_up_blocks" in params["layers"][0]["experts"]
+    packed = params["layers"][0]["experts"].packed
     weights = {v: k for k, v in lora._ATTN_WEIGHT.items()}
 
     def merged(path):
@@ -218,10 +218,8 @@ def merged_getter(params: dict, adapters: dict, lc: lora.LoraConfig):
             ab = adapters["layers"][path[1]].get("attn", {}).get(weights[path[3]])
             w = get(path).astype(np.float32)
             return w if ab is None else w + lora.attn_delta(ab, weights[path[3]], lc.scale, xp=np)
-        if path[0] == "layers" and path[2] == "experts" and path[3] in lora.EXPERT_MATS:
-            base = path[:3]
-            w = (mxfp4.dequantize_np(get(base + (path[3] + "_blocks",)),
-                                     get(base + (path[3] + "_scales",)))
+        if path[0] == "layers" and path[2] == "experts" and len(path) == 4 and path[3] in lora.EXPERT_MATS:
+            w = (mxfp4.dequantize_np(get(path + ("blocks",)), get(path + ("scales",)))
                  if packed else get(path).astype(np.float32))
             ab = adapters["layers"][path[1]]["experts"][path[3]]
             return w + lora.expert_delta(ab, lc.scale, xp=np)
@@ -257,13 +255,9 @@ def load_adapter(model, adapter_dir: str, *, merge: bool = True):
     params = jax.tree.map(lambda x: x, model.params)  # new containers, same arrays
     dtype = model.params["embed"].dtype
     adapters = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), adapters)
+    # the expert adapters are cast to the model dtype once, not on every step
     if merge:
-        params = lora.merge_attention(params, adapters, lc)
+        params = lora.merge_attention(params, adapters, lc, expert_dtype=dtype)
     else:
-        params = lora.inject(params, adapters, lc)
-    # the expert adapter leaves are cast to the model dtype once, not on every step
-    for p in params["layers"]:
-        for k in list(p["experts"]):
-            if "_lora_" in k:
-                p["experts"][k] = p["experts"][k].astype(dtype)
+        params = lora.inject(params, adapters, lc, expert_dtype=dtype)
     return model.replace(params=params)

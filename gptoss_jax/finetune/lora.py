@@ -9,22 +9,23 @@ The base parameter tree is never modified. Adapters are their own pytree (f32 ma
 
 with only the configured targets present. ``delta W = (alpha / r) * A @ B`` (PEFT's scaling).
 
-How the forward pass sees them: :func:`inject` returns a *shallow* copy of the base tree whose
-attention dicts carry ``{q,k,v,o}_lora_a`` / ``_lora_b`` leaves and whose expert dicts carry
-``{gate_up,down}_lora_a`` / ``_lora_b``, the scale folded into ``b`` (no base array is copied).
-``model.attention`` adds :func:`lora_delta` (``dropout(x) @ A @ B``, two thin matmuls instead
-of materialising ``W + delta``: cheaper for r << d and it keeps dropout on the adapter input
-exactly as PEFT does); ``moe.py`` adds the per-expert update for each (token, expert) pair in both
-XLA paths (:func:`expert_delta_pairs` for the gather path, :func:`expert_delta_grouped` with
-``ragged_dot`` for the sorted path), so the packed MXFP4 experts are never expanded as a whole
-(QLoRA-style). The Pallas kernel path does not take adapters; ``moe.py`` falls back to XLA.
+How the forward pass sees them: :func:`inject` returns a *shallow* copy of the base tree (no
+base array is copied) whose attention dicts carry ``"lora"``: a ``model.lora.AttentionLora`` of
+``LoraPair(a, scale * b)`` per target, and whose ``Experts`` carry ``gate_up_lora`` /
+``down_lora`` pairs. ``model.attention`` adds ``dropout(x) @ A @ B`` (``model.lora.lora_delta``:
+two thin matmuls instead of materialising ``W + delta``, cheaper for r << d, and dropout stays
+on the adapter input exactly as PEFT does); the expert ops add the per-expert update for each
+(token, expert) pair in both XLA paths (gathered per pair, or ``ragged_dot`` over the sorted
+pairs), so the packed MXFP4 experts are never expanded as a whole (QLoRA-style). The Pallas
+kernels take no adapters; the expert op runs XLA then.
 
 Dropout applies to the attention projections only: PEFT's LoRA on expert parameters
 (``target_parameters``) refuses dropout, because the input cannot be factored out of the merged
 weight there; we keep the two semantically identical.
 
-The forward-time math lives in ``gptoss_jax.model.lora``; exports (PEFT files, merged
-checkpoints) and :func:`~gptoss_jax.finetune.export.load_adapter` in ``export.py``.
+The forward-time math lives in ``gptoss_jax.model.lora`` and ``gptoss_jax.ops.experts_xla``;
+exports (PEFT files, merged checkpoints) and :func:`~gptoss_jax.finetune.export.load_adapter`
+in ``export.py``.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptoss_jax.model.config import GptOssConfig
-from gptoss_jax.model.lora import ATTN_TARGETS
+from gptoss_jax.model.lora import ATTN_TARGETS, AttentionLora
 from gptoss_jax.model.params import ParamSpec
+from gptoss_jax.ops.weights import LoraPair
 
 TARGETS = ATTN_TARGETS + ("experts",)
 EXPERT_MATS = ("gate_up", "down")
@@ -144,29 +146,33 @@ def count(adapters) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def inject(params: dict, adapters: dict, lc: LoraConfig, *, rng: jax.Array | None = None) -> dict:
-    """Base tree + adapter leaves for the forward pass (shallow: base arrays are shared).
+def _pair(ab: dict, scale: float, dtype=None) -> LoraPair:
+    b = ab["b"] * scale
+    return LoraPair(ab["a"], b) if dtype is None else LoraPair(ab["a"].astype(dtype), b.astype(dtype))
+
+
+def inject(params: dict, adapters: dict, lc: LoraConfig, *, rng: jax.Array | None = None,
+           expert_dtype=None) -> dict:
+    """Base tree + adapters for the forward pass (shallow: base arrays are shared).
 
     ``rng`` (a raw uint32 key) turns on attention dropout when ``lc.dropout > 0``.
+    ``expert_dtype``: store the expert adapters in this dtype (e.g. the model's, once, rather
+    than casting them at every step).
     """
     out = dict(params)
     out["layers"] = []
     for i, (p, a) in enumerate(zip(params["layers"], adapters["layers"])):
         p = dict(p)
-        attn = dict(p["attn"])
-        for t, ab in a.get("attn", {}).items():
-            attn[t + "_lora_a"] = ab["a"]
-            attn[t + "_lora_b"] = ab["b"] * lc.scale
-        if rng is not None and lc.dropout > 0 and a.get("attn"):
-            attn["lora_rng"] = jax.random.fold_in(rng, i)
-            attn["lora_keep"] = jnp.float32(1.0 - lc.dropout)
-        p["attn"] = attn
+        pairs = {t: _pair(ab, lc.scale) for t, ab in a.get("attn", {}).items()}
+        dropout = {}
+        if rng is not None and lc.dropout > 0 and pairs:
+            dropout = {"dropout_key": jax.random.fold_in(rng, i),
+                       "keep": jnp.float32(1.0 - lc.dropout)}
+        if pairs:
+            p["attn"] = {**p["attn"], "lora": AttentionLora(**pairs, **dropout)}
         if "experts" in a:
-            experts = dict(p["experts"])
-            for m, ab in a["experts"].items():
-                experts[m + "_lora_a"] = ab["a"]
-                experts[m + "_lora_b"] = ab["b"] * lc.scale
-            p["experts"] = experts
+            p["experts"] = p["experts"]._replace(**{
+                m + "_lora": _pair(ab, lc.scale, expert_dtype) for m, ab in a["experts"].items()})
         out["layers"].append(p)
     return out
 
@@ -191,11 +197,12 @@ def expert_delta(ab: dict, scale: float, xp=jnp):
                              xp.asarray(ab["a"], xp.float32))
 
 
-def merge_attention(params: dict, adapters: dict, lc: LoraConfig) -> dict:
+def merge_attention(params: dict, adapters: dict, lc: LoraConfig, *, expert_dtype=None) -> dict:
     """Base tree with attention adapters merged into the weights (f32 sum, stored in the weight
-    dtype) and expert adapters injected as leaves (packed experts are never re-quantized here)."""
+    dtype) and expert adapters injected (packed experts are never re-quantized here; see
+    :func:`inject` for ``expert_dtype``)."""
     no_attn = {"layers": [{k: v for k, v in a.items() if k != "attn"} for a in adapters["layers"]]}
-    out = inject(params, no_attn, lc)
+    out = inject(params, no_attn, lc, expert_dtype=expert_dtype)
     for p, a in zip(out["layers"], adapters["layers"]):
         attn = dict(p["attn"])
         for t, ab in a.get("attn", {}).items():

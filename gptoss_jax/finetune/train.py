@@ -38,6 +38,8 @@ from gptoss_jax.finetune.checkpoints import Checkpoints
 from gptoss_jax.finetune.data import ROW_FIELDS, PackedData, empty_rows
 from gptoss_jax.model import transformer as M
 from gptoss_jax.model.config import GptOssConfig
+from gptoss_jax.model.sharding import param_shardings
+from gptoss_jax.ops import runtime as ops_runtime
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -101,7 +103,7 @@ def nll_sum(params: dict, rows: dict, c: GptOssConfig, rt: M.Runtime, chunk: int
 
     @jax.checkpoint  # recompute each chunk's logits in the backward pass instead of storing them
     def chunk_nll(xc, tc, mc):
-        logits = M.unembed(params, xc)  # [chunk, v] f32
+        logits = M.unembed(params, xc, rt)  # [chunk, v] f32
         picked = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
         return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * mc)
 
@@ -135,9 +137,25 @@ def _loss_and_grads(adapters, base, batch, key, *, c, lc, rt, chunk):
     return grads, total, count
 
 
-def make_step(c: GptOssConfig, lc: lora.LoraConfig, tc: TrainConfig, opt, rt: M.Runtime):
+def state_shardings(c: GptOssConfig, lc: lora.LoraConfig, opt, opt_state, mesh):
+    """``(adapters, optimizer state)`` shardings on ``mesh`` (None without one): the adapters'
+    from their declared logical axes (``lora.declare``), each optimizer moment as its adapter,
+    the optimizer's counters replicated."""
+    if mesh is None:
+        return None
+    adapters = param_shardings(lora.declare(c, lc), mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    moments = optax.tree_map_params(opt, lambda _, s: s, opt_state, adapters,
+                                    transform_non_params=lambda _: replicated)
+    return adapters, moments
+
+
+def make_step(c: GptOssConfig, lc: lora.LoraConfig, tc: TrainConfig, opt, rt: M.Runtime,
+              shardings=None):
     """``step(adapters, opt_state, base, batch, step, key) -> (adapters, opt_state, metrics)``,
-    jitted; adapters and optimizer state are donated."""
+    jitted; adapters and optimizer state are donated. ``shardings`` (``state_shardings``) pins
+    the adapters' and optimizer state's output shardings to their input ones, so the step
+    compiles once on a mesh."""
     sched = schedule(tc)
 
     def step(adapters, opt_state, base, batch, step_no, key):
@@ -152,7 +170,10 @@ def make_step(c: GptOssConfig, lc: lora.LoraConfig, tc: TrainConfig, opt, rt: M.
                    "lr": sched(step_no)}
         return adapters, opt_state, metrics
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    if shardings is None:
+        return jax.jit(step, donate_argnums=(0, 1))
+    replicated = jax.sharding.NamedSharding(rt.mesh, jax.sharding.PartitionSpec())
+    return jax.jit(step, donate_argnums=(0, 1), out_shardings=(*shardings, replicated))
 
 
 def make_eval(c: GptOssConfig, lc: lora.LoraConfig, tc: TrainConfig, rt: M.Runtime):
@@ -210,8 +231,9 @@ def train(base: dict, c: GptOssConfig, lc: lora.LoraConfig, tc: TrainConfig, dat
     continues from the latest checkpoint there (the settings must match). ``stop_at`` ends the
     run after that step (as if killed right after its checkpoint), leaving the schedule as for
     ``tc.steps``. ``place`` puts a batch on devices (data-parallel sharding); default: as is.
+    ``runtime``: default the ops resolved for this platform, blocks rematerialized.
     """
-    rt = runtime or M.Runtime(remat=True)
+    rt = runtime or M.Runtime(ops=ops_runtime.resolve(), remat=True)
     opt = optimizer(tc)
     key = jax.random.PRNGKey(tc.seed)
     init_key, step_key = jax.random.split(key)
@@ -236,7 +258,10 @@ def train(base: dict, c: GptOssConfig, lc: lora.LoraConfig, tc: TrainConfig, dat
             data.restore(meta["data"])
             if log:
                 log(f"resumed from step {start} ({ckpt.directory})")
-    step_fn = make_step(c, lc, tc, opt, rt)
+    shardings = state_shardings(c, lc, opt, opt_state, rt.mesh)
+    if shardings is not None:  # placed as the step returns them: it compiles once
+        adapters, opt_state = jax.device_put((adapters, opt_state), shardings)
+    step_fn = make_step(c, lc, tc, opt, rt, shardings)
     evaluate = make_eval(c, lc, tc, rt) if eval_data is not None else None
     place = place or (lambda b: b)
     history, eval_history = [], []

@@ -88,24 +88,25 @@ def generate_stream(model, prompts, *, max_new_tokens: int = 256, temperature: f
     if engine is None:
         max_len = max_len or min(model.config.max_position_embeddings, bucket(need))
         engine = Engine(model, max_batch=max_batch or len(prompts), max_len=max_len)
-    pending = list(range(len(prompts)))
     owner: dict[int, int] = {}
-    while pending or engine.seqs:
-        if pending and engine.free_slots:
-            take = pending[:len(engine.free_slots)]
-            pending = pending[len(take):]
-            samp = [SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
-                                   min_p=min_p, seed=seed + i) for i in take]
-            added = engine.add([prompts[i] for i in take], samp, [max_new_tokens] * len(take),
-                               [stops] * len(take),
-                               constraints=[constraints[i] for i in take] if constraints else None)
-            for i, (slot, tok) in zip(take, added):
-                owner[slot] = i
-                seq = engine.seqs[slot]
-                yield TokenEvent(i, tok, seq.finish_reason, seq.error)
-        for slot, tok in engine.step():
-            seq = engine.seqs[slot]
-            yield TokenEvent(owner[slot], tok, seq.finish_reason, seq.error)
+    running: set[int] = set()
+    try:  # a refused prompt (a constraint that cannot start) leaves nothing queued either
+        for i, p in enumerate(prompts):
+            sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
+                                      min_p=min_p, seed=seed + i)
+            seq_id = engine.submit(p, sampling, max_new_tokens, stops,
+                                   constraint=constraints[i] if constraints else None)
+            owner[seq_id] = i
+            running.add(seq_id)
+        while running:
+            for ev in engine.step():
+                if ev.id in owner:
+                    yield TokenEvent(owner[ev.id], ev.token, ev.finish_reason, ev.error)
+                    if ev.finish_reason:
+                        running.discard(ev.id)
+    finally:  # a consumer that stops early leaves nothing running
+        for seq_id in running:
+            engine.cancel(seq_id)
 
 
 def generate(model, prompts, *, max_new_tokens: int = 256, temperature: float = 1.0,

@@ -1,67 +1,78 @@
-"""Jit-compiled generation with a KV cache: a slot engine, ``generate`` and ``generate_stream``.
+"""The serving engine: continuous batching over a paged KV cache with prefix caching.
 
-The :class:`Engine` owns a batch of ``max_batch`` slots, each with its own KV cache rows
-(sliding layers: a ring buffer of ``sliding_window`` entries; full layers: ``max_len``), next
-position, last token, PRNG key and sampling settings. Two compiled functions do all the work:
+:class:`Engine` takes requests (:meth:`Engine.submit`: a prompt, its sampling settings, a token
+budget, stop tokens) and advances all of them one model step at a time (:meth:`Engine.step`).
+Its parts, one concern each:
 
-* ``prefill`` — prompts padded to a length bucket (powers of two), run into fresh cache rows that
-  are scattered into their slots; samples each prompt's first new token. Compiled once per
-  (number of prompts, bucket).
-* ``decode`` — one token for every slot at once (idle slots compute but write nothing). Compiled
-  once per engine; the cache and state buffers are donated, so the step updates them in place.
+* pages (``kv_pages.KVPages``): one pool of fixed-size pages shared by every sequence and by
+  the full and sliding layer groups, per-sequence page tables, and the prefix cache: a new
+  request reuses every cached page of its longest cached prefix (shared, copy-free: ``n > 1``,
+  multi-turn conversations and tool loops re-send a prefix whose KV is already there) and
+  prefills only the rest;
+* scheduling (``kv_schedule.Scheduler``): each step decodes every running sequence, continues
+  chunked prefills and admits waiting requests within a prefill token budget; a request waits
+  while the pool is short, and a running one may be preempted and later recomputed (its output
+  continues identically); one that could never fit raises :class:`CapacityError` at submit;
+* the device step (``engine_steps``): rows of tokens through the model reading and writing the
+  pages through their tables inside the compiled step (no per-step copy of the cache; fixed
+  table shapes and power-of-two row and length buckets, so nothing recompiles per request);
+  compiled with every state sharding pinned (``engine_state``), on any mesh;
+* multi-host (``channel``): the leader sends each step's inputs to the followers before running
+  it (``inference.multihost``), so every process runs the same steps on one sharded model;
+* constraints (``slot_constraints.SlotConstraints``; Structured Outputs, tool choice): a
+  sequence may carry a compiled constraint (``submit(..., constraint=)``). A step with a row
+  that samples under one takes ``inputs["mask"]``, the token bitmask int32 ``[rows, ceil(vocab
+  / 32)]`` (fixed shape per step shape: no recompile per request; free and idle rows all ones),
+  applied in the compiled sampler before temperature, filters and argmax; steps without
+  constrained rows take no mask. On one host a constrained step runs in two calls (the forward
+  pass dispatched, the host's llguidance matchers filling the mask while the device runs it,
+  then the sampling: ``engine_steps``); a multi-host leader fills the mask first and sends it
+  with the other inputs. Prefill's sampling chunk is masked the same way. A sequence whose
+  constraint dead-ends ends with finish reason ``"error"`` (its event has no token and says
+  why); the others carry on. Matchers follow the slots: preemption releases one and
+  re-admission rebuilds it from the output so far.
 
-The host loop checks stop tokens and budgets per slot; new sequences join between steps
-(continuous batching: the server drives the same engine).
-
-Constrained decoding (Structured Outputs, tool choice): a sequence may carry a compiled
-constraint (``add(..., constraints=)``), kept per slot by ``self.constraints``
-(:mod:`gptoss_jax.inference.slot_constraints`). Sampling takes a token bitmask int32 ``[slots,
-ceil(vocab / 32)]`` (fixed shape: no recompile per request), applied to the logits before
-temperature, filters and greedy; free slots' rows are all ones, and a batch without
-constraints passes a constant all-ones device array to the fused ``decode``. A batch with
-constraints runs the step in two halves, ``decode_forward`` (dispatched asynchronously) and
-``decode_sample``: the host fills the mask while the device runs the forward pass, so the mask
-costs no sequential time unless it is slower than the forward. Prefill's first token is masked
-the same way. A slot whose constraint dead-ends ends with finish reason ``"error"``
-(``SlotSequence.error`` says why) and no token; the others carry on.
+Not thread-safe: one driver at a time (the server's scheduler thread, or ``api.generate``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import time
-from collections.abc import Iterable, Sequence
+import itertools
+import os
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from gptoss_jax.inference.constraints.mask import apply_token_mask
-from gptoss_jax.inference.sampling import SampleMode, SamplingParams, sample
+from gptoss_jax.inference import engine_state
+from gptoss_jax.inference.engine_steps import Executables
+from gptoss_jax.inference.kv_pages import (
+    CapacityError,
+    KVPages,
+    pool_pages_for_bytes,
+    pool_pages_for_tokens,
+)
+from gptoss_jax.inference.kv_schedule import Chunk, Plan, Request, Scheduler
+from gptoss_jax.inference.multihost import PeerLost
+from gptoss_jax.inference.sampling import SampleMode, SamplingParams
 from gptoss_jax.inference.slot_constraints import SlotConstraints
-from gptoss_jax.model import transformer as M
+from gptoss_jax.model.kv_cache import paged_layout
+
+__all__ = ["CapacityError", "Engine", "Generation", "StepEvent", "bucket", "default_stop_tokens"]
 
 MIN_BUCKET = 16
 HARMONY_STOPS = (200002, 200012, 199999)  # <|return|>, <|call|>, <|endoftext|>
-
-
-class Slots(NamedTuple):
-    """Per-slot decode state (a pytree; lives on device)."""
-    cache: list  # list[M.LayerCache], batch axis = slot
-    pos: jax.Array  # [B] int32 position of the next token to feed, -1 = idle slot
-    token: jax.Array  # [B] int32 last sampled token (the next one to feed)
-    key: jax.Array  # [B] PRNG keys
-    step: jax.Array  # [B] int32 tokens sampled so far
-    temperature: jax.Array  # [B] f32
-    top_k: jax.Array  # [B] int32
-    top_p: jax.Array  # [B] f32
-    min_p: jax.Array  # [B] f32
+_ids = itertools.count(1)
 
 
 def bucket(n: int) -> int:
     return max(MIN_BUCKET, 1 << (max(n, 1) - 1).bit_length())
+
+
+def _pow2(n: int) -> int:
+    return 1 << (max(n, 1) - 1).bit_length()
 
 
 def default_stop_tokens(config) -> tuple[int, ...]:
@@ -69,260 +80,397 @@ def default_stop_tokens(config) -> tuple[int, ...]:
     return tuple(sorted(t for t in stops if 0 <= t < config.vocab_size))
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4, 5), donate_argnums=(1,))
-def _prefill(params, slots: Slots, batch, config, runtime, mode: SampleMode):
-    """Run prompts into fresh cache rows, scatter them into ``batch['slot']``, sample token 1."""
-    tokens, lengths, slot_ids = batch["tokens"], batch["lengths"], batch["slot"]
-    n, t = tokens.shape
-    max_len = max(c.pos.shape[1] for c in slots.cache)  # the engine's full-layer length
-    fresh = M.init_cache(config, n, max_len, M.cache_values(slots.cache[0].k).dtype)
-    pos = M.positions_from_lengths(tokens, lengths)
-    x, fresh = M.hidden_states(params, tokens, pos, config, cache=fresh, rt=runtime, fresh=True)
-    last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [n, d]
-    logits = apply_token_mask(M.unembed(params, last), batch["mask"])
-    keys = jax.vmap(jax.random.fold_in)(batch["key"], jnp.zeros(n, jnp.int32))
-    first = sample(logits, keys, batch["temperature"], batch["top_k"], batch["top_p"],
-                   batch["min_p"], mode=mode)
-    cache = [M.LayerCache(c.k.at[slot_ids].set(f.k), c.v.at[slot_ids].set(f.v),
-                          c.pos.at[slot_ids].set(f.pos)) for c, f in zip(slots.cache, fresh)]
-    s = slots._replace(cache=cache)
-    s = s._replace(
-        pos=s.pos.at[slot_ids].set(lengths), token=s.token.at[slot_ids].set(first),
-        key=s.key.at[slot_ids].set(batch["key"]), step=s.step.at[slot_ids].set(1),
-        temperature=s.temperature.at[slot_ids].set(batch["temperature"]),
-        top_k=s.top_k.at[slot_ids].set(batch["top_k"]), top_p=s.top_p.at[slot_ids].set(batch["top_p"]),
-        min_p=s.min_p.at[slot_ids].set(batch["min_p"]))
-    return s, first
-
-
-def _forward(params, slots: Slots, config, runtime):
-    """Feed every slot's last token: the next-token logits [B, V] and the updated cache."""
-    pos = slots.pos[:, None]
-    x, cache = M.hidden_states(params, slots.token[:, None], pos, config, cache=slots.cache,
-                               rt=runtime)
-    return M.unembed(params, x[:, 0]), cache
-
-
-def _sample_next(slots: Slots, logits, mask, mode: SampleMode):
-    """Mask the logits, sample the next token of every slot, advance the active ones."""
-    logits = apply_token_mask(logits, mask)
-    keys = jax.vmap(jax.random.fold_in)(slots.key, slots.step)
-    nxt = sample(logits, keys, slots.temperature, slots.top_k, slots.top_p, slots.min_p,
-                 mode=mode)
-    active = slots.pos >= 0
-    nxt = jnp.where(active, nxt, 0)
-    return slots._replace(pos=jnp.where(active, slots.pos + 1, -1), token=nxt,
-                          step=slots.step + active), nxt
-
-
-@functools.partial(jax.jit, static_argnums=(3, 4, 5), donate_argnums=(1,))
-def _decode(params, slots: Slots, mask, config, runtime, mode: SampleMode):
-    """One decode step in one executable: the next token for each slot under ``mask``."""
-    logits, cache = _forward(params, slots, config, runtime)
-    return _sample_next(slots._replace(cache=cache), logits, mask, mode)
-
-
-@functools.partial(jax.jit, static_argnums=(2, 3), donate_argnums=(1,))
-def _decode_forward(params, slots: Slots, config, runtime):
-    """The first half of a constrained decode step: logits, and the slots with the new cache."""
-    logits, cache = _forward(params, slots, config, runtime)
-    return logits, slots._replace(cache=cache)
-
-
-@functools.partial(jax.jit, static_argnums=(3,), donate_argnums=(0,))
-def _decode_sample(slots: Slots, logits, mask, mode: SampleMode):
-    """The second half: sampling under the mask the host filled while the forward ran."""
-    return _sample_next(slots, logits, mask, mode)
-
-
-@dataclasses.dataclass
-class SlotSequence:
-    """What the engine knows about the sequence in one slot."""
-    prompt: list[int]
+@dataclasses.dataclass(eq=False)
+class Generation:
+    """What the engine knows about one submitted sequence."""
+    request: Request  # prompt, output so far, cached tokens, preemptions (kv_schedule)
     sampling: SamplingParams
-    max_new_tokens: int
     stop_tokens: frozenset
-    tokens: list[int] = dataclasses.field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length" | "error" (a constraint dead-ended)
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    constraint: object = None  # a compiled inference.constraints.Constraint, or None
+    error: str | None = None  # why, for "error" (the constraint dead-ended)
+
+    @property
+    def id(self) -> int:
+        return self.request.id
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.request.prompt
+
+    @property
+    def tokens(self) -> list[int]:
+        """The generated tokens so far."""
+        return self.request.output
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens whose KV came from the prefix cache (0 until admitted)."""
+        return self.request.cached_tokens or 0
+
+
+class StepEvent(NamedTuple):
+    id: int  # the sequence (``Engine.submit``'s return value)
+    token: int | None  # None only on an "error" event (the constraint dead-ended: no token)
+    finish_reason: str | None  # set on the sequence's last event: "stop" | "length" | "error"
+    cached_tokens: int  # prompt tokens served from the prefix cache
     error: str | None = None  # why, for "error"
 
 
 class Engine:
-    """A fixed set of decode slots over one model. Not thread-safe: one driver at a time."""
+    """Continuous batching over one model (see the module docstring).
 
-    def __init__(self, model, *, max_batch: int = 8, max_len: int = 4096):
+    ``max_batch`` sequences run at once; each holds at most ``max_len`` tokens (prompt +
+    output). The KV pool holds ``kv_cache_tokens`` token positions, or ``kv_cache_memory`` (a
+    fraction of the free device memory), or by default enough for ``max_batch`` sequences of
+    ``max_len`` tokens. Prefill runs in chunks of at most ``prefill_tokens`` tokens per step, at
+    most ``max_prefill_rows`` chunks per call. ``prefix_caching=False`` turns reuse off.
+    """
+
+    def __init__(self, model, *, max_batch: int = 8, max_len: int = 4096,
+                 kv_cache_tokens: int | None = None, kv_cache_memory: float | None = None,
+                 page_size: int = 16, prefill_tokens: int = 512, max_prefill_rows: int = 8,
+                 prefix_caching: bool = True, channel=None):
         c = model.config
         if max_len > c.max_position_embeddings:
             raise ValueError(f"max_len {max_len} exceeds the model's context "
                              f"{c.max_position_embeddings}")
+        for name, value in (("max_batch", max_batch), ("max_len", max_len),
+                            ("page_size", page_size), ("prefill_tokens", prefill_tokens),
+                            ("max_prefill_rows", max_prefill_rows)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if kv_cache_tokens is not None and kv_cache_memory is not None:
+            raise ValueError("give kv_cache_tokens or kv_cache_memory, not both")
         self.model, self.config, self.max_batch, self.max_len = model, c, max_batch, max_len
-        dtype = model.params["embed"].dtype
-        cache = M.init_cache(c, max_batch, max_len, dtype)
-        mesh = getattr(model.runtime, "mesh", None)
-        if mesh is not None:  # kv heads on the tensor axis, slots on the data axis
-            from gptoss_jax.parallel.sharding import cache_shardings
-            cache = jax.device_put(cache, cache_shardings(c, mesh, max_batch, max_len))
-        self.slots = Slots(
-            cache=cache,
-            pos=jnp.full((max_batch,), -1, jnp.int32), token=jnp.zeros((max_batch,), jnp.int32),
-            key=jax.random.split(jax.random.key(0), max_batch),
-            step=jnp.zeros((max_batch,), jnp.int32),
-            temperature=jnp.zeros((max_batch,), jnp.float32),
-            top_k=jnp.zeros((max_batch,), jnp.int32), top_p=jnp.ones((max_batch,), jnp.float32),
-            min_p=jnp.zeros((max_batch,), jnp.float32))
-        self.seqs: dict[int, SlotSequence] = {}
-        self.batch_sizes: list[int] = []  # active slots per decode step (for reports)
-        self.compiled: dict[tuple, object] = {}  # AOT executables, one per shape bucket
-        self.compile_s = 0.0  # time spent compiling so far (reported apart from run time)
-        self.constraints = SlotConstraints(max_batch, c.vocab_size)  # per-slot masks (hook)
+        self.mesh = model.runtime.mesh
+        self.max_prefill_rows = _pow2(max_prefill_rows)
+        layout = paged_layout(c)
+        kw = dict(page_size=page_size, max_pages_per_seq=-(-max_len // page_size),
+                  windows=layout.windows, prefix_caching=prefix_caching)
+        pages = self._pool_pages(KVPages(num_pages=1, **kw), layout, kv_cache_tokens,
+                                 kv_cache_memory, prefill_tokens)
+        if channel is not None:  # every process must build the same pool (free memory differs)
+            pages = channel.agree(pages)
+        self._pages_kw, self._prefill_tokens = dict(kw, num_pages=pages), prefill_tokens
+        self._reset()
+        self.executables = Executables(model, self.mesh)
+        self.channel = channel
+        self.seqs: dict[int, Generation] = {}  # submitted and not finished
+        self.batch_sizes: list[int] = []  # sequences per decode step (for reports)
+        self.preemptions = 0  # running sequences sent back to the queue (recomputed later)
+        self._backlog: list[StepEvent] = []  # events sampled during add(), not yet returned
+        self._ran: set = set()  # step shapes run at least once (multi-host timeouts)
+        self.constraints = SlotConstraints(max_batch, c.vocab_size)  # per-sequence matchers
 
-    def _executable(self, key: tuple, fn, *args):
-        """Compile ``fn`` for these argument shapes once (ahead of time) and reuse it."""
-        exe = self.compiled.get(key)
-        if exe is None:
-            t0 = time.perf_counter()
-            exe = fn.lower(*args).compile()
-            self.compile_s += time.perf_counter() - t0
-            self.compiled[key] = exe
-        return exe
+    def _reset(self) -> None:
+        """Empty pages, scheduler and device state (at start, and after a failed step)."""
+        self.pages = KVPages(**self._pages_kw)
+        self.scheduler = Scheduler(self.pages, max_running=self.max_batch,
+                                   prefill_tokens=self._prefill_tokens)
+        self.state = engine_state.make_state(self.config, self.pages.pool_pages,
+                                             self.pages.page_size, self.model.dtype,
+                                             self.model.runtime.ops, self.mesh)
 
-    def compile(self, prompt_len: int, num_prompts: int = 1,
-                sampling: SamplingParams | None = None, constrained: bool = False) -> float:
-        """Compile prefill for this prompt bucket and the decode step ahead of time; returns
-        seconds. ``constrained``: also the two halves of a constrained decode step (else the
-        first constrained sequence compiles them)."""
-        before = self.compile_s
-        t = min(bucket(prompt_len), self.max_len)
-        samplings = [sampling or SamplingParams()] * num_prompts
-        batch = self._batch([[0] * t] * num_prompts, samplings, list(range(num_prompts)))
-        mode = SampleMode.of(samplings, self.config.vocab_size)
-        self._executable(("prefill", num_prompts, t, mode), _prefill, self.model.params, self.slots,
-                         batch, self.config, self.model.runtime, mode)
-        ones = self.constraints.ones(self.max_batch)
-        self._executable(("decode", mode), _decode, self.model.params, self.slots, ones,
-                         self.config, self.model.runtime, mode)
-        if constrained:
-            fwd = self._executable(("decode_forward",), _decode_forward, self.model.params,
-                                   self.slots, self.config, self.model.runtime)
-            logits = fwd.out_info[0]
-            self._executable(("decode_sample", mode), _decode_sample, self.slots, logits, ones, mode)
-        return self.compile_s - before
+    def recover(self) -> None:
+        """After a step failed: end every sequence, and start from an empty cache if the
+        failure took the device state with it (its buffers are donated to each step)."""
+        for seq_id in list(self.seqs):
+            self.cancel(seq_id)
+        if any(a.is_deleted() for a in jax.tree.leaves(self.state)):
+            self._reset()
 
-    # -- slots ---------------------------------------------------------------------------------
+    def _pool_pages(self, probe: KVPages, layout, tokens, memory, prefill_tokens) -> int:
+        if tokens is not None:
+            if tokens < 1:
+                raise ValueError(f"kv_cache_tokens must be >= 1, got {tokens}")
+            return pool_pages_for_tokens(tokens, probe.page_size)
+        if memory is None:
+            return self.max_batch * probe.peak_pages(self.max_len, prefill_tokens)
+        if not 0 < memory < 1:
+            raise ValueError(f"kv_cache_memory must be a fraction in (0, 1), got {memory}")
+        c = self.config
+        tensor = 1 if self.mesh is None else int(self.mesh.shape.get("tensor", 1))
+        return pool_pages_for_bytes(
+            int(memory * _free_device_bytes()), page_size=probe.page_size,
+            layers_per_group=layout.arrays, kv_heads=c.num_key_value_heads // tensor,
+            head_dim=c.head_dim, itemsize=np.dtype(self.model.dtype).itemsize)
+
+    # -- requests ------------------------------------------------------------------------------
     @property
-    def free_slots(self) -> list[int]:
-        return [i for i in range(self.max_batch) if i not in self.seqs]
+    def compile_s(self) -> float:
+        return self.executables.compile_s
 
-    def check_prompt(self, prompt: Sequence[int], max_new_tokens: int) -> None:
+    @property
+    def idle(self) -> bool:
+        return self.scheduler.idle and not self._backlog
+
+    def check(self, prompt: Sequence[int], max_new_tokens: int) -> None:
+        """Raise ``ValueError`` (:class:`CapacityError` for one that can never fit) unless a
+        request of ``prompt`` and ``max_new_tokens`` can run here."""
         if not len(prompt):
             raise ValueError("empty prompt")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} outside the vocabulary (size {self.config.vocab_size})")
         if len(prompt) + max_new_tokens > self.max_len:
-            raise ValueError(f"prompt of {len(prompt)} tokens + max_new_tokens {max_new_tokens} "
-                             f"exceeds the context of {self.max_len} tokens")
+            raise CapacityError(f"prompt of {len(prompt)} tokens + max_new_tokens {max_new_tokens} "
+                                f"exceeds the context of {self.max_len} tokens")
+        self.pages.check_fits(len(prompt) + max_new_tokens, self.scheduler.prefill_tokens)
+
+    def submit(self, prompt: Sequence[int], sampling: SamplingParams | None = None,
+               max_new_tokens: int = 256, stop_tokens: Iterable[int] | None = None, *,
+               salt: bytes = b"", constraint=None) -> int:
+        """Queue a sequence; returns its id (the ``id`` of its :class:`StepEvent` s). ``salt``
+        separates prefix caches whose KV differs for the same tokens. ``constraint``: a compiled
+        ``constraints.Constraint`` its output must follow (a whole-turn one starts after the
+        prompt's last ``<|start|>assistant``). Raises ``ValueError`` / :class:`CapacityError`
+        (see :meth:`check`; also a constraint that cannot start on ``prompt``)."""
+        prompt = [int(t) for t in prompt]
+        self.check(prompt, max_new_tokens)
+        if constraint is not None:
+            self.constraints.check(constraint, prompt)
+        stops = default_stop_tokens(self.config) if stop_tokens is None else stop_tokens
+        req = Request(next(_ids), prompt, int(max_new_tokens), salt=salt)
+        self.scheduler.submit(req)
+        self.seqs[req.id] = Generation(req, sampling or SamplingParams(), frozenset(stops),
+                                       constraint=constraint)
+        return req.id
 
     def add(self, prompts: Sequence[Sequence[int]], samplings: Sequence[SamplingParams],
             max_new_tokens: Sequence[int], stop_tokens: Sequence[Iterable[int]],
             constraints: Sequence | None = None) -> list[tuple[int, int | None]]:
-        """Prefill prompts into free slots; returns (slot, first token) per prompt.
+        """Submit sequences and step until each has sampled its first token (a synchronous
+        prefill, for benchmarks and simple drivers); returns ``(id, first token)`` per sequence
+        (None: its constraint dead-ended at once). Tokens other sequences sample meanwhile come
+        from the next :meth:`step`. Nothing is submitted if one of them is refused
+        (``ValueError``). ``constraints``: one compiled constraint or None per prompt."""
+        constraints = list(constraints or [None] * len(prompts))
+        for p, m, c in zip(prompts, max_new_tokens, constraints):
+            self.check(p, m)
+            if c is not None:
+                self.constraints.check(c, p)
+        ids = [self.submit(p, s, m, st, constraint=c) for p, s, m, st, c in
+               zip(prompts, samplings, max_new_tokens, stop_tokens, constraints)]
+        first: dict[int, int] = {}
+        while len(first) < len(ids):
+            for ev in self._step():
+                if ev.id in ids and ev.id not in first:
+                    first[ev.id] = ev.token
+                else:
+                    self._backlog.append(ev)
+        return [(i, first[i]) for i in ids]
 
-        ``constraints``: a compiled ``constraints.Constraint`` or None per prompt (whole-turn
-        ones start after the prompt's last ``<|start|>assistant``). The first token is None for
-        a sequence whose constraint dead-ended at once (finish reason ``"error"``)."""
-        free = self.free_slots
-        if len(prompts) > len(free):
-            raise RuntimeError(f"{len(prompts)} prompts but only {len(free)} free slots")
-        for p, m in zip(prompts, max_new_tokens):
-            self.check_prompt(p, m)
-        slot_ids = free[:len(prompts)]
-        self.constraints.attach(slot_ids, constraints or [None] * len(prompts), prompts)
-        try:
-            batch = self._batch(prompts, samplings, slot_ids)
-            n, t = batch["tokens"].shape
-            mode = SampleMode.of(samplings, self.config.vocab_size)
-            exe = self._executable(("prefill", n, t, mode), _prefill, self.model.params,
-                                   self.slots, batch, self.config, self.model.runtime, mode)
-            self.slots, first = exe(self.model.params, self.slots, batch)
-        except BaseException:
-            for slot in slot_ids:
-                self.constraints.release(slot)
-            raise
-        first = np.asarray(first).tolist()
-        out = []
-        for slot, p, s, m, st, tok in zip(slot_ids, prompts, samplings, max_new_tokens,
-                                          stop_tokens, first):
-            seq = SlotSequence(list(p), s, m, frozenset(st))
-            self.seqs[slot] = seq
-            out.append((slot, self._record(slot, tok)))
-        return out
+    def cancel(self, seq_id: int) -> Generation | None:
+        """Stop a sequence (waiting or running); its pages are released at once."""
+        gen = self.seqs.pop(seq_id, None)
+        if gen is not None:
+            self.scheduler.finish(seq_id)
+            self.constraints.release(seq_id)
+            gen.finish_reason = gen.finish_reason or "cancelled"
+        return gen
 
-    def _batch(self, prompts, samplings, slot_ids) -> dict:
-        n = len(prompts)
-        t = min(bucket(max(len(p) for p in prompts)), self.max_len)
-        tokens = np.zeros((n, t), np.int32)
-        for i, p in enumerate(prompts):
-            tokens[i, :len(p)] = p
-        return {
-            "tokens": jnp.asarray(tokens), "lengths": jnp.asarray([len(p) for p in prompts], jnp.int32),
-            "slot": jnp.asarray(slot_ids, jnp.int32),
-            "key": jnp.stack([jax.random.key(s.seed) for s in samplings]),
-            "temperature": jnp.asarray([s.temperature for s in samplings], jnp.float32),
-            "top_k": jnp.asarray([min(s.top_k, self.config.vocab_size) for s in samplings], jnp.int32),
-            "top_p": jnp.asarray([s.top_p for s in samplings], jnp.float32),
-            "min_p": jnp.asarray([s.min_p for s in samplings], jnp.float32),
-            "mask": self.constraints.prefill_mask(slot_ids),
-        }
+    # -- one step ------------------------------------------------------------------------------
+    def step(self) -> list[StepEvent]:
+        """One model step for every running sequence (decode, or the next prefill chunk) and
+        the admission of waiting ones; returns the tokens sampled (a sequence whose prefill is
+        not done yet samples none)."""
+        backlog, self._backlog = self._backlog, []
+        return backlog + self._step()
 
-    def _record(self, slot: int, token: int) -> int | None:
-        """Book a sampled token; None (and finish reason "error") if its constraint failed."""
-        seq = self.seqs[slot]
-        error = self.constraints.accept(slot, token)
-        if error is not None:
-            seq.finish_reason, seq.error = "error", error
+    def _step(self) -> list[StepEvent]:
+        plan = self.scheduler.plan()
+        self.preemptions += len(plan.preempted)
+        self._follow_slots(plan)
+        sampled: dict[int, int] = {}
+        for chunks in self._prefill_calls(plan.prefill):
+            masked = [(i, c.request.id) for i, c in enumerate(chunks) if c.samples]
+            tokens = self._run(self._prefill_inputs(chunks), [c.request for c in chunks],
+                               self._mask_fill(masked, _pow2(len(chunks))))
+            sampled.update((c.request.id, int(t)) for c, t in zip(chunks, tokens) if c.samples)
+        if plan.decode:
+            masked = [(r.slot, r.id) for r in plan.decode]
+            tokens = self._run(self._decode_inputs(plan.decode), plan.decode,
+                               self._mask_fill(masked, self.max_batch))
+            sampled.update((r.id, int(tokens[r.slot])) for r in plan.decode)
+            self.batch_sizes.append(len(plan.decode))
+        return self._complete(plan, sampled)
+
+    def _follow_slots(self, plan: Plan) -> None:
+        """Matchers follow the slots: a preempted sequence gives its up, an admitted one gets a
+        fresh one advanced over its output so far (none for a first admission)."""
+        for req in plan.preempted:
+            self.constraints.release(req.id)
+        for req in plan.admitted:
+            gen = self.seqs[req.id]
+            if gen.constraint is not None:
+                self.constraints.admit(req.id, req.slot, gen.constraint, req.prompt, req.output)
+
+    def _mask_fill(self, rows: list[tuple[int, int]], num_rows: int) -> Callable | None:
+        """What fills the mask of a step whose ``(row, sequence)`` pairs sample (None when none
+        of them is constrained: that step takes no mask)."""
+        rows = [(r, s) for r, s in rows if self.constraints.constrained(s)]
+        if not rows:
             return None
-        seq.tokens.append(token)
-        if token in seq.stop_tokens or self.constraints.done(slot):
-            seq.finish_reason = "stop"
-        elif len(seq.tokens) >= seq.max_new_tokens:
-            seq.finish_reason = "length"
-        return token
+        return lambda: self.constraints.fill(rows, num_rows)
 
-    def release(self, slot: int) -> SlotSequence | None:
-        """Free a slot (finished, or its client went away)."""
-        seq = self.seqs.pop(slot, None)
-        self.constraints.release(slot)
-        if seq is not None:
-            self.slots = self.slots._replace(pos=self.slots.pos.at[slot].set(-1))
-        return seq
+    def _complete(self, plan: Plan, sampled: dict[int, int]) -> list[StepEvent]:
+        self.scheduler.complete(plan, sampled)
+        events = []
+        for seq_id, token in sampled.items():
+            gen = self.seqs[seq_id]
+            gen.error = self.constraints.accept(seq_id, token)
+            if gen.error is not None:  # a dead end: the token was noise, the sequence fails
+                gen.finish_reason, token = "error", None
+                gen.request.output.pop()
+            elif token in gen.stop_tokens or self.constraints.done(seq_id):
+                gen.finish_reason = "stop"
+            elif len(gen.tokens) >= gen.request.max_new_tokens:
+                gen.finish_reason = "length"
+            if gen.finish_reason:
+                self.scheduler.finish(seq_id)  # a no-op when the budget already ended it
+                self.constraints.release(seq_id)
+                del self.seqs[seq_id]
+            events.append(StepEvent(seq_id, token, gen.finish_reason, gen.cached_tokens,
+                                    gen.error))
+        return events
 
-    def step(self) -> list[tuple[int, int | None]]:
-        """One decode step for every unfinished slot; returns (slot, token) pairs (token None:
-        the slot's constraint dead-ended, its sequence ended with finish reason "error")."""
-        for slot in [s for s, q in self.seqs.items() if q.finish_reason]:
-            self.release(slot)
-        if not self.seqs:
-            return []
-        mode = SampleMode.of([q.sampling for q in self.seqs.values()], self.config.vocab_size)
-        params, rt = self.model.params, self.model.runtime
-        if self.constraints.active:
-            fwd = self._executable(("decode_forward",), _decode_forward, params, self.slots,
-                                   self.config, rt)
-            logits, slots = fwd(params, self.slots)  # dispatched; runs while the host fills
-            try:
-                mask = self.constraints.step_mask()
-            except BaseException:
-                self.slots = slots  # the donated state lives on here (a rerun rewrites the same KV)
-                raise
-            sample_exe = self._executable(("decode_sample", mode), _decode_sample, slots, logits,
-                                          mask, mode)
-            self.slots, nxt = sample_exe(slots, logits, mask)
-        else:
-            ones = self.constraints.ones(self.max_batch)
-            exe = self._executable(("decode", mode), _decode, params, self.slots, ones,
-                                   self.config, rt, mode)
-            self.slots, nxt = exe(params, self.slots, ones)
-        nxt = np.asarray(nxt)
-        self.batch_sizes.append(len(self.seqs))
-        return [(slot, self._record(slot, int(nxt[slot]))) for slot in list(self.seqs)]
+    def _prefill_calls(self, chunks: list[Chunk]) -> list[list[Chunk]]:
+        """Chunks grouped by length bucket, at most ``max_prefill_rows`` per call."""
+        by_len: dict[int, list[Chunk]] = {}
+        for c in chunks:
+            by_len.setdefault(bucket(c.end - c.start), []).append(c)
+        return [group[i:i + self.max_prefill_rows] for group in by_len.values()
+                for i in range(0, len(group), self.max_prefill_rows)]
+
+    def _rows(self, rows: int, length: int) -> dict:
+        """Host inputs of ``rows`` idle rows of ``length`` tokens (see
+        ``engine_state.STEP_INPUT_AXES``)."""
+        g, cols = len(self.pages.windows), self.pages.max_pages
+        return {"tokens": np.zeros((rows, length), np.int32),
+                "pos": np.full((rows, length), -1, np.int32),
+                "last": np.zeros((rows,), np.int32),
+                "tables": np.full((g, rows, cols), self.pages.null_page, np.int32),
+                "temperature": np.zeros((rows,), np.float32),
+                "top_k": np.zeros((rows,), np.int32), "top_p": np.ones((rows,), np.float32),
+                "min_p": np.zeros((rows,), np.float32),
+                "seed_lo": np.zeros((rows,), np.uint32), "seed_hi": np.zeros((rows,), np.uint32),
+                "step": np.zeros((rows,), np.int32)}
+
+    def _set_row(self, x: dict, row: int, req: Request, start: int, end: int) -> None:
+        """Row ``row`` computes ``req.tokens[start:end]`` and samples with ``req``'s settings."""
+        n = end - start
+        x["tokens"][row, :n] = req.tokens[start:end]
+        x["pos"][row, :n] = np.arange(start, end)
+        x["last"][row] = n - 1
+        x["tables"][:, row] = self.pages.table(req.id)
+        s = self.seqs[req.id].sampling
+        seed = int(s.seed) % (1 << 64)
+        x["temperature"][row], x["top_p"][row], x["min_p"][row] = s.temperature, s.top_p, s.min_p
+        x["top_k"][row] = min(s.top_k, self.config.vocab_size)
+        x["seed_lo"][row], x["seed_hi"][row] = seed & 0xFFFFFFFF, seed >> 32
+        x["step"][row] = len(req.output)
+
+    def _prefill_inputs(self, chunks: list[Chunk]) -> dict:
+        x = self._rows(_pow2(len(chunks)), bucket(max(c.end - c.start for c in chunks)))
+        for i, c in enumerate(chunks):
+            self._set_row(x, i, c.request, c.start, c.end)
+        return x
+
+    def _decode_inputs(self, reqs: list[Request]) -> dict:
+        x = self._rows(self.max_batch, 1)
+        for r in reqs:
+            self._set_row(x, r.slot, r, len(r.tokens) - 1, len(r.tokens))
+        return x
+
+    def _run(self, inputs: dict, reqs: list[Request], fill: Callable | None = None) -> np.ndarray:
+        """One step on ``inputs``; ``fill`` (constrained rows) returns its mask."""
+        mode = SampleMode.of([self.seqs[r.id].sampling for r in reqs], self.config.vocab_size)
+        if fill is not None and self.channel is None:
+            self.state, logits, placed = self.executables.forward(self.state, inputs)
+            return self.executables.sample(logits, placed, fill(), mode)  # fill() overlaps
+        if fill is not None:  # multi-host: the followers get the mask with the other inputs
+            inputs["mask"] = fill()
+        if self.channel is None:
+            self.state, tokens = self.executables.run(self.state, inputs, mode)
+            return tokens
+        self.channel.send(mode, inputs)
+        return self._run_guarded(mode, inputs)
+
+    def _run_guarded(self, mode: SampleMode, inputs: dict) -> np.ndarray:
+        """A multi-host step: its collectives wait on the other processes, so it runs under the
+        channel's watchdog, and a failure is a lost process (``multihost.PeerLost``)."""
+        key = self.executables.key(self.state, inputs, mode)
+        # the first run of a shape waits for every process to compile it
+        self.channel.guard(key not in self._ran, "a model step")
+        self._ran.add(key)
+        try:
+            self.state, tokens = self.executables.run(self.state, inputs, mode)
+        except Exception as e:
+            raise PeerLost(f"a model step failed: {e}") from e
+        finally:
+            self.channel.done()
+        return tokens
+
+    # -- warm-up, followers, reports ----------------------------------------------------------
+    def compile(self, prompt_len: int, num_prompts: int = 1,
+                sampling: SamplingParams | None = None, constrained: bool = False) -> float:
+        """Compile the prefill step for this prompt length (its first chunk) and the decode
+        step ahead of time; returns the seconds it took. ``constrained``: also their masked
+        forms (else the first constrained sequence compiles them)."""
+        before = self.compile_s
+        mode = SampleMode.of([sampling or SamplingParams()], self.config.vocab_size)
+        length = bucket(min(prompt_len, self.scheduler.prefill_tokens))
+        rows = min(_pow2(num_prompts), self.max_prefill_rows)
+        for shape in ((rows, length), (self.max_batch, 1)):
+            inputs = self._rows(*shape)
+            self.executables.get(self.state, inputs, mode)
+            if not constrained:
+                continue
+            mask = np.full((shape[0], self.constraints.words), -1, np.int32)
+            if self.channel is None:
+                fwd = self.executables.forward_exe(self.state, inputs)
+                self.executables.sample_exe(fwd.out_info[1], dict(inputs, mask=mask), mode)
+            else:
+                self.executables.get(self.state, dict(inputs, mask=mask), mode)
+        return self.compile_s - before
+
+    def follow(self) -> None:
+        """A follower's loop (multi-host): run the leader's steps until it stops."""
+        first = True  # the leader may be warming up (compiling) before its first step
+        while (msg := self.channel.receive(first)) is not None:
+            first = False
+            self._run_guarded(*msg)
+
+    def heartbeat(self) -> None:
+        """Called while idle: a multi-host leader pings its followers now and then."""
+        if self.channel is not None:
+            self.channel.ping()
+
+    def close(self) -> None:
+        """A multi-host leader tells its followers to stop (from the thread that drives it)."""
+        if self.channel is not None:
+            self.channel.stop()
+
+    def stats(self) -> dict:
+        p = self.pages
+        return {"kv_pages": p.pool.num_pages, "kv_page_size": p.page_size,
+                "kv_pages_free": p.pool.num_free, "kv_pages_cached_idle": p.pool.num_idle,
+                "kv_pages_in_use": p.pool.num_pages - p.pool.available,
+                "kv_evictions": p.pool.evictions,
+                "prefix_queries": p.stats["queries"], "prefix_prompt_tokens": p.stats["prompt_tokens"],
+                "prefix_hit_tokens": p.stats["hit_tokens"],
+                "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "preemptions": self.preemptions}
+
+
+def _free_device_bytes() -> int:
+    """Free memory of the first device (the host's available memory where a device reports
+    none, e.g. CPU)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+

@@ -1,33 +1,36 @@
-"""The slot engine's constrained-decoding side: an optional constraint per slot, and its masks.
+"""The engine's constrained-decoding side: an optional constraint per sequence, and its masks.
 
 :class:`SlotConstraints` is what :class:`~gptoss_jax.inference.engine.Engine` calls; it owns
-a :class:`~gptoss_jax.inference.constraints.ConstraintBatch` (one llguidance matcher per slot)
-and the constant all-ones masks that free batches pass, so the engine itself only threads a
-mask into its compiled steps. The contract, per sequence:
+a :class:`~gptoss_jax.inference.constraints.ConstraintBatch` with one llguidance matcher per
+engine slot, held by the sequence running in that slot, so the engine itself only adds a mask
+to the inputs of its constrained steps. The contract, per sequence (by its engine id):
 
-* ``attach`` on admission, before prefill (a bad prefix raises and nothing stays attached);
-  ``prefill_mask`` is the mask for the prompts' first sampled token;
-* ``step_mask`` before each constrained decode step's sampling (the engine calls it while the
-  step's forward pass runs on the device); ``accept`` with each sampled token: None when the
-  token follows the constraint, else why the slot failed (a dead end: the engine ends that
-  sequence with finish reason ``"error"`` and drops the token); ``done`` when the grammar is
-  complete;
-* ``release`` when the sequence ends; ``rollback`` when it gives tokens back (preemption with
-  recompute, speculation).
+* ``check`` at submit (a prompt that opens no assistant turn, a prefix the grammar rejects:
+  ``ValueError`` before anything is queued);
+* ``admit`` when the scheduler gives the sequence a slot, before its first prefill chunk, and
+  ``release`` when it leaves the slot: finished, cancelled or *preempted*. A preempted sequence
+  keeps no matcher while it waits: re-admitted, it gets a fresh one that consumes its output so
+  far once (the output list is the only record, so nothing is advanced twice or lost; this is
+  the rollback preemption needs, and costs microseconds a token);
+* ``fill`` builds a step's mask from ``(row, sequence)`` pairs (the rows that sample under a
+  constraint; every other row all ones); the engine calls it while the step's forward pass
+  runs on the device;
+* ``accept`` with each sampled token: None when the token follows the constraint, else why the
+  sequence failed (a dead end: the engine ends it with finish reason ``"error"`` and drops the
+  token); ``done`` when the grammar is complete.
 
-Whole-turn constraints start just after the prompt's last ``<|start|>assistant``; tokens the
-prompt already holds past it (a prefilled ``<|channel|>final<|message|>``, or the output of a
-preempted sequence that is re-admitted with it) are consumed on attach (``turn_prefix``).
-The llguidance tokenizer is built on the first constrained sequence (~1 s, once per process),
-so an engine that never sees one never pays for it.
+Whole-turn constraints start just after the original prompt's last ``<|start|>assistant``
+(``turn_prefix``): tokens the prompt already holds past it (a prefilled
+``<|channel|>final<|message|>``) are consumed on admission, then the output. The llguidance
+tokenizer is built on the first constrained sequence (~1 s, once per process), so an engine
+that never sees one never pays for it.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
-import jax.numpy as jnp
 import numpy as np
 
 from gptoss_jax.chat.tokenizer import Tokenizer
@@ -54,72 +57,81 @@ def is_harmony_prompt(prompt: Sequence[int]) -> bool:
 
 
 class SlotConstraints:
-    """Per-slot constraints of an engine with ``slots`` slots over a ``vocab_size`` vocabulary."""
+    """Constraints of the sequences in an engine's ``slots`` slots over a ``vocab_size``
+    vocabulary."""
 
     def __init__(self, slots: int, vocab_size: int):
         self.slots, self.vocab_size = slots, vocab_size
         self.words = mask_words(vocab_size)
         self.batch: ConstraintBatch | None = None  # made on the first constrained sequence
-        self._ones: dict[int, object] = {}
-        self.fill_s = 0.0  # host time spent filling decode masks (reported by the bench)
+        self._slot: dict[Hashable, int] = {}  # sequence id -> its slot (constrained ones)
+        self.fill_s = 0.0  # host time spent filling masks (reported by the bench)
         self.fills = 0
-
-    def ones(self, rows: int):
-        """A constant all-ones int32 ``[rows, words]`` device array (one per row count): the
-        mask of a batch without constraints, passed without any host-to-device copy."""
-        mask = self._ones.get(rows)
-        if mask is None:
-            mask = self._ones[rows] = jnp.full((rows, self.words), -1, jnp.int32)
-        return mask
 
     @property
     def active(self) -> bool:
-        """Some slot holds a matcher (the decode step then takes a host-filled mask)."""
-        return self.batch is not None and bool(self.batch.constrained)
+        """Some running sequence holds a matcher."""
+        return bool(self._slot)
 
-    def attach(self, slot_ids: Sequence[int], constraints: Sequence[Constraint | None],
-               prompts: Sequence[Sequence[int]]) -> None:
-        """Give each slot its constraint (None: free). Raises ValueError (a prompt that does not
-        open an assistant turn, a prefix the grammar rejects, a vocabulary without
-        o200k_harmony's tokens) with nothing left attached."""
-        if len(constraints) != len(slot_ids):
-            raise ValueError(f"{len(constraints)} constraints for {len(slot_ids)} prompts")
-        if all(c is None for c in constraints):
-            return
+    @property
+    def running(self) -> int:
+        """Sequences holding a matcher now."""
+        return len(self._slot)
+
+    def _batch(self) -> ConstraintBatch:
         if self.batch is None:
             self.batch = ConstraintBatch(self.slots, self.vocab_size)
-        done = []
-        try:
-            for slot, c, prompt in zip(slot_ids, constraints, prompts):
-                if c is not None:
-                    self.batch.attach(slot, c, turn_prefix(prompt) if c.harmony else ())
-                    done.append(slot)
-        except ValueError:
-            for slot in done:
-                self.batch.release(slot)
-            raise
+        return self.batch
 
-    def constrained(self, slot: int) -> bool:
-        return self.batch is not None and self.batch.state(slot) is not SlotState.FREE
+    def check(self, constraint: Constraint, prompt: Sequence[int]) -> None:
+        """Raise ValueError unless ``constraint`` can start on ``prompt`` (a whole-turn one needs
+        an assistant turn opened; a prefix past it must follow the grammar; the vocabulary must
+        be o200k_harmony's)."""
+        if mask_words(self._batch().tokenizer.vocab_size) > self.words:
+            raise ValueError(f"a vocabulary of {self.vocab_size} cannot hold o200k_harmony's "
+                             f"{self._batch().tokenizer.vocab_size} tokens: constraints need the "
+                             f"real one")
+        prefix = turn_prefix(prompt) if constraint.harmony else []
+        if prefix and not constraint.matcher().consume_tokens(prefix):
+            raise ValueError("the prompt's assistant turn does not follow the constraint")
 
-    def prefill_mask(self, slot_ids: Sequence[int]):
-        """The first token's mask for the prompts going into ``slot_ids`` (int32 ``[n, words]``)."""
-        if not any(self.constrained(s) for s in slot_ids):
-            return self.ones(len(slot_ids))
-        return self.batch.fill(slots=slot_ids)[list(slot_ids)]  # a copy: the buffer is reused
+    def admit(self, seq_id: Hashable, slot: int, constraint: Constraint, prompt: Sequence[int],
+              output: Sequence[int]) -> None:
+        """``seq_id`` runs in ``slot`` under ``constraint``: a fresh matcher at ``prompt``'s
+        turn, advanced over ``output`` (the tokens sampled before a preemption)."""
+        prefix = (turn_prefix(prompt) if constraint.harmony else []) + [int(t) for t in output]
+        self._batch().attach(slot, constraint, prefix)
+        self._slot[seq_id] = slot
 
-    def step_mask(self) -> np.ndarray:
-        """The next decode step's mask for every slot (host-filled; free rows all ones)."""
+    def release(self, seq_id: Hashable) -> None:
+        slot = self._slot.pop(seq_id, None)
+        if slot is not None:
+            self.batch.release(slot)
+
+    def constrained(self, seq_id: Hashable) -> bool:
+        return seq_id in self._slot
+
+    def fill(self, rows: Sequence[tuple[int, Hashable]], num_rows: int) -> np.ndarray:
+        """The mask int32 ``[num_rows, words]`` of a step whose row ``r`` samples for sequence
+        ``s`` for each ``(r, s)`` in ``rows`` (constrained ones); all other rows all ones."""
         t0 = time.perf_counter()
-        mask = self.batch.fill()
+        pairs = [(r, self._slot[s]) for r, s in rows]
+        filled = self.batch.fill(slots=[slot for _, slot in pairs])
+        if num_rows == self.slots and all(r == slot for r, slot in pairs):
+            mask = filled  # a decode step: its rows are the slots
+        else:
+            mask = np.full((num_rows, self.words), -1, np.int32)
+            for r, slot in pairs:
+                mask[r] = filled[slot]
         self.fill_s += time.perf_counter() - t0
         self.fills += 1
         return mask
 
-    def accept(self, slot: int, token: int) -> str | None:
-        """Advance the slot's matcher by its sampled ``token``: None when the token follows the
-        constraint (free slots: always), else the reason the slot failed."""
-        if not self.constrained(slot):
+    def accept(self, seq_id: Hashable, token: int) -> str | None:
+        """Advance the sequence's matcher by its sampled ``token``: None when the token follows
+        the constraint (free sequences: always), else the reason the sequence failed."""
+        slot = self._slot.get(seq_id)
+        if slot is None:
             return None
         b = self.batch
         if b.state(slot) is SlotState.FAILED:  # its mask was empty: the token is noise
@@ -128,15 +140,7 @@ class SlotConstraints:
             return b.error(slot)
         return None
 
-    def done(self, slot: int) -> bool:
-        """The slot's grammar is complete (nothing more may follow)."""
-        return self.batch is not None and self.batch.state(slot) is SlotState.DONE
-
-    def release(self, slot: int) -> None:
-        if self.batch is not None:
-            self.batch.release(slot)
-
-    def rollback(self, slot: int, num_tokens: int) -> None:
-        """Undo the slot's last ``num_tokens`` accepted tokens (no-op for a free slot)."""
-        if self.batch is not None:
-            self.batch.rollback(slot, num_tokens)
+    def done(self, seq_id: Hashable) -> bool:
+        """The sequence's grammar is complete (nothing more may follow)."""
+        slot = self._slot.get(seq_id)
+        return slot is not None and self.batch.state(slot) is SlotState.DONE

@@ -1,60 +1,50 @@
-"""The LoRA updates the forward pass applies (adapters injected by ``finetune.lora.inject``).
+"""The LoRA updates of the attention projections (adapters injected by ``finetune.lora.inject``).
 
-Attention dicts may carry ``{q,k,v,o}_lora_a`` / ``_lora_b`` leaves, expert dicts
-``{gate_up,down}_lora_a`` / ``_lora_b`` (the scale folded into ``b``). :func:`lora_delta` adds
-``dropout(x) @ A @ B`` to a projection; the expert updates are added per (token, expert) pair.
+An attention dict may carry ``"lora"``: an :class:`AttentionLora` with one
+:class:`~gptoss_jax.ops.weights.LoraPair` per adapted projection (the scale folded into ``b``)
+and, when training with dropout, the PRNG key and keep probability. :func:`lora_delta` adds
+``dropout(x) @ A @ B`` to a projection: two thin matmuls instead of materialising ``W + delta``
+(cheaper for r << d, and dropout stays on the adapter's input exactly as PEFT does). The
+experts' adapters live in ``Experts.gate_up_lora`` / ``down_lora`` and are applied by the expert
+ops, per (token, expert) pair.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+
+from gptoss_jax.ops.weights import LoraPair
 
 ATTN_TARGETS = ("q", "k", "v", "o")
 
 
-def lora_delta(x: jax.Array, p: dict, name: str, a_spec: str, b_spec: str):
-    """``dropout(x) @ A @ B`` for projection ``name`` when ``p`` carries its adapter, else 0.
+class AttentionLora(NamedTuple):
+    """Adapters of one attention block: ``q``/``k``/``v`` a ``[d, r]``, b ``[r, heads, h]``;
+    ``o`` a ``[n, h, r]``, b ``[r, d]``."""
+    q: LoraPair | None = None
+    k: LoraPair | None = None
+    v: LoraPair | None = None
+    o: LoraPair | None = None
+    dropout_key: jax.Array | None = None  # raw PRNG key: an independent mask per projection
+    keep: jax.Array | None = None  # f32 scalar, 1 - dropout
+
+
+def lora_delta(x: jax.Array, lora: AttentionLora | None, name: str, a_spec: str, b_spec: str):
+    """``dropout(x) @ A @ B`` for projection ``name`` when ``lora`` adapts it, else 0.
 
     ``a_spec`` / ``b_spec`` are the two einsums (e.g. ``"btd,dr->btr"``, ``"btr,rnh->btnh"``).
     Accumulates in f32 and returns ``x``'s dtype.
     """
-    a = p.get(name + "_lora_a")
-    if a is None:
+    pair = None if lora is None else getattr(lora, name)
+    if pair is None:
         return 0
     dt = x.dtype
-    if "lora_rng" in p:  # an independent dropout mask per projection
-        keep = p["lora_keep"]
-        rng = jax.random.fold_in(p["lora_rng"], ATTN_TARGETS.index(name))
+    if lora.dropout_key is not None:
+        keep = lora.keep
+        rng = jax.random.fold_in(lora.dropout_key, ATTN_TARGETS.index(name))
         x = jnp.where(jax.random.bernoulli(rng, keep, x.shape), x / keep.astype(dt), 0).astype(dt)
-    u = jnp.einsum(a_spec, x, a.astype(dt), preferred_element_type=jnp.float32).astype(dt)
-    return jnp.einsum(b_spec, u, p[name + "_lora_b"].astype(dt),
-                      preferred_element_type=jnp.float32).astype(dt)
-
-
-def has_expert_adapter(experts: dict) -> bool:
-    return "gate_up_lora_a" in experts or "down_lora_a" in experts
-
-
-def expert_delta_pairs(x: jax.Array, experts: dict, name: str, idx: jax.Array):
-    """Per-pair update ``B_e (A_e x)`` (f32) for ``x`` ``[..., K]`` and expert ids ``idx`` ``[...]``
-    (the gather path: only the selected experts' adapters are gathered). 0 without adapter."""
-    a = experts.get(name + "_lora_a")
-    if a is None:
-        return 0.0
-    dt = x.dtype
-    u = jnp.einsum("...k,...rk->...r", x, a[idx].astype(dt), preferred_element_type=jnp.float32)
-    return jnp.einsum("...r,...nr->...n", u.astype(dt), experts[name + "_lora_b"][idx].astype(dt),
-                      preferred_element_type=jnp.float32)
-
-
-def expert_delta_grouped(xs: jax.Array, experts: dict, name: str, group_sizes: jax.Array):
-    """Update ``B_e (A_e x)`` (f32 ``[P, N]``) for rows ``xs`` ``[P, K]`` sorted by expert."""
-    a = experts.get(name + "_lora_a")
-    if a is None:
-        return 0.0
-    dt = xs.dtype
-    u = jax.lax.ragged_dot(xs, jnp.swapaxes(a, 1, 2).astype(dt), group_sizes,
-                           preferred_element_type=jnp.float32)  # [P, r]
-    return jax.lax.ragged_dot(u.astype(dt), jnp.swapaxes(experts[name + "_lora_b"], 1, 2).astype(dt),
-                              group_sizes, preferred_element_type=jnp.float32)  # [P, N]
+    u = jnp.einsum(a_spec, x, pair.a.astype(dt), preferred_element_type=jnp.float32).astype(dt)
+    return jnp.einsum(b_spec, u, pair.b.astype(dt), preferred_element_type=jnp.float32).astype(dt)

@@ -11,6 +11,12 @@ from flax import struct
 
 from gptoss_jax.model import transformer as M
 from gptoss_jax.model.config import GptOssConfig
+from gptoss_jax.ops.runtime import resolve
+
+
+def resolved_runtime() -> M.Runtime:
+    """The runtime of a model made without one: the ops resolved for this platform."""
+    return M.Runtime(ops=resolve())
 
 
 @struct.dataclass
@@ -19,10 +25,12 @@ class Model:
 
     ``model(tokens)`` -> ``[batch, time, vocab]`` f32 logits for int32 ``[batch, time]`` tokens;
     ``lengths`` (``[batch]``) marks right padding in a batch of unequal length.
+    ``model.runtime.ops.table()`` shows which implementation runs each platform-dependent op;
+    a model made without a ``runtime`` resolves it (``ops.resolve()``) when it is made.
     """
     params: dict
     config: GptOssConfig = struct.field(pytree_node=False)
-    runtime: M.Runtime = struct.field(pytree_node=False, default=M.Runtime())
+    runtime: M.Runtime = struct.field(pytree_node=False, default_factory=resolved_runtime)
     path: str = struct.field(pytree_node=False, default="")
 
     def __call__(self, tokens, lengths=None) -> jax.Array:
@@ -37,11 +45,10 @@ class Model:
         return self.params["embed"].dtype
 
     def with_runtime(self, **changes) -> Model:
+        """This model with ``Runtime`` fields replaced (e.g. ``ops=ops.resolve(experts="xla")``)."""
         return self.replace(runtime=dataclasses.replace(self.runtime, **changes))
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4))
 def _forward(params, tokens, lengths, config, runtime):
     return M.forward(params, tokens, config, lengths=lengths, rt=runtime)
-
-

@@ -20,7 +20,7 @@ import os
 
 import jax
 
-from gptoss_jax.parallel.sharding import MeshConfig, ShardingError, make_mesh
+from gptoss_jax.parallel.mesh import MeshConfig, ShardingError, make_mesh
 
 AUTO = "auto"
 

@@ -42,8 +42,9 @@ class _Completion:
 
     def __init__(self, model: str, prompt_len: int, custom_tools: frozenset[str] = frozenset()):
         self.model, self.prompt_len = model, prompt_len
+        self.job: Job | None = None
         self.id, self.created = new_id("chatcmpl", sep="-"), int(time.time())
-        self.tracker = ReplyTracker(custom_tools)
+        self.tracker = ReplyTracker(custom_tools=custom_tools)
 
     @property
     def finish_reason(self) -> str:
@@ -53,7 +54,9 @@ class _Completion:
 
     def usage(self) -> dict:
         t = self.tracker
-        return generation.completion_usage(self.prompt_len, t.output_tokens, t.reasoning_tokens)
+        cached = self.job.cached_tokens if self.job is not None else 0
+        return generation.completion_usage(self.prompt_len, t.output_tokens, t.reasoning_tokens,
+                                           cached)
 
     def message(self) -> dict:
         t = self.tracker
@@ -97,8 +100,8 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
                     if req.max_completion_tokens is not None else (req.max_tokens, "max_tokens"))
     max_new = params.token_budget(st, len(prompt), limit, param, "messages")
     out = _Completion(st.model_name, len(prompt), rc.custom_tools)
-    job = generation.submit(st, prompt, params.sampling_of(req.temperature, req.top_p, req.seed), max_new,
-                            rc.constraint)
+    job = out.job = generation.submit(st, prompt, params.sampling_of(req.temperature, req.top_p,
+                                                                      req.seed), max_new, rc.constraint)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return SSEResponse(generation.with_done(_stream(out, job, st.scheduler, include_usage)),

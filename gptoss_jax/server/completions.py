@@ -83,7 +83,7 @@ async def completions(req: CompletionRequest, request: Request):
                 "choices": [{"index": 0, "text": choice_text, "finish_reason": finish, "logprobs": None}]}
 
     def usage() -> dict:
-        return generation.completion_usage(len(prompt), text.count)
+        return generation.completion_usage(len(prompt), text.count, cached_tokens=job.cached_tokens)
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -32,7 +32,13 @@ from fastapi.responses import StreamingResponse
 from gptoss_jax.chat.encoding import STOP_TOKENS
 from gptoss_jax.inference.sampling import SamplingParams
 from gptoss_jax.server.errors import APIError
-from gptoss_jax.server.scheduler import ConstraintFailed, EngineError, Job, Scheduler
+from gptoss_jax.server.scheduler import (
+    ConstraintFailed,
+    EngineError,
+    EngineUnavailable,
+    Job,
+    Scheduler,
+)
 from gptoss_jax.server.state import ServerState
 
 
@@ -50,7 +56,23 @@ class Consumer(Protocol):
 
 def submit(st: ServerState, prompt: list[int], sampling: SamplingParams, max_new_tokens: int,
            constraint=None) -> Job:
-    return st.scheduler.submit(prompt, sampling, max_new_tokens, STOP_TOKENS, constraint)
+    """Queue the job; a request the engine can never run (its context, or a KV pool too small
+    for prompt + budget even alone) is a 400 at once."""
+    try:
+        return st.scheduler.submit(prompt, sampling, max_new_tokens, STOP_TOKENS, constraint)
+    except ValueError as e:
+        raise APIError(f"This request cannot be served: {e}", status=400,
+                       code="context_length_exceeded") from None
+
+
+def failure(e: EngineError) -> APIError:
+    """An engine failure as the client sees it: 503 when the engine is gone (a multi-host
+    follower died), else 500."""
+    if isinstance(e, EngineUnavailable):
+        return APIError(f"The model is unavailable: {e}", status=503, type="server_error",
+                        code="service_unavailable")
+    return APIError(f"Generation failed: {e}", status=500, type="server_error",
+                    code="server_error")
 
 
 async def _wait_job(job: Job, request: Request, scheduler: Scheduler,
@@ -84,8 +106,7 @@ async def _wait_job(job: Job, request: Request, scheduler: Scheduler,
     except ConstraintFailed:
         raise
     except EngineError as e:
-        raise APIError(f"Generation failed: {e}", status=500, type="server_error",
-                       code="server_error") from None
+        raise failure(e) from None
 
 
 async def collect(job: Job, consumer: Consumer, request: Request, scheduler: Scheduler) -> None:
@@ -115,10 +136,13 @@ async def stream(job: Job, consumer: Consumer, scheduler: Scheduler) -> AsyncIte
         yield out
 
 
-def completion_usage(prompt_len: int, completion_tokens: int, reasoning: int | None = None) -> dict:
-    """The ``usage`` object of chat and text completions."""
+def completion_usage(prompt_len: int, completion_tokens: int, reasoning: int | None = None,
+                     cached_tokens: int = 0) -> dict:
+    """The ``usage`` object of chat and text completions (``cached_tokens``: prompt tokens
+    whose KV came from the prefix cache)."""
     out = {"prompt_tokens": prompt_len, "completion_tokens": completion_tokens,
-           "total_tokens": prompt_len + completion_tokens}
+           "total_tokens": prompt_len + completion_tokens,
+           "prompt_tokens_details": {"cached_tokens": cached_tokens}}
     if reasoning is not None:
         out["completion_tokens_details"] = {"reasoning_tokens": reasoning}
     return out

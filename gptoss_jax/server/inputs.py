@@ -1,10 +1,13 @@
 """Request bodies -> harmony conversations (``chat.messages.Message`` lists) -> prompt tokens.
 
-Responses API ``input`` items: messages (``{"role", "content"}``, ``type: "message"``
-optional; content a string or ``input_text`` / ``output_text`` / ``text`` parts), ``reasoning``
-items (``content`` of ``reasoning_text`` parts, or a ``summary``), ``function_call`` /
-``custom_tool_call`` and their ``*_output``. Consecutive reasoning / assistant message / tool
-call items form one harmony assistant message (thinking, preamble or answer, tool calls), as the
+Responses API ``input`` items: messages (``{"role", "content"}``, ``type: "message"`` optional;
+content a string or ``input_text`` / ``output_text`` / ``text`` parts), ``reasoning`` items
+(``content`` of ``reasoning_text`` parts, or a ``summary``), ``function_call`` /
+``custom_tool_call`` and their ``*_output``, and the built-in ``code_interpreter_call`` /
+``mcp_call`` items of an earlier response (the call and the result it carries; a
+``web_search_call`` does not carry the pages the model read, so it is refused:
+``previous_response_id`` keeps them). Consecutive reasoning / assistant message / tool call
+items form one harmony assistant message (thinking, preamble or answer, tool calls), as the
 model wrote them. Chat completions ``messages`` go through ``chat.messages.normalize_messages``
 after the same checks. Anything unsupported (images, files, unknown item types) is an
 :class:`APIError` naming the offending field. ``render`` is the one place a request's
@@ -22,13 +25,18 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import openai_harmony as oh
+
 from gptoss_jax.chat.messages import ROLES, Message, ToolCall, normalize_messages
-from gptoss_jax.chat.render import render_prompt
+from gptoss_jax.chat.render import build_conversation, render_prompt
 from gptoss_jax.chat.tokenizer import load_tokenizer
 from gptoss_jax.inference.constraints import splice_response_format
 from gptoss_jax.server.errors import APIError, unsupported
 
 _TEXT_PARTS = ("input_text", "output_text", "text", "reasoning_text", "summary_text")
+# The Responses API's built-in tool types (server.builtin_tools runs them), named in errors.
+_BUILTIN_TYPES = ("web_search_preview", "web_search_preview_2025_03_11", "web_search", "web_search_2025_08_26",
+                  "browser_search", "code_interpreter", "mcp")
 
 
 def _text(content: Any, param: str) -> str:
@@ -139,10 +147,51 @@ def response_items(items: Sequence[Any], call_names: dict[str, str], param: str 
             text = output if isinstance(output, str) else _text(output, f"{p}.output")
             flush()
             out.append(Message(role="tool", name=call_names[call_id], content=text))
+        elif kind in ("code_interpreter_call", "mcp_call"):
+            call, result = _builtin_call(item, p)
+            if turn.content:
+                flush()
+            turn.calls.append(call)
+            flush()
+            out.append(result)
+        elif kind == "mcp_list_tools":
+            continue  # what a server offers: the system message declares it
+        elif kind == "web_search_call":
+            raise unsupported(f"{p}.type", "web_search_call items cannot be given back as input (the pages "
+                                           "the model read are not part of them); continue with "
+                                           "previous_response_id instead")
         else:
             raise unsupported(f"{p}.type", f"Input items of type {kind!r} are not supported")
     flush()
     return out
+
+
+def _builtin_call(item: Mapping, p: str) -> tuple[ToolCall, Message]:
+    """A code interpreter or MCP call given back as input: the call as the model wrote it and
+    the result it read (the logs / the output)."""
+    if item["type"] == "code_interpreter_call":
+        code = item.get("code") or ""
+        if not isinstance(code, str):
+            raise APIError(f"Invalid type for {p + '.code'!r}: expected a string", param=f"{p}.code",
+                           code="invalid_type")
+        outputs = item.get("outputs") or []
+        logs = [o.get("logs") for o in outputs if isinstance(o, Mapping) and o.get("type") == "logs"]
+        call = ToolCall("python", code, recipient="python", channel="analysis", content_type="code")
+        return call, Message(role="tool", name="python", content="\n".join(x for x in logs if isinstance(x, str)),
+                             channel="analysis")
+    label, name = _str_field(item, "server_label", p), _str_field(item, "name", p)
+    args = item.get("arguments", "{}")
+    if not isinstance(args, str):
+        raise APIError(f"Invalid type for {p + '.arguments'!r}: expected a JSON string", param=f"{p}.arguments",
+                       code="invalid_type")
+    error = item.get("error")
+    text = item.get("output") if isinstance(item.get("output"), str) else ""
+    if error and not text:
+        text = error if isinstance(error, str) else _text(error.get("content") if isinstance(error, Mapping)
+                                                          else None, f"{p}.error.content")
+    recipient = f"{label}.{name}"
+    call = ToolCall(name, args, recipient=recipient, channel="commentary", content_type="<|constrain|>json")
+    return call, Message(role="tool", name=recipient, content=text, channel="commentary")
 
 
 def chat_messages(messages: Sequence[Any]) -> list[Message]:
@@ -205,21 +254,30 @@ def function_tools(tools: Any, param: str = "tools") -> list[dict]:
     if not isinstance(tools, list):
         raise APIError(f"Invalid type for {param!r}: expected a list", param=param, code="invalid_type")
     for i, tool in enumerate(tools):
-        p = f"{param}[{i}]"
-        if not isinstance(tool, Mapping):
-            raise APIError(f"Invalid type for {p!r}: expected an object", param=p, code="invalid_type")
-        kind = tool.get("type")
-        if kind not in ("function", "custom"):
-            raise unsupported(f"{p}.type", f"Tools of type {kind!r} are not supported "
-                                           f"(function and custom tools only)")
-        fn = tool.get(kind, tool)
-        if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise APIError(f"Missing or invalid {p + '.name'!r}", param=f"{p}.name", code="invalid_value")
-        params = fn.get("parameters")
-        if params is not None and not isinstance(params, Mapping):
-            raise APIError(f"Invalid type for {p + '.parameters'!r}: expected a JSON schema object",
-                           param=f"{p}.parameters", code="invalid_type")
+        function_tool(tool, f"{param}[{i}]")
     return list(tools)
+
+
+def function_tool(tool: Any, p: str) -> dict:
+    """One validated function or custom tool; ``p`` names it in errors (``tools[2]``)."""
+    if not isinstance(tool, Mapping):
+        raise APIError(f"Invalid type for {p!r}: expected an object", param=p, code="invalid_type")
+    kind = tool.get("type")
+    if kind not in ("function", "custom"):
+        hint = ""
+        if kind in _BUILTIN_TYPES:
+            hint = ("; built-in tools run through the Responses API (POST /v1/responses) on a "
+                    "server started with the tool's flag (--browser, --python, --tool-server)")
+        raise unsupported(f"{p}.type", f"Tools of type {kind!r} are not supported "
+                                       f"here (function and custom tools only){hint}")
+    fn = tool.get(kind, tool)
+    if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str) or not fn["name"]:
+        raise APIError(f"Missing or invalid {p + '.name'!r}", param=f"{p}.name", code="invalid_value")
+    params = fn.get("parameters")
+    if params is not None and not isinstance(params, Mapping):
+        raise APIError(f"Invalid type for {p + '.parameters'!r}: expected a JSON schema object",
+                       param=f"{p}.parameters", code="invalid_type")
+    return tool
 
 
 def _declared(tool: Mapping) -> Mapping:
@@ -252,3 +310,13 @@ def render(messages: list[Message], *, tools: list[dict], response_format: str |
     if response_format:
         tokens = splice_response_format(tokens, response_format, load_tokenizer())
     return tokens
+
+
+def conversation(messages: list[Message], *, tools: list[dict], **options: Any) -> list[oh.Message]:
+    """The harmony messages of a request's conversation (what ``render`` renders), for a tool
+    loop that appends to them; ``options`` as for ``render`` (``tool_namespaces`` too)."""
+    try:
+        return build_conversation(messages, tools=[_declared(t) for t in tools] or None, **options)
+    except (ValueError, TypeError, KeyError, RuntimeError) as e:
+        raise APIError(f"The conversation could not be rendered: {e}", param="input",
+                       code="invalid_value") from None

@@ -12,6 +12,14 @@ way (Responses: output items and their stream events; chat completions: message 
 * ``delta`` — more text (or argument JSON) of the open item;
 * ``close`` — the item is complete (``item.text`` is its whole text).
 
+Calls of tools the server runs itself (``item_type`` maps their recipient to ``web_search_call``,
+``code_interpreter_call`` or ``mcp_call``) are items of that kind, never ``function_call``; the
+caller reports their execution: ``start_call`` (a ``run`` op: searching / interpreting /
+calling), then ``resolve`` or, for a call that is not run, ``abandon`` (a ``result`` op). A
+``web_search_call`` opens only when the call is complete (its action comes from the arguments),
+so it has no deltas. ``next_round()`` starts parsing the model's next reply (after a tool result)
+within the same response.
+
 Malformed output (a harmony parse error) closes the open item and ends the reply: ``done`` is
 set and ``error`` says why; what was parsed before the problem is kept. The caller stops
 generating as soon as ``stopped`` is set. The tracker also owns the end of a reply: ``feed``'s
@@ -25,7 +33,8 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
-from typing import Literal
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 from gptoss_jax.chat import parse
 from gptoss_jax.chat.messages import Message, ToolCall
@@ -36,30 +45,49 @@ def new_id(prefix: str, sep: str = "_") -> str:
     return f"{prefix}{sep}{secrets.token_hex(12)}"
 
 
+#: Items of calls the server runs, and the prefix of their ids.
+BUILTIN_KINDS = {"web_search_call": "ws", "code_interpreter_call": "ci", "mcp_call": "mcp",
+                 "mcp_list_tools": "mcpl"}  # the last: an MCP server's tools, listed for the client
+# The status of a built-in call while it runs.
+_RUNNING = {"web_search_call": "searching", "code_interpreter_call": "interpreting", "mcp_call": "calling"}
+
+
 @dataclasses.dataclass(eq=False)
 class Item:
-    kind: str  # "reasoning" | "message" | "function_call" | "custom_tool_call"
+    kind: str  # "reasoning" | "message" | "function_call" | "custom_tool_call" | one of BUILTIN_KINDS
     id: str
     phase: str | None = None  # messages: "final_answer" | "commentary"
-    name: str | None = None  # function calls
+    name: str | None = None  # function calls: the function; built-in calls: the recipient
     call_id: str | None = None
     text: str = ""
     closed: bool = False
-    status: str = "completed"  # "incomplete" when the token budget cut it
+    status: str = "completed"  # "incomplete" when the token budget cut it; built-ins: see _RUNNING
+    result: Mapping[str, Any] | None = None  # built-in calls: the tool's item fields (ToolResult.item)
+    display: str | None = None  # messages: the text shown when it differs (citations resolved)
+    annotations: list[dict] = dataclasses.field(default_factory=list)
+
+    @property
+    def builtin(self) -> bool:
+        return self.kind in BUILTIN_KINDS
 
 
 @dataclasses.dataclass(frozen=True)
 class Op:
-    kind: Literal["open", "delta", "close"]
+    kind: Literal["open", "delta", "close", "run", "result"]
     item: Item
     text: str = ""  # delta: the new text
+    annotations: tuple[dict, ...] = ()  # delta of a message: url citations the text holds
 
 
-TOOL_CALLS = ("function_call", "custom_tool_call")
+TOOL_CALLS = ("function_call", "custom_tool_call")  # calls the client runs
 
 
-def _item_for(ev: parse.ChannelStart | parse.ToolCallStart, custom_tools: frozenset[str]) -> Item:
+def _item_for(ev: parse.ChannelStart | parse.ToolCallStart, item_type: Callable[[str], str | None],
+              custom_tools: frozenset[str]) -> Item:
     if isinstance(ev, parse.ToolCallStart):
+        kind = item_type(ev.recipient)
+        if kind in BUILTIN_KINDS:
+            return Item(kind, new_id(BUILTIN_KINDS[kind]), name=ev.recipient, status="in_progress")
         if ev.name in custom_tools and ev.recipient == f"functions.{ev.name}":
             return Item("custom_tool_call", new_id("ctc"), name=ev.name, call_id=new_id("call"))
         return Item("function_call", new_id("fc"), name=ev.name, call_id=new_id("call"))
@@ -70,10 +98,14 @@ def _item_for(ev: parse.ChannelStart | parse.ToolCallStart, custom_tools: frozen
 
 
 class ReplyTracker:
-    """Consumes generated tokens; ``items`` is the output so far, in order. ``custom_tools``:
-    names whose calls are ``custom_tool_call`` items (raw input) rather than function calls."""
+    """Consumes generated tokens; ``items`` is the output so far, in order. ``item_type`` maps a
+    recipient to the kind of built-in call the server runs for it (None: a client function);
+    ``custom_tools``: names whose calls are ``custom_tool_call`` items (raw input) rather than
+    function calls."""
 
-    def __init__(self, custom_tools: frozenset[str] = frozenset()):
+    def __init__(self, item_type: Callable[[str], str | None] | None = None,
+                 custom_tools: frozenset[str] = frozenset()):
+        self._item_type = item_type or (lambda recipient: None)
         self.custom_tools = frozenset(custom_tools)
         self._stream = parse.ReplyStream()
         self.items: list[Item] = []
@@ -113,6 +145,43 @@ class ReplyTracker:
             self.current.status = "incomplete"
         return self._ops(self._stream.finish())
 
+    def next_round(self) -> None:
+        """Parse the model's next reply (after a tool's result) into the same items."""
+        self._stream = parse.ReplyStream()
+        self.current = None
+        self.done, self.error, self.finish_reason, self.cut = False, None, None, False
+
+    def start_call(self, item: Item) -> list[Op]:
+        """The built-in call ``item`` runs now."""
+        item.status = _RUNNING[item.kind]
+        return [Op("run", item)]
+
+    def resolve(self, item: Item, fields: Mapping[str, Any] | None, *, failed: bool = False) -> list[Op]:
+        """The call ``item`` returned: ``fields`` are its API item's (``ToolResult.item``)."""
+        item.result = dict(fields or {})
+        item.status = "failed" if failed else "completed"
+        return [Op("result", item)]
+
+    def abandon(self, item: Item) -> list[Op]:
+        """The call ``item`` will not run (a limit on tool calls was reached); no-op for a call
+        the token budget already cut."""
+        if item.status == "incomplete":
+            return []
+        item.status = "incomplete"
+        return [Op("result", item)]
+
+    def add_listing(self, server_label: str, tools: list[dict]) -> list[Op]:
+        """An ``mcp_list_tools`` item: the tools of an MCP server the response may call."""
+        item = Item("mcp_list_tools", new_id("mcpl"), name=server_label, closed=True, result={"tools": tools})
+        self.items.append(item)
+        return [Op("open", item), Op("result", item)]
+
+    @property
+    def pending_call(self) -> Item | None:
+        """The last item when it is a built-in call that has not returned."""
+        last = self.items[-1] if self.items else None
+        return last if last is not None and last.builtin and last.result is None else None
+
     @property
     def tool_calls(self) -> list[Item]:
         """Function and custom tool calls, in order."""
@@ -137,13 +206,15 @@ class ReplyTracker:
         for ev in events:
             if isinstance(ev, (parse.ChannelStart, parse.ToolCallStart)):
                 self._close(ops)
-                self.current = _item_for(ev, self.custom_tools)
+                self.current = _item_for(ev, self._item_type, self.custom_tools)
                 self.items.append(self.current)
-                ops.append(Op("open", self.current))
+                if self.current.kind != "web_search_call":  # opened once its action is known
+                    ops.append(Op("open", self.current))
             elif isinstance(ev, (parse.TextDelta, parse.ToolCallDelta)):
                 if self.current is not None and ev.text:
                     self.current.text += ev.text
-                    ops.append(Op("delta", self.current, ev.text))
+                    if self.current.kind != "web_search_call":
+                        ops.append(Op("delta", self.current, ev.text))
             elif isinstance(ev, parse.MessageEnd):
                 self._close(ops)
             elif isinstance(ev, parse.Done):
@@ -155,5 +226,7 @@ class ReplyTracker:
     def _close(self, ops: list[Op]) -> None:
         if self.current is not None:
             self.current.closed = True
+            if self.current.kind == "web_search_call":
+                ops.append(Op("open", self.current))
             ops.append(Op("close", self.current))
             self.current = None

@@ -16,7 +16,9 @@ and an ``error`` (``server_error``); the server and the other requests carry on.
 ``store`` (default true, as in OpenAI's API) keeps the response and its conversation in the
 server's :class:`~gptoss_jax.server.store.ResponseStore` for ``previous_response_id`` and
 ``GET``. A request goes: checks -> conversation (stored + new input) -> prompt -> job ->
-reply -> stored.
+reply -> stored. A request whose ``tools`` enable built-in tools (web search, code interpreter,
+MCP: :mod:`gptoss_jax.server.builtin_tools`) declares them in the system message and goes
+through the tool loop instead (:mod:`gptoss_jax.server.tool_loop`).
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from gptoss_jax.chat.messages import Message
-from gptoss_jax.server import generation, inputs, params
+from gptoss_jax.chat.render import render_harmony
+from gptoss_jax.server import builtin_tools, generation, inputs, params, tool_loop
 from gptoss_jax.server.errors import APIError, unsupported
 from gptoss_jax.server.generation import SSEResponse
+from gptoss_jax.server.reply import ReplyTracker
 from gptoss_jax.server.response_output import ResponseRun, StreamEvents
 from gptoss_jax.server.scheduler import ConstraintFailed, EngineError, Job
 from gptoss_jax.server.schemas import ResponsesRequest
@@ -41,8 +45,10 @@ def _check(req: ResponsesRequest) -> None:
     params.check_extra(req)
     if req.reasoning is not None:
         params.check_extra(req.reasoning)
-    if req.include:
-        raise unsupported("include", f"'include' values {req.include} are not supported")
+    builtin_tools.check_include(req.include)
+    if req.max_tool_calls is not None and req.max_tool_calls < 1:
+        raise APIError(f"Invalid 'max_tool_calls': must be >= 1, got {req.max_tool_calls}",
+                       param="max_tool_calls", code="invalid_value")
     if req.top_logprobs:
         raise unsupported("top_logprobs", "logprobs are not supported by this server")
     if req.background:
@@ -88,13 +94,17 @@ async def create_response(req: ResponsesRequest, request: Request):
     params.check_model(st, req.model)
     messages, call_names = _conversation(st, req)
     effort = params.effort_of(req.reasoning.effort if req.reasoning else None, "reasoning.effort")
-    tools = inputs.function_tools(req.tools)
+    requested = builtin_tools.request_tools(req.tools, st.toolbox)
+    tools = inputs.function_tools(requested.functions)
     rc = params.request_constraint(req, "responses")
+    if requested.namespaces and rc.tool_choice != "none":
+        _check_tool_loop_constraint(req, rc)
+        return await _with_builtin_tools(st, req, request, messages, call_names, effort, requested)
     prompt = inputs.render(messages, reasoning_effort=effort, instructions=req.instructions,
                            tools=[] if rc.tool_choice == "none" else tools,
                            response_format=rc.developer_section)
     max_new = params.token_budget(st, len(prompt), req.max_output_tokens, "max_output_tokens", "input")
-    run = ResponseRun(req, model=st.model_name, prompt_len=len(prompt), effort=effort, tools=tools,
+    run = ResponseRun(req, model=st.model_name, prompt_len=len(prompt), effort=effort, tools=requested.listed,
                       custom_tools=rc.custom_tools)
     job = generation.submit(st, prompt, params.sampling_of(req.temperature, req.top_p, None), max_new,
                             rc.constraint)
@@ -106,9 +116,41 @@ async def create_response(req: ResponsesRequest, request: Request):
     except ConstraintFailed as e:
         run.fail(f"Generation failed: {e}")
         return JSONResponse(run.json())
+    run.cached_tokens = job.cached_tokens
     run.complete()
     _save(st, run, messages, call_names)
     return JSONResponse(run.json())
+
+
+def _check_tool_loop_constraint(req: ResponsesRequest, rc) -> None:
+    """The tool loop (built-in tools) runs its model calls unconstrained: a request that asks
+    for an enforced format or a forced call there is refused rather than silently not held to
+    it (function tools' ``strict`` arguments are not enforced in that loop)."""
+    fmt = (req.text or {}).get("format") or {}
+    if isinstance(fmt, dict) and fmt.get("type", "text") != "text":
+        raise unsupported("text.format", "text.format other than text is not supported together "
+                                         "with built-in tools")
+    if rc.tool_choice != "auto" or not isinstance(req.tool_choice, (str, type(None))):
+        raise unsupported("tool_choice", "tool_choice other than auto or none is not supported "
+                                         "together with built-in tools")
+
+
+async def _with_builtin_tools(st: ServerState, req: ResponsesRequest, request: Request, messages: list[Message],
+                              call_names: dict[str, str], effort: str, requested: builtin_tools.RequestTools):
+    toolbox = requested.toolbox(st.toolbox)
+    functions = inputs.function_tools(requested.functions)
+    conversation = inputs.conversation(messages, reasoning_effort=effort, instructions=req.instructions,
+                                       tools=functions, tool_namespaces=toolbox.configs())
+    prompt = render_harmony(conversation)
+    params.token_budget(st, len(prompt), req.max_output_tokens, "max_output_tokens", "input")
+    tracker = ReplyTracker(item_type=toolbox.item_type)
+    run = ResponseRun(req, model=st.model_name, prompt_len=len(prompt), effort=effort, tools=requested.listed,
+                      tracker=tracker)
+    conversation_id = tool_loop.conversation_root(st, req.previous_response_id, run.id)
+    run.container_id = tool_loop.container_id(conversation_id)
+    sampling = params.sampling_of(req.temperature, req.top_p, None)
+    return await tool_loop.respond(st, run, request, conversation, toolbox, sampling, messages=messages,
+                                   call_names=call_names, conversation_id=conversation_id)
 
 
 async def _stream(run: ResponseRun, job: Job, st: ServerState, save):
@@ -125,6 +167,7 @@ async def _stream(run: ResponseRun, job: Job, st: ServerState, save):
         yield ev.event("error", code="server_error", message=run.error["message"], param=None)
         yield ev.response("response.failed")
         return
+    run.cached_tokens = job.cached_tokens
     run.complete()
     save()
     yield ev.response("response.incomplete" if run.status == "incomplete" else "response.completed")

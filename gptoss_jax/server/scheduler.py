@@ -1,27 +1,32 @@
-"""The scheduler: one background thread owns the slot engine (:class:`~gptoss_jax.inference.engine.Engine`).
+"""The scheduler: one background thread owns the engine (:class:`~gptoss_jax.inference.engine.Engine`).
 
 Request handlers (asyncio, on the server's event loop) never touch the engine. They
-``submit`` a :class:`Job` and read its tokens from an ``asyncio.Queue``; the scheduler thread
-takes jobs and cancellations from a thread-safe inbox, and between two decode steps
+``submit`` a :class:`Job` (checked at once: a request that can never fit the context or the
+KV pool is a ``ValueError`` there, a 400 for the client) and read its tokens from an
+``asyncio.Queue``; the scheduler thread takes jobs and cancellations from a thread-safe inbox
+and, between two engine steps,
 
-1. drops cancelled jobs (a client that went away frees its slot at once),
-2. prefills waiting jobs into free slots (continuous batching: new requests join running ones),
-3. runs one decode step for every active slot (one batched call) and hands each job its token
-   with ``loop.call_soon_threadsafe``.
+1. hands new jobs to the engine and drops cancelled ones (a client that went away frees its
+   pages at once),
+2. runs one engine step (decodes, prefill chunks, admissions: continuous batching is the
+   engine's) and hands each job its tokens with ``loop.call_soon_threadsafe``.
 
-Prefill groups are powers of two up to ``max_prefill_batch`` (each group size and prompt bucket
-is compiled once, so the set of shapes stays small). A failure inside the engine ends the jobs
-it touched with an error; the thread keeps serving.
+A failure inside the engine ends every job in flight with an :class:`EngineError` (the engine
+recovers its state) and the thread keeps serving. A lost multi-host process
+(``multihost.PeerLost`` from a step or an idle heartbeat, or the step watchdog calling
+:meth:`Scheduler.abort`) ends them with :class:`EngineUnavailable` (a 503) and stops the
+scheduler; ``on_fatal`` then takes the process down.
 
 A job may carry a compiled output constraint (``submit(..., constraint=)``), handed to the
-engine's ``add(..., constraints=)`` with its group. A constraint that dead-ends mid-generation
-(the engine returns no token for that slot, finish reason "error") ends that job with
-:class:`ConstraintFailed`; the other jobs carry on.
+engine's ``submit(..., constraint=)``. A constraint that dead-ends mid-generation (the engine's
+event has no token, finish reason "error") ends that job with :class:`ConstraintFailed`; the
+other jobs carry on.
 
-The engine is duck-typed: anything with ``add``, ``step``, ``release``, ``seqs``,
-``free_slots``, ``max_batch``, ``max_len``, ``batch_sizes`` and ``compile`` works (the tests
-drive a scripted stub through the same interface); ``add`` is given ``constraints=`` only when
-some job of the group has one.
+The engine is duck-typed: ``check``, ``submit``, ``cancel``, ``step`` (``StepEvent`` s),
+``idle``, ``recover``, ``compile``, ``stats``, ``max_batch``, ``max_len``, ``config`` and
+``batch_sizes``; ``heartbeat`` (called while idle) and ``close`` (when the thread ends) if it
+has them (the tests drive a scripted stub through the same interface); ``submit`` is given
+``constraint=`` only for a job that has one.
 """
 
 from __future__ import annotations
@@ -34,9 +39,10 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
+from gptoss_jax.inference.multihost import PeerLost
 from gptoss_jax.inference.sampling import SamplingParams
 
 log = logging.getLogger("gptoss_jax.server")
@@ -45,6 +51,10 @@ _ids = itertools.count(1)
 
 class EngineError(RuntimeError):
     """The engine failed while running a job (reported to the client as a server error)."""
+
+
+class EngineUnavailable(EngineError):
+    """The engine can no longer run anything (a multi-host follower is gone): a 503."""
 
 
 class ConstraintFailed(EngineError):
@@ -65,8 +75,9 @@ class Job:
     constraint: Any = None  # a compiled inference.constraints.Constraint, or None
     id: int = dataclasses.field(default_factory=lambda: next(_ids))
     submitted_at: float = dataclasses.field(default_factory=time.perf_counter)
+    cached_tokens: int = 0  # prompt tokens served from the engine's prefix cache
     # scheduler-thread state
-    slot: int | None = None
+    seq_id: int | None = None  # the engine's id while it runs
     cancelled: bool = False
     done: bool = False
 
@@ -87,25 +98,23 @@ class Job:
 class Scheduler:
     """Drives an engine from one thread; thread-safe ``submit`` / ``cancel`` / ``stats``."""
 
-    def __init__(self, engine, *, max_prefill_batch: int = 1, warmup_lengths: Sequence[int] = (),
+    def __init__(self, engine, *, warmup_lengths: Sequence[int] = (),
+                 on_fatal: Callable[[BaseException], None] | None = None,
                  warmup_constrained: bool = False):
-        if max_prefill_batch < 1:
-            raise ValueError(f"max_prefill_batch must be >= 1, got {max_prefill_batch}")
         self.engine = engine
-        self.max_prefill_batch = max_prefill_batch
         self.warmup_lengths = tuple(warmup_lengths)
-        self.warmup_constrained = warmup_constrained  # also compile the constrained decode step
+        self.on_fatal = on_fatal
+        self.warmup_constrained = warmup_constrained  # also compile the constrained steps
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._pending: collections.deque[Job] = collections.deque()
-        self._active: dict[int, Job] = {}  # slot -> job
+        self._jobs: dict[int, Job] = {}  # engine seq id -> job
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.ready = threading.Event()  # warm-up finished
         self._lock = threading.Lock()  # guards the counters below (read by stats())
         self._batch_hist: collections.Counter = collections.Counter()
-        self._prefill_hist: collections.Counter = collections.Counter()
         self._counts = collections.Counter()
         self._busy_s = 0.0
+        self._engine_stats: dict = {}
         self.started_at = time.time()
 
     # -- called from the event loop ----------------------------------------------------------------
@@ -115,15 +124,19 @@ class Scheduler:
 
     def submit(self, prompt: Sequence[int], sampling: SamplingParams, max_new_tokens: int,
                stop_tokens, constraint=None) -> Job:
+        """Queue a job. Raises ``ValueError`` at once for a request the engine can never run
+        (``engine.check``: context, vocabulary, KV pool), :class:`EngineError` when the
+        scheduler is not running."""
         if not self.alive:
             raise EngineError("the generation thread is not running")
+        self.engine.check(prompt, max_new_tokens)  # reads only the engine's fixed limits
         job = Job(list(prompt), sampling, int(max_new_tokens), frozenset(stop_tokens),
                   asyncio.get_running_loop(), constraint=constraint)
         self._inbox.put(("submit", job))
         return job
 
     def cancel(self, job: Job) -> None:
-        """Stop generating for ``job`` (its slot is freed before the next decode step)."""
+        """Stop generating for ``job`` (its pages are freed before the next step)."""
         if not job.done:
             self._inbox.put(("cancel", job))
 
@@ -151,27 +164,27 @@ class Scheduler:
                 "ready": self.ready.is_set(),
                 "max_batch": self.engine.max_batch,
                 "max_context": self.engine.max_len,
-                "active": len(self._active),
-                "waiting": len(self._pending),
+                "active": self._counts["active"],
+                "waiting": self._counts["waiting"],
                 "constrained_slots": self._constrained_slots(),
                 "decode_steps": steps,
                 "decode_batch_sizes": {str(k): v for k, v in hist.items()},
                 "mean_decode_batch": round(sum(k * v for k, v in hist.items()) / steps, 3) if steps else None,
-                "prefill_batch_sizes": {str(k): v for k, v in sorted(self._prefill_hist.items())},
                 "requests_finished": self._counts["finished"],
                 "requests_cancelled": self._counts["cancelled"],
                 "requests_failed": self._counts["failed"],
                 "prompt_tokens": self._counts["prompt_tokens"],
+                "cached_prompt_tokens": self._counts["cached_tokens"],
                 "generated_tokens": self._counts["generated_tokens"],
                 "busy_s": round(self._busy_s, 3),
                 "compile_s": round(getattr(self.engine, "compile_s", 0.0), 3),
                 "uptime_s": round(time.time() - self.started_at, 3),
+                "engine": dict(self._engine_stats),
             }
 
     def _constrained_slots(self) -> int:
-        """Engine slots holding a constraint matcher (0 for an engine without constraints)."""
-        batch = getattr(getattr(self.engine, "constraints", None), "batch", None)
-        return len(batch.constrained) if batch is not None else 0
+        """Running sequences holding a constraint matcher (0 for an engine without any)."""
+        return getattr(getattr(self.engine, "constraints", None), "running", 0)
 
     # -- the scheduler thread ---------------------------------------------------------------------
     def _run(self) -> None:
@@ -186,34 +199,77 @@ class Scheduler:
         while not self._stop.is_set():
             try:
                 self._iteration()
-            except Exception:  # a bug, not a model failure: fail what is in flight, keep serving
-                log.exception("scheduler error; ending %d request(s)", len(self._active) + len(self._pending))
-                self._fail_all(EngineError("internal scheduler error"))
+            except PeerLost as e:
+                self.abort(str(e))
+                return
+            except Exception as e:
+                log.exception("engine step failed; ending %d request(s)", len(self._jobs))
+                self._fail_all(EngineError(f"the engine step failed: {e}"))
+                self._recover()
         self._fail_all(EngineError("the server is shutting down"))
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:
+                log.exception("closing the engine failed")
+
+    def abort(self, reason: str) -> None:
+        """The engine is gone (a multi-host process died): fail every request with a 503, stop,
+        and call ``on_fatal``. Safe from another thread while the scheduler's is stuck."""
+        log.error("the engine is unavailable (%s); failing every request", reason)
+        self._stop.set()
+        self._fail_all(EngineUnavailable(reason))
+        if self.on_fatal is not None:
+            self.on_fatal(EngineUnavailable(reason))
+
+    def _recover(self) -> None:
+        try:
+            self.engine.recover()
+        except Exception:
+            log.exception("the engine could not recover")
 
     def _iteration(self) -> None:
-        idle = not self._active and not self._pending
-        self._drain(block=idle)
+        self._drain(block=self.engine.idle)
         if self._stop.is_set():
             return
+        if self.engine.idle:
+            heartbeat = getattr(self.engine, "heartbeat", None)
+            if heartbeat is not None:
+                heartbeat()
+            self._update_stats()
+            return
         t0 = time.perf_counter()
-        self._admit()
-        if self._active:
-            self._step()
-        if self._active or self._pending:
-            with self._lock:
-                self._busy_s += time.perf_counter() - t0
+        events = self.engine.step()
+        sizes = self.engine.batch_sizes
+        with self._lock:
+            self._busy_s += time.perf_counter() - t0
+            self._batch_hist.update(sizes)
+        sizes.clear()  # folded into the histogram: the engine's list must not grow forever
+        for ev in events:
+            job = self._jobs.get(ev.id)
+            if job is not None:
+                self._emit(job, ev)
+        self._update_stats()
+
+    def _update_stats(self) -> None:
+        stats = self.engine.stats()
+        with self._lock:
+            self._engine_stats = stats
+            self._counts["active"] = stats.get("running", 0)
+            self._counts["waiting"] = stats.get("waiting", 0)
 
     def _fail_all(self, error: EngineError) -> None:
-        for job in list(self._active.values()):
-            try:
-                self._release(job)
-            except Exception:
-                self._active.pop(job.slot, None)
-                job.slot = None
+        for job in list(self._jobs.values()):
+            self._end(job)
             self._finish(job, error)
-        while self._pending:
-            self._finish(self._pending.popleft(), error)
+        try:  # jobs still in the inbox
+            while True:
+                kind, job = self._inbox.get_nowait()
+                if kind == "submit":
+                    self._finish(job, error)
+        except queue.Empty:
+            pass
 
     def _drain(self, block: bool) -> None:
         try:
@@ -222,14 +278,11 @@ class Scheduler:
             return
         while True:
             kind, job = msg
-            if kind == "submit":
-                self._pending.append(job)
+            if kind == "submit" and not job.done:
+                self._start(job)
             elif kind == "cancel" and not job.done:
                 job.cancelled = True
-                if job.slot is not None:
-                    self._release(job)
-                elif job in self._pending:
-                    self._pending.remove(job)
+                self._end(job)
                 job.done = True
                 with self._lock:
                     self._counts["cancelled"] += 1
@@ -239,73 +292,48 @@ class Scheduler:
             except queue.Empty:
                 return
 
-    def _admit(self) -> None:
-        while self._pending:
-            free = len(self.engine.free_slots)
-            if not free:
-                return
-            k = min(free, len(self._pending), self.max_prefill_batch)
-            k = 1 << (k.bit_length() - 1)  # powers of two: few compiled prefill shapes
-            group = [self._pending.popleft() for _ in range(k)]
-            extra = ({"constraints": [j.constraint for j in group]}
-                     if any(j.constraint is not None for j in group) else {})
-            try:
-                added = self.engine.add([j.prompt for j in group], [j.sampling for j in group],
-                                        [j.max_new_tokens for j in group],
-                                        [j.stop_tokens for j in group], **extra)
-            except Exception as e:
-                log.exception("prefill failed for %d request(s)", len(group))
-                for job in group:
-                    self._finish(job, EngineError(f"prefill failed: {e}"))
-                continue
-            with self._lock:
-                self._prefill_hist[k] += 1
-                self._counts["prompt_tokens"] += sum(len(j.prompt) for j in group)
-            for job, (slot, tok) in zip(group, added):
-                job.slot = slot
-                self._active[slot] = job
-                self._emit(job, tok)
-
-    def _step(self) -> None:
+    def _start(self, job: Job) -> None:
         try:
-            out = self.engine.step()
-        except Exception as e:
-            log.exception("decode step failed; ending %d request(s)", len(self._active))
-            for job in list(self._active.values()):
-                self._release(job)
-                self._finish(job, EngineError(f"decode step failed: {e}"))
+            extra = {} if job.constraint is None else {"constraint": job.constraint}
+            job.seq_id = self.engine.submit(job.prompt, job.sampling, job.max_new_tokens,
+                                            job.stop_tokens, **extra)
+        except Exception as e:  # checked at submit already: only a bug gets here
+            log.exception("the engine refused job %d", job.id)
+            self._finish(job, EngineError(f"the request could not start: {e}"))
             return
-        sizes = self.engine.batch_sizes
+        self._jobs[job.seq_id] = job
         with self._lock:
-            self._batch_hist.update(sizes)
-        sizes.clear()  # folded into the histogram: the engine's list must not grow forever
-        for slot, tok in out:
-            job = self._active.get(slot)
-            if job is not None:
-                self._emit(job, tok)
+            self._counts["prompt_tokens"] += len(job.prompt)
 
-    def _emit(self, job: Job, tok: int | None) -> None:
-        seq = self.engine.seqs.get(job.slot)
-        if tok is None:  # the job's constraint dead-ended: no token, the job fails
-            why = getattr(seq, "error", None) or "no token is allowed"
-            self._release(job)
+    def _emit(self, job: Job, ev) -> None:
+        if job.cached_tokens != ev.cached_tokens:
+            with self._lock:
+                self._counts["cached_tokens"] += ev.cached_tokens - job.cached_tokens
+            job.cached_tokens = ev.cached_tokens
+        if ev.token is None:  # the job's constraint dead-ended: no token, the job fails
+            why = getattr(ev, "error", None) or "no token is allowed"
+            self._jobs.pop(job.seq_id, None)
+            job.seq_id = None
             self._finish(job, ConstraintFailed(f"the output constraint dead-ended: {why}"))
             return
-        reason = seq.finish_reason if seq is not None else "stop"
         with self._lock:
             self._counts["generated_tokens"] += 1
-        self._deliver(job, (int(tok), reason))
-        if reason is not None:
-            self._release(job)
-            job.done = True
+        self._deliver(job, (int(ev.token), ev.finish_reason))
+        if ev.finish_reason is not None:
+            self._jobs.pop(job.seq_id, None)
+            job.seq_id, job.done = None, True
             with self._lock:
                 self._counts["finished"] += 1
 
-    def _release(self, job: Job) -> None:
-        if job.slot is not None:
-            self._active.pop(job.slot, None)
-            self.engine.release(job.slot)
-            job.slot = None
+    def _end(self, job: Job) -> None:
+        """Take ``job`` out of the engine (it may be running or waiting there)."""
+        if job.seq_id is not None:
+            self._jobs.pop(job.seq_id, None)
+            try:
+                self.engine.cancel(job.seq_id)
+            except Exception:
+                log.exception("cancelling job %d failed", job.id)
+            job.seq_id = None
 
     def _finish(self, job: Job, error: BaseException) -> None:
         job.done = True

@@ -10,6 +10,7 @@ from fastapi import Request
 from gptoss_jax.chat.tokenizer import Tokenizer
 from gptoss_jax.server.scheduler import Scheduler
 from gptoss_jax.server.store import ResponseStore
+from gptoss_jax.tools import Toolbox
 
 
 @dataclasses.dataclass
@@ -19,6 +20,7 @@ class ServerState:
     model_name: str  # the id clients use
     store: ResponseStore  # stored responses (previous_response_id, GET /v1/responses/{id})
     api_key: str | None = None
+    toolbox: Toolbox | None = None  # built-in tools the server runs (--browser, --python, --tool-server)
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
     @property

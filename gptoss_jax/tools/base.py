@@ -76,6 +76,11 @@ class Tool(abc.ABC):
         """True when a message addressed to ``recipient`` is for this tool."""
         return recipient == self.namespace or recipient.startswith(self.namespace + ".")
 
+    def item_type(self, recipient: str) -> str:
+        """The Responses API item a call to ``recipient`` becomes: ``web_search_call``,
+        ``code_interpreter_call`` or (the default, any other tool server) ``mcp_call``."""
+        return "mcp_call"
+
     def new_state(self, conversation_id: str | None = None) -> Any:
         """Fresh per-request state; ``conversation_id`` keys state that outlives a request."""
         return None

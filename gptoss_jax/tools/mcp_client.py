@@ -23,7 +23,7 @@ import contextlib
 import copy
 import dataclasses
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 from urllib.parse import urlparse
 
@@ -145,6 +145,30 @@ class McpTool(Tool):
             tools=[oh.ToolDescription.new(t.name, t.description or "", parameters=harmony_schema(t.inputSchema))
                    for t in shown])
 
+    def item_type(self, recipient: str) -> str:
+        if self.namespace == "python":
+            return "code_interpreter_call"
+        if self.namespace == "browser" and recipient.rpartition(".")[2] in ("search", "open", "find"):
+            return "web_search_call"
+        return "mcp_call"
+
+    def restricted(self, names: Iterable[str]) -> McpTool:
+        """The same server with only the tools ``names`` (a request's ``allowed_tools``);
+        names the server does not have are a ``ToolUsageError`` naming them."""
+        names = list(names)
+        unknown = [n for n in names if n not in self._tools]
+        if unknown:
+            raise ToolUsageError(f"the {self.namespace} tool server has no tool(s) {', '.join(unknown)} "
+                                 f"(it has {', '.join(self._tools) or 'none'})")
+        info = dataclasses.replace(self.info, tools=tuple(t for t in self.info.tools if t.name in names))
+        return McpTool(info, namespace=self.namespace, timeout=self.timeout)
+
+    def listing(self) -> list[dict[str, Any]]:
+        """The server's tools as the Responses API's ``mcp_list_tools`` item lists them."""
+        return [{"name": t.name, "description": t.description, "input_schema": t.inputSchema,
+                 "annotations": t.annotations.model_dump(exclude_none=True) if t.annotations is not None else None}
+                for t in self.info.tools]
+
     def new_state(self, conversation_id: str | None = None) -> _Connection:
         return _Connection(self.info.url)
 
@@ -196,8 +220,10 @@ class McpTool(Tool):
             else:
                 action = {"type": "find_in_page", "pattern": args.get("pattern"), "url": None}
             return {"type": "web_search_call", "action": action}
+        # The error is the Responses API's McpToolExecutionError (the text the model was shown).
+        failure = {"type": "mcp_tool_execution_error", "content": [{"type": "text", "text": text}]}
         return {"type": "mcp_call", "server_label": self.namespace, "name": name,
-                "arguments": json.dumps(args), "output": None if error else text, "error": text if error else None}
+                "arguments": json.dumps(args), "output": None if error else text, "error": failure if error else None}
 
 
 def _in_prompt(tool: mcp_types.Tool) -> bool:

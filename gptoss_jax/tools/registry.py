@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from typing import Any
 
 import openai_harmony as oh
@@ -113,14 +113,21 @@ class Toolbox:
             return None
         return next((t for t in self.tools.values() if t.handles(recipient)), None)
 
-    def subset(self, namespaces: Iterable[str]) -> Toolbox:
+    def item_type(self, recipient: str | None) -> str | None:
+        """The API item a call to ``recipient`` becomes (``Tool.item_type``); None when no tool
+        here handles it (a client's function)."""
+        tool = self.find(recipient)
+        return tool.item_type(recipient) if tool is not None else None
+
+    def subset(self, namespaces: Iterable[str], overrides: Mapping[str, Tool] | None = None) -> Toolbox:
         """The tools a request enabled; a namespace the server lacks raises
-        :class:`ToolNotEnabledError`, whose message says how to enable it."""
+        :class:`ToolNotEnabledError`, whose message says how to enable it. ``overrides`` replace
+        some of them for the request (an MCP server cut to the request's ``allowed_tools``)."""
         chosen = []
         for name in namespaces:
             if name not in self.tools:
                 raise ToolNotEnabledError(name)
-            chosen.append(self.tools[name])
+            chosen.append((overrides or {}).get(name, self.tools[name]))
         return Toolbox(chosen, output_limit=self.output_limit, max_tool_iterations=self.max_tool_iterations)
 
     def configs(self) -> list[oh.ToolNamespaceConfig]:

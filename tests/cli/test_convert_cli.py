@@ -19,6 +19,7 @@ from convert import safetensors_io as sio
 from convert.random_weights import random_getter
 from convert.writer import write_checkpoint
 from gptoss_jax.cli.convert import main, summarize
+from gptoss_jax.model import params as P
 from gptoss_jax.model.config import GptOssConfig
 from pallas_kernels import mxfp4
 
@@ -149,10 +150,10 @@ def test_info_json_counts_match_the_loaded_model(exported, capsys):
     assert info["config"]["layers"] == 3 and info["config"]["experts"] == 7
     assert not any(info["problems"].values())
     model = gptoss_jax.load(str(exported / "c_original"), progress=False)
-    leaves = {"/".join(map(str, p)): x for p, x in _flat(model.params)}
-    values = sum(x.size * (2 if k.endswith("_blocks") else 1)
-                 for k, x in leaves.items() if not k.endswith("_scales"))
-    packed = sum(x.nbytes for k, x in leaves.items() if k.endswith(("_blocks", "_scales")))
+    leaves = {"/".join(map(str, p)): x for p, x in P.leaf_paths(model.params)}
+    values = sum(x.size * (2 if k.endswith("/blocks") else 1)
+                 for k, x in leaves.items() if not k.endswith("/scales"))
+    packed = sum(x.nbytes for k, x in leaves.items() if k.endswith(("/blocks", "/scales")))
     assert info["parameters"] == values
     assert info["packed_expert_bytes"] == packed
     assert info["file_bytes"] == sum(os.path.getsize(exported / "c_original" / f)
@@ -160,17 +161,6 @@ def test_info_json_counts_match_the_loaded_model(exported, capsys):
     assert run("info", "--checkpoint", exported / "b_bf16") == 0
     text = capsys.readouterr().out
     assert "hf_bf16" in text and "active per token" in text
-
-
-def _flat(tree, prefix=()):
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from _flat(v, prefix + (k,))
-    elif isinstance(tree, list):
-        for i, v in enumerate(tree):
-            yield from _flat(v, prefix + (i,))
-    else:
-        yield prefix, tree
 
 
 def test_parameter_counts_of_the_real_models():

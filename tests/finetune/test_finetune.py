@@ -112,7 +112,11 @@ def test_kill_mid_save_keeps_previous_checkpoint(tmp_path):
         ck.save(2, {"x": jnp.arange(4_000_000, dtype=jnp.float32)}, {"data": {"row": 2}})
         ck.wait()
         ck.save(4, {"x": jnp.arange(4_000_000, dtype=jnp.float32) + 1}, {"data": {"row": 4}})
-        os._exit(1)  # killed while step 4 is being written
+        # killed while step 4 is being written: once its temporary folder exists, not before
+        # (an exit before the async save has started writing leaves nothing to check)
+        while not any(n.startswith("4.") for n in os.listdir(sys.argv[1])):
+            pass
+        os._exit(1)
     """)
     folder = str(tmp_path / "ck")
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")

@@ -11,10 +11,16 @@ import pytest
 import gptoss_jax
 from gptoss_jax.finetune import export, lora
 from gptoss_jax.model import transformer as M
+from gptoss_jax.ops.weights import Experts
 
 from tests.conftest import hf_logits
 
 ALL = ("q", "k", "v", "o", "experts")
+
+
+def forward(model, params, tokens):
+    """Logits of ``params`` (e.g. with adapters injected) run with ``model``'s resolved runtime."""
+    return M.forward(params, tokens, model.config, rt=model.runtime)
 
 
 def random_adapters(c, lc, seed=3, scale=0.3):
@@ -34,12 +40,12 @@ def dense_merged(params, adapters, lc):
     for i, layer in enumerate(out["layers"]):
         for w in ("q_w", "k_w", "v_w", "o_w"):
             layer["attn"][w] = jnp.asarray(get(("layers", i, "attn", w)))
-        experts = {k: v for k, v in layer["experts"].items() if k.endswith("_bias")}
-        for m in lora.EXPERT_MATS:
-            experts[m] = jnp.asarray(get(("layers", i, "experts", m)) if lc.experts else
-                                     export.mxfp4.dequantize_np(layer["experts"][m + "_blocks"],
-                                                                layer["experts"][m + "_scales"]))
-        layer["experts"] = experts
+        e = layer["experts"]
+        dense = {m: jnp.asarray(get(("layers", i, "experts", m)) if lc.experts else
+                                export.mxfp4.dequantize_np(*getattr(e, m)))
+                 for m in lora.EXPERT_MATS}
+        layer["experts"] = Experts(gate_up=dense["gate_up"], gate_up_bias=e.gate_up_bias,
+                                   down=dense["down"], down_bias=e.down_bias)
     return out
 
 
@@ -52,8 +58,8 @@ def tokens(tiny_config):
 def test_fresh_adapter_is_the_base(tiny_model_f32, tiny_config, tokens):
     lc = lora.LoraConfig(rank=4, targets=ALL)
     ad = lora.init(tiny_config, lc, jax.random.PRNGKey(0))
-    base = M.forward(tiny_model_f32.params, tokens, tiny_config)
-    ours = M.forward(lora.inject(tiny_model_f32.params, ad, lc), tokens, tiny_config)
+    base = forward(tiny_model_f32, tiny_model_f32.params, tokens)
+    ours = forward(tiny_model_f32, lora.inject(tiny_model_f32.params, ad, lc), tokens)
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(base))
 
 
@@ -63,9 +69,9 @@ def test_adapter_equals_dense_merge(tiny_model_f32, tiny_config, tokens, t):
     lc = lora.LoraConfig(rank=5, alpha=7.0, targets=ALL)
     ad = random_adapters(tiny_config, lc)
     x = tokens[:1, :t]
-    ours = M.forward(lora.inject(tiny_model_f32.params, ad, lc), x, tiny_config)
-    ref = M.forward(dense_merged(tiny_model_f32.params, ad, lc), x, tiny_config)
-    base = M.forward(tiny_model_f32.params, x, tiny_config)
+    ours = forward(tiny_model_f32, lora.inject(tiny_model_f32.params, ad, lc), x)
+    ref = forward(tiny_model_f32, dense_merged(tiny_model_f32.params, ad, lc), x)
+    base = forward(tiny_model_f32, tiny_model_f32.params, x)
     assert float(jnp.max(jnp.abs(ref - base))) > 0.1  # the adapter matters
     np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=3e-5, rtol=0)
 
@@ -75,10 +81,11 @@ def test_segments_isolate_packed_documents(tiny_model_f32, tiny_config, tokens):
     row = np.concatenate([a, b])[None]
     pos = np.concatenate([np.arange(9), np.arange(13)])[None].astype(np.int32)
     seg = np.concatenate([np.full(9, 1), np.full(13, 2)])[None].astype(np.int32)
-    x, _ = M.hidden_states(tiny_model_f32.params, row, pos, tiny_config, segment_ids=seg)
-    packed = np.asarray(M.unembed(tiny_model_f32.params, x))[0]
-    alone_a = np.asarray(M.forward(tiny_model_f32.params, a[None], tiny_config))[0]
-    alone_b = np.asarray(M.forward(tiny_model_f32.params, b[None], tiny_config))[0]
+    rt = tiny_model_f32.runtime
+    x, _ = M.hidden_states(tiny_model_f32.params, row, pos, tiny_config, segment_ids=seg, rt=rt)
+    packed = np.asarray(M.unembed(tiny_model_f32.params, x, rt))[0]
+    alone_a = np.asarray(forward(tiny_model_f32, tiny_model_f32.params, a[None]))[0]
+    alone_b = np.asarray(forward(tiny_model_f32, tiny_model_f32.params, b[None]))[0]
     np.testing.assert_allclose(packed[:9], alone_a, atol=2e-5, rtol=0)
     np.testing.assert_allclose(packed[9:], alone_b, atol=2e-5, rtol=0)
 
@@ -120,7 +127,7 @@ def test_peft_loads_our_adapter(tiny_model_f32, tiny_config, tokens, tmp_path, t
     hf = peft.PeftModel.from_pretrained(transformers_fresh(), str(tmp_path)).eval()
     lengths = np.array([tokens.shape[1]] * 2)
     theirs = hf_logits(hf, tokens, lengths)
-    ours = np.asarray(M.forward(lora.inject(tiny_model_f32.params, ad, lc), tokens, tiny_config))
+    ours = np.asarray(forward(tiny_model_f32, lora.inject(tiny_model_f32.params, ad, lc), tokens))
     base = np.asarray(tiny_model_f32(tokens))
     assert np.abs(theirs - base).max() > 0.1
     np.testing.assert_allclose(ours, theirs, atol=1e-4 * np.abs(theirs).max(), rtol=0)
@@ -137,9 +144,9 @@ def test_merged_attention_export_is_exact(tiny_model_f32, tiny_config, tokens, t
     out = str(tmp_path / "merged")
     export.write_merged(out, tiny_model_f32.params, ad, lc, tiny_config, layout="hf_mxfp4",
                         dtype="float32")
-    want = np.asarray(M.forward(lora.inject(tiny_model_f32.params, ad, lc), tokens, tiny_config))
+    want = np.asarray(forward(tiny_model_f32, lora.inject(tiny_model_f32.params, ad, lc), tokens))
     merged = gptoss_jax.load(out, dtype="float32", progress=False)
-    assert merged.params["layers"][0]["experts"]["gate_up_blocks"].dtype == np.uint8
+    assert merged.params["layers"][0]["experts"].gate_up.blocks.dtype == np.uint8
     np.testing.assert_allclose(np.asarray(merged(tokens)), want, atol=2e-5, rtol=0)
     theirs = hf_logits(transformers_fresh(out), tokens, np.array([tokens.shape[1]] * 2))
     np.testing.assert_allclose(theirs, want, atol=1e-4 * np.abs(want).max(), rtol=0)
@@ -148,7 +155,7 @@ def test_merged_attention_export_is_exact(tiny_model_f32, tiny_config, tokens, t
 def test_merged_expert_export(tiny_model_f32, tiny_config, tokens, tmp_path, transformers_fresh):
     lc = lora.LoraConfig(rank=4, alpha=8.0, targets=ALL)
     ad = random_adapters(tiny_config, lc)
-    want = np.asarray(M.forward(lora.inject(tiny_model_f32.params, ad, lc), tokens, tiny_config))
+    want = np.asarray(forward(tiny_model_f32, lora.inject(tiny_model_f32.params, ad, lc), tokens))
     # Dense experts in f32: exact.
     dense = str(tmp_path / "dense")
     export.write_merged(dense, tiny_model_f32.params, ad, lc, tiny_config, layout="hf_bf16",
@@ -170,8 +177,7 @@ def test_merged_expert_export(tiny_model_f32, tiny_config, tokens, tmp_path, tra
     get, _ = export.merged_getter(tiny_model_f32.params, jax.tree.map(np.asarray, ad), lc)
     for m in lora.EXPERT_MATS:
         exact = get(("layers", 1, "experts", m))
-        e = got.params["layers"][1]["experts"]
-        blocks, scales = np.asarray(e[m + "_blocks"]), np.asarray(e[m + "_scales"])
+        blocks, scales = map(np.asarray, getattr(got.params["layers"][1]["experts"], m))
         err = np.abs(export.mxfp4.dequantize_np(blocks, scales) - exact)
         bound = np.repeat(np.ldexp(1.0, scales.astype(np.int32) - 127), 32, axis=-1)
         assert np.all(err <= bound), m
@@ -181,7 +187,7 @@ def test_load_adapter(tiny_model_f32, tiny_config, tokens, tmp_path):
     lc = lora.LoraConfig(rank=4, alpha=8.0, targets=ALL)
     ad = random_adapters(tiny_config, lc)
     export.save_peft(str(tmp_path), ad, lc, tiny_config)
-    want = np.asarray(M.forward(lora.inject(tiny_model_f32.params, ad, lc), tokens, tiny_config))
+    want = np.asarray(forward(tiny_model_f32, lora.inject(tiny_model_f32.params, ad, lc), tokens))
     before = np.asarray(tiny_model_f32(tokens))
     for merge in (True, False):
         adapted = export.load_adapter(tiny_model_f32, str(tmp_path), merge=merge)

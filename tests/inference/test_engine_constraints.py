@@ -1,7 +1,9 @@
-"""The slot engine with constraints: constrained and free slots in one batch, prefill's first
-token constrained, a dead end failing one slot while the others carry on, prompts that open the
-answer themselves, and no recompilation per request (backend compiles counted through
-``jax.monitoring``). Outputs are checked with openai-harmony, jsonschema and ``re``."""
+"""The paged engine with constraints: constrained and free sequences in one batch, prefill's
+first token constrained (a prompt prefilled in several chunks too), a dead end failing one
+sequence while the others carry on, prompts that open the answer themselves, preemption
+(matchers rebuilt from the output, never advanced twice), and no recompilation per request
+(backend compiles counted through ``jax.monitoring``). Outputs are checked with openai-harmony,
+jsonschema and ``re``."""
 
 from __future__ import annotations
 
@@ -51,27 +53,28 @@ def chat_prompt():
 
 
 def run(engine: Engine, prompts, constraints, samplings, budget=80):
-    """Add every prompt at once and step to the end; {index: (tokens, finish, error)}."""
-    added = engine.add(prompts, samplings, [budget] * len(prompts), [STOPS] * len(prompts),
-                       constraints=constraints)
-    slot_of = {slot: i for i, (slot, _) in enumerate(added)}
-    out = {i: ([] if tok is None else [tok]) for i, (_, tok) in enumerate(added)}
+    """Submit every prompt at once and step to the end; {index: (tokens, finish, error)}."""
+    constraints = constraints or [None] * len(prompts)
+    ids = [engine.submit(p, s, budget, STOPS, constraint=c)
+           for p, s, c in zip(prompts, samplings, constraints)]
+    index = {seq_id: i for i, seq_id in enumerate(ids)}
+    out = {i: [] for i in range(len(prompts))}
     done = {}
-    for slot, i in slot_of.items():
-        seq = engine.seqs[slot]
-        if seq.finish_reason:
-            done[i] = (out[i], seq.finish_reason, seq.error)
     while len(done) < len(prompts):
-        for slot, tok in engine.step():
-            i = slot_of[slot]
-            if tok is not None:
-                out[i].append(tok)
-            seq = engine.seqs[slot]
-            if seq.finish_reason:
-                done[i] = (out[i], seq.finish_reason, seq.error)
-    for slot in list(engine.seqs):
-        engine.release(slot)
+        for ev in engine.step():
+            i = index[ev.id]
+            if ev.token is not None:
+                out[i].append(ev.token)
+            if ev.finish_reason:
+                done[i] = (out[i], ev.finish_reason, ev.error)
+    assert engine.idle and not engine.constraints.active
     return done
+
+
+def first_tokens(engine: Engine, prompts, constraints, samplings):
+    """Each prompt's first sampled token (a one-token budget)."""
+    return [tokens[0] if tokens else None
+            for tokens, _, _ in run(engine, prompts, constraints, samplings, budget=1).values()]
 
 
 def final_json(tokens):
@@ -98,7 +101,7 @@ def test_constrained_and_free_slots_in_one_batch(engine, chat_prompt):
     # the free slot is untouched by its neighbours' masks: as when it runs alone, unconstrained
     free, _, _ = run(engine, [chat_prompt], None, [samplings[2]])[0]
     assert done[2][0] == free and done[2][1] == "length"
-    assert engine.constraints.batch.constrained == [] and sorted(engine.free_slots) == [0, 1, 2, 3]
+    assert engine.constraints.batch.constrained == [] and engine.scheduler.running == []
 
 
 @pytest.mark.slow
@@ -106,22 +109,19 @@ def test_prefill_first_token_is_constrained(tiny_chat_model):
     """A random model's first token is anything; under a constraint it is what the grammar
     allows: a digit for a raw-prompt regex, ``<|channel|>`` opening a harmony turn."""
     tok = load_tokenizer()
-    engine = Engine(tiny_chat_model, max_batch=1, max_len=128)
+    engine = Engine(tiny_chat_model, max_batch=2, max_len=128, prefill_tokens=16)
     raw = tok.encode("The answer is")
-    slot, free = engine.add([raw], [SamplingParams(temperature=0.0)], [1], [STOPS])[0]
+    free, = first_tokens(engine, [raw], None, [SamplingParams(temperature=0.0)])
     assert not tok.decode([free]).strip().isdigit()  # what the random model wants
-    engine.release(slot)
+    digits = generate_constraint(Regex("[0-9]{1,6}"), harmony=False)
     for seed in range(4):
         sp = SamplingParams(temperature=1.0, seed=seed)
-        digits = generate_constraint(Regex("[0-9]{1,6}"), harmony=False)
-        (slot, first), = engine.add([raw], [sp], [1], [STOPS], constraints=[digits])
-        assert tok.decode([first]).isdigit()
-        engine.release(slot)
-        chat = harmony.render_prompt([{"role": "user", "content": f"hi {seed}"}])
-        (_, first), = engine.add([chat], [sp], [1], [STOPS], constraints=[generate_constraint(FLAG)])
-        assert first == 200005  # <|channel|>
-        for slot in list(engine.seqs):
-            engine.release(slot)
+        # a long chat prompt is prefilled in chunks of 16: only its last chunk samples
+        chat = harmony.render_prompt([{"role": "user", "content": f"hi {seed} " * 8}])
+        assert len(chat) > 32
+        first = first_tokens(engine, [raw, chat], [digits, generate_constraint(FLAG)], [sp, sp])
+        assert tok.decode([first[0]]).isdigit()
+        assert first[1] == 200005  # <|channel|>
 
 
 def test_a_prompt_that_opens_the_answer(engine):
@@ -135,8 +135,8 @@ def test_a_prompt_that_opens_the_answer(engine):
     assert finish == "stop" and text.endswith("<|return|>")
     jsonschema.validate(json.loads(text[:-len("<|return|>")]), FLAG)
     with pytest.raises(ValueError, match="assistant"):  # a whole-turn constraint on raw text
-        engine.add([[1, 2, 3]], [SamplingParams()], [4], [STOPS], constraints=[generate_constraint(FLAG)])
-    assert engine.seqs == {} and engine.constraints.batch.constrained == []
+        engine.submit([1, 2, 3], SamplingParams(), 4, STOPS, constraint=generate_constraint(FLAG))
+    assert engine.seqs == {} and engine.idle
 
 
 def test_a_dead_end_fails_its_slot_and_the_others_carry_on(engine, chat_prompt):
@@ -156,10 +156,36 @@ def test_a_dead_end_fails_its_slot_and_the_others_carry_on(engine, chat_prompt):
     assert engine.seqs == {} and engine.constraints.batch.constrained == []
 
 
+@pytest.mark.slow
+def test_preempted_sequences_keep_their_constraints(scripted_final_ckpt, chat_prompt):
+    """A KV pool too small for every sequence to grow: the newest are preempted and recomputed
+    with their output so far; the rebuilt matchers continue where they were (every output still
+    validates, and each equals the same request run alone: draws keyed by seed and step)."""
+    model = gptoss_jax.load(scripted_final_ckpt, dtype="float32", progress=False)
+    n, budget = 4, 40
+    need = len(chat_prompt) + budget
+    small = Engine(model, max_batch=n, max_len=need + 16, kv_cache_tokens=2 * need + 16)
+    sps = [SamplingParams(temperature=1.0, seed=20 + i) for i in range(n)]
+    cs = [generate_constraint(PERSON if i % 2 else FLAG) for i in range(n)]
+    done = run(small, [chat_prompt] * n, cs, sps, budget=budget)
+    assert small.preemptions > 0
+    alone = Engine(model, max_batch=1, max_len=need + 16)
+    for i in range(n):
+        tokens, finish, error = done[i]
+        assert (tokens, finish, error) == run(alone, [chat_prompt], [cs[i]], [sps[i]], budget)[0]
+        if finish == "stop":
+            jsonschema.validate(json.loads(final_json(tokens)), PERSON if i % 2 else FLAG)
+    assert any(done[i][1] == "stop" for i in range(n))
+
+
 def test_no_recompile_per_request(engine, chat_prompt):
     sp = [SamplingParams(temperature=1.0, seed=s) for s in range(4)]
     engine.compile(len(chat_prompt), num_prompts=4, sampling=sp[0], constrained=True)
-    run(engine, [chat_prompt] * 4, [generate_constraint(FLAG), None, None, None], sp, budget=12)
+    # one round of the pattern below warms every step shape it meets (prefill chunks differ
+    # once the shared prompt is in the prefix cache); a new schema must add none
+    run(engine, [chat_prompt] * 4, [generate_constraint(FLAG), None, None,
+                                    generate_constraint(Regex("[x-z]{9}"))], sp, budget=12)
+    run(engine, [chat_prompt] * 4, [None] * 4, sp, budget=4)
     compiles = []
 
     def listener(name, secs, **kw):
@@ -178,4 +204,3 @@ def test_no_recompile_per_request(engine, chat_prompt):
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
-    assert {k[0] for k in engine.compiled} == {"prefill", "decode", "decode_forward", "decode_sample"}

@@ -86,13 +86,14 @@ def test_more_prompts_than_slots_join_between_steps(tiny_model_f32, prompts, gre
 
 def test_engine_rejects_bad_prompts(tiny_model_f32):
     eng = Engine(tiny_model_f32, max_batch=1, max_len=32)
-    s = [SamplingParams()]
+    s = SamplingParams()
     with pytest.raises(ValueError, match="empty prompt"):
-        eng.add([[]], s, [4], [()])
+        eng.submit([], s, 4, ())
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        eng.add([[1, 10_000]], s, [4], [()])
+        eng.submit([1, 10_000], s, 4, ())
     with pytest.raises(ValueError, match="exceeds the context"):
-        eng.add([[1] * 30], s, [4], [()])
+        eng.submit([1] * 30, s, 4, ())
+    assert eng.idle and not eng.seqs
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5),
@@ -102,19 +103,25 @@ def test_sampling_params_validated(bad):
         SamplingParams(**bad)
 
 
-def test_bf16_cached_decode_follows_full_forward(tiny_ckpts, prompts, tiny_config):
+@pytest.mark.parametrize("cpu_kernels", [True, False], ids=["cpu_kernels", "xla_fallback"])
+def test_bf16_cached_decode_follows_full_forward(tiny_ckpts, prompts, tiny_config, cpu_kernels):
     """bf16: the decode path (on CPU the cache holds 16-bit patterns, written in place) keeps
     the keys a full forward sees. Each step's token is the argmax of a cache-free bf16 forward,
-    checked where that forward's top two logits are not within bf16 rounding of each other."""
+    checked where that forward's top two logits are not within bf16 rounding of each other.
+    Also with the CPU kernels off: the XLA path a machine without AVX-512 runs."""
     import gptoss_jax
-    from gptoss_jax.model.transformer import cache_values
+    from gptoss_jax.ops.runtime import resolve
 
     model = gptoss_jax.load(tiny_ckpts["hf_mxfp4"], dtype="bfloat16", progress=False)
+    if not cpu_kernels:
+        model = model.with_runtime(ops=resolve(use_cpu_kernels=False))
+        assert "cpu_kernel" not in str(model.runtime.ops.table())
     eng = Engine(model, max_batch=2, max_len=32)
-    assert all(cache_values(c.k).dtype.name == "bfloat16" for c in eng.slots.cache)
+    pools = eng.state.k + eng.state.v
+    assert all(a.dtype.name == "uint16" for a in pools)  # bf16 stored as its bit patterns
     new = 2 * tiny_config.sliding_window + 3
     outs = generate(model, prompts, max_new_tokens=new, temperature=0.0, stop_tokens=(),
-                    decode_text=False)
+                    decode_text=False, engine=eng)
     checked = 0
     for p, out in zip(prompts, outs):
         seqs = list(p) + out.tokens

@@ -1,4 +1,5 @@
-"""Sampling filters checked statistically on fixed distributions (numpy computes the expectation)."""
+"""Sampling filters and the draw checked statistically on fixed distributions (numpy computes the
+expectation)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptoss_jax.inference.sampling import argmax, filter_logits, sample
+from gptoss_jax.inference.sampling import argmax, draw, filter_logits, sample
 
 V = 37
 N = 6000  # draws per case
@@ -91,3 +92,37 @@ def test_argmax_first_index_of_the_maximum(v):
     got = jax.jit(argmax)(jnp.asarray(logits))
     assert got.dtype == jnp.int32
     np.testing.assert_array_equal(np.asarray(got), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("v", [37, 128 * 3, 1000])  # padded, exact chunks, padded across chunks
+def test_draw_follows_softmax(v):
+    """The two-level inverse-CDF draw: frequencies of 20000 draws against numpy's softmax, with
+    the mass spread over tokens in several chunks (and in the padded last one)."""
+    rng = np.random.default_rng(v)
+    logits = np.full(v, -np.inf, np.float32)
+    live = rng.choice(v, size=12, replace=False)
+    logits[live] = rng.normal(size=12) * 1.2
+    logits[v - 1] = 0.5  # the last token (a padded chunk for 37 and 1000)
+    n = 20000
+    keys = jax.random.split(jax.random.key(2), n)
+    toks = jax.jit(draw)(jnp.broadcast_to(jnp.asarray(logits), (n, v)), keys)
+    got = np.bincount(np.asarray(toks), minlength=v) / n
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    assert np.all(got[p == 0] == 0)
+    assert 0.5 * np.abs(got - p).sum() < 0.02
+
+
+@pytest.mark.parametrize("only", [0, 127, 128, 129, 383])
+def test_draw_never_picks_a_filtered_token(only):
+    """A single allowed token anywhere (chunk edges included) is drawn every time, and tiny
+    but positive masses next to large ones never let a filtered neighbour through."""
+    v, n = 384, 512
+    keys = jax.random.split(jax.random.key(3), n)
+    logits = np.full((n, v), -np.inf, np.float32)
+    logits[:, only] = 3.0
+    assert set(np.asarray(jax.jit(draw)(jnp.asarray(logits), keys)).tolist()) == {only}
+    logits = np.full((n, v), -np.inf, np.float32)
+    allowed = [only, (only + 200) % v]
+    logits[:, allowed[0]], logits[:, allowed[1]] = 80.0, 0.0  # second one: p ~ 1e-35
+    assert set(np.asarray(jax.jit(draw)(jnp.asarray(logits), keys)).tolist()) <= set(allowed)

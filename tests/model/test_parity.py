@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import gptoss_jax
+from gptoss_jax.ops.weights import Mxfp4Weight
 
 from tests.conftest import hf_logits
 
@@ -43,19 +44,19 @@ def test_f32_logits_match_transformers(tiny_ckpts, batch, reference, layout):
 
 def test_experts_stay_packed(tiny_model_f32, tiny_config):
     experts = tiny_model_f32.params["layers"][0]["experts"]
-    assert experts["gate_up_blocks"].dtype == np.uint8
-    assert "gate_up" not in experts
+    assert isinstance(experts.gate_up, Mxfp4Weight) and isinstance(experts.down, Mxfp4Weight)
+    assert experts.gate_up.blocks.dtype == np.uint8
     c = tiny_config
     packed = c.num_local_experts * (2 * c.intermediate_size * c.hidden_size
                                     + c.hidden_size * c.intermediate_size) // 2
-    held = sum(experts[k].nbytes for k in ("gate_up_blocks", "down_blocks"))
+    held = experts.gate_up.blocks.nbytes + experts.down.blocks.nbytes
     assert held == packed
 
 
 def test_bf16_layout_kept_dense_or_quantized(tiny_ckpts, batch, reference):
     # A bf16 checkpoint whose values lie on the MXFP4 grid re-quantizes bit-exactly.
     model = gptoss_jax.load(tiny_ckpts["hf_bf16"], dtype="float32", experts="mxfp4", progress=False)
-    assert model.params["layers"][1]["experts"]["down_blocks"].dtype == np.uint8
+    assert model.params["layers"][1]["experts"].down.blocks.dtype == np.uint8
     assert _rel_err(np.asarray(model(*batch)), reference, batch[1]) < 1e-4
 
 

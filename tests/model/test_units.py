@@ -23,10 +23,15 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
 from transformers.models.gpt_oss import modeling_gpt_oss as hf  # noqa: E402
 
 import cpu_kernels  # noqa: E402
+from gptoss_jax.model import attention as A  # noqa: E402
 from gptoss_jax.model import rope  # noqa: E402
 from gptoss_jax.model import transformer as M  # noqa: E402
 from gptoss_jax.model.config import GPT_OSS_20B, TINY, GptOssConfig  # noqa: E402
-from gptoss_jax.model.moe import MoeRuntime, moe, route, swiglu  # noqa: E402
+from gptoss_jax.model.moe import moe, route, swiglu_interleaved  # noqa: E402
+from gptoss_jax.ops import experts as experts_op  # noqa: E402
+from gptoss_jax.ops import projection, runtime  # noqa: E402
+from gptoss_jax.ops.runtime import resolve  # noqa: E402
+from gptoss_jax.ops.weights import Experts, Mxfp4Weight  # noqa: E402
 from pallas_kernels import mxfp4  # noqa: E402
 
 # d=96, f=160, n=6 over k=2 (g=3), h=10, e=7 top-3, window 5, vocab 211
@@ -173,7 +178,7 @@ def test_attention_with_sinks_matches_eager(rng, window, tt):
     pos = np.where(np.arange(tt)[None] < lengths[:, None], np.arange(tt)[None], -1)
     pos = jnp.asarray(pos, jnp.int32)
     heads_first = lambda a: jnp.asarray(a).transpose(0, 2, 1, 3)
-    ours = M.self_attention(jnp.asarray(q).reshape(b, tt, kvh, g, h), heads_first(k),
+    ours = A.self_attention(jnp.asarray(q).reshape(b, tt, kvh, g, h), heads_first(k),
                             heads_first(v), pos, pos, jnp.asarray(sinks).reshape(kvh, g), window)
     ours = np.asarray(ours).reshape(b, tt, kvh * g, h)
     for bi, length in enumerate(lengths):  # padded query rows are unspecified
@@ -202,7 +207,7 @@ def test_blocked_self_attention_keeps_packed_segments_apart(rng, window):
         t(v).transpose(1, 2), mask, scaling=h ** -0.5)  # [b, t, n, h]
     heads_first = lambda a: jnp.asarray(a).transpose(0, 2, 1, 3)
     pos, seg = jnp.asarray(pos, jnp.int32), jnp.asarray(seg, jnp.int32)
-    ours = M.self_attention(jnp.asarray(q).reshape(b, tt, kvh, g, h), heads_first(k),
+    ours = A.self_attention(jnp.asarray(q).reshape(b, tt, kvh, g, h), heads_first(k),
                             heads_first(v), pos, pos, jnp.asarray(sinks).reshape(kvh, g), window,
                             seg, seg)
     close(np.asarray(ours).reshape(b, tt, kvh * g, h), ref)
@@ -238,7 +243,7 @@ def test_attention_block_matches_module(rng):
          "o_b": weights["o_proj.bias"], "sinks": weights["sinks"]}
     pos = jnp.broadcast_to(jnp.arange(tt, dtype=jnp.int32), (b, tt))
     ocos, osin = rope.cos_sin(pos, c)
-    ours, _ = M.attention(jnp.asarray(x), p, c, layer, pos, ocos, osin, None)
+    ours, _ = A.attention(jnp.asarray(x), p, c, layer, pos, ocos, osin, None)
     close(ours, ref, rtol=2e-5)
 
 
@@ -249,7 +254,7 @@ def test_swiglu_clamp_matches_experts_gate(rng):
     assert (np.abs(h) > C.swiglu_limit).mean() > 0.3
     experts = hf.GptOssExperts(hf_config(C))
     ref = experts._apply_gate(t(h))
-    close(swiglu(jnp.asarray(h), C.swiglu_limit, C.swiglu_alpha), ref)
+    close(swiglu_interleaved(jnp.asarray(h), C.swiglu_limit, C.swiglu_alpha), ref)
 
 
 def _random_mlp(rng, c: GptOssConfig):
@@ -271,9 +276,9 @@ def _random_mlp(rng, c: GptOssConfig):
         mlp.experts.gate_up_proj_bias.copy_(t(gu_bias))
         mlp.experts.down_proj.copy_(t(down.transpose(0, 2, 1)))  # [e, f, d]
         mlp.experts.down_proj_bias.copy_(t(dn_bias))
-    packed = {"gate_up_blocks": gu_blocks, "gate_up_scales": gu_scales, "down_blocks": dn_blocks,
-              "down_scales": dn_scales, "gate_up_bias": gu_bias, "down_bias": dn_bias}
-    dense = {"gate_up": gate_up, "down": down, "gate_up_bias": gu_bias, "down_bias": dn_bias}
+    packed = Experts(gate_up=Mxfp4Weight(gu_blocks, gu_scales), gate_up_bias=gu_bias,
+                     down=Mxfp4Weight(dn_blocks, dn_scales), down_bias=dn_bias)
+    dense = Experts(gate_up=gate_up, gate_up_bias=gu_bias, down=down, down_bias=dn_bias)
     router = {"w": router_w.T.copy(), "b": router_b}
     return mlp, router, packed, dense
 
@@ -289,7 +294,7 @@ def test_router_matches_topk_router(rng):
 
 
 def jax_tree(tree):
-    return {k: jnp.asarray(v) for k, v in tree.items()}
+    return jax.tree.map(jnp.asarray, tree)
 
 
 @pytest.mark.parametrize("tokens", [2, 29], ids=["gather", "grouped"])  # t*k <= e picks gather
@@ -303,53 +308,87 @@ def test_moe_matches_gpt_oss_mlp(rng, tokens, fmt):
         h = t(x[0]) @ mlp.experts.gate_up_proj[0] + mlp.experts.gate_up_proj_bias[0]
     assert (h.abs() > C.swiglu_limit).float().mean() > 0.05  # the clamp is exercised
     layer = {"router": jax_tree(router), "experts": jax_tree(packed if fmt == "mxfp4" else dense)}
-    ours = moe(jnp.asarray(x[0]), layer, C, MoeRuntime(impl="xla"))
+    ops = resolve(experts="xla")
+    assert experts_op.backend(layer["experts"], tokens * C.num_experts_per_tok, ops,
+                              jnp.float32) == ("gather" if tokens == 2 else "xla")
+    ours = moe(jnp.asarray(x[0]), layer, C, ops)
     close(ours, ref[0], rtol=2e-5)
 
 
-@pytest.mark.skipif(not cpu_kernels.available("bf16_matvec"),
-                    reason="the CPU bf16 matvec kernel does not build here")
-def test_projection_kernel_path_value_and_gradient(rng):
-    """Decode-sized projections of a bf16 weight stored [in, heads, head_dim] take the CPU kernel;
-    values and both gradients against numpy."""
+# The CPU paths with the kernels (skipped where a kernel does not build) and without them (the
+# XLA fallback a machine without AVX-512 runs: bf16 rows padded to 8, the f32 vector-matrix
+# unembedding, the gather path and the tiled loop): the same references, never skipped.
+CPU_PATHS = [pytest.param(True, id="cpu_kernel"), pytest.param(False, id="xla_fallback")]
+
+
+def cpu_ops(kernels: bool, name: str, **kw):
+    """Resolved CPU ops with the CPU kernels on (skips where ``name`` does not build) or off."""
+    if kernels and not cpu_kernels.available(name):
+        pytest.skip(f"the CPU kernel {name} does not build here")
+    return resolve(platform="cpu", use_cpu_kernels=kernels, **kw)
+
+
+def branches():
+    """Every ISA branch of the dispatched kernels this CPU runs (each forced through the ops)."""
+    return [pytest.param(b, id=b) for b in cpu_kernels.isa.supported()] or [
+        pytest.param(None, id="no-avx2")]
+
+
+@pytest.mark.parametrize("kernels", CPU_PATHS)
+@pytest.mark.parametrize("rows", [1, 2, 8])
+@pytest.mark.parametrize("branch", branches())
+def test_projection_cpu_paths_value_and_gradient(rng, kernels, rows, branch):
+    """Decode-sized projections of a bf16 weight stored [in, heads, head_dim]: up to 4 rows in
+    the CPU kernel (bf16_vecmat, on each ISA branch), else (and without kernels) XLA with the
+    rows padded to 8; values and both gradients against numpy."""
     d, n, h = C.hidden_size, C.num_attention_heads, C.head_dim
     w = jnp.asarray(0.1 * rng.standard_normal((d, n, h)), jnp.bfloat16)
-    x = jnp.asarray(rng.standard_normal((1, 2, d)), jnp.bfloat16)
-    g = rng.standard_normal((1, 2, n, h)).astype(np.float32)
-    f = lambda x, w: M._proj("rd,dnh->rnh", x, w)
-    assert "gptoss_bf16_matvec" in jax.jit(f).lower(x, w).as_text()
-    x64, w64 = np.asarray(x, np.float64).reshape(2, d), np.asarray(w, np.float64).reshape(d, -1)
-    close(f(x, w), (x64 @ w64).reshape(1, 2, n, h), rtol=1e-5)
+    x = jnp.asarray(rng.standard_normal((1, rows, d)), jnp.bfloat16)
+    g = rng.standard_normal((1, rows, n, h)).astype(np.float32)
+    ops = cpu_ops(kernels, "bf16_vecmat", cpu_isa=branch if kernels else None)
+    f = lambda x, w: projection.project("rd,dnh->rnh", x, w, ops)
+    assert ("gptoss_bf16_vecmat" in jax.jit(f).lower(x, w).as_text()) == (kernels and rows <= 4)
+    x64, w64 = np.asarray(x, np.float64).reshape(rows, d), np.asarray(w, np.float64).reshape(d, -1)
+    close(f(x, w), (x64 @ w64).reshape(1, rows, n, h), rtol=1e-5)
     dx, dw = jax.grad(lambda x, w: jnp.sum(f(x, w) * g), argnums=(0, 1))(x, w)
-    g2 = g.reshape(2, -1).astype(np.float64)
+    g2 = g.reshape(rows, -1).astype(np.float64)
     close(dx.astype(jnp.float32), (g2 @ w64.T).reshape(x.shape), rtol=1e-2)  # bf16 results
     close(dw.astype(jnp.float32), (x64.T @ g2).reshape(w.shape), rtol=1e-2)
 
 
-@pytest.mark.skipif(not cpu_kernels.available("bf16_rows"),
-                    reason="the CPU bf16 rows kernel does not build here")
-def test_unembedding_kernel_path_value_and_gradient(rng):
-    """Batched decode's unembedding (weight [vocab, d], 2-8 rows, bf16) takes the CPU kernel;
-    values and both gradients against numpy."""
+@pytest.mark.parametrize("kernels", CPU_PATHS)
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("branch", branches())
+def test_unembedding_cpu_paths_value_and_gradient(rng, kernels, rows, branch):
+    """The unembedding (weight [vocab, d], bf16): up to 8 rows (AVX-512 BF16; 4 on the other
+    branches) in the CPU kernel, which also takes the argmax; without it one row as XLA's f32
+    vector-matrix product, more rows padded to 8; values, argmax and both gradients against
+    numpy."""
     d, v = C.hidden_size, C.vocab_size
     w = jnp.asarray(0.1 * rng.standard_normal((v, d)), jnp.bfloat16)
-    x = jnp.asarray(rng.standard_normal((3, d)), jnp.bfloat16)
-    g = rng.standard_normal((3, v)).astype(np.float32)
-    f = lambda x, w: M.unembed({"unembed": w}, x)
-    assert "gptoss_bf16_rows" in jax.jit(f).lower(x, w).as_text()
+    x = jnp.asarray(rng.standard_normal((rows, d)), jnp.bfloat16)
+    g = rng.standard_normal((rows, v)).astype(np.float32)
+    rt = M.Runtime(ops=cpu_ops(kernels, "bf16_gemv", cpu_isa=branch if kernels else None))
+    f = lambda x, w: M.unembed({"unembed": w}, x, rt)
+    in_kernel = kernels and rows <= runtime.CPU_GEMV_MAX_ROWS.get(branch, 0)
+    assert ("gptoss_bf16_gemv" in jax.jit(f).lower(x, w).as_text()) == in_kernel
     x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
     close(f(x, w), x64 @ w64.T, rtol=1e-5)
+    logits, greedy = jax.jit(lambda x, w: M.unembed_greedy({"unembed": w}, x, rt))(x, w)
+    assert (greedy is not None) == in_kernel
+    if in_kernel:
+        np.testing.assert_array_equal(np.asarray(greedy), np.argmax(np.asarray(logits), -1))
     dx, dw = jax.grad(lambda x, w: jnp.sum(f(x, w) * g), argnums=(0, 1))(x, w)
     close(dx.astype(jnp.float32), g @ w64, rtol=1e-2)  # bf16 results
     close(dw.astype(jnp.float32), g.T @ x64, rtol=1e-2)
 
 
-@pytest.mark.skipif(not cpu_kernels.available("mxfp4_grouped"),
-                    reason="the CPU MXFP4 kernel does not build here")
+@pytest.mark.parametrize("kernels", CPU_PATHS)
 @pytest.mark.parametrize("tokens", [2, 29])
-def test_moe_cpu_kernel_matches_gpt_oss_mlp(rng, tokens):
-    """The C++ kernel path (values and the gradient w.r.t. the input, which LoRA training takes
-    through the frozen experts) against transformers' GptOssMLP."""
+def test_moe_cpu_paths_match_gpt_oss_mlp(rng, kernels, tokens):
+    """The CPU expert paths, the C++ kernel or (without kernels) XLA's gather path and tiled
+    loop: values and the gradient w.r.t. the input (which LoRA training takes through the
+    frozen experts) against transformers' GptOssMLP."""
     mlp, router, packed, _ = _random_mlp(rng, C)
     x = (4.0 * rng.standard_normal((tokens, C.hidden_size))).astype(np.float32)
     g = rng.standard_normal((tokens, C.hidden_size)).astype(np.float32)  # output cotangent
@@ -357,10 +396,63 @@ def test_moe_cpu_kernel_matches_gpt_oss_mlp(rng, tokens):
     ref, _ = mlp(xt[None])
     (ref[0] * t(g)).sum().backward()
     layer = {"router": jax_tree(router), "experts": jax_tree(packed)}
-    rt = MoeRuntime(impl="cpu")
-    assert rt.use_cpu_kernel(layer["experts"], tokens * C.num_experts_per_tok)
-    f = jax.jit(lambda x: moe(x, layer, C, rt))
+    ops = cpu_ops(kernels, "mxfp4_grouped", experts="cpu" if kernels else "auto")
+    want = "mxfp4_grouped" if kernels else ("gather" if tokens == 2 else "xla")  # f32 rows
+    assert experts_op.backend(layer["experts"], tokens * C.num_experts_per_tok, ops,
+                              jnp.float32) == want
+    f = jax.jit(lambda x: moe(x, layer, C, ops))
     close(f(jnp.asarray(x)), ref[0].detach(), rtol=2e-5)
     # through the router too (top-k is piecewise constant: the same experts on both sides)
-    grad = jax.grad(lambda x: jnp.sum(moe(x, layer, C, rt) * g))(jnp.asarray(x))
+    grad = jax.grad(lambda x: jnp.sum(moe(x, layer, C, ops) * g))(jnp.asarray(x))
     close(grad, xt.grad, rtol=5e-5)
+
+
+def _bf16(a):
+    return np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32))
+
+
+@pytest.mark.parametrize("tokens", [1, 8])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "grouped"])
+@pytest.mark.parametrize("branch", [*branches(), pytest.param("xla", id="xla_fallback")])
+def test_moe_bf16_rows_match_gpt_oss_mlp(rng, tokens, branch, fused):
+    """bf16 decode rows through the CPU kernels (each ISA branch forced): the whole MLP in
+    expert_mlp, or (fused off) the two grouped matmuls in mxfp4_gemv; or without kernels through
+    XLA (gather path at one token, the sorted loop at 8); against transformers' GptOssMLP in f32
+    on the same bf16-exact inputs and weights (bf16 tolerance: the activations between the two
+    matmuls are bf16 here); the gradient w.r.t. the bf16 input too (the kernels' is XLA's)."""
+    if branch == "xla" and not fused:
+        pytest.skip("one XLA fallback case is enough")
+    kernel = "expert_mlp" if fused else "mxfp4_gemv"
+    if branch is None or (branch != "xla" and not cpu_kernels.available(kernel)):
+        pytest.skip(f"the {kernel} kernel does not build here")
+    mlp, router, packed, _ = _random_mlp(rng, C)
+    router = {"w": _bf16(router["w"]), "b": _bf16(router["b"])}
+    packed = packed._replace(gate_up_bias=_bf16(packed.gate_up_bias),
+                             down_bias=_bf16(packed.down_bias))
+    with torch.no_grad():  # the same bf16-exact router and biases on transformers' side
+        mlp.router.weight.copy_(t(router["w"].T))
+        mlp.router.bias.copy_(t(router["b"]))
+        mlp.experts.gate_up_proj_bias.copy_(t(packed.gate_up_bias))
+        mlp.experts.down_proj_bias.copy_(t(packed.down_bias))
+    x = _bf16(2.0 * rng.standard_normal((tokens, C.hidden_size)))
+    g = rng.standard_normal((tokens, C.hidden_size)).astype(np.float32)
+    xt = t(x).requires_grad_(True)
+    ref = mlp(xt[None])[0][0]
+    (ref * t(g)).sum().backward()
+    layer = {"router": jax_tree(router), "experts": jax_tree(packed)}
+    if branch == "xla":
+        ops, want = resolve(platform="cpu", use_cpu_kernels=False), (
+            "gather" if tokens * C.num_experts_per_tok <= C.num_local_experts else "xla")
+    else:
+        ops, want = resolve(platform="cpu", cpu_isa=branch), kernel
+        if not fused:
+            ops = dataclasses.replace(ops, cpu_kernels=ops.cpu_kernels - {"expert_mlp"})
+    xb = jnp.asarray(x, jnp.bfloat16)
+    assert experts_op.backend(layer["experts"], tokens * C.num_experts_per_tok, ops,
+                              jnp.bfloat16) == want
+    f = jax.jit(lambda x: moe(x, layer, C, ops))
+    assert ("gptoss_mxfp4_gemv" in f.lower(xb).as_text()) == (want == "mxfp4_gemv")
+    assert ("gptoss_expert_mlp" in f.lower(xb).as_text()) == (want == "expert_mlp")
+    close(f(xb).astype(jnp.float32), ref.detach(), rtol=2e-2)
+    grad = jax.grad(lambda x: jnp.sum(moe(x, layer, C, ops).astype(jnp.float32) * g))(xb)
+    close(grad.astype(jnp.float32), xt.grad, rtol=3e-2)

@@ -7,9 +7,6 @@ environment; the first cell run checks ``sys.executable``). The repository root 
 kernel's ``PYTHONPATH``. Any cell error fails the test with the cell's traceback; each cell has
 ``CELL_TIMEOUT`` seconds. The executed copy is left in pytest's temp folder for inspection.
 
-Also here: ``gptoss_jax.introspect.trace`` (the notebooks' introspection helper) reproduces the
-model's logits from the probabilities it records.
-
 Needs the test extra's ``nbclient``, ``nbformat``, ``ipykernel`` and ``matplotlib``.
 """
 
@@ -95,30 +92,3 @@ def test_notebook_runs(path, tmp_path):
     images = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code"
                  for o in c.outputs)
     assert images >= 1, f"{path.name} drew no figure"
-
-
-def test_inspect_trace_matches_model(tiny_model_f32):
-    """The trace rebuilds the residual stream from the probabilities it records: logits equal."""
-    from gptoss_jax import introspect as gi
-
-    c = tiny_model_f32.config  # 3 layers, sliding window 5, 6 heads, 7 experts top-3
-    tokens = np.random.default_rng(0).integers(0, c.vocab_size, 17)
-    tr = gi.trace(tiny_model_f32, tokens)
-    want = np.asarray(tiny_model_f32(tokens[None]))[0]
-    np.testing.assert_allclose(tr.logits, want, rtol=1e-5, atol=1e-5)
-    t = len(tokens)
-    q, k = np.arange(t)[:, None], np.arange(t)[None, :]
-    for i, lt in enumerate(tr.layers):
-        assert lt.sliding == c.is_sliding(i)
-        allowed = (k <= q) & ((q - k < c.sliding_window) if lt.sliding else True)
-        assert lt.attn_probs.shape == (c.num_attention_heads, t, t)
-        assert np.all(lt.attn_probs[:, ~allowed] == 0)
-        assert np.all(lt.attn_probs[:, allowed] > 0)
-        np.testing.assert_allclose(lt.attn_probs.sum(-1) + lt.sink_probs, 1.0, rtol=1e-5)
-        assert lt.expert_ids.shape == (t, c.num_experts_per_tok)
-        np.testing.assert_allclose(lt.expert_weights.sum(-1), 1.0, rtol=1e-5)
-        # the chosen experts are the top-k router logits
-        top = np.sort(np.argsort(-lt.router_logits, axis=-1)[:, :c.num_experts_per_tok], -1)
-        np.testing.assert_array_equal(np.sort(lt.expert_ids, -1), top)
-    np.testing.assert_allclose(tr.expert_load().sum(-1), 1.0)
-    assert tr.sink_mass().shape == (c.num_hidden_layers, c.num_attention_heads)

@@ -22,8 +22,10 @@ import gptoss_jax
 from convert.random_weights import random_getter
 from convert.writer import write_checkpoint
 from gptoss_jax.model import params as PD
+from gptoss_jax.model import sharding
 from gptoss_jax.model.config import GptOssConfig
-from gptoss_jax.parallel import distributed, sharding
+from gptoss_jax.parallel import distributed, rules
+from gptoss_jax.parallel import mesh as meshes
 
 HERE = os.path.dirname(__file__)
 SCRIPTS = os.path.join(HERE, "sharding_scripts")
@@ -102,14 +104,14 @@ def test_greedy_generation_matches_single_device(sharded, single):
 def test_each_device_holds_one_expert_shard(sharded):
     mesh, _, report = sharded
     info = report["meshes"][mesh]
-    ep = sharding.MeshConfig.parse(mesh).expert
+    ep = meshes.MeshConfig.parse(mesh).expert
     assert info["expert_spec"] == "P('expert', None, None, None)"
     assert info["expert_shard_bytes"] == [info["expert_total_bytes"] // ep] * 8
 
 
 def test_heads_and_vocab_on_tensor_axis(sharded):
     mesh, _, report = sharded
-    m, info = sharding.MeshConfig.parse(mesh), report["meshes"][mesh]
+    m, info = meshes.MeshConfig.parse(mesh), report["meshes"][mesh]
     assert info["q_w_spec"] == ("P(None, 'tensor', None)" if m.tensor > 1 else "P(None, None, None)")
     want = [("data" if m.data > 1 else None), None, ("tensor" if m.tensor > 1 else None)]
     assert info["logits_spec"] == (str(P(*want)) if any(want) else "P()")
@@ -147,20 +149,20 @@ def test_sharded_load_never_holds_a_whole_expert_tensor(tmp_path):
 
 # -- in-process: parsing, rules, CLI ---------------------------------------------------------
 def test_parse_mesh():
-    m = sharding.parse_mesh("data=1, expert=4,tensor=2", num_devices=8)
+    m = meshes.parse_mesh("data=1, expert=4,tensor=2", num_devices=8)
     assert (m.data, m.expert, m.tensor, m.shape, str(m)) == (1, 4, 2, (1, 4, 2), "data=1,expert=4,tensor=2")
-    assert sharding.parse_mesh("expert=8", num_devices=8).shape == (1, 8, 1)
+    assert meshes.parse_mesh("expert=8", num_devices=8).shape == (1, 8, 1)
     for spec, msg in [("expert=4,model=2", "unknown axis 'model'"), ("expert=two", "positive integer"),
                       ("expert=2.5", "positive integer"), ("expert=0", "positive integer"),
                       ("expert", "is not axis=size"), ("", "expected axis=size"),
                       ("expert=2,expert=4", "given twice"),
                       ("data=2,expert=2", "has 4 devices but there are 8")]:
         with pytest.raises(ValueError, match=msg):
-            sharding.parse_mesh(spec, num_devices=8)
+            meshes.parse_mesh(spec, num_devices=8)
 
 
 def test_validate_names_every_problem():
-    with pytest.raises(sharding.ShardingError) as e:
+    with pytest.raises(meshes.ShardingError) as e:
         sharding.validate(CONFIG, "expert=3,tensor=4")
     msg = str(e.value)
     assert "\n" not in msg
@@ -172,7 +174,7 @@ def test_validate_names_every_problem():
 
 
 def test_rules_table_drives_param_shardings():
-    mesh = AbstractMesh((2, 4, 2), sharding.AXES, axis_types=(AxisType.Auto,) * 3)
+    mesh = AbstractMesh((2, 4, 2), meshes.AXES, axis_types=(AxisType.Auto,) * 3)
     for fmt in PD.EXPERT_FORMATS:
         shard = sharding.param_shardings(PD.declare(CONFIG, experts=fmt), mesh)
         layer = shard["layers"][1]
@@ -182,22 +184,22 @@ def test_rules_table_drives_param_shardings():
         assert layer["attn"]["o_w"].spec == P("tensor", None, None)
         assert layer["attn"]["sinks"].spec == P("tensor")
         assert layer["router"]["w"].spec == P(None, None)
-        for leaf in layer["experts"].values():
+        for leaf in jax.tree.leaves(layer["experts"]):
             assert leaf.spec[0] == "expert" and all(a is None for a in leaf.spec[1:])
-    trivial = AbstractMesh((1, 1, 1), sharding.AXES, axis_types=(AxisType.Auto,) * 3)
-    assert sharding.logical_spec(("experts", "mlp"), trivial) == P(None, None)
-    with pytest.raises(sharding.ShardingError, match="not divisible"):
-        sharding.logical_spec(("experts",), mesh, (6,))
-    assert sharding.logical_spec(("batch", None), mesh, (3, 5), strict=False) == P(None, None)
+    trivial = AbstractMesh((1, 1, 1), meshes.AXES, axis_types=(AxisType.Auto,) * 3)
+    assert rules.logical_spec(("experts", "mlp"), trivial) == P(None, None)
+    with pytest.raises(meshes.ShardingError, match="not divisible"):
+        rules.logical_spec(("experts",), mesh, (6,))
+    assert rules.logical_spec(("batch", None), mesh, (3, 5), strict=False) == P(None, None)
 
 
 def test_cache_shardings():
-    mesh = jax.make_mesh((1, 1, 1), sharding.AXES, axis_types=(AxisType.Auto,) * 3)
-    caches = sharding.cache_shardings(CONFIG, mesh, batch=2, max_len=32)
+    trivial = jax.make_mesh((1, 1, 1), meshes.AXES, axis_types=(AxisType.Auto,) * 3)
+    caches = sharding.cache_shardings(CONFIG, trivial, batch=2, max_len=32)
     assert len(caches) == CONFIG.num_hidden_layers
     assert all(c.k.spec == P(None, None, None, None) for c in caches)  # trivial mesh: replicated
-    abstract = AbstractMesh((2, 1, 2), sharding.AXES, axis_types=(AxisType.Auto,) * 3)
-    spec = sharding.logical_spec(("batch", None, "kv_heads", None), abstract, (4, 5, 2, 10))
+    abstract = AbstractMesh((2, 1, 2), meshes.AXES, axis_types=(AxisType.Auto,) * 3)
+    spec = rules.logical_spec(("batch", None, "kv_heads", None), abstract, (4, 5, 2, 10))
     assert spec == P("data", None, "tensor", None)
 
 
@@ -206,8 +208,8 @@ def test_cli_arguments():
     args = parser.parse_args([])
     assert distributed.setup_from_args(args, parser) is None
     args = parser.parse_args(["--mesh", "expert=1"])
-    mesh = distributed.setup_from_args(args, parser)
-    assert dict(mesh.shape) == {"data": 1, "expert": 1, "tensor": 1}
+    built = distributed.setup_from_args(args, parser)
+    assert dict(built.shape) == {"data": 1, "expert": 1, "tensor": 1}
     with pytest.raises(SystemExit) as e:  # bad syntax: argparse, exit 2
         parser.parse_args(["--mesh", "experts=2"])
     assert e.value.code == 2

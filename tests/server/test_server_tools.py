@@ -2,8 +2,8 @@
 reasoning effort in the rendered prompt, malformed output, the API key — through the official
 ``openai`` client against a real uvicorn server on 127.0.0.1.
 
-The backend is a stub with the slot engine's interface (``add`` / ``step`` / ``release`` /
-``seqs`` ...): it records each prompt and replays harmony token sequences rendered with
+The backend is a stub with the engine's interface (``submit`` / ``step`` / ``cancel`` ...): it
+records each prompt and replays harmony token sequences rendered with
 openai-harmony, chosen by what the prompt contains.
 """
 
@@ -19,7 +19,7 @@ import pytest
 
 from gptoss_jax import harmony
 from gptoss_jax.chat.tokenizer import load_tokenizer
-from gptoss_jax.inference.engine import SlotSequence
+from gptoss_jax.inference.engine import StepEvent
 from gptoss_jax.server import Scheduler, create_app
 from gptoss_jax.server.background import BackgroundServer
 from gptoss_jax.server.store import MemoryStore
@@ -74,60 +74,62 @@ def script_for(prompt: list[int]) -> list[int]:
 
 
 class ScriptedEngine:
-    """The slot engine's interface over scripted replies."""
+    """The engine's interface (``check`` / ``submit`` / ``step`` / ``cancel`` ...) over scripted
+    replies: each sequence samples its script one token per step."""
 
     def __init__(self, max_batch: int = 4, max_len: int = 2048):
         self.max_batch, self.max_len = max_batch, max_len
         self.config = types.SimpleNamespace(vocab_size=201088)
-        self.seqs: dict[int, SlotSequence] = {}
-        self.scripts: dict[int, list[int]] = {}
+        self.seqs: dict[int, dict] = {}
         self.batch_sizes: list[int] = []
         self.prompts: list[list[int]] = []
         self.compile_s = 0.0
-        self.explode = False  # the next decode step raises (a prompt asked for it)
+        self.explode = False  # the next step raises (a prompt asked for it)
+        self._ids = iter(range(1, 1 << 30))
 
-    def compile(self, prompt_len, num_prompts=1, top_k=False):
+    def compile(self, prompt_len, num_prompts=1, sampling=None):
         return 0.0
 
+    def check(self, prompt, max_new_tokens):
+        if len(prompt) + max_new_tokens > self.max_len:
+            raise ValueError("too long")
+
     @property
-    def free_slots(self):
-        return [i for i in range(self.max_batch) if i not in self.seqs]
+    def idle(self):
+        return not self.seqs
 
-    def add(self, prompts, samplings, max_new_tokens, stop_tokens, constraints=None):  # replays, unconstrained
-        out = []
-        for p, s, m, st in zip(prompts, samplings, max_new_tokens, stop_tokens):
-            slot = self.free_slots[0]
-            self.prompts.append(list(p))
-            self.seqs[slot] = SlotSequence(list(p), s, m, frozenset(st))
-            self.scripts[slot] = script_for(list(p))
-            self.explode = self.explode or "EXPLODE" in load_tokenizer().decode(p)
-            out.append((slot, self._next(slot)))
-        return out
-
-    def _next(self, slot: int) -> int:
-        seq, script = self.seqs[slot], self.scripts[slot]
-        tok = script[len(seq.tokens)] if len(seq.tokens) < len(script) else harmony.ENDOFTEXT
-        seq.tokens.append(tok)
-        if tok in seq.stop_tokens:
-            seq.finish_reason = "stop"
-        elif len(seq.tokens) >= seq.max_new_tokens:
-            seq.finish_reason = "length"
-        return tok
+    def submit(self, prompt, sampling, max_new_tokens, stop_tokens):
+        seq_id = next(self._ids)
+        self.prompts.append(list(prompt))
+        self.seqs[seq_id] = {"script": script_for(list(prompt)), "out": [], "max": max_new_tokens,
+                             "stops": frozenset(stop_tokens)}
+        self.explode = self.explode or "EXPLODE" in load_tokenizer().decode(prompt)
+        return seq_id
 
     def step(self):
-        for slot in [s for s, q in self.seqs.items() if q.finish_reason]:
-            self.release(slot)
-        if not self.seqs:
-            return []
         if self.explode:
             self.explode = False
             raise RuntimeError("simulated device failure")
         self.batch_sizes.append(len(self.seqs))
-        return [(slot, self._next(slot)) for slot in list(self.seqs)]
+        events = []
+        for seq_id, seq in list(self.seqs.items()):
+            out, script = seq["out"], seq["script"]
+            tok = script[len(out)] if len(out) < len(script) else harmony.ENDOFTEXT
+            out.append(tok)
+            reason = "stop" if tok in seq["stops"] else "length" if len(out) >= seq["max"] else None
+            if reason:
+                del self.seqs[seq_id]
+            events.append(StepEvent(seq_id, tok, reason, 0))
+        return events
 
-    def release(self, slot):
-        self.scripts.pop(slot, None)
-        return self.seqs.pop(slot, None)
+    def cancel(self, seq_id):
+        return self.seqs.pop(seq_id, None)
+
+    def recover(self):
+        self.seqs.clear()
+
+    def stats(self):
+        return {"running": len(self.seqs), "waiting": 0}
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,14 @@ from ..base import ToolSetupError
 from .backends import BackendError, BrowserBackend, SearchHit
 from .local import LocalBackend
 from .pages import Page, html_to_page, text_to_page
-from .tool import BrowserState, BrowserTool, resolve_citations
+from .tool import BrowserState, BrowserTool, planned_action, resolve_citations
 from .web import ExaBackend, YouComBackend
 
 API_KEY_ENV = {"exa": "EXA_API_KEY", "youcom": "YDC_API_KEY"}
 
 __all__ = ["API_KEY_ENV", "BackendError", "BrowserBackend", "BrowserState", "BrowserTool", "ExaBackend",
            "LocalBackend", "Page", "SearchHit", "YouComBackend", "api_key_from_env", "html_to_page",
-           "make_backend", "resolve_citations", "text_to_page"]
+           "make_backend", "planned_action", "resolve_citations", "text_to_page"]
 
 
 def api_key_from_env(spec: str, environ: Mapping[str, str] | None = None) -> str | None:

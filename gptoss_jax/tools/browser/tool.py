@@ -15,6 +15,7 @@ The namespace declared to the model is harmony's own ``ToolNamespaceConfig.brows
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from typing import Any
 from urllib.parse import quote
@@ -73,6 +74,9 @@ class BrowserTool(Tool):
 
     def config(self) -> oh.ToolNamespaceConfig:
         return oh.ToolNamespaceConfig.browser()
+
+    def item_type(self, recipient: str) -> str:
+        return "web_search_call"
 
     def new_state(self, conversation_id: str | None = None) -> BrowserState:
         return BrowserState()
@@ -177,6 +181,26 @@ class BrowserTool(Tool):
 
 def _item(action: dict) -> dict:
     return {"type": "web_search_call", "action": dict(action)}
+
+
+def planned_action(recipient: str, arguments: str) -> dict[str, Any]:
+    """The ``web_search_call`` action a call will take, as far as its arguments tell before it
+    runs (a stream announces the call then; the result's item has the whole action). Arguments
+    that do not parse still give the action's type, from the function called."""
+    function = recipient.rpartition(".")[2]
+    try:
+        args = json.loads(arguments) if arguments.strip() else {}
+    except json.JSONDecodeError:
+        args = {}
+    args = args if isinstance(args, dict) else {}
+    if function == "open":
+        link = args.get("id")
+        return {"type": "open_page", "url": link if isinstance(link, str) else None}
+    if function == "find":
+        pattern = args.get("pattern")
+        return {"type": "find_in_page", "pattern": pattern if isinstance(pattern, str) else "", "url": ""}
+    query = args.get("query")
+    return {"type": "search", "query": query if isinstance(query, str) else None}
 
 
 def _results_page(query: str, hits: list[SearchHit]) -> Page:

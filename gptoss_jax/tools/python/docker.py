@@ -93,6 +93,9 @@ class DockerExecutor(Executor):
         except TimeoutError:
             await self._kill(name, proc)
             return ExecResult("", "timeout", f"[error: stopped after the {self.limits.wall_seconds:g} s time limit]")
+        except asyncio.CancelledError:  # the request went away: stop its container (shielded)
+            await asyncio.shield(self._kill(name, proc))
+            raise
         output, cut = trim_output(data, limit)
         if cut:
             await self._kill(name, proc)

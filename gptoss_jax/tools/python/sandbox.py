@@ -245,6 +245,9 @@ class SubprocessExecutor(Executor):
                 reason = "output-limit"
         except TimeoutError:
             reason = "timeout"
+        except asyncio.CancelledError:  # the request went away: the code goes with it
+            self._kill_tree(proc)
+            raise
         if reason is not None:
             self._kill_tree(proc)
         try:

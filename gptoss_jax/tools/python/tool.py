@@ -26,6 +26,9 @@ class PythonTool(Tool):
     def config(self) -> oh.ToolNamespaceConfig:
         return oh.ToolNamespaceConfig(name=self.namespace, description=self.executor.description(), tools=[])
 
+    def item_type(self, recipient: str) -> str:
+        return "code_interpreter_call"
+
     def new_state(self, conversation_id: str | None = None) -> Any:
         return self.executor.new_session(conversation_id)
 

@@ -30,7 +30,7 @@ def main(ckpt, out_dir, coordinator, num_processes, process_id, mesh_spec):
     from jax.experimental import multihost_utils
 
     import gptoss_jax
-    from gptoss_jax.parallel import sharding
+    from gptoss_jax.parallel.mesh import make_mesh
 
     expert_bytes = []  # bytes of expert tensors this process reads from disk
     original = safetensors_io.SafetensorsFile.read
@@ -42,12 +42,12 @@ def main(ckpt, out_dir, coordinator, num_processes, process_id, mesh_spec):
         return arr
     safetensors_io.SafetensorsFile.read = counting_read
 
-    mesh = sharding.make_mesh(mesh_spec)
+    mesh = make_mesh(mesh_spec)
     model = gptoss_jax.load(ckpt, dtype="float32", mesh=mesh, progress=False)
     tokens, lengths = batch()
     logits = model(tokens, lengths)
     full = multihost_utils.process_allgather(logits, tiled=True)
-    blocks = model.params["layers"][0]["experts"]["gate_up_blocks"]
+    blocks = model.params["layers"][0]["experts"].gate_up.blocks
     with open(os.path.join(out_dir, f"process_{process_id}.json"), "w") as f:
         json.dump({"process_count": jax.process_count(), "device_count": jax.device_count(),
                    "local_devices": jax.local_device_count(),

@@ -45,8 +45,8 @@ def main(ckpt: str, mesh: str) -> None:
     print(json.dumps({
         "before": before, "after": after,
         "resident": sum(x.nbytes for x in jax.tree.leaves(model.params)),
-        "largest_expert_tensor": max(x.nbytes for x in experts.values()),
-        "max_device_share": max(s.data.nbytes for s in experts["gate_up_blocks"].addressable_shards),
+        "largest_expert_tensor": max(x.nbytes for x in jax.tree.leaves(experts)),
+        "max_device_share": max(s.data.nbytes for s in experts.gate_up.blocks.addressable_shards),
     }))
 
 

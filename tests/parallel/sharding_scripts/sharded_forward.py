@@ -20,8 +20,9 @@ import numpy as np
 
 import gptoss_jax
 from convert import safetensors_io
-from gptoss_jax.model.moe import MoeRuntime
-from gptoss_jax.parallel import sharding
+from gptoss_jax.model import sharding
+from gptoss_jax.ops.runtime import resolve
+from gptoss_jax.parallel.mesh import make_mesh
 
 sys.path.insert(0, os.path.dirname(__file__))
 from inputs import PROMPTS, batch
@@ -36,12 +37,12 @@ def main(ckpt: str, out: str, meshes: list[str]) -> None:
         results[f"{spec}/logits"] = np.asarray(model(tokens, lengths))
         results[f"{spec}/logits3"] = np.asarray(model(tokens[:3], lengths[:3]))
         # The Pallas grouped-MXFP4 kernel (interpret mode) inside the expert-parallel region.
-        pallas = model.with_runtime(moe=MoeRuntime(impl="pallas", interpret=True))
+        pallas = model.with_runtime(ops=resolve(experts="pallas", interpret=True))
         results[f"{spec}/logits_pallas"] = np.asarray(pallas(tokens, lengths))
         done = gptoss_jax.generate(model, PROMPTS, max_new_tokens=6, temperature=0.0,
                                    stop_tokens=(), decode_text=False)
         results[f"{spec}/greedy"] = np.array([c.tokens for c in done])
-        arr = model.params["layers"][0]["experts"]["gate_up_blocks"]
+        arr = model.params["layers"][0]["experts"].gate_up.blocks
         report["meshes"][spec] = {
             "expert_shard_bytes": [s.data.nbytes for s in arr.addressable_shards],
             "expert_total_bytes": arr.nbytes,
@@ -63,7 +64,7 @@ def main(ckpt: str, out: str, meshes: list[str]) -> None:
             report["bad"][spec] = f"{type(e).__name__}: {e}"
     report["reads_before_error"] = len(reads)
     try:
-        sharding.validate(gptoss_jax.GptOssConfig(num_local_experts=12), sharding.make_mesh("expert=8"))
+        sharding.validate(gptoss_jax.GptOssConfig(num_local_experts=12), make_mesh("expert=8"))
     except ValueError as e:
         report["bad"]["experts=12 on expert=8"] = str(e)
     np.savez(out, **results)

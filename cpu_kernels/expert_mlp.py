@@ -1,0 +1,60 @@
+"""The expert MLP of a decode step on packed MXFP4 experts in one call (``src/expert_mlp.cc``):
+``y[t] = sum_j w[t, j] (W_down[e] swiglu(W_gate_up[e] x[t] + b_gate_up[e]) + b_down[e])``,
+``e = idx[t, j]``, for a few bf16 tokens.
+
+The (token, slot) pairs are grouped by expert inside the kernel and the four phases (gate_up,
+bias + SwiGLU, down, the weighted sum in slot order) run on the caller and XLA's pool, instead
+of the twenty-odd XLA ops of the sorted path. The SwiGLU is gpt-oss's clamped one, its output
+rounded to bf16 (as the XLA path casts it); the matmuls are ``mxfp4_gemv``'s inner loops on the
+instruction-set branch given (:mod:`cpu_kernels.isa`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cpu_kernels import isa
+from cpu_kernels.ffi import target
+from pallas_kernels import mxfp4
+
+__all__ = ["expert_mlp", "expert_mlp_reference"]
+
+SLICE_ROWS = 128  # output rows per task
+
+
+def expert_mlp(x, idx, weights, gate_up_blocks, gate_up_scales, gate_up_bias, down_blocks,
+               down_scales, down_bias, *, limit: float, alpha: float,
+               branch: str | None = None, slice_rows: int = SLICE_ROWS) -> jax.Array:
+    """f32 ``[T, D]`` (see the module doc) for ``x`` ``[T, D]`` (taken as bf16), expert ids
+    ``idx`` ``[T, K]`` (ids outside ``[0, E)`` count for nothing) and routing ``weights``
+    ``[T, K]``; packed ``gate_up`` ``[E, 2F, D/32, 16]`` / ``[E, 2F, D/32]`` (gate even rows, up
+    odd), ``down`` ``[E, D, F/32, 16]`` / ``[E, D, F/32]``, bf16 biases ``[E, 2F]``, ``[E, D]``."""
+    call = jax.ffi.ffi_call(target("expert_mlp"), jax.ShapeDtypeStruct(x.shape, jnp.float32))
+    return call(x.astype(jnp.bfloat16), idx.astype(jnp.int32), weights.astype(jnp.float32),
+                gate_up_blocks, gate_up_scales, gate_up_bias.astype(jnp.bfloat16), down_blocks,
+                down_scales, down_bias.astype(jnp.bfloat16), isa=isa.attribute(branch),
+                limit=np.float32(limit), alpha=np.float32(alpha),
+                slice_rows=np.int64(slice_rows))
+
+
+def expert_mlp_reference(x, idx, weights, gate_up_blocks, gate_up_scales, gate_up_bias,
+                         down_blocks, down_scales, down_bias, *, limit: float,
+                         alpha: float) -> jax.Array:
+    """Plain jnp, the same math (the SwiGLU's output rounded to bf16)."""
+    f32 = jnp.float32
+    e_n = gate_up_blocks.shape[0]
+    x = x.astype(jnp.bfloat16).astype(f32)
+    ok = (idx >= 0) & (idx < e_n)
+    e = jnp.where(ok, idx, 0)
+    w1 = mxfp4.dequantize(gate_up_blocks, gate_up_scales, f32)[e]  # [T, K, 2F, D]
+    h = jnp.einsum("tknd,td->tkn", w1, x, precision=jax.lax.Precision.HIGHEST)
+    h = h + gate_up_bias.astype(f32)[e]
+    g = jnp.minimum(h[..., 0::2], limit)
+    u = jnp.clip(h[..., 1::2], -limit, limit)
+    a = (g * jax.nn.sigmoid(alpha * g) * (u + 1.0)).astype(jnp.bfloat16).astype(f32)
+    w2 = mxfp4.dequantize(down_blocks, down_scales, f32)[e]  # [T, K, D, F]
+    o = jnp.einsum("tkdf,tkf->tkd", w2, a, precision=jax.lax.Precision.HIGHEST)
+    o = o + down_bias.astype(f32)[e]
+    return jnp.sum(jnp.where(ok, weights, 0.0)[..., None] * o, axis=1)

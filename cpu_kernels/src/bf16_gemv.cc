@@ -1,0 +1,402 @@
+// logits[m, v] = sum_d x[m, d] * w[v, d] for a few rows x (bf16 [M, D]) against a large
+// bf16 matrix w stored [V, D] (the unembedding), f32 out, and each row's argmax (the first index
+// of its maximum, as jnp.argmax) in the same pass, as an XLA FFI handler.
+//
+// Batch-1 decode reads ~90% of its bytes here on a small model (and a third on gpt-oss-20b), so
+// this is a streaming kernel: each weight row is read once per pass (up to 8 rows of x on the
+// AVX-512 BF16 branch, each x load feeding two weight rows from 5 rows on; 4 on the others),
+// slices of V are
+// shared between the caller and XLA's pool (XLA's own fused loop runs on one core, which is half
+// the memory bandwidth on most Intel parts), and the argmax is taken from each slice's logits
+// while they are still in L1, so the 0.8 MB of logits are not read again by a later reduction.
+//
+// Three branches (simd.h), picked by the caller from the CPU's features; each may software-
+// prefetch the stream `prefetch` bytes ahead (0 = rely on the hardware prefetchers), with a
+// temporal or a non-temporal hint (`nta`: keep the stream out of the outer caches, so that the
+// rest of a step's weights can stay there):
+//   AVX-512 BF16  vdpbf16ps: 32 products a instruction, x taken as bf16 (it is: hidden states)
+//   AVX-512       bf16 widened to f32 by a shift (even elements) and a mask (odd ones), so x is
+//                 split once into its even and odd halves and each half meets its own FMA
+//   AVX2          as AVX-512, 8 lanes
+// stream_read.cc reads a buffer with the same slicing and prefetch and nothing else: the
+// bandwidth bound this kernel is measured against.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "parallel_for.h"
+#include "simd.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using gptoss_cpu::Best;
+
+constexpr int kMaxRows = 8;  // rows of x per pass over w (AVX-512 BF16; 4 on the other branches)
+constexpr int64_t kSliceBytes = gptoss_cpu::kSliceBytes;  // weight bytes a task (whole groups)
+
+using gptoss_cpu::Fetch;
+using gptoss_cpu::kNone;
+using gptoss_cpu::kNta;
+using gptoss_cpu::kT0;
+using gptoss_cpu::Prefetch;
+
+struct Problem {
+  const uint16_t* x;  // [m, d] bf16
+  const uint16_t* w;  // [v, d] bf16
+  int64_t m, d, v;
+  int64_t prefetch;  // bytes ahead
+  float* logits;     // [m, v]
+};
+
+}  // namespace
+
+// -------------------------------------------------------------------------------------------
+// AVX-512 BF16
+// -------------------------------------------------------------------------------------------
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")
+namespace gptoss_cpu::isa_avx512bf16 {
+
+inline __m512bh Load32(const uint16_t* p) {
+  return reinterpret_cast<__m512bh>(_mm512_loadu_si512(p));
+}
+inline __m512bh Load32(const uint16_t* p, __mmask32 live) {
+  return reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(live, p));
+}
+
+// Rows [0, R) of x against weight rows [v0, v1) (v0 a multiple of 16): logits and each row's
+// best of the slice.
+template <int R, Prefetch P>
+void Slice(const Problem& p, const uint16_t* x, int64_t v0, int64_t v1, float* logits,
+           Best* best) {
+  const int64_t d = p.d, full = d / 32 * 32;
+  const __mmask32 tail = static_cast<__mmask32>((1ull << (d - full)) - 1);
+  for (int64_t g = v0; g < v1; g += 16) {
+    const int rows = static_cast<int>(std::min<int64_t>(16, v1 - g));
+    __m512 acc[R][16];
+    for (int j = 0; j < 16; ++j) {
+      for (int r = 0; r < R; ++r) acc[r][j] = _mm512_setzero_ps();
+      if (j >= rows) continue;
+      const uint16_t* wr = p.w + (g + j) * d;
+      const char* ahead = reinterpret_cast<const char*>(wr) + p.prefetch;
+      // one row of x: two chains, so a long row is not bound by the dot's latency
+      __m512 odd[R];
+      for (int r = 0; r < R; ++r) odd[r] = _mm512_setzero_ps();
+      int64_t k = 0;
+      for (; k + 64 <= full; k += 64) {
+        Fetch<P>(ahead + 2 * k);
+        Fetch<P>(ahead + 2 * k + 64);
+        const __m512bh w0 = Load32(wr + k), w1 = Load32(wr + k + 32);
+        for (int r = 0; r < R; ++r) {
+          acc[r][j] = _mm512_dpbf16_ps(acc[r][j], Load32(x + r * d + k), w0);
+          odd[r] = _mm512_dpbf16_ps(odd[r], Load32(x + r * d + k + 32), w1);
+        }
+      }
+      if (k < full) {
+        Fetch<P>(ahead + 2 * k);
+        const __m512bh w0 = Load32(wr + k);
+        for (int r = 0; r < R; ++r)
+          acc[r][j] = _mm512_dpbf16_ps(acc[r][j], Load32(x + r * d + k), w0);
+        k += 32;
+      }
+      if (tail) {
+        const __m512bh w0 = Load32(wr + k, tail);
+        for (int r = 0; r < R; ++r)
+          odd[r] = _mm512_dpbf16_ps(odd[r], Load32(x + r * d + k, tail), w0);
+      }
+      for (int r = 0; r < R; ++r) acc[r][j] = _mm512_add_ps(acc[r][j], odd[r]);
+    }
+    const __mmask16 live = static_cast<__mmask16>((1u << rows) - 1);
+    for (int r = 0; r < R; ++r)
+      _mm512_mask_storeu_ps(logits + r * p.v + g, live, isa_avx512::Sum16(acc[r]));
+  }
+  for (int r = 0; r < R; ++r)
+    best[r] = isa_avx512::Argmax(logits + r * p.v + v0, v1 - v0, v0);
+}
+
+// Five to eight rows of x: each x load feeds two weight rows (16 accumulators), as the dot
+// products, not the weight stream, would bound a row-by-row walk.
+template <int R, Prefetch P>
+void SlicePairs(const Problem& p, const uint16_t* x, int64_t v0, int64_t v1, float* logits,
+                Best* best) {
+  const int64_t d = p.d, full = d / 32 * 32;
+  const __mmask32 tail = static_cast<__mmask32>((1ull << (d - full)) - 1);
+  for (int64_t g = v0; g < v1; g += 16) {
+    const int rows = static_cast<int>(std::min<int64_t>(16, v1 - g));
+    __m512 acc[R][16];
+    for (int j = 0; j < 16; j += 2) {
+      __m512 a0[R], a1[R];
+      for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
+      if (j < rows) {
+        const uint16_t* w0 = p.w + (g + j) * d;
+        const uint16_t* w1 = j + 1 < rows ? w0 + d : nullptr;  // a lone last row: zeros
+        const char* ahead = reinterpret_cast<const char*>(w0) + p.prefetch;
+        int64_t k = 0;
+        for (; k < full; k += 32) {
+          Fetch<P>(ahead + 2 * k);
+          Fetch<P>(ahead + 2 * (k + d));
+          const __m512bh b0 = Load32(w0 + k);
+          const __m512bh b1 = w1 ? Load32(w1 + k) : reinterpret_cast<__m512bh>(_mm512_setzero_si512());
+          for (int r = 0; r < R; ++r) {
+            const __m512bh xv = Load32(x + r * d + k);
+            a0[r] = _mm512_dpbf16_ps(a0[r], xv, b0);
+            a1[r] = _mm512_dpbf16_ps(a1[r], xv, b1);
+          }
+        }
+        if (tail) {
+          const __m512bh b0 = Load32(w0 + k, tail);
+          const __m512bh b1 =
+              w1 ? Load32(w1 + k, tail) : reinterpret_cast<__m512bh>(_mm512_setzero_si512());
+          for (int r = 0; r < R; ++r) {
+            const __m512bh xv = Load32(x + r * d + k, tail);
+            a0[r] = _mm512_dpbf16_ps(a0[r], xv, b0);
+            a1[r] = _mm512_dpbf16_ps(a1[r], xv, b1);
+          }
+        }
+      }
+      for (int r = 0; r < R; ++r) acc[r][j] = a0[r], acc[r][j + 1] = a1[r];
+    }
+    const __mmask16 live = static_cast<__mmask16>((1u << rows) - 1);
+    for (int r = 0; r < R; ++r)
+      _mm512_mask_storeu_ps(logits + r * p.v + g, live, isa_avx512::Sum16(acc[r]));
+  }
+  for (int r = 0; r < R; ++r)
+    best[r] = isa_avx512::Argmax(logits + r * p.v + v0, v1 - v0, v0);
+}
+
+}  // namespace gptoss_cpu::isa_avx512bf16
+#pragma GCC pop_options
+
+// -------------------------------------------------------------------------------------------
+// AVX-512 without BF16
+// -------------------------------------------------------------------------------------------
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
+namespace gptoss_cpu::isa_avx512 {
+
+// xs: x split per 32-element chunk into its 16 even then 16 odd elements, as f32, zero-padded
+// to whole chunks: [R, chunks, 2, 16].
+template <int R, Prefetch P>
+void Slice(const Problem& p, const float* xs, int64_t v0, int64_t v1, float* logits,
+           Best* best) {
+  const int64_t d = p.d, chunks = (d + 31) / 32, full = d / 32;
+  const __mmask32 tail = static_cast<__mmask32>((1ull << (d - full * 32)) - 1);
+  const __m512i high = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  for (int64_t g = v0; g < v1; g += 16) {
+    const int rows = static_cast<int>(std::min<int64_t>(16, v1 - g));
+    __m512 acc[R][16];
+    for (int j = 0; j < 16; ++j) {
+      for (int r = 0; r < R; ++r) acc[r][j] = _mm512_setzero_ps();
+      if (j >= rows) continue;
+      const uint16_t* wr = p.w + (g + j) * d;
+      const char* ahead = reinterpret_cast<const char*>(wr) + p.prefetch;
+      __m512 odd[R];
+      for (int r = 0; r < R; ++r) odd[r] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < chunks; ++c) {
+        Fetch<P>(ahead + 64 * c);
+        const __m512i wv = c < full ? _mm512_loadu_si512(wr + 32 * c)
+                                    : _mm512_maskz_loadu_epi16(tail, wr + 32 * c);
+        const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(wv, 16));
+        const __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(wv, high));
+        for (int r = 0; r < R; ++r) {
+          const float* xc = xs + (r * chunks + c) * 32;
+          acc[r][j] = _mm512_fmadd_ps(we, _mm512_loadu_ps(xc), acc[r][j]);
+          odd[r] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(xc + 16), odd[r]);
+        }
+      }
+      for (int r = 0; r < R; ++r) acc[r][j] = _mm512_add_ps(acc[r][j], odd[r]);
+    }
+    const __mmask16 live = static_cast<__mmask16>((1u << rows) - 1);
+    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(logits + r * p.v + g, live, Sum16(acc[r]));
+  }
+  for (int r = 0; r < R; ++r) best[r] = Argmax(logits + r * p.v + v0, v1 - v0, v0);
+}
+
+}  // namespace gptoss_cpu::isa_avx512
+#pragma GCC pop_options
+
+// -------------------------------------------------------------------------------------------
+// AVX2
+// -------------------------------------------------------------------------------------------
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace gptoss_cpu::isa_avx2 {
+
+// xs: x split per 16-element chunk into its 8 even then 8 odd elements, as f32, zero-padded to
+// whole chunks: [R, chunks, 2, 8]. A ragged tail of a weight row (d % 16) is summed in scalars.
+template <int R, Prefetch P>
+void Slice(const Problem& p, const float* xs, int64_t v0, int64_t v1, float* logits,
+           Best* best) {
+  const int64_t d = p.d, chunks = (d + 15) / 16, full = d / 16;
+  const __m256i high = _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  for (int64_t g = v0; g < v1; g += 8) {
+    const int rows = static_cast<int>(std::min<int64_t>(8, v1 - g));
+    __m256 acc[R][8];
+    float ragged[R][8] = {};
+    for (int j = 0; j < 8; ++j) {
+      for (int r = 0; r < R; ++r) acc[r][j] = _mm256_setzero_ps();
+      if (j >= rows) continue;
+      const uint16_t* wr = p.w + (g + j) * d;
+      const char* ahead = reinterpret_cast<const char*>(wr) + p.prefetch;
+      __m256 odd[R];
+      for (int r = 0; r < R; ++r) odd[r] = _mm256_setzero_ps();
+      for (int64_t c = 0; c < full; ++c) {
+        if (c % 2 == 0) Fetch<P>(ahead + 32 * c);  // one prefetch a 64-byte line
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + 16 * c));
+        const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(wv, 16));
+        const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(wv, high));
+        for (int r = 0; r < R; ++r) {
+          const float* xc = xs + (r * chunks + c) * 16;
+          acc[r][j] = _mm256_fmadd_ps(we, _mm256_loadu_ps(xc), acc[r][j]);
+          odd[r] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(xc + 8), odd[r]);
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        acc[r][j] = _mm256_add_ps(acc[r][j], odd[r]);
+        const float* xc = xs + (r * chunks + full) * 16;
+        for (int64_t k = full * 16; k < d; ++k) {
+          const int64_t e = k - full * 16;  // element of the last chunk: even -> e/2, odd -> 8 + e/2
+          ragged[r][j] += Bf16ToF32(wr[k]) * xc[(e % 2) * 8 + e / 2];
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m256 sums = _mm256_add_ps(Sum8(acc[r]), _mm256_loadu_ps(ragged[r]));
+      if (rows == 8) {
+        _mm256_storeu_ps(logits + r * p.v + g, sums);
+      } else {
+        alignas(32) float tmp[8];
+        _mm256_store_ps(tmp, sums);
+        std::copy(tmp, tmp + rows, logits + r * p.v + g);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) best[r] = Argmax(logits + r * p.v + v0, v1 - v0, v0);
+}
+
+}  // namespace gptoss_cpu::isa_avx2
+#pragma GCC pop_options
+
+// -------------------------------------------------------------------------------------------
+// Dispatch
+// -------------------------------------------------------------------------------------------
+namespace {
+
+// x split into even/odd f32 halves per chunk of `width` elements, zero-padded ([R, chunks, 2,
+// width / 2]); the widening branches multiply each half with its own FMA.
+std::vector<float> SplitX(const uint16_t* x, int64_t rows, int64_t d, int64_t width) {
+  const int64_t chunks = (d + width - 1) / width, half = width / 2;
+  std::vector<float> xs(rows * chunks * width, 0.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t k = 0; k < d; ++k) {
+      const int64_t c = k / width, e = k % width;
+      xs[(r * chunks + c) * width + (e % 2) * half + e / 2] = gptoss_cpu::Bf16ToF32(x[r * d + k]);
+    }
+  }
+  return xs;
+}
+
+// Runs rows [r0, r0 + R) of x over all of w with branch `isa`, one task a slice of V; returns
+// the best of each slice, [slices, R].
+template <int R, Prefetch P>
+void Pass(ffi::ThreadPool& pool, const Problem& p, int64_t isa, int64_t r0, Best* best_out) {
+  const int64_t group = isa == gptoss_cpu::kAvx2 ? 8 : 16;
+  const int64_t slice = std::max<int64_t>(group, kSliceBytes / (2 * p.d) / group * group);
+  const int64_t slices = (p.v + slice - 1) / slice;
+  std::vector<Best> best(slices * R);
+  const uint16_t* x = p.x + r0 * p.d;
+  float* logits = p.logits + r0 * p.v;
+  std::vector<float> xs;
+  if (R <= 4 && isa == gptoss_cpu::kAvx512) xs = SplitX(x, R, p.d, 32);
+  if (R <= 4 && isa == gptoss_cpu::kAvx2) xs = SplitX(x, R, p.d, 16);
+  gptoss_cpu::ParallelFor(pool, slices, [&](int64_t i) {
+    const int64_t v0 = i * slice, v1 = std::min(p.v, v0 + slice);
+    Best* b = best.data() + i * R;
+    if constexpr (R > 4) {  // only the BF16 branch takes more than four rows a pass
+      gptoss_cpu::isa_avx512bf16::SlicePairs<R, P>(p, x, v0, v1, logits, b);
+    } else {
+      switch (isa) {
+        case gptoss_cpu::kAvx512Bf16:
+          gptoss_cpu::isa_avx512bf16::Slice<R, P>(p, x, v0, v1, logits, b);
+          break;
+        case gptoss_cpu::kAvx512:
+          gptoss_cpu::isa_avx512::Slice<R, P>(p, xs.data(), v0, v1, logits, b);
+          break;
+        default:
+          gptoss_cpu::isa_avx2::Slice<R, P>(p, xs.data(), v0, v1, logits, b);
+      }
+    }
+  });
+  for (int r = 0; r < R; ++r) {
+    Best b;
+    for (int64_t i = 0; i < slices; ++i) b = gptoss_cpu::Better(b, best[i * R + r]);
+    best_out[r] = b;
+  }
+}
+
+template <Prefetch P>
+void Rows(ffi::ThreadPool& pool, const Problem& p, int64_t isa, int64_t r0, int64_t rows,
+          Best* best) {
+  switch (rows) {
+    case 1: return Pass<1, P>(pool, p, isa, r0, best);
+    case 2: return Pass<2, P>(pool, p, isa, r0, best);
+    case 3: return Pass<3, P>(pool, p, isa, r0, best);
+    case 4: return Pass<4, P>(pool, p, isa, r0, best);
+    case 5: return Pass<5, P>(pool, p, isa, r0, best);
+    case 6: return Pass<6, P>(pool, p, isa, r0, best);
+    case 7: return Pass<7, P>(pool, p, isa, r0, best);
+    default: return Pass<8, P>(pool, p, isa, r0, best);
+  }
+}
+
+ffi::Error Bf16GemvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
+                        ffi::ResultBuffer<ffi::F32> logits, ffi::ResultBuffer<ffi::S32> argmax,
+                        int64_t isa, int64_t prefetch, bool nta) {
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1] || xd[1] < 1 || wd[0] < 1 ||
+      wd[0] > INT32_MAX) {
+    return ffi::Error::InvalidArgument("bf16_gemv: expected x [M, D], w [V, D], 1 <= V < 2^31");
+  }
+  if (!gptoss_cpu::CpuHas(isa)) {
+    return ffi::Error::InvalidArgument("bf16_gemv: this CPU lacks the instructions of branch " +
+                                       std::to_string(isa));
+  }
+  Problem p{reinterpret_cast<const uint16_t*>(x.untyped_data()),
+            reinterpret_cast<const uint16_t*>(w.untyped_data()),
+            xd[0], xd[1], wd[0], std::max<int64_t>(prefetch, 0), logits->typed_data()};
+  int32_t* am = argmax->typed_data();
+  const int64_t per_pass = isa == gptoss_cpu::kAvx512Bf16 ? kMaxRows : 4;
+  for (int64_t r0 = 0; r0 < p.m; r0 += per_pass) {
+    const int64_t rows = std::min<int64_t>(per_pass, p.m - r0);
+    Best best[kMaxRows];
+    if (p.prefetch == 0) {
+      Rows<kNone>(pool, p, isa, r0, rows, best);
+    } else if (nta) {
+      Rows<kNta>(pool, p, isa, r0, rows, best);
+    } else {
+      Rows<kT0>(pool, p, isa, r0, rows, best);
+    }
+    for (int64_t r = 0; r < rows; ++r) am[r0 + r] = static_cast<int32_t>(best[r].index);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossBf16Gemv, Bf16GemvImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // x [M, D]
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // w [V, D]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // logits [M, V]
+                                  .Ret<ffi::Buffer<ffi::S32>>()   // argmax [M]
+                                  .Attr<int64_t>("isa")
+                                  .Attr<int64_t>("prefetch")
+                                  .Attr<bool>("nta"));

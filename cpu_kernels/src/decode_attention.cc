@@ -1,0 +1,246 @@
+// Decode attention with sinks straight from a bf16 KV cache, as an XLA FFI handler: one query
+// position per row, every query head of a KV head at once.
+//
+//   s[g, j]  = (q[g] . k[j]) / sqrt(h)        for the keys j the query may see (k_pos[j] >= 0,
+//                                             k_pos[j] <= q_pos, q_pos - k_pos[j] < window)
+//   p[g, j]  = exp(s[g, j] - m) / (sum_j exp(s[g, j] - m) + exp(sink[g] - m)),
+//              m = max(max_j s[g, j], sink[g]);  p rounded to bf16, as the XLA path does
+//   out[g]   = sum_j p[g, j] v[j]
+//
+// The cache is stored [b, kv_heads, slots, h] as bf16 bit patterns (uint16), the layout XLA's
+// decode reads too; here each (row, kv head) is one task that reads its keys and values once
+// (XLA pads the query heads to 8 rows and runs two batched matmuls plus the masked softmax as
+// separate passes). Scores for 16 keys are summed together (simd.h: Sum16). AVX-512 only (the
+// BF16 branch adds nothing here); on other CPUs the XLA path runs.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "parallel_for.h"
+#include "simd.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
+namespace {
+
+constexpr float kMasked = -1e30f;  // the XLA path's masked score (finite: no NaN when all masked)
+
+inline __m512 WidenBf16(const uint16_t* p, __mmask16 live) {  // 16 bf16 -> f32 (masked: 0)
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, p)), 16));
+}
+
+// exp(x) for x <= 0 (scores minus their maximum), ~1 ulp: 2^(x log2 e) split into an integer
+// power (added to the exponent) and a degree-6 polynomial on [-1/2, 1/2] (Cephes' expf
+// coefficients). Below -87 (2^-125.5) it is 0, as a masked score's must be.
+inline __m512 Exp(__m512 x) {
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n),
+                                                       _mm512_set1_epi32(127)), 23);
+  return _mm512_maskz_mul_ps(live, y, _mm512_castsi512_ps(e));
+}
+
+// f32 -> the nearest bf16 (ties to even) -> f32: the XLA path casts probabilities to bf16.
+inline __m512 RoundBf16(__m512 x) {
+  const __m512i b = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_castsi512_ps(
+      _mm512_and_si512(r, _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u))));
+}
+
+struct Problem {
+  const uint16_t* q;  // [b, kh, g, h] bf16
+  const uint16_t* k;  // [b, kh, s, h] bf16 bits
+  const uint16_t* v;
+  const int32_t* q_pos;  // [b]
+  const int32_t* k_pos;  // [b, s]
+  const float* sinks;    // [kh, g]
+  int64_t b, kh, g, s, h, window;
+  float* out;  // [b, kh, g, h]
+};
+
+constexpr int kMaxG = 16;     // query heads per KV head
+constexpr int kMaxPieces = 8;  // h <= 128
+
+// One (row, kv head); P = pieces of 16 in h (static, so a key's pieces and the value
+// accumulators stay in registers).
+template <int P>
+void Task(const Problem& p, int64_t row, int64_t head, std::vector<float>& scores) {
+  constexpr int64_t pieces = P;
+  const int64_t g_n = p.g, h = p.h, s_n = p.s;
+  const __mmask16 tail = static_cast<__mmask16>(h % 16 == 0 ? 0xFFFF : (1u << (h % 16)) - 1);
+  auto live = [&](int64_t c) { return c == pieces - 1 ? tail : static_cast<__mmask16>(0xFFFF); };
+  const uint16_t* kc = p.k + (row * p.kh + head) * s_n * h;
+  const uint16_t* vc = p.v + (row * p.kh + head) * s_n * h;
+  const int32_t* kp = p.k_pos + row * s_n;
+  const int32_t qp = p.q_pos[row];
+  const float scale = 1.0f / std::sqrt(static_cast<float>(h));
+  __m512 q[kMaxG][P];
+  for (int64_t g = 0; g < g_n; ++g)
+    for (int c = 0; c < P; ++c)
+      q[g][c] = WidenBf16(p.q + ((row * p.kh + head) * g_n + g) * h + 16 * c, live(c));
+  scores.assign(g_n * s_n, kMasked);
+
+  // scores, 16 keys at a time
+  for (int64_t j0 = 0; j0 < s_n; j0 += 16) {
+    const int n = static_cast<int>(std::min<int64_t>(16, s_n - j0));
+    const __mmask16 keys = static_cast<__mmask16>(n == 16 ? 0xFFFF : (1u << n) - 1);
+    const __m512i pos = _mm512_maskz_loadu_epi32(keys, kp + j0);
+    __mmask16 ok = keys & _mm512_cmpge_epi32_mask(pos, _mm512_setzero_si512()) &
+                   _mm512_cmple_epi32_mask(pos, _mm512_set1_epi32(qp));
+    if (p.window > 0)
+      ok &= _mm512_cmplt_epi32_mask(_mm512_sub_epi32(_mm512_set1_epi32(qp), pos),
+                                    _mm512_set1_epi32(static_cast<int32_t>(p.window)));
+    if (ok == 0) continue;
+    __m512 acc[kMaxG][16];
+    for (int j = 0; j < 16; ++j) {
+      if (!((ok >> j) & 1)) {
+        for (int64_t g = 0; g < g_n; ++g) acc[g][j] = _mm512_setzero_ps();
+        continue;
+      }
+      const uint16_t* kr = kc + (j0 + j) * h;
+      __m512 kv[P];
+      for (int c = 0; c < P; ++c) kv[c] = WidenBf16(kr + 16 * c, live(c));
+      for (int64_t g = 0; g < g_n; ++g) {
+        __m512 t = _mm512_mul_ps(q[g][0], kv[0]);
+        for (int c = 1; c < P; ++c) t = _mm512_fmadd_ps(q[g][c], kv[c], t);
+        acc[g][j] = t;
+      }
+    }
+    for (int64_t g = 0; g < g_n; ++g) {
+      const __m512 sc = _mm512_mul_ps(gptoss_cpu::isa_avx512::Sum16(acc[g]), _mm512_set1_ps(scale));
+      _mm512_mask_storeu_ps(scores.data() + g * s_n + j0, ok, sc);
+    }
+  }
+
+  // softmax with the sink, probabilities rounded to bf16
+  float* out = p.out + (row * p.kh + head) * g_n * h;
+  for (int64_t g = 0; g < g_n; ++g) {
+    float* sg = scores.data() + g * s_n;
+    const float sink = p.sinks[head * g_n + g];
+    __m512 mx = _mm512_set1_ps(sink);
+    for (int64_t j = 0; j < s_n; j += 16) {
+      const __mmask16 m = static_cast<__mmask16>(s_n - j >= 16 ? 0xFFFF : (1u << (s_n - j)) - 1);
+      mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(kMasked), m, sg + j));
+    }
+    const float top = _mm512_reduce_max_ps(mx);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < s_n; j += 16) {
+      const __mmask16 m = static_cast<__mmask16>(s_n - j >= 16 ? 0xFFFF : (1u << (s_n - j)) - 1);
+      const __m512 e = Exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sg + j), _mm512_set1_ps(top)));
+      _mm512_mask_storeu_ps(sg + j, m, e);
+      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
+    }
+    const float denom = _mm512_reduce_add_ps(sum) + std::exp(sink - top);
+    const __m512 dv = _mm512_set1_ps(denom);
+    for (int64_t j = 0; j < s_n; j += 16) {
+      const __mmask16 m = static_cast<__mmask16>(s_n - j >= 16 ? 0xFFFF : (1u << (s_n - j)) - 1);
+      _mm512_mask_storeu_ps(sg + j, m, RoundBf16(_mm512_div_ps(_mm512_maskz_loadu_ps(m, sg + j), dv)));
+    }
+  }
+
+  // out = p @ v, four query heads at a time (16 accumulators for h = 64)
+  for (int64_t g0 = 0; g0 < g_n; g0 += 4) {
+    const int64_t gs = std::min<int64_t>(4, g_n - g0);
+    __m512 acc[4][P];
+    for (int64_t g = 0; g < 4; ++g)
+      for (int c = 0; c < P; ++c) acc[g][c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < s_n; ++j) {
+      float pj[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      bool any = false;
+      for (int64_t g = 0; g < gs; ++g) any |= (pj[g] = scores[(g0 + g) * s_n + j]) != 0.0f;
+      if (!any) continue;  // masked (or underflowed) for every head here: no need to read v
+      const uint16_t* vr = vc + j * h;
+      for (int c = 0; c < P; ++c) {
+        const __m512 vv = WidenBf16(vr + 16 * c, live(c));
+        for (int g = 0; g < 4; ++g)  // heads past gs have p = 0
+          acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(pj[g]), vv, acc[g][c]);
+      }
+    }
+    for (int64_t g = 0; g < gs; ++g)
+      for (int c = 0; c < P; ++c)
+        _mm512_mask_storeu_ps(out + (g0 + g) * h + 16 * c, live(c), acc[g][c]);
+  }
+}
+
+}  // namespace
+#pragma GCC pop_options
+
+namespace {
+
+bool SameDims(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
+  return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin());
+}
+
+ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q,
+                               ffi::Buffer<ffi::U16> k, ffi::Buffer<ffi::U16> v,
+                               ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> k_pos,
+                               ffi::Buffer<ffi::F32> sinks, ffi::ResultBuffer<ffi::F32> out,
+                               int64_t window) {
+  const auto qd = q.dimensions(), kd = k.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || !SameDims(v.dimensions(), kd) || kd[0] != qd[0] ||
+      kd[1] != qd[1] || kd[3] != qd[3] || q_pos.element_count() != static_cast<size_t>(qd[0]) ||
+      k_pos.element_count() != static_cast<size_t>(kd[0] * kd[2]) ||
+      sinks.element_count() != static_cast<size_t>(qd[1] * qd[2]) || qd[2] > kMaxG ||
+      qd[3] > 16 * kMaxPieces) {
+    return ffi::Error::InvalidArgument(
+        "decode_attention: expected q [B, K, G, H], k/v [B, K, S, H], q_pos [B], k_pos [B, S], "
+        "sinks [K, G], G <= 16, H <= 128");
+  }
+  if (!gptoss_cpu::CpuHas(gptoss_cpu::kAvx512)) {
+    return ffi::Error::InvalidArgument("decode_attention: this CPU lacks AVX-512");
+  }
+  const Problem p{reinterpret_cast<const uint16_t*>(q.untyped_data()), k.typed_data(),
+                  v.typed_data(), q_pos.typed_data(), k_pos.typed_data(), sinks.typed_data(),
+                  qd[0], qd[1], qd[2], kd[2], qd[3], window, out->typed_data()};
+  const int64_t tasks = p.b * p.kh;
+  using TaskFn = void (*)(const Problem&, int64_t, int64_t, std::vector<float>&);
+  constexpr TaskFn kTasks[kMaxPieces + 1] = {nullptr, Task<1>, Task<2>, Task<3>, Task<4>,
+                                              Task<5>, Task<6>, Task<7>, Task<8>};
+  const TaskFn task = kTasks[(p.h + 15) / 16];
+  auto body = [&](int64_t t) {
+    thread_local std::vector<float> scores;
+    task(p, t / p.kh, t % p.kh, scores);
+  };
+  if (tasks == 1) {
+    body(0);
+  } else {
+    gptoss_cpu::ParallelFor(pool, tasks, body);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossDecodeAttention, DecodeAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // q [B, K, G, H]
+                                  .Arg<ffi::Buffer<ffi::U16>>()   // k cache [B, K, S, H] (bf16 bits)
+                                  .Arg<ffi::Buffer<ffi::U16>>()   // v cache
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // q_pos [B]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // k_pos [B, S], -1 = empty
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // sinks [K, G]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // out [B, K, G, H]
+                                  .Attr<int64_t>("window"));       // 0 = no window

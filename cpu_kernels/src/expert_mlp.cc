@@ -1,0 +1,265 @@
+// The expert MLP of a decode step on packed MXFP4 experts in one XLA FFI call:
+//
+//   y[t] = sum_j w[t, j] * (W_down[e] a + b_down[e]),   a = swiglu(W_gate_up[e] x[t] + b_gate_up[e]),
+//   e = idx[t, j];  swiglu(h) = min(g, L) * sigmoid(alpha * min(g, L)) * (clip(u, -L, L) + 1) on
+//   gate g = h[0::2], up u = h[1::2] (gpt-oss's clamped SwiGLU), a rounded to bf16
+//
+// for a few bf16 tokens (decode). The XLA path sorts the (token, slot) pairs by expert, gathers
+// rows, runs the two grouped matmuls with the biases, the SwiGLU, the routing weights and the
+// sum over slots as some twenty separate ops a layer; on the bench config those cost about as
+// much as the matmuls themselves. Here the pairs are grouped by expert on the host side of the
+// call, and four phases run on the caller and XLA's pool: gate_up (mxfp4_rows.h, per (expert,
+// slice of 2F)), bias + SwiGLU per pair, down (per (expert, slice of D)), and the weighted sum
+// per token in slot order. Ids outside [0, E) (expert-parallel padding) belong to no expert.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "mxfp4_rows.h"
+#include "parallel_for.h"
+#include "simd.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace {
+
+// exp(x), ~1 ulp (Cephes' expf polynomial on the reduced argument), 0 below -87, clamped at 88.
+inline __m256 Exp(__m256 x) {
+  const __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_GE_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(e)), live);
+}
+
+// 8 bf16 bit patterns -> f32.
+inline __m256 Bf16x8(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(
+      _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+
+// f32 -> bf16 bit patterns, rounded to nearest even (as XLA's convert), 8 at a time.
+inline void StoreBf16x8(__m256 v, uint16_t* out) {
+  const __m256i b = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(
+      _mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), packed);
+}
+
+inline uint16_t RoundBf16(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  return static_cast<uint16_t>((b + 0x7FFF + ((b >> 16) & 1)) >> 16);
+}
+
+inline float Swiglu(float g, float u, float limit, float alpha) {
+  g = std::min(g, limit);
+  u = std::min(std::max(u, -limit), limit);
+  return g / (1.0f + std::exp(-alpha * g)) * (u + 1.0f);
+}
+
+// a[0, f) = swiglu(h + bias) for one pair: h, bias interleaved [2f] (gate even, up odd).
+void SwigluRow(const float* h, const uint16_t* bias, int64_t f, float limit, float alpha,
+               uint16_t* a) {
+  const __m256 lim = _mm256_set1_ps(limit), neg = _mm256_set1_ps(-limit);
+  const __m256 one = _mm256_set1_ps(1.0f), minus_alpha = _mm256_set1_ps(-alpha);
+  int64_t i = 0;
+  for (; i + 8 <= f; i += 8) {
+    const __m256 v0 = _mm256_add_ps(_mm256_loadu_ps(h + 2 * i), Bf16x8(bias + 2 * i));
+    const __m256 v1 = _mm256_add_ps(_mm256_loadu_ps(h + 2 * i + 8), Bf16x8(bias + 2 * i + 8));
+    // lanes [g0 u0 g1 u1 | g2 u2 g3 u3], [g4 u4 ...] -> gates, ups in order
+    __m256 g = _mm256_shuffle_ps(v0, v1, _MM_SHUFFLE(2, 0, 2, 0));
+    __m256 u = _mm256_shuffle_ps(v0, v1, _MM_SHUFFLE(3, 1, 3, 1));
+    g = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(g), _MM_SHUFFLE(3, 1, 2, 0)));
+    u = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(u), _MM_SHUFFLE(3, 1, 2, 0)));
+    g = _mm256_min_ps(g, lim);
+    u = _mm256_min_ps(_mm256_max_ps(u, neg), lim);
+    const __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, Exp(_mm256_mul_ps(minus_alpha, g))));
+    StoreBf16x8(_mm256_mul_ps(_mm256_mul_ps(g, sig), _mm256_add_ps(u, one)), a + i);
+  }
+  for (; i < f; ++i) {
+    const float g = h[2 * i] + gptoss_cpu::Bf16ToF32(bias[2 * i]);
+    const float u = h[2 * i + 1] + gptoss_cpu::Bf16ToF32(bias[2 * i + 1]);
+    a[i] = RoundBf16(Swiglu(g, u, limit, alpha));
+  }
+}
+
+// y += w * (o + bias) over d.
+void AddWeighted(const float* o, const uint16_t* bias, float w, int64_t d, float* y) {
+  const __m256 wv = _mm256_set1_ps(w);
+  int64_t i = 0;
+  for (; i + 8 <= d; i += 8) {
+    const __m256 v = _mm256_add_ps(_mm256_loadu_ps(o + i), Bf16x8(bias + i));
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(wv, v, _mm256_loadu_ps(y + i)));
+  }
+  for (; i < d; ++i) y[i] += w * (o[i] + gptoss_cpu::Bf16ToF32(bias[i]));
+}
+
+}  // namespace
+#pragma GCC pop_options
+
+namespace {
+
+namespace mxfp4 = gptoss_cpu::mxfp4;
+
+struct Pair {
+  int64_t token, slot, expert;
+};
+
+struct Chunk {  // up to kMaxRows pairs of one expert: sorted pairs [p0, p0 + rows)
+  int64_t p0, rows, expert;
+};
+
+// The rows of a phase's input in every layout a branch takes (natural, paired, split).
+struct Rows {
+  std::vector<uint16_t> x, xp;
+  std::vector<float> xs;
+  void Lay(int64_t isa, int64_t m, int64_t k) {
+    if (isa == gptoss_cpu::kAvx512Bf16) {
+      xp = mxfp4::PairRows(x.data(), m, k);
+    } else {
+      xs = mxfp4::SplitRows(x.data(), m, k);
+    }
+  }
+  const uint16_t* Xp(int64_t off) const { return xp.empty() ? nullptr : xp.data() + off; }
+  const float* Xs(int64_t off) const { return xs.empty() ? nullptr : xs.data() + off; }
+};
+
+// out[p, n] for the sorted pairs: every chunk against its expert's weight, in tasks (chunk,
+// slice of N).
+void Grouped(ffi::ThreadPool& pool, int64_t isa, const std::vector<Chunk>& chunks,
+             const Rows& in, int64_t k, const uint8_t* blocks, const uint8_t* scales, int64_t n,
+             int64_t slice, float* out) {
+  const int64_t kb = k / mxfp4::kBlock, slices = (n + slice - 1) / slice;
+  gptoss_cpu::ParallelFor(pool, static_cast<int64_t>(chunks.size()) * slices, [&](int64_t i) {
+    const Chunk& c = chunks[i / slices];
+    const int64_t n0 = i % slices * slice, n1 = std::min(n, n0 + slice), off = c.p0 * k;
+    const mxfp4::Expert e{blocks + c.expert * n * kb * mxfp4::kBlockBytes,
+                          scales + c.expert * n * kb, n, kb};
+    mxfp4::RunRowsN(c.rows, isa, in.x.data() + off, in.Xp(off), in.Xs(off), k, e, n0, n1,
+                    out + c.p0 * n, n);
+  });
+}
+
+bool Dims(ffi::Span<const int64_t> got, std::initializer_list<int64_t> want) {
+  return got.size() == want.size() && std::equal(want.begin(), want.end(), got.begin());
+}
+
+ffi::Error ExpertMlpImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::S32> idx,
+                         ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::U8> gu_blocks,
+                         ffi::Buffer<ffi::U8> gu_scales, ffi::Buffer<ffi::BF16> gu_bias,
+                         ffi::Buffer<ffi::U8> dn_blocks, ffi::Buffer<ffi::U8> dn_scales,
+                         ffi::Buffer<ffi::BF16> dn_bias, ffi::ResultBuffer<ffi::F32> y,
+                         int64_t isa, float limit, float alpha, int64_t slice_rows) {
+  const auto xd = x.dimensions(), id = idx.dimensions(), gb = gu_blocks.dimensions();
+  if (xd.size() != 2 || id.size() != 2 || id[0] != xd[0] || !Dims(weights.dimensions(), {id[0], id[1]}) ||
+      gb.size() != 4 || gb[3] != 16 || gb[2] * 32 != xd[1] || gb[1] % 2 != 0) {
+    return ffi::Error::InvalidArgument(
+        "expert_mlp: expected x [T, D], idx and weights [T, K], gate_up blocks [E, 2F, D/32, 16]");
+  }
+  const int64_t t_n = xd[0], d = xd[1], k_n = id[1], e_n = gb[0], f2 = gb[1], f = f2 / 2;
+  if (!Dims(gu_scales.dimensions(), {e_n, f2, d / 32}) || !Dims(gu_bias.dimensions(), {e_n, f2}) ||
+      !Dims(dn_blocks.dimensions(), {e_n, d, f / 32, 16}) ||
+      !Dims(dn_scales.dimensions(), {e_n, d, f / 32}) || !Dims(dn_bias.dimensions(), {e_n, d}) ||
+      f % 32 != 0) {
+    return ffi::Error::InvalidArgument(
+        "expert_mlp: expected gate_up scales [E, 2F, D/32], bias [E, 2F], down blocks "
+        "[E, D, F/32, 16], scales [E, D, F/32], bias [E, D], F a multiple of 32");
+  }
+  if (!gptoss_cpu::CpuHas(isa)) {
+    return ffi::Error::InvalidArgument("expert_mlp: this CPU lacks the instructions of branch " +
+                                       std::to_string(isa));
+  }
+  const uint16_t* xs = reinterpret_cast<const uint16_t*>(x.untyped_data());
+  const int32_t* ids = idx.typed_data();
+  const float* ws = weights.typed_data();
+  const uint16_t* gub = reinterpret_cast<const uint16_t*>(gu_bias.untyped_data());
+  const uint16_t* dnb = reinterpret_cast<const uint16_t*>(dn_bias.untyped_data());
+  float* out = y->typed_data();
+
+  // pairs sorted by expert (stable: slot order within an expert), in chunks of <= 4
+  std::vector<Pair> pairs;
+  for (int64_t e = 0; e < e_n; ++e)
+    for (int64_t t = 0; t < t_n; ++t)
+      for (int64_t j = 0; j < k_n; ++j)
+        if (ids[t * k_n + j] == e) pairs.push_back({t, j, e});
+  const int64_t p_n = static_cast<int64_t>(pairs.size());
+  std::vector<Chunk> chunks;
+  for (int64_t p = 0; p < p_n;) {
+    int64_t q = p;
+    while (q < p_n && pairs[q].expert == pairs[p].expert && q - p < mxfp4::kMaxRows) ++q;
+    chunks.push_back({p, q - p, pairs[p].expert});
+    p = q;
+  }
+  std::fill(out, out + t_n * d, 0.0f);
+  if (p_n == 0) return ffi::Error::Success();
+  const int64_t slice = std::max<int64_t>(16, slice_rows / 16 * 16);
+
+  Rows in;  // gate_up: the pairs' tokens
+  in.x.resize(p_n * d);
+  for (int64_t p = 0; p < p_n; ++p)
+    std::memcpy(in.x.data() + p * d, xs + pairs[p].token * d, 2 * d);
+  in.Lay(isa, p_n, d);
+  std::vector<float> h(p_n * f2);
+  Grouped(pool, isa, chunks, in, d, gu_blocks.typed_data(), gu_scales.typed_data(), f2, slice,
+          h.data());
+
+  Rows act;  // down: the SwiGLU of each pair, bf16
+  act.x.resize(p_n * f);
+  gptoss_cpu::ParallelFor(pool, p_n, [&](int64_t p) {
+    SwigluRow(h.data() + p * f2, gub + pairs[p].expert * f2, f, limit, alpha, act.x.data() + p * f);
+  });
+  act.Lay(isa, p_n, f);
+  std::vector<float> o(p_n * d);
+  Grouped(pool, isa, chunks, act, f, dn_blocks.typed_data(), dn_scales.typed_data(), d, slice,
+          o.data());
+
+  std::vector<int64_t> where(t_n * k_n, -1);  // sorted index of each (token, slot)
+  for (int64_t p = 0; p < p_n; ++p) where[pairs[p].token * k_n + pairs[p].slot] = p;
+  for (int64_t t = 0; t < t_n; ++t)  // in slot order, as the XLA path sums
+    for (int64_t j = 0; j < k_n; ++j)
+      if (const int64_t p = where[t * k_n + j]; p >= 0)
+        AddWeighted(o.data() + p * d, dnb + pairs[p].expert * d, ws[t * k_n + j], d, out + t * d);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossExpertMlp, ExpertMlpImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // x [T, D]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // idx [T, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // weights [T, K]
+                                  .Arg<ffi::Buffer<ffi::U8>>()    // gate_up blocks [E, 2F, D/32, 16]
+                                  .Arg<ffi::Buffer<ffi::U8>>()    // gate_up scales [E, 2F, D/32]
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // gate_up bias [E, 2F]
+                                  .Arg<ffi::Buffer<ffi::U8>>()    // down blocks [E, D, F/32, 16]
+                                  .Arg<ffi::Buffer<ffi::U8>>()    // down scales [E, D, F/32]
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // down bias [E, D]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // y [T, D]
+                                  .Attr<int64_t>("isa")
+                                  .Attr<float>("limit")
+                                  .Attr<float>("alpha")
+                                  .Attr<int64_t>("slice_rows"));

@@ -1,0 +1,112 @@
+"""The engine's device state and the shardings of everything its steps take and return, derived
+in one place from the rules table (``parallel.rules``).
+
+The state is the paged KV cache's pools (:class:`EngineState`); everything else a step needs
+(tokens, positions, page tables, sampling settings) comes from the host as step inputs, named
+in :data:`STEP_INPUT_AXES` with their logical axes. Every step is compiled with these
+shardings as its input *and* output shardings (:func:`step_shardings`), so what a step returns
+is exactly what the next one (of any kind or shape) takes, on any mesh: GSPMD never picks an
+output sharding that another executable then rejects.
+
+* pools ``[P, k, S, h]``: kv heads on ``tensor``; the page axis replicated (a page may belong
+  to any sequence, and sequences split over ``data``);
+* per-row inputs: rows on ``data`` where they divide (else replicated);
+* sampled tokens: replicated, so every process of a multi-host run can read them.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from gptoss_jax.model import kv_cache
+from gptoss_jax.model.config import GptOssConfig
+from gptoss_jax.parallel.rules import logical_spec
+
+POOL_AXES = (None, "kv_heads", None, None)  # [pages, k, S, h]
+
+# Every step input, with its logical axes: ``rows`` are the batch of one call (the decode slots,
+# or the prefill chunks).
+STEP_INPUT_AXES = {
+    "tokens": ("batch", None),  # [rows, T] int32 token ids (0 = padding)
+    "pos": ("batch", None),  # [rows, T] int32 absolute positions, -1 = padding / idle row
+    "last": ("batch",),  # [rows] int32 index of the row's last token (its logits are sampled)
+    "tables": (None, "batch", None),  # [groups, rows, C] int32 page ids (null = not held)
+    "temperature": ("batch",),  # [rows] f32, 0 = greedy
+    "top_k": ("batch",),  # [rows] int32, 0 = off
+    "top_p": ("batch",),  # [rows] f32
+    "min_p": ("batch",),  # [rows] f32
+    "seed_lo": ("batch",),  # [rows] uint32 low word of the request's seed
+    "seed_hi": ("batch",),  # [rows] uint32 high word
+    "step": ("batch",),  # [rows] int32 tokens the sequence has sampled before this one
+    # constrained steps only: [rows, ceil(vocab / 32)] int32 token bitmask (all ones = free row)
+    "mask": ("batch", None),
+}
+
+
+class EngineState(NamedTuple):
+    """What lives on the device between steps (a pytree): the KV pools."""
+    k: list  # per pool: [P, k, S, h] keys (``model.kv_cache.PagedCache``'s)
+    v: list
+
+
+def init_state(config: GptOssConfig, pages: int, page_size: int, dtype, ops) -> EngineState:
+    """Zeroed pools of ``pages`` pages (the null page included) for ``config``'s layout."""
+    k, v = kv_cache.init_pools(config, kv_cache.paged_layout(config), pages, page_size, dtype, ops)
+    return EngineState(k, v)
+
+
+def _named(mesh, axes, shape) -> NamedSharding:
+    return NamedSharding(mesh, logical_spec(axes, mesh, shape, strict=False))
+
+
+def state_shardings(state: EngineState, mesh) -> EngineState:
+    """The sharding of every leaf of ``state`` (arrays or shape structs) on ``mesh``."""
+    return jax.tree.map(lambda a: _named(mesh, POOL_AXES, a.shape), state)
+
+
+def input_shardings(inputs: dict, mesh) -> dict:
+    """The sharding of each named step input (arrays or shape structs) on ``mesh``."""
+    unknown = set(inputs) - set(STEP_INPUT_AXES)
+    if unknown:
+        raise KeyError(f"step inputs without sharding rules: {sorted(unknown)}")
+    return {name: _named(mesh, STEP_INPUT_AXES[name], np.shape(a)) for name, a in inputs.items()}
+
+
+def replicated(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def step_shardings(params, state: EngineState, inputs: dict, mesh):
+    """``(in_shardings, out_shardings)`` of a step ``(params, state, inputs) -> (state,
+    tokens)``; ``(None, None)`` without a mesh (one device: nothing to disagree on). The
+    parameters keep the shardings they were loaded with."""
+    if mesh is None:
+        return None, None
+    params_s = jax.tree.map(lambda a: a.sharding, params)
+    state_s = state_shardings(state, mesh)
+    return (params_s, state_s, input_shardings(inputs, mesh)), (state_s, replicated(mesh))
+
+
+def place_inputs(inputs: dict, mesh) -> dict:
+    """Host arrays onto the devices with their shardings (every process passes the same
+    values: each builds only the shards its own devices hold)."""
+    if mesh is None:
+        return jax.device_put(inputs)
+    shardings = input_shardings(inputs, mesh)
+    return {name: jax.make_array_from_callback(a.shape, shardings[name], lambda i, a=a: a[i])
+            for name, a in inputs.items()}
+
+
+def make_state(config: GptOssConfig, pages: int, page_size: int, dtype, ops, mesh) -> EngineState:
+    """:func:`init_state` made on the devices with its shardings (each device allocates only its
+    shard; nothing is built whole on one device first)."""
+    def make():
+        return init_state(config, pages, page_size, dtype, ops)
+    if mesh is None:
+        return make()
+    return jax.jit(make, out_shardings=state_shardings(jax.eval_shape(make), mesh))()

@@ -1,0 +1,184 @@
+"""The engine's one compiled step: run rows of tokens through the paged KV cache and sample a
+token per row.
+
+A decode step is ``rows = slots`` of one token each; a prefill step is ``rows`` chunks of up to
+``T`` tokens (padded to a power of two), each attending to its sequence's cached prefix and to
+itself through the page tables. Both are :func:`step`; the host (``engine.py``) decides the
+inputs, and they are all inputs: positions, tables and sampling settings come from the host each
+step (tiny next to the cache), so the only device state is the KV pools, donated and updated in
+place. The parts are separate functions so that each can grow on its own:
+
+* :func:`forward_rows` -- the model over the rows, logits of each row's last token;
+* :func:`sample_rows` -- the sampling call site (one token per row from its settings; the
+  randomness is ``fold_in(key(seed), step)``: a request's draw depends on its seed and on how
+  many tokens it has sampled, never on its row, its batch or a preemption in between).
+
+A constrained step (Structured Outputs: ``inputs["mask"]``, the token bitmask the host's
+llguidance matchers fill) can run in two calls, :func:`forward_half` then :func:`sample_rows`
+(:meth:`Executables.forward` / :meth:`Executables.sample`): the forward pass is dispatched
+first and runs on the device while the host fills the mask, so the mask costs no sequential
+time unless it is slower than the forward pass. Both halves are the same code as :func:`step`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+from gptoss_jax.inference import engine_state
+from gptoss_jax.inference.constraints.mask import apply_token_mask
+from gptoss_jax.inference.engine_state import EngineState
+from gptoss_jax.inference.sampling import SampleMode, sample
+from gptoss_jax.model import transformer as M
+from gptoss_jax.model.kv_cache import PagedCache
+
+
+def forward_rows(params, state: EngineState, inputs: dict, config, runtime):
+    """Logits ``[rows, v]`` at each row's ``last`` token, their argmax ``[rows]`` where the
+    unembedding took it in the same pass (the CPU kernel; else None), and the state with the
+    rows' keys and values written into their pages."""
+    cache = PagedCache(state.k, state.v, inputs["tables"])
+    x, cache = M.hidden_states(params, inputs["tokens"], inputs["pos"], config, cache=cache,
+                               rt=runtime)
+    last = jnp.take_along_axis(x, inputs["last"][:, None, None], axis=1)[:, 0]  # [rows, d]
+    logits, greedy = M.unembed_greedy(params, last, runtime)
+    return logits, greedy, EngineState(cache.k, cache.v)
+
+
+def row_keys(seed_lo, seed_hi, step):
+    """PRNG keys ``[rows]``: ``key(seed)`` (all 64 bits: the high word folded in when set, as
+    ``sampling.seed_keys``), then the step folded in."""
+    keys = jax.vmap(jax.random.key)(seed_lo)
+    folded = jax.vmap(jax.random.fold_in)(keys, seed_hi)
+    data = jnp.where((seed_hi != 0)[:, None], jax.random.key_data(folded),
+                     jax.random.key_data(keys))
+    return jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(data), step)
+
+
+def sample_rows(logits, inputs: dict, mode: SampleMode, greedy=None):
+    """The sampling call site: one token per row from its settings (``mode`` static)."""
+    keys = row_keys(inputs["seed_lo"], inputs["seed_hi"], inputs["step"])
+    if "mask" in inputs:  # a constrained step: the argmax must be of the allowed tokens
+        logits, greedy = apply_token_mask(logits, inputs["mask"]), None
+    return sample(logits, keys, inputs["temperature"], inputs["top_k"], inputs["top_p"],
+                  inputs["min_p"], mode=mode, greedy=greedy)
+
+
+def step(params, state: EngineState, inputs: dict, config, runtime, mode: SampleMode):
+    """``(state, tokens [rows])``: the rows through the model, then a token for each."""
+    logits, greedy, state = forward_rows(params, state, inputs, config, runtime)
+    return state, sample_rows(logits, inputs, mode, greedy)
+
+
+def forward_half(params, state: EngineState, inputs: dict, config, runtime):
+    """``(state, logits)``: the first half of a split step (sampling waits for the mask)."""
+    logits, _, state = forward_rows(params, state, inputs, config, runtime)
+    return state, logits
+
+
+def _signature(tree) -> tuple:
+    """Structure, shapes, dtypes and shardings of a tree of arrays (what a compile depends on)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((a.shape, a.dtype, getattr(a, "sharding", None)) for a in leaves)
+
+
+class Executables:
+    """Steps compiled ahead of time, one per (rows, T, sample mode), with the engine state's
+    shardings as their input and output shardings (``engine_state.step_shardings``).
+
+    Compiled steps are shared by every engine of the same model, mesh and pool shape (a
+    process-wide LRU of :data:`CACHE_SIZE`), so ``gptoss_jax.generate`` called again does not
+    compile again."""
+
+    def __init__(self, model, mesh):
+        self.model, self.mesh = model, mesh
+        self._model_key = (model.config, model.runtime, _signature(model.params))
+        self.compile_s = 0.0  # time spent compiling so far (reported apart from run time)
+
+    def key(self, state: EngineState, inputs: dict, mode: SampleMode) -> tuple:
+        """What a compiled step is looked up by."""
+        return (self._model_key, _signature(state),
+                tuple((n, a.shape, a.dtype) for n, a in sorted(inputs.items())), mode)
+
+    def get(self, state: EngineState, inputs: dict, mode: SampleMode):
+        key = self.key(state, inputs, mode)
+        exe = _COMPILED.pop(key, None)
+        if exe is None:
+            t0 = time.perf_counter()
+            abstract = {n: jax.ShapeDtypeStruct(a.shape, a.dtype) for n, a in inputs.items()}
+            ins, outs = engine_state.step_shardings(self.model.params, state, abstract, self.mesh)
+            kw = {} if ins is None else {"in_shardings": ins, "out_shardings": outs}
+            fn = jax.jit(step, static_argnums=(3, 4, 5), donate_argnums=(1,), **kw)
+            exe = fn.lower(self.model.params, state, abstract, self.model.config,
+                           self.model.runtime, mode).compile()
+            self.compile_s += time.perf_counter() - t0
+        _COMPILED[key] = exe  # most recently used last
+        while len(_COMPILED) > CACHE_SIZE:
+            _COMPILED.pop(next(iter(_COMPILED)))
+        return exe
+
+    def run(self, state: EngineState, inputs: dict, mode: SampleMode):
+        """``(state, tokens)`` of one step on host ``inputs`` (numpy); tokens as numpy."""
+        exe = self.get(state, inputs, mode)
+        state, tokens = exe(self.model.params, state, engine_state.place_inputs(inputs, self.mesh))
+        return state, jax.device_get(tokens)
+
+    # -- a split step: the forward dispatched, the host fills the mask, then the sampling ------
+    def _split(self, key: tuple, build):
+        exe = _COMPILED.pop(key, None)
+        if exe is None:
+            t0 = time.perf_counter()
+            exe = build()
+            self.compile_s += time.perf_counter() - t0
+        _COMPILED[key] = exe
+        while len(_COMPILED) > CACHE_SIZE:
+            _COMPILED.pop(next(iter(_COMPILED)))
+        return exe
+
+    def forward_exe(self, state: EngineState, inputs: dict):
+        """The compiled :func:`forward_half` for these (host or abstract) inputs."""
+        abstract = {n: jax.ShapeDtypeStruct(a.shape, a.dtype) for n, a in inputs.items()}
+
+        def build():
+            ins, outs = engine_state.step_shardings(self.model.params, state, abstract, self.mesh)
+            kw = {} if ins is None else {"in_shardings": ins, "out_shardings": outs}
+            fn = jax.jit(forward_half, static_argnums=(3, 4), donate_argnums=(1,), **kw)
+            return fn.lower(self.model.params, state, abstract, self.model.config,
+                            self.model.runtime).compile()
+        return self._split(("forward",) + self.key(state, inputs, None), build)
+
+    def sample_exe(self, logits, inputs: dict, mode: SampleMode):
+        """The compiled :func:`sample_rows` for ``logits`` (or its shape) and these inputs."""
+        abstract = {n: jax.ShapeDtypeStruct(a.shape, a.dtype) for n, a in inputs.items()}
+        logits = jax.ShapeDtypeStruct(logits.shape, logits.dtype)
+
+        def build():
+            kw = {}
+            if self.mesh is not None:
+                rep = engine_state.replicated(self.mesh)
+                kw = {"in_shardings": (rep, engine_state.input_shardings(abstract, self.mesh)),
+                      "out_shardings": rep}
+            fn = jax.jit(sample_rows, static_argnums=(2,), **kw)
+            return fn.lower(logits, abstract, mode).compile()
+        key = ("sample", self._model_key, (logits.shape, logits.dtype),
+               tuple((n, a.shape, a.dtype) for n, a in sorted(inputs.items())), mode)
+        return self._split(key, build)
+
+    def forward(self, state: EngineState, inputs: dict):
+        """Dispatch the forward half on host ``inputs`` (no mask): ``(state, logits, placed
+        inputs)``, device arrays the device is still computing."""
+        placed = engine_state.place_inputs(inputs, self.mesh)
+        state, logits = self.forward_exe(state, inputs)(self.model.params, state, placed)
+        return state, logits, placed
+
+    def sample(self, logits, placed: dict, mask, mode: SampleMode):
+        """The sampling half under the host's ``mask`` (numpy ``[rows, words]``); tokens as
+        numpy."""
+        inputs = dict(placed, mask=engine_state.place_inputs({"mask": mask}, self.mesh)["mask"])
+        return jax.device_get(self.sample_exe(logits, inputs, mode)(logits, inputs))
+
+
+CACHE_SIZE = 64
+_COMPILED: dict[tuple, object] = {}

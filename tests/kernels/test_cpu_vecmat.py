@@ -1,0 +1,66 @@
+"""The [K, N] bf16 projection kernel (cpu_kernels.bf16_vecmat) against numpy, on every
+instruction-set branch this machine can run (each forced in turn)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+import jax.numpy as jnp  # noqa: E402
+
+import cpu_kernels  # noqa: E402
+from cpu_kernels import isa  # noqa: E402
+from cpu_kernels.bf16_vecmat import bf16_vecmat, bf16_vecmat_reference  # noqa: E402
+
+needs_kernel = pytest.mark.skipif(not cpu_kernels.available("bf16_vecmat"),
+                                  reason="bf16_vecmat needs x86-64 Linux with AVX2 and a compiler")
+
+
+def branch_params():
+    return [pytest.param(b, marks=pytest.mark.skipif(b not in isa.supported(),
+                                                     reason=f"this CPU cannot run {b}"))
+            for b in isa.BRANCHES]
+
+
+def bf16(a) -> np.ndarray:
+    return np.array(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32))
+
+
+@needs_kernel
+@pytest.mark.parametrize("branch", branch_params())
+@pytest.mark.parametrize("m,k,n", [
+    (1, 64, 48),       # a ragged piece (48 = 32 + 16)
+    (1, 33, 300),      # K odd (a lone last row), N ragged for every piece width
+    (2, 77, 513),
+    (3, 512, 128),     # the bench config's k/v projection
+    (4, 96, 37),
+    (5, 7, 1000),      # two passes (4 rows + 1), K under one group of rows
+    (1, 2880, 4096),   # gpt-oss-20b's q projection: many panels on the pool
+    (1, 1, 1),
+    (2, 300, 17),      # N under one AVX2 piece
+])
+def test_matches_numpy(branch, m, k, n):
+    rng = np.random.default_rng(m * 13 + k + n)
+    x, w = rng.standard_normal((m, k)), rng.standard_normal((k, n))
+    out = np.asarray(jax.jit(lambda x, w: bf16_vecmat(x, w, branch=branch))(
+        jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)))
+    ref = bf16(x).astype(np.float64) @ bf16(w).astype(np.float64)
+    assert out.shape == (m, n) and out.dtype == np.float32
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.sqrt(k))
+
+
+def test_reference_matches_numpy():
+    rng = np.random.default_rng(5)
+    x, w = rng.standard_normal((3, 40)), rng.standard_normal((40, 70))
+    out = np.asarray(bf16_vecmat_reference(jnp.asarray(x, jnp.float32),
+                                             jnp.asarray(w, jnp.bfloat16)))
+    np.testing.assert_allclose(out, bf16(x) @ bf16(w), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="bf16 w"):
+        bf16_vecmat(jnp.ones((1, 8)), jnp.ones((8, 4), jnp.float32))
+    with pytest.raises(ValueError, match=r"x \[M, K\]"):
+        bf16_vecmat(jnp.ones((1, 9)), jnp.ones((8, 4), jnp.bfloat16))
