@@ -217,14 +217,12 @@ class _Feeder:
         (untimed)."""
         e, out = self.engine, []
         while len(out) < n:
-            for slot in [s for s, q in e.seqs.items() if q.finish_reason]:
-                e.release(slot)
-            k = len(e.free_slots)
-            if k:
-                sp = [self.params(temperature=1.0, seed=self.seed + i) for i in range(k)]
-                self.seed += k
-                e.add([self.prompt] * k, sp, [self.budget] * k, [(200002, 200012, 199999)] * k,
-                      constraints=[self.constraint] * k if self.constrained else None)
+            k = e.max_batch - len(e.seqs)
+            for _ in range(k):
+                e.submit(self.prompt, self.params(temperature=1.0, seed=self.seed), self.budget,
+                         (200002, 200012, 199999),
+                         constraint=self.constraint if self.constrained else None)
+                self.seed += 1
             t = time.perf_counter()
             e.step()
             out.append(time.perf_counter() - t)
@@ -243,8 +241,8 @@ def _decode_batch(model, b: int, prompt, constraint, steps: int, rounds: int) ->
     fill_s = fills = 0
     for _ in range(rounds):
         for kind in ("free", "constrained"):
-            for slot in list(engine.seqs):
-                engine.release(slot)
+            for seq_id in list(engine.seqs):
+                engine.cancel(seq_id)
             feed.constrained = kind == "constrained"
             feed.steps(2)  # warm: the first steps of fresh rows
             f0, n0 = engine.constraints.fill_s, engine.constraints.fills
