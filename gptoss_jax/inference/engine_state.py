@@ -43,6 +43,8 @@ STEP_INPUT_AXES = {
     "seed_lo": ("batch",),  # [rows] uint32 low word of the request's seed
     "seed_hi": ("batch",),  # [rows] uint32 high word
     "step": ("batch",),  # [rows] int32 tokens the sequence has sampled before this one
+    # constrained steps only: [rows, ceil(vocab / 32)] int32 token bitmask (all ones = free row)
+    "mask": ("batch", None),
 }
 
 

@@ -12,6 +12,12 @@ place. The parts are separate functions so that each can grow on its own:
 * :func:`sample_rows` -- the sampling call site (one token per row from its settings; the
   randomness is ``fold_in(key(seed), step)``: a request's draw depends on its seed and on how
   many tokens it has sampled, never on its row, its batch or a preemption in between).
+
+A constrained step (Structured Outputs: ``inputs["mask"]``, the token bitmask the host's
+llguidance matchers fill) can run in two calls, :func:`forward_half` then :func:`sample_rows`
+(:meth:`Executables.forward` / :meth:`Executables.sample`): the forward pass is dispatched
+first and runs on the device while the host fills the mask, so the mask costs no sequential
+time unless it is slower than the forward pass. Both halves are the same code as :func:`step`.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from gptoss_jax.inference import engine_state
+from gptoss_jax.inference.constraints.mask import apply_token_mask
 from gptoss_jax.inference.engine_state import EngineState
 from gptoss_jax.inference.sampling import SampleMode, sample
 from gptoss_jax.model import transformer as M
@@ -53,6 +60,8 @@ def row_keys(seed_lo, seed_hi, step):
 def sample_rows(logits, inputs: dict, mode: SampleMode, greedy=None):
     """The sampling call site: one token per row from its settings (``mode`` static)."""
     keys = row_keys(inputs["seed_lo"], inputs["seed_hi"], inputs["step"])
+    if "mask" in inputs:  # a constrained step: the argmax must be of the allowed tokens
+        logits, greedy = apply_token_mask(logits, inputs["mask"]), None
     return sample(logits, keys, inputs["temperature"], inputs["top_k"], inputs["top_p"],
                   inputs["min_p"], mode=mode, greedy=greedy)
 
@@ -61,6 +70,12 @@ def step(params, state: EngineState, inputs: dict, config, runtime, mode: Sample
     """``(state, tokens [rows])``: the rows through the model, then a token for each."""
     logits, greedy, state = forward_rows(params, state, inputs, config, runtime)
     return state, sample_rows(logits, inputs, mode, greedy)
+
+
+def forward_half(params, state: EngineState, inputs: dict, config, runtime):
+    """``(state, logits)``: the first half of a split step (sampling waits for the mask)."""
+    logits, _, state = forward_rows(params, state, inputs, config, runtime)
+    return state, logits
 
 
 def _signature(tree) -> tuple:
@@ -109,6 +124,60 @@ class Executables:
         exe = self.get(state, inputs, mode)
         state, tokens = exe(self.model.params, state, engine_state.place_inputs(inputs, self.mesh))
         return state, jax.device_get(tokens)
+
+    # -- a split step: the forward dispatched, the host fills the mask, then the sampling ------
+    def _split(self, key: tuple, build):
+        exe = _COMPILED.pop(key, None)
+        if exe is None:
+            t0 = time.perf_counter()
+            exe = build()
+            self.compile_s += time.perf_counter() - t0
+        _COMPILED[key] = exe
+        while len(_COMPILED) > CACHE_SIZE:
+            _COMPILED.pop(next(iter(_COMPILED)))
+        return exe
+
+    def forward_exe(self, state: EngineState, inputs: dict):
+        """The compiled :func:`forward_half` for these (host or abstract) inputs."""
+        abstract = {n: jax.ShapeDtypeStruct(a.shape, a.dtype) for n, a in inputs.items()}
+
+        def build():
+            ins, outs = engine_state.step_shardings(self.model.params, state, abstract, self.mesh)
+            kw = {} if ins is None else {"in_shardings": ins, "out_shardings": outs}
+            fn = jax.jit(forward_half, static_argnums=(3, 4), donate_argnums=(1,), **kw)
+            return fn.lower(self.model.params, state, abstract, self.model.config,
+                            self.model.runtime).compile()
+        return self._split(("forward",) + self.key(state, inputs, None), build)
+
+    def sample_exe(self, logits, inputs: dict, mode: SampleMode):
+        """The compiled :func:`sample_rows` for ``logits`` (or its shape) and these inputs."""
+        abstract = {n: jax.ShapeDtypeStruct(a.shape, a.dtype) for n, a in inputs.items()}
+        logits = jax.ShapeDtypeStruct(logits.shape, logits.dtype)
+
+        def build():
+            kw = {}
+            if self.mesh is not None:
+                rep = engine_state.replicated(self.mesh)
+                kw = {"in_shardings": (rep, engine_state.input_shardings(abstract, self.mesh)),
+                      "out_shardings": rep}
+            fn = jax.jit(sample_rows, static_argnums=(2,), **kw)
+            return fn.lower(logits, abstract, mode).compile()
+        key = ("sample", self._model_key, (logits.shape, logits.dtype),
+               tuple((n, a.shape, a.dtype) for n, a in sorted(inputs.items())), mode)
+        return self._split(key, build)
+
+    def forward(self, state: EngineState, inputs: dict):
+        """Dispatch the forward half on host ``inputs`` (no mask): ``(state, logits, placed
+        inputs)``, device arrays the device is still computing."""
+        placed = engine_state.place_inputs(inputs, self.mesh)
+        state, logits = self.forward_exe(state, inputs)(self.model.params, state, placed)
+        return state, logits, placed
+
+    def sample(self, logits, placed: dict, mask, mode: SampleMode):
+        """The sampling half under the host's ``mask`` (numpy ``[rows, words]``); tokens as
+        numpy."""
+        inputs = dict(placed, mask=engine_state.place_inputs({"mask": mask}, self.mesh)["mask"])
+        return jax.device_get(self.sample_exe(logits, inputs, mode)(logits, inputs))
 
 
 CACHE_SIZE = 64

@@ -2,8 +2,9 @@
 
 Every endpoint does the same three things around its own output format:
 
-* ``submit(st, prompt, sampling, max_new_tokens)`` hands the job to the scheduler (the stop
-  tokens are harmony's: ``<|return|>``, ``<|call|>``, ``<|endoftext|>``);
+* ``submit(st, prompt, sampling, max_new_tokens, constraint)`` hands the job to the scheduler
+  (the stop tokens are harmony's: ``<|return|>``, ``<|call|>``, ``<|endoftext|>``; the
+  constraint, if any, is the request's compiled output rules from ``params.request_constraint``);
 * a **consumer** (``ReplyTracker`` for the chat formats, the completions' text decoder) takes
   ``feed(token, finish)``, says when it has ``stopped`` by itself (then the job is cancelled:
   the slot is free for the next request at once), and is closed by ``end()``;
@@ -12,7 +13,9 @@ Every endpoint does the same three things around its own output format:
   events, cancelling the job however the stream ends (a client that disconnects included).
 
 A failure inside the engine reaches a plain request as a 500 with OpenAI's error object, and a
-stream as the endpoint's own error event (``stream`` re-raises :class:`EngineError`).
+stream as the endpoint's own error event (``stream`` re-raises :class:`EngineError`). A
+constraint that dead-ended (:class:`ConstraintFailed`) is left to the endpoint (``collect``
+re-raises it): the Responses API reports it as a failed response.
 """
 
 from __future__ import annotations
@@ -29,7 +32,13 @@ from fastapi.responses import StreamingResponse
 from gptoss_jax.chat.encoding import STOP_TOKENS
 from gptoss_jax.inference.sampling import SamplingParams
 from gptoss_jax.server.errors import APIError
-from gptoss_jax.server.scheduler import EngineError, EngineUnavailable, Job, Scheduler
+from gptoss_jax.server.scheduler import (
+    ConstraintFailed,
+    EngineError,
+    EngineUnavailable,
+    Job,
+    Scheduler,
+)
 from gptoss_jax.server.state import ServerState
 
 
@@ -45,11 +54,12 @@ class Consumer(Protocol):
         """The generation ended; the last outputs. A no-op when already ended."""
 
 
-def submit(st: ServerState, prompt: list[int], sampling: SamplingParams, max_new_tokens: int) -> Job:
+def submit(st: ServerState, prompt: list[int], sampling: SamplingParams, max_new_tokens: int,
+           constraint=None) -> Job:
     """Queue the job; a request the engine can never run (its context, or a KV pool too small
     for prompt + budget even alone) is a 400 at once."""
     try:
-        return st.scheduler.submit(prompt, sampling, max_new_tokens, STOP_TOKENS)
+        return st.scheduler.submit(prompt, sampling, max_new_tokens, STOP_TOKENS, constraint)
     except ValueError as e:
         raise APIError(f"This request cannot be served: {e}", status=400,
                        code="context_length_exceeded") from None
@@ -89,8 +99,12 @@ async def _wait_job(job: Job, request: Request, scheduler: Scheduler,
         if not runner.done():  # the client went away (or this handler was cancelled)
             runner.cancel()
             scheduler.cancel(job)
+    if not runner.done():  # cancelled above, not yet unwound: the client left
+        raise asyncio.CancelledError
     try:
         runner.result()  # re-raises an engine error, or CancelledError for a client that left
+    except ConstraintFailed:
+        raise
     except EngineError as e:
         raise failure(e) from None
 

@@ -3,8 +3,15 @@
 The reply is parsed from harmony as it is generated (:mod:`gptoss_jax.server.reply`):
 analysis -> ``reasoning`` items (``content`` of ``reasoning_text``), final -> ``message``
 items (phase ``final_answer``; commentary preambles: phase ``commentary``), tool calls ->
-``function_call`` items; the object and its stream events are built in
-:mod:`gptoss_jax.server.response_output`.
+``function_call`` items (``custom_tool_call`` for custom tools); the object and its stream
+events are built in :mod:`gptoss_jax.server.response_output`.
+
+``text.format`` (``json_schema`` / ``json_object``), function tools' ``strict`` parameters,
+custom tools' grammars, ``tool_choice`` and ``parallel_tool_calls`` are enforced while the
+reply is generated (``params.request_constraint``; bad ones are a 400 before anything runs).
+A JSON schema is also shown to the model in the developer message's ``# Response Formats``
+section. A constraint that dead-ends mid-generation ends the response with status ``failed``
+and an ``error`` (``server_error``); the server and the other requests carry on.
 
 ``store`` (default true, as in OpenAI's API) keeps the response and its conversation in the
 server's :class:`~gptoss_jax.server.store.ResponseStore` for ``previous_response_id`` and
@@ -26,7 +33,7 @@ from gptoss_jax.server.errors import APIError, unsupported
 from gptoss_jax.server.generation import SSEResponse
 from gptoss_jax.server.reply import ReplyTracker
 from gptoss_jax.server.response_output import ResponseRun, StreamEvents
-from gptoss_jax.server.scheduler import EngineError, Job
+from gptoss_jax.server.scheduler import ConstraintFailed, EngineError, Job
 from gptoss_jax.server.schemas import ResponsesRequest
 from gptoss_jax.server.state import ServerState, state
 from gptoss_jax.server.store import StoredResponse
@@ -50,8 +57,6 @@ def _check(req: ResponsesRequest) -> None:
         raise unsupported("conversation", "conversations are not supported; use previous_response_id")
     if req.prompt is not None:
         raise unsupported("prompt", "prompt templates are not supported by this server")
-    params.output_format((req.text or {}).get("format"), "text.format")
-    params.tool_choice(req.tool_choice)
 
 
 def _conversation(st: ServerState, req: ResponsesRequest) -> tuple[list[Message], dict[str, str]]:
@@ -91,22 +96,43 @@ async def create_response(req: ResponsesRequest, request: Request):
     effort = params.effort_of(req.reasoning.effort if req.reasoning else None, "reasoning.effort")
     requested = builtin_tools.request_tools(req.tools, st.toolbox)
     tools = inputs.function_tools(requested.functions)
-    choice = params.tool_choice(req.tool_choice)
-    if requested.namespaces and choice != "none":
+    rc = params.request_constraint(req, "responses")
+    if requested.namespaces and rc.tool_choice != "none":
+        _check_tool_loop_constraint(req, rc)
         return await _with_builtin_tools(st, req, request, messages, call_names, effort, requested)
     prompt = inputs.render(messages, reasoning_effort=effort, instructions=req.instructions,
-                           tools=[] if choice == "none" else tools)
+                           tools=[] if rc.tool_choice == "none" else tools,
+                           response_format=rc.developer_section)
     max_new = params.token_budget(st, len(prompt), req.max_output_tokens, "max_output_tokens", "input")
-    run = ResponseRun(req, model=st.model_name, prompt_len=len(prompt), effort=effort, tools=requested.listed)
-    job = generation.submit(st, prompt, params.sampling_of(req.temperature, req.top_p, None), max_new)
+    run = ResponseRun(req, model=st.model_name, prompt_len=len(prompt), effort=effort, tools=requested.listed,
+                      custom_tools=rc.custom_tools)
+    job = generation.submit(st, prompt, params.sampling_of(req.temperature, req.top_p, None), max_new,
+                            rc.constraint)
     if req.stream:
         events = _stream(run, job, st, lambda: _save(st, run, messages, call_names))
         return SSEResponse(events, on_close=lambda: st.scheduler.cancel(job))
-    await generation.collect(job, run.tracker, request, st.scheduler)
+    try:
+        await generation.collect(job, run.tracker, request, st.scheduler)
+    except ConstraintFailed as e:
+        run.fail(f"Generation failed: {e}")
+        return JSONResponse(run.json())
     run.cached_tokens = job.cached_tokens
     run.complete()
     _save(st, run, messages, call_names)
     return JSONResponse(run.json())
+
+
+def _check_tool_loop_constraint(req: ResponsesRequest, rc) -> None:
+    """The tool loop (built-in tools) runs its model calls unconstrained: a request that asks
+    for an enforced format or a forced call there is refused rather than silently not held to
+    it (function tools' ``strict`` arguments are not enforced in that loop)."""
+    fmt = (req.text or {}).get("format") or {}
+    if isinstance(fmt, dict) and fmt.get("type", "text") != "text":
+        raise unsupported("text.format", "text.format other than text is not supported together "
+                                         "with built-in tools")
+    if rc.tool_choice != "auto" or not isinstance(req.tool_choice, (str, type(None))):
+        raise unsupported("tool_choice", "tool_choice other than auto or none is not supported "
+                                         "together with built-in tools")
 
 
 async def _with_builtin_tools(st: ServerState, req: ResponsesRequest, request: Request, messages: list[Message],
@@ -136,7 +162,8 @@ async def _stream(run: ResponseRun, job: Job, st: ServerState, save):
             for s in ev.ops(ops):
                 yield s
     except EngineError as e:
-        run.fail(f"Generation failed: {e}")
+        for s in ev.ops(run.fail(f"Generation failed: {e}")):
+            yield s
         yield ev.event("error", code="server_error", message=run.error["message"], param=None)
         yield ev.response("response.failed")
         return

@@ -17,10 +17,16 @@ recovers its state) and the thread keeps serving. A lost multi-host process
 :meth:`Scheduler.abort`) ends them with :class:`EngineUnavailable` (a 503) and stops the
 scheduler; ``on_fatal`` then takes the process down.
 
+A job may carry a compiled output constraint (``submit(..., constraint=)``), handed to the
+engine's ``submit(..., constraint=)``. A constraint that dead-ends mid-generation (the engine's
+event has no token, finish reason "error") ends that job with :class:`ConstraintFailed`; the
+other jobs carry on.
+
 The engine is duck-typed: ``check``, ``submit``, ``cancel``, ``step`` (``StepEvent`` s),
 ``idle``, ``recover``, ``compile``, ``stats``, ``max_batch``, ``max_len``, ``config`` and
 ``batch_sizes``; ``heartbeat`` (called while idle) and ``close`` (when the thread ends) if it
-has them (the tests drive a scripted stub through the same interface).
+has them (the tests drive a scripted stub through the same interface); ``submit`` is given
+``constraint=`` only for a job that has one.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 from gptoss_jax.inference.multihost import PeerLost
 from gptoss_jax.inference.sampling import SamplingParams
@@ -50,6 +57,11 @@ class EngineUnavailable(EngineError):
     """The engine can no longer run anything (a multi-host follower is gone): a 503."""
 
 
+class ConstraintFailed(EngineError):
+    """The job's output constraint dead-ended (no token was allowed): its generation ended
+    with an error; the engine and the other jobs carry on."""
+
+
 @dataclasses.dataclass(eq=False)
 class Job:
     """One generation request as the scheduler sees it."""
@@ -60,6 +72,7 @@ class Job:
     stop_tokens: frozenset
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)
+    constraint: Any = None  # a compiled inference.constraints.Constraint, or None
     id: int = dataclasses.field(default_factory=lambda: next(_ids))
     submitted_at: float = dataclasses.field(default_factory=time.perf_counter)
     cached_tokens: int = 0  # prompt tokens served from the engine's prefix cache
@@ -86,10 +99,12 @@ class Scheduler:
     """Drives an engine from one thread; thread-safe ``submit`` / ``cancel`` / ``stats``."""
 
     def __init__(self, engine, *, warmup_lengths: Sequence[int] = (),
-                 on_fatal: Callable[[BaseException], None] | None = None):
+                 on_fatal: Callable[[BaseException], None] | None = None,
+                 warmup_constrained: bool = False):
         self.engine = engine
         self.warmup_lengths = tuple(warmup_lengths)
         self.on_fatal = on_fatal
+        self.warmup_constrained = warmup_constrained  # also compile the constrained steps
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._jobs: dict[int, Job] = {}  # engine seq id -> job
         self._thread: threading.Thread | None = None
@@ -108,7 +123,7 @@ class Scheduler:
         return self.engine.max_len
 
     def submit(self, prompt: Sequence[int], sampling: SamplingParams, max_new_tokens: int,
-               stop_tokens) -> Job:
+               stop_tokens, constraint=None) -> Job:
         """Queue a job. Raises ``ValueError`` at once for a request the engine can never run
         (``engine.check``: context, vocabulary, KV pool), :class:`EngineError` when the
         scheduler is not running."""
@@ -116,7 +131,7 @@ class Scheduler:
             raise EngineError("the generation thread is not running")
         self.engine.check(prompt, max_new_tokens)  # reads only the engine's fixed limits
         job = Job(list(prompt), sampling, int(max_new_tokens), frozenset(stop_tokens),
-                  asyncio.get_running_loop())
+                  asyncio.get_running_loop(), constraint=constraint)
         self._inbox.put(("submit", job))
         return job
 
@@ -151,6 +166,7 @@ class Scheduler:
                 "max_context": self.engine.max_len,
                 "active": self._counts["active"],
                 "waiting": self._counts["waiting"],
+                "constrained_slots": self._constrained_slots(),
                 "decode_steps": steps,
                 "decode_batch_sizes": {str(k): v for k, v in hist.items()},
                 "mean_decode_batch": round(sum(k * v for k, v in hist.items()) / steps, 3) if steps else None,
@@ -166,11 +182,16 @@ class Scheduler:
                 "engine": dict(self._engine_stats),
             }
 
+    def _constrained_slots(self) -> int:
+        """Running sequences holding a constraint matcher (0 for an engine without any)."""
+        return getattr(getattr(self.engine, "constraints", None), "running", 0)
+
     # -- the scheduler thread ---------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            for n in self.warmup_lengths:
-                s = self.engine.compile(n)
+            for i, n in enumerate(self.warmup_lengths):
+                extra = {"constrained": True} if self.warmup_constrained and i == 0 else {}
+                s = self.engine.compile(n, **extra)
                 log.info("compiled prefill bucket for %d prompt tokens + decode step in %.1fs", n, s)
         except Exception:
             log.exception("warm-up compilation failed; continuing (shapes compile on first use)")
@@ -273,8 +294,9 @@ class Scheduler:
 
     def _start(self, job: Job) -> None:
         try:
+            extra = {} if job.constraint is None else {"constraint": job.constraint}
             job.seq_id = self.engine.submit(job.prompt, job.sampling, job.max_new_tokens,
-                                            job.stop_tokens)
+                                            job.stop_tokens, **extra)
         except Exception as e:  # checked at submit already: only a bug gets here
             log.exception("the engine refused job %d", job.id)
             self._finish(job, EngineError(f"the request could not start: {e}"))
@@ -288,6 +310,12 @@ class Scheduler:
             with self._lock:
                 self._counts["cached_tokens"] += ev.cached_tokens - job.cached_tokens
             job.cached_tokens = ev.cached_tokens
+        if ev.token is None:  # the job's constraint dead-ended: no token, the job fails
+            why = getattr(ev, "error", None) or "no token is allowed"
+            self._jobs.pop(job.seq_id, None)
+            job.seq_id = None
+            self._finish(job, ConstraintFailed(f"the output constraint dead-ended: {why}"))
+            return
         with self._lock:
             self._counts["generated_tokens"] += 1
         self._deliver(job, (int(ev.token), ev.finish_reason))

@@ -4,6 +4,12 @@ Scalars are strict (a string where a number belongs is a 400, not silently coerc
 fields are kept in ``model_extra`` so the routes can reject them by name; parameters that are
 part of OpenAI's API but that this server does not implement are declared, so that a request
 using them gets a clear "not supported" error instead of "unrecognized".
+
+One extra body parameter of this server (the openai client sends it with ``extra_body=``):
+``json_whitespace``, "compact" (the default: no whitespace between JSON tokens, so a model
+cannot fill a constrained object with whitespace until its budget runs out) or "flexible"
+(whitespace allowed wherever JSON allows it), for ``json_schema`` / ``json_object`` outputs and
+function arguments.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 Temperature = Field(default=None, ge=0.0, le=2.0)
 TopP = Field(default=None, gt=0.0, le=1.0)
+JsonWhitespace = Literal["compact", "flexible"] | None
 
 
 class _Body(BaseModel):
@@ -59,8 +66,9 @@ class ResponsesRequest(_Generation):
     max_output_tokens: StrictInt | None = None
     reasoning: ReasoningParam | None = None
     tools: list[Any] | None = None
-    tool_choice: Any = None  # "auto" | "none" (others: 400)
+    tool_choice: Any = None  # checked by params.request_constraint
     parallel_tool_calls: StrictBool | None = None
+    json_whitespace: JsonWhitespace = None  # this server's extra (module docstring)
     stream_options: dict[str, Any] | None = None
     store: StrictBool | None = None
     previous_response_id: StrictStr | None = None
@@ -89,6 +97,7 @@ class ChatCompletionRequest(_Completion):
     parallel_tool_calls: StrictBool | None = None
     reasoning_effort: Any = None
     response_format: dict[str, Any] | None = None
+    json_whitespace: JsonWhitespace = None  # this server's extra (module docstring)
     # accepted and ignored
     metadata: dict[str, StrictStr] | None = None
     store: StrictBool | None = None

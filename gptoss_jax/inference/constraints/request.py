@@ -401,7 +401,8 @@ def response_format_body(value: Any) -> Body:
     """A ``Body`` from what the Python API accepts as ``response_format``.
 
     A ``Body`` (``JsonSchema``, ``JsonObject``, ``Regex``, ``Lark``, ``Text``); a pydantic model
-    class (its JSON schema, strict); an OpenAI-style format dict (``{"type": "json_schema",
+    class (its JSON schema, strict, objects closed to extra keys unless the model says otherwise,
+    as the openai client's ``parse`` sends it); an OpenAI-style format dict (``{"type": "json_schema",
     ...}`` in either API's shape, ``{"type": "json_object"}``, ``{"type": "text"}``) or ours
     (``{"type": "regex", "pattern": ...}``, ``{"type": "lark", "definition": ...}``); any other
     dict, or JSON text of one, is a JSON Schema (strict).
@@ -410,7 +411,7 @@ def response_format_body(value: Any) -> Body:
         return value
     schema_of = getattr(value, "model_json_schema", None)
     if isinstance(value, type) and callable(schema_of):
-        return JsonSchema(schema_of(), strict=True, name=value.__name__)
+        return JsonSchema(_closed(schema_of()), strict=True, name=value.__name__)
     if isinstance(value, str):
         try:
             value = json.loads(value)
@@ -435,6 +436,18 @@ def response_format_body(value: Any) -> Body:
         return Lark(_string(_require(value, "definition", "response_format.definition"),
                             "response_format.definition"))
     return JsonSchema(dict(value), strict=True)
+
+
+def _closed(schema: Any) -> Any:
+    """``schema`` with ``additionalProperties: false`` on every object schema that does not say."""
+    if isinstance(schema, list):
+        return [_closed(s) for s in schema]
+    if not isinstance(schema, Mapping):
+        return schema
+    out = {k: _closed(v) for k, v in schema.items()}
+    if (out.get("type") == "object" or "properties" in out) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
 
 
 def generate_constraint(response_format: Any, *, harmony: bool = True,
