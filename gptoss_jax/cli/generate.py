@@ -328,7 +328,7 @@ def interactive(args, model, engine=None) -> int:
     print("Interactive chat. Empty line or Ctrl-D to quit.", file=sys.stderr)
     while True:
         try:
-            line = input("> ")
+            line = common.read_line("> ", session.engine)
         except EOFError:
             break
         if not line.strip():

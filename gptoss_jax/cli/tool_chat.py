@@ -25,6 +25,7 @@ import openai_harmony as oh
 from gptoss_jax.chat import render
 from gptoss_jax.chat.encoding import ENDOFTEXT, harmony_encoding
 from gptoss_jax.chat.messages import Message
+from gptoss_jax.cli import common
 from gptoss_jax.tools import LoopDone, TokenEvent, Toolbox, ToolCallEvent, ToolResultEvent, run_tool_loop
 
 _VIEW_LINES, _VIEW_CHARS = 6, 400
@@ -188,7 +189,7 @@ def run_chat(session: Any, toolbox: Toolbox, args, *, report) -> int:
               f"({', '.join(toolbox.namespaces)}). Empty line or Ctrl-D to quit.", file=sys.stderr)
         while True:
             try:
-                line = input("> ")
+                line = common.read_line("> ", session.engine)
             except EOFError:
                 break
             if not line.strip():
