@@ -9,7 +9,7 @@
   one line and exit status 3, at once (``os._exit``: ``jax.distributed``'s shutdown would wait
   for the lost process).
 * :func:`read_line` is ``input()`` for a chat that keeps a multi-host engine's heartbeat going
-  while the user types.
+  while the user types; :func:`with_heartbeats` keeps it going while a tool call runs.
 * :func:`add_model_args` declares ``--checkpoint``, ``--dtype``, ``--adapter`` and, through
   :func:`gptoss_jax.parallel.distributed.add_distributed_args`, ``--mesh`` and the multi-host
   flags (``--coordinator-address``, ``--num-processes``, ``--process-id``) the same way in every
@@ -25,12 +25,13 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import queue
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import jax
 
@@ -152,6 +153,31 @@ def read_line(prompt: str, engine=None) -> str:
         if isinstance(line, BaseException):
             raise line
         return line
+
+
+async def with_heartbeats(work: Awaitable, engine_of: Callable[[], object], every_s: float = 0.5):
+    """``await work`` (a chat turn of the tool loop) while a task on the same event loop sends
+    the multi-host engine's followers their heartbeats whenever the loop is free: a tool call
+    awaits a subprocess or the network for as long as it takes, longer than a follower waits
+    for a message. The task runs on the thread that drives the engine, so it never pings in
+    the middle of a step. ``engine_of()``: the engine now (None, or one without a channel: no
+    heartbeat)."""
+    async def beat():
+        while True:
+            await asyncio.sleep(every_s)
+            engine = engine_of()
+            if engine is not None and getattr(engine, "channel", None) is not None:
+                engine.heartbeat()  # pings only when the channel has been quiet for a while
+
+    task = asyncio.ensure_future(beat())
+    try:
+        return await work
+    finally:
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
 
 
 def setup_mesh(args: argparse.Namespace):

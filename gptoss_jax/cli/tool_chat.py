@@ -69,7 +69,9 @@ class ToolChat:
 
     def turn(self, user: str) -> dict:
         """One user message through the loop; returns the turn's record (``--json``'s object)."""
-        return self.runner.run(self._turn(user))
+        # a multi-host engine's followers hear heartbeats while a tool call runs
+        return self.runner.run(common.with_heartbeats(self._turn(user),
+                                                      lambda: getattr(self.session, "engine", None)))
 
     async def _generate(self, messages: list[oh.Message], budget: int | None):
         prompt = render.render_harmony(messages)

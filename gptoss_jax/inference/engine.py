@@ -202,6 +202,12 @@ class Engine:
         return self.executables.compile_s
 
     @property
+    def max_sequence(self) -> int:
+        """The longest request (prompt + output) this engine can ever serve: ``max_len``, or
+        less where the KV pool cannot hold that much for one sequence."""
+        return min(self.max_len, self.pages.max_tokens(self.scheduler.prefill_tokens))
+
+    @property
     def idle(self) -> bool:
         return self.scheduler.idle and not self._backlog
 

@@ -24,9 +24,10 @@ other jobs carry on.
 
 The engine is duck-typed: ``check``, ``submit``, ``cancel``, ``step`` (``StepEvent`` s),
 ``idle``, ``recover``, ``compile``, ``stats``, ``max_batch``, ``max_len``, ``config`` and
-``batch_sizes``; ``heartbeat`` (called while idle) and ``close`` (when the thread ends) if it
-has them (the tests drive a scripted stub through the same interface); ``submit`` is given
-``constraint=`` only for a job that has one.
+``batch_sizes``; ``max_sequence`` (the longest request its KV pool holds), ``heartbeat``
+(called while idle) and ``close`` (when the thread ends) if it has them (the tests drive a
+scripted stub through the same interface); ``submit`` is given ``constraint=`` only for a job
+that has one.
 """
 
 from __future__ import annotations
@@ -121,6 +122,12 @@ class Scheduler:
     @property
     def max_len(self) -> int:
         return self.engine.max_len
+
+    @property
+    def context(self) -> int:
+        """The longest request (prompt + output) the engine can ever serve: its ``max_len``,
+        or less where its KV pool is smaller (``engine.max_sequence``)."""
+        return getattr(self.engine, "max_sequence", self.engine.max_len)
 
     def submit(self, prompt: Sequence[int], sampling: SamplingParams, max_new_tokens: int,
                stop_tokens, constraint=None) -> Job:
