@@ -111,10 +111,10 @@ def scripted_final_ckpt(tmp_path_factory):
     and then leaves every token to the sampler (``tests/harmony_scripts.OPEN_FINAL``; free
     choices under ``short_token_prior``)."""
     from tests.harmony_scripts import OPEN_FINAL, short_token_prior
-    from tests.scripted_checkpoint import script_successors, write_scripted_checkpoint
+    from tests.scripted import make_scripted_checkpoint
 
-    return write_scripted_checkpoint(tmp_path_factory.mktemp("ckpt") / "scripted_final",
-                                     script_successors(OPEN_FINAL), prior=short_token_prior())
+    return make_scripted_checkpoint(tmp_path_factory.mktemp("ckpt") / "scripted_final", OPEN_FINAL[1:],
+                                    start=OPEN_FINAL[0], prior=short_token_prior()).path
 
 
 @pytest.fixture(scope="session")
@@ -122,7 +122,7 @@ def scripted_call_ckpt(tmp_path_factory):
     """A scripted checkpoint that always calls ``get_weather`` and leaves the arguments to the
     sampler (``tests/harmony_scripts.CALL_WEATHER``)."""
     from tests.harmony_scripts import CALL_WEATHER, short_token_prior
-    from tests.scripted_checkpoint import script_successors, write_scripted_checkpoint
+    from tests.scripted import make_scripted_checkpoint
 
-    return write_scripted_checkpoint(tmp_path_factory.mktemp("ckpt") / "scripted_call",
-                                     script_successors(CALL_WEATHER), prior=short_token_prior())
+    return make_scripted_checkpoint(tmp_path_factory.mktemp("ckpt") / "scripted_call", CALL_WEATHER[1:],
+                                    start=CALL_WEATHER[0], prior=short_token_prior()).path

@@ -1,4 +1,4 @@
-"""Token scripts for scripted checkpoints (``tests/scripted_checkpoint.py``): what a model
+"""Token scripts for scripted checkpoints (``tests/scripted.py``): what a model
 writes right after the prompt's ``<|start|>assistant``, up to where the script leaves every
 choice to the sampler.
 

@@ -18,7 +18,9 @@ server's :class:`~gptoss_jax.server.store.ResponseStore` for ``previous_response
 ``GET``. A request goes: checks -> conversation (stored + new input) -> prompt -> job ->
 reply -> stored. A request whose ``tools`` enable built-in tools (web search, code interpreter,
 MCP: :mod:`gptoss_jax.server.builtin_tools`) declares them in the system message and goes
-through the tool loop instead (:mod:`gptoss_jax.server.tool_loop`).
+through the tool loop instead (:mod:`gptoss_jax.server.tool_loop`), every model call of it held
+to the request's constraint (the hosted tools' recipients are allowed recipients there, and
+``tool_choice`` may name one).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from gptoss_jax.chat.messages import Message
-from gptoss_jax.chat.render import render_harmony
+from gptoss_jax.inference.constraints import RequestConstraint
 from gptoss_jax.server import builtin_tools, generation, inputs, params, tool_loop
 from gptoss_jax.server.errors import APIError, unsupported
 from gptoss_jax.server.generation import SSEResponse
@@ -37,6 +39,7 @@ from gptoss_jax.server.scheduler import ConstraintFailed, EngineError, Job
 from gptoss_jax.server.schemas import ResponsesRequest
 from gptoss_jax.server.state import ServerState, state
 from gptoss_jax.server.store import StoredResponse
+from gptoss_jax.tools import Toolbox
 
 router = APIRouter()
 
@@ -96,10 +99,11 @@ async def create_response(req: ResponsesRequest, request: Request):
     effort = params.effort_of(req.reasoning.effort if req.reasoning else None, "reasoning.effort")
     requested = builtin_tools.request_tools(req.tools, st.toolbox)
     tools = inputs.function_tools(requested.functions)
-    rc = params.request_constraint(req, "responses")
-    if requested.namespaces and rc.tool_choice != "none":
-        _check_tool_loop_constraint(req, rc)
-        return await _with_builtin_tools(st, req, request, messages, call_names, effort, requested)
+    toolbox = requested.toolbox(st.toolbox) if requested.namespaces else None
+    rc = params.request_constraint(req, "responses",
+                                   builtin_tools=requested.recipients(toolbox) if toolbox else None)
+    if toolbox is not None and rc.tool_choice != "none":
+        return await _with_builtin_tools(st, req, request, messages, call_names, effort, requested, toolbox, rc)
     prompt = inputs.render(messages, reasoning_effort=effort, instructions=req.instructions,
                            tools=[] if rc.tool_choice == "none" else tools,
                            response_format=rc.developer_section)
@@ -122,35 +126,22 @@ async def create_response(req: ResponsesRequest, request: Request):
     return JSONResponse(run.json())
 
 
-def _check_tool_loop_constraint(req: ResponsesRequest, rc) -> None:
-    """The tool loop (built-in tools) runs its model calls unconstrained: a request that asks
-    for an enforced format or a forced call there is refused rather than silently not held to
-    it (function tools' ``strict`` arguments are not enforced in that loop)."""
-    fmt = (req.text or {}).get("format") or {}
-    if isinstance(fmt, dict) and fmt.get("type", "text") != "text":
-        raise unsupported("text.format", "text.format other than text is not supported together "
-                                         "with built-in tools")
-    if rc.tool_choice != "auto" or not isinstance(req.tool_choice, (str, type(None))):
-        raise unsupported("tool_choice", "tool_choice other than auto or none is not supported "
-                                         "together with built-in tools")
-
-
 async def _with_builtin_tools(st: ServerState, req: ResponsesRequest, request: Request, messages: list[Message],
-                              call_names: dict[str, str], effort: str, requested: builtin_tools.RequestTools):
-    toolbox = requested.toolbox(st.toolbox)
+                              call_names: dict[str, str], effort: str, requested: builtin_tools.RequestTools,
+                              toolbox: Toolbox, rc: RequestConstraint):
     functions = inputs.function_tools(requested.functions)
     conversation = inputs.conversation(messages, reasoning_effort=effort, instructions=req.instructions,
                                        tools=functions, tool_namespaces=toolbox.configs())
-    prompt = render_harmony(conversation)
+    prompt = tool_loop.prompt_of(conversation, rc.developer_section)
     params.token_budget(st, len(prompt), req.max_output_tokens, "max_output_tokens", "input")
-    tracker = ReplyTracker(item_type=toolbox.item_type)
+    tracker = ReplyTracker(item_type=toolbox.item_type, custom_tools=rc.custom_tools)
     run = ResponseRun(req, model=st.model_name, prompt_len=len(prompt), effort=effort, tools=requested.listed,
                       tracker=tracker)
     conversation_id = tool_loop.conversation_root(st, req.previous_response_id, run.id)
     run.container_id = tool_loop.container_id(conversation_id)
     sampling = params.sampling_of(req.temperature, req.top_p, None)
     return await tool_loop.respond(st, run, request, conversation, toolbox, sampling, messages=messages,
-                                   call_names=call_names, conversation_id=conversation_id)
+                                   call_names=call_names, conversation_id=conversation_id, constraint=rc)
 
 
 async def _stream(run: ResponseRun, job: Job, st: ServerState, save):

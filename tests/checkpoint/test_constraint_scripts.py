@@ -13,7 +13,7 @@ from gptoss_jax import harmony
 from gptoss_jax.model.config import TINY_CHAT
 
 from tests.harmony_scripts import CALL_WEATHER, OPEN_FINAL, short_token_prior
-from tests.scripted_checkpoint import script_successors, scripted_getter
+from tests.scripted import script_successors, scripted_getter
 
 PROMPTS = [[{"role": "user", "content": "What is the weather in Paris?"}],
            [{"role": "user", "content": "Say something"}, {"role": "assistant", "content": "Hi."},

@@ -1,6 +1,6 @@
 """A real server over a real engine for the constrained-decoding tests: uvicorn on 127.0.0.1 in
 a thread, the official ``openai`` client, the prompts the engine was given (a spy on
-``Engine.add``), and checks that no slot or matcher outlives its request."""
+``Engine.submit``, which the scheduler calls), and checks that no slot or matcher outlives its request."""
 
 from __future__ import annotations
 
@@ -25,13 +25,13 @@ def serving(checkpoint: str, *, max_batch: int = 8, max_len: int = 512):
     model = gptoss_jax.load(checkpoint, dtype="float32", progress=False)
     engine = Engine(model, max_batch=max_batch, max_len=max_len)
     prompts: list[list[int]] = []
-    add = engine.add
+    submit = engine.submit
 
-    def spy(batch, *args, **kw):
-        prompts.extend(list(p) for p in batch)
-        return add(batch, *args, **kw)
+    def spy(prompt, *args, **kw):
+        prompts.append(list(prompt))
+        return submit(prompt, *args, **kw)
 
-    engine.add = spy
+    engine.submit = spy
     app = create_app(Scheduler(engine), load_tokenizer(), model_name=MODEL)
     server = BackgroundServer(app).start()
     try:
