@@ -1,7 +1,8 @@
-"""Constrained decoding costs: tokenizer build, schema compile, host mask time per step.
+"""Constrained decoding costs: tokenizer build, schema compile, host mask time, decode step time.
 
-    python bench/constraints.py                    # rows 1, 8, 32; 200 steps each
+    python bench/constraints.py                    # rows 1, 8, 32; 200 steps each; decode at 1/8/32
     python bench/constraints.py --rows 1,8 --steps 50 --threads 2
+    python bench/constraints.py --checkpoint DIR   # the decode comparison on a given checkpoint
 
 Prints one JSON object: machine (CPU model, cores), versions, and
 
@@ -16,9 +17,19 @@ Prints one JSON object: machine (CPU model, cores), versions, and
   steps mix free text, headers and JSON like a real turn;
 * ``sampler_ms``: the device side alone, the jitted sampler on random ``[rows, 201088]`` logits
   with and without ``apply_token_mask`` (median of repeats);
-* ``decode_step_overhead``: constrained vs free decode steps on the bench config. Filled in
-  once the engine's decode step takes the mask (issue 14, phase 2); ``decode_overhead``
-  below is where that measurement goes.
+* ``decode_step_overhead``: the engine's decode step with every slot constrained vs none, at
+  batch 1 / 8 / 32 on the bench config (``gptoss_jax.model.config.BENCH``; a random checkpoint
+  written as ``python -m gptoss_jax.convert random --preset bench`` would, unless
+  ``--checkpoint`` is given), bf16, sampling at temperature 1. Both runs of a batch size use one
+  engine and take turns (``--decode-rounds``), so they see the same spell of a noisy machine;
+  medians of ``--decode-steps`` timed ``Engine.step()`` calls (host readback included; compile
+  and prefill excluded, finished sequences restarted between steps). Constrained prompts open
+  the final channel themselves (``...<|start|>assistant<|channel|>final<|message|>``), so every
+  step masks the nested schema's JSON, not free reasoning. Reported per batch: ``free_ms``,
+  ``constrained_ms``, ``overhead`` (constrained / free - 1), ``fill_ms`` (host mask time per
+  step, which the engine runs while the device computes the forward pass) and ``exposed_ms``
+  (constrained - free: the part of the mask work, the split step and the mask upload that
+  the overlap did not hide). The target is an overhead of at most 10% at batch 8.
 """
 
 from __future__ import annotations
@@ -177,10 +188,93 @@ def bench_sampler(rows_list: list[int], repeats: int) -> dict:
     return out
 
 
-def decode_overhead() -> dict:
-    """Decode step time with every slot constrained vs none at batch 1 / 8 / 32 on the bench
-    config: needs the engine's masked decode step (issue 14, phase 2)."""
-    return {"status": "pending: the engine's decode step does not take a mask yet"}
+def _bench_checkpoint(preset: str) -> str:
+    """A random checkpoint of ``preset`` in the HF MXFP4 layout (written once, then reused)."""
+    import tempfile
+
+    from convert.random_weights import random_getter
+    from convert.writer import write_checkpoint
+    from gptoss_jax.model.config import PRESETS
+
+    path = os.path.join(tempfile.gettempdir(), f"gptoss_bench_{preset}")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        write_checkpoint(random_getter(PRESETS[preset], seed=0), PRESETS[preset], path, "hf_mxfp4",
+                         progress=False)
+    return path
+
+
+class _Feeder:
+    """Keeps an engine's batch full: every free slot gets the prompt (constrained or not)."""
+
+    def __init__(self, engine, prompt, constraint, budget: int):
+        from gptoss_jax.inference.sampling import SamplingParams
+
+        self.engine, self.prompt, self.constraint, self.budget = engine, prompt, constraint, budget
+        self.params, self.seed, self.constrained = SamplingParams, 0, False
+
+    def steps(self, n: int) -> list[float]:
+        """``n`` timed ``engine.step()`` calls; finished sequences are replaced between steps
+        (untimed)."""
+        e, out = self.engine, []
+        while len(out) < n:
+            k = e.max_batch - len(e.seqs)
+            for _ in range(k):
+                e.submit(self.prompt, self.params(temperature=1.0, seed=self.seed), self.budget,
+                         (200002, 200012, 199999),
+                         constraint=self.constraint if self.constrained else None)
+                self.seed += 1
+            t = time.perf_counter()
+            e.step()
+            out.append(time.perf_counter() - t)
+        return out
+
+
+def _decode_batch(model, b: int, prompt, constraint, steps: int, rounds: int) -> dict:
+    from gptoss_jax.inference.engine import Engine
+    from gptoss_jax.inference.sampling import SamplingParams
+
+    budget = 4 * steps + 8
+    engine = Engine(model, max_batch=b, max_len=len(prompt) + budget + 8)
+    engine.compile(len(prompt), sampling=SamplingParams(temperature=1.0), constrained=True)
+    feed = _Feeder(engine, prompt, constraint, budget)
+    figures: dict[str, list[float]] = {"free": [], "constrained": []}
+    fill_s = fills = 0
+    for _ in range(rounds):
+        for kind in ("free", "constrained"):
+            for seq_id in list(engine.seqs):
+                engine.cancel(seq_id)
+            feed.constrained = kind == "constrained"
+            feed.steps(2)  # warm: the first steps of fresh rows
+            f0, n0 = engine.constraints.fill_s, engine.constraints.fills
+            figures[kind] += feed.steps(steps)
+            fill_s += engine.constraints.fill_s - f0
+            fills += engine.constraints.fills - n0
+    free = statistics.median(figures["free"]) * 1e3
+    constrained = statistics.median(figures["constrained"]) * 1e3
+    return {"compile_s": round(engine.compile_s, 2), "free_ms": round(free, 3),
+            "constrained_ms": round(constrained, 3), "overhead": round(constrained / free - 1, 4),
+            "fill_ms": round(fill_s / max(fills, 1) * 1e3, 4), "exposed_ms": round(constrained - free, 3),
+            "free_ms_all": [round(x * 1e3, 2) for x in figures["free"]],
+            "constrained_ms_all": [round(x * 1e3, 2) for x in figures["constrained"]]}
+
+
+def decode_overhead(checkpoint: str | None, preset: str, batches: list[int], steps: int,
+                    rounds: int, dtype: str) -> dict:
+    """Decode step time with every slot constrained vs none (see the module docstring)."""
+    import gptoss_jax
+    from gptoss_jax import harmony
+    from gptoss_jax.chat.tokenizer import load_tokenizer
+    from gptoss_jax.inference.constraints import generate_constraint
+
+    path = checkpoint or _bench_checkpoint(preset)
+    model = gptoss_jax.load(path, dtype=dtype, progress=False)
+    prompt = harmony.render_prompt([{"role": "user", "content": "Order three things as JSON."}])
+    prompt += load_tokenizer().encode("<|channel|>final<|message|>", allow_special=True)
+    out = {"checkpoint": path, "dtype": dtype, "steps": steps, "rounds": rounds,
+           "prompt_tokens": len(prompt)}
+    for b in batches:
+        out[f"batch{b}"] = _decode_batch(model, b, prompt, generate_constraint(NESTED), steps, rounds)
+    return out
 
 
 def main(argv=None) -> None:
@@ -190,8 +284,15 @@ def main(argv=None) -> None:
     ap.add_argument("--compile-repeats", type=int, default=10)
     ap.add_argument("--sampler-repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None, help="llguidance worker threads")
+    ap.add_argument("--checkpoint", help="decode comparison checkpoint (default: random --preset)")
+    ap.add_argument("--preset", default="bench", help="config of the random checkpoint")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--decode-batches", default="1,8,32", help="batch sizes ('' skips the decode comparison)")
+    ap.add_argument("--decode-steps", type=int, default=30, help="timed decode steps per run")
+    ap.add_argument("--decode-rounds", type=int, default=3, help="free/constrained turns per batch size")
     args = ap.parse_args(argv)
     rows = [int(r) for r in args.rows.split(",")]
+    batches = [int(b) for b in args.decode_batches.split(",") if b.strip()]
 
     import jax
     import llguidance
@@ -210,7 +311,9 @@ def main(argv=None) -> None:
         "compile_ms": bench_compile(args.compile_repeats),
         "mask": bench_masks(rows, args.steps, args.threads),
         "sampler_ms": bench_sampler(rows, args.sampler_repeats),
-        "decode_step_overhead": decode_overhead(),
+        "decode_step_overhead": (decode_overhead(args.checkpoint, args.preset, batches,
+                                                 args.decode_steps, args.decode_rounds, args.dtype)
+                                 if batches else {"status": "skipped (--decode-batches '')"}),
     }
     print(json.dumps(result, indent=2))
 

@@ -481,7 +481,7 @@ def section_memory(ctx: Ctx, out: dict) -> None:
         slots = gm.greedy(eng, [[3, 1, 4, 1, 5, 9, 2, 6] * 2], 4)
         for _ in range(3):
             eng.step()
-        eng.release(slots[0])
+        eng.cancel(slots[0])
         out.update(ran=True, fits=True)
     except Exception as e:
         if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():

@@ -1,19 +1,31 @@
-"""Benchmark of the OpenAI-compatible server: requests/s and tokens/s under concurrency.
+"""Benchmark of the OpenAI-compatible server and its paged KV cache (issue 17). Prints one JSON
+object with three sections (``--sections``):
 
-Starts the server in-process on 127.0.0.1 (a real uvicorn, the same scheduler and engine as
-``python -m gptoss_jax.serve``) and, for each concurrency level, runs that many streaming
-clients (the official ``openai`` client, one thread each) that send ``--requests`` raw
-completions each (fixed prompt length, ``--max-tokens`` new tokens, greedy). Reports per level:
-requests/s, generated tokens/s, mean / p50 / p90 latency and time to first token, and the decode
-batch sizes the server ran. The comparison measured in the same run: the engine driven directly
-(``gptoss_jax.generate``, no HTTP, an engine with the server's slot count, one batch of
-``concurrency`` prompts) on the same workload, so the HTTP + scheduling overhead reads off as
-the ratio of the two token rates.
+* ``levels``: throughput and latency under concurrency. The server runs in-process on
+  127.0.0.1 (a real uvicorn, the same scheduler and engine as ``python -m gptoss_jax.serve``);
+  per level (after an unmeasured pass on other prompts, which compiles its step shapes), that
+  many streaming clients (the official ``openai`` client, one thread each) send
+  ``--requests`` raw completions each: a shared ``--system-tokens`` prefix (a harmony system
+  prompt's stand-in, served from the prefix cache after the first request) plus
+  ``--prompt-tokens`` distinct tokens, ``--max-tokens`` new tokens, greedy. Reported:
+  requests/s, output tokens/s, TTFT and latency p50/p99, the decode batch sizes the server ran,
+  the prompt tokens served from the cache; and, unless ``--skip-direct``, the engine driven
+  directly on the same prompts (no HTTP), so HTTP + scheduling overhead reads off as a ratio.
+* ``second_turn``: a ``--conversation-tokens`` conversation's second turn (the first turn's
+  prompt + its reply + ``--turn-tokens`` new tokens) against a cold prompt of the same length:
+  TTFT of each (median of ``--turn-repeats``, after one unmeasured round), their ratio (the
+  issue's target: >= 5x) and the ``cached_tokens`` the server reported.
+* ``kv_memory``: one ``--long-tokens`` request beside ``--short-requests`` requests of
+  ``--short-tokens`` on the engine alone: the peak KV bytes in use (pages in use x page bytes,
+  sampled after every step) and the pool allocated for the run, against what a dense cache needs
+  for the same batch (``max_batch x max_context`` per full layer, the window per sliding layer).
 
-    python bench/serve.py                                  # tiny-chat random checkpoint, CPU OK
-    python bench/serve.py --checkpoint /data/gpt-oss-20b --concurrency 1,8,32,64 --max-tokens 128
+    python bench/serve.py                                     # bench config (random), all sections
+    python bench/serve.py --checkpoint /data/gpt-oss-20b --dtype bfloat16
+    python bench/serve.py --config tiny-chat --concurrency 1,2 --system-tokens 40 ...  # smoke
 
-Prints one JSON object.
+Default model: a random checkpoint of ``--config`` (the ``bench`` preset: d=512, 8 layers, 16
+experts, the real vocabulary) written to a temporary folder.
 """
 
 from __future__ import annotations
@@ -31,37 +43,72 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+SECTIONS = ("levels", "second_turn", "kv_memory")
+
+
+def _ints(text: str, name: str, p) -> list[int]:
+    try:
+        values = [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        p.error(f"--{name} must be comma-separated integers, got {text!r}")
+    if not values or min(values) < 1:
+        p.error(f"--{name} needs positive integers")
+    return values
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", help="model folder or hub id (default: write the tiny-chat "
-                                        "random checkpoint to a temporary folder)")
-    p.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts")
-    p.add_argument("--requests", type=int, default=2, help="requests per client per level")
-    p.add_argument("--prompt-tokens", type=int, default=32)
-    p.add_argument("--max-tokens", type=int, default=16, help="new tokens per request")
-    p.add_argument("--max-context", type=int, default=512)
-    p.add_argument("--max-prefill-batch", type=int, default=1)
+    p.add_argument("--checkpoint", help="model folder or hub id (default: a random checkpoint of "
+                                        "--config in a temporary folder)")
+    p.add_argument("--config", default="bench", help="preset of the random checkpoint "
+                                                     "(gptoss_jax.model.config.PRESETS)")
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--skip-direct", action="store_true", help="skip the engine-only comparison")
+    p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated, of " + ", ".join(SECTIONS))
+    g = p.add_argument_group("levels")
+    g.add_argument("--concurrency", default="1,8,32,64", help="comma-separated client counts")
+    g.add_argument("--requests", type=int, default=2, help="requests per client per level")
+    g.add_argument("--system-tokens", type=int, default=1000, help="shared prefix of every prompt")
+    g.add_argument("--prompt-tokens", type=int, default=32, help="distinct tokens after it")
+    g.add_argument("--max-tokens", type=int, default=16, help="new tokens per request")
+    g.add_argument("--max-context", type=int, default=4096, help="the server's --max-context")
+    g.add_argument("--kv-cache-tokens", type=int, default=131072, help="the server's KV pool")
+    g.add_argument("--max-prefill-batch", type=int, default=8)
+    g.add_argument("--skip-direct", action="store_true", help="skip the engine-only comparison")
+    g = p.add_argument_group("second_turn")
+    g.add_argument("--conversation-tokens", type=int, default=2000, help="the first turn's prompt")
+    g.add_argument("--turn-tokens", type=int, default=64, help="the second turn's new tokens")
+    g.add_argument("--turn-repeats", type=int, default=3)
+    g = p.add_argument_group("kv_memory")
+    g.add_argument("--long-tokens", type=int, default=8000, help="the long request's prompt")
+    g.add_argument("--short-tokens", type=int, default=200, help="each short request's prompt")
+    g.add_argument("--short-requests", type=int, default=31)
     args = p.parse_args(argv)
-    try:
-        args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
-    except ValueError:
-        p.error(f"--concurrency must be comma-separated integers, got {args.concurrency!r}")
-    if not args.concurrency or min(args.concurrency) < 1:
-        p.error("--concurrency needs positive integers")
-    if args.prompt_tokens + args.max_tokens > args.max_context:
-        p.error("--prompt-tokens + --max-tokens exceeds --max-context")
+    args.concurrency = _ints(args.concurrency, "concurrency", p)
+    args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    if not args.sections or set(args.sections) - set(SECTIONS):
+        p.error(f"--sections must name some of {', '.join(SECTIONS)}, got {args.sections}")
+    for name in ("requests", "system_tokens", "prompt_tokens", "max_tokens", "max_context",
+                 "kv_cache_tokens", "max_prefill_batch", "conversation_tokens", "turn_tokens",
+                 "turn_repeats", "long_tokens", "short_tokens", "short_requests"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.system_tokens + args.prompt_tokens + args.max_tokens > args.max_context:
+        p.error("--system-tokens + --prompt-tokens + --max-tokens exceeds --max-context")
+    if args.conversation_tokens + 2 * args.max_tokens + args.turn_tokens > args.max_context:
+        p.error("--conversation-tokens + --turn-tokens + 2 x --max-tokens exceeds --max-context")
     return args
 
 
-def prompts_for(n: int, length: int, vocab: int) -> list[list[int]]:
-    """Distinct ordinary-text token prompts (ids below the special tokens)."""
-    import numpy as np
+class Tokens:
+    """Random ordinary-text token ids (below the special tokens), never the same run twice."""
 
-    rng = np.random.default_rng(0)
-    return [rng.integers(100, min(vocab, 199_000), size=length).tolist() for _ in range(n)]
+    def __init__(self, vocab: int, seed: int = 0):
+        import numpy as np
+
+        self.rng, self.high = np.random.default_rng(seed), min(vocab, 199_000)
+
+    def __call__(self, n: int) -> list[int]:
+        return self.rng.integers(100, self.high, size=n).tolist()
 
 
 def pct(xs, q):
@@ -69,67 +116,166 @@ def pct(xs, q):
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-def run_level(url: str, model_name: str, prompts, c: int, requests: int, max_tokens: int) -> dict:
+def spread(xs) -> dict | None:
+    if not xs:
+        return None
+    return {"mean": round(statistics.mean(xs), 4), "p50": round(pct(xs, 0.5), 4),
+            "p99": round(pct(xs, 0.99), 4)}
+
+
+def stream_once(client, model_name: str, prompt: list[int], max_tokens: int) -> dict:
+    """One streaming raw completion: latency, TTFT, output text and tokens, cached tokens."""
+    t0 = time.perf_counter()
+    ttft, text, usage = None, [], None
+    for chunk in client.completions.create(model=model_name, prompt=prompt, max_tokens=max_tokens,
+                                           temperature=0, stream=True,
+                                           stream_options={"include_usage": True}):
+        if chunk.choices:
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+            text.append(chunk.choices[0].text)
+        if chunk.usage:
+            usage = chunk.usage
+    details = getattr(usage, "prompt_tokens_details", None) if usage else None
+    return {"latency": time.perf_counter() - t0, "ttft": ttft, "text": "".join(text),
+            "tokens": usage.completion_tokens if usage else 0,
+            "cached": (details.cached_tokens or 0) if details else 0}
+
+
+def _client(url: str):
     import openai
 
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0, timeout=3600)
+
+
+def run_level(url: str, model_name: str, prompts, c: int, requests: int, max_tokens: int) -> dict:
     def client_loop(i: int):
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0, timeout=3600)
-        out = []
-        for r in range(requests):
-            t0 = time.perf_counter()
-            ttft, tokens = None, 0
-            stream = client.completions.create(model=model_name, prompt=prompts[(i * requests + r) % len(prompts)],
-                                               max_tokens=max_tokens, temperature=0, stream=True,
-                                               stream_options={"include_usage": True})
-            for chunk in stream:
-                if chunk.choices and ttft is None:
-                    ttft = time.perf_counter() - t0
-                if chunk.usage:
-                    tokens = chunk.usage.completion_tokens
-            out.append((time.perf_counter() - t0, ttft, tokens))
-        return out
+        client = _client(url)
+        return [stream_once(client, model_name, prompts[(i * requests + r) % len(prompts)], max_tokens)
+                for r in range(requests)]
 
     t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(c) as pool:
         results = [x for xs in pool.map(client_loop, range(c)) for x in xs]
     wall = time.perf_counter() - t0
-    lat = [r[0] for r in results]
-    ttft = [r[1] for r in results if r[1] is not None]
-    tokens = sum(r[2] for r in results)
+    tokens = sum(r["tokens"] for r in results)
     return {"concurrency": c, "requests": len(results), "wall_s": round(wall, 3),
             "requests_per_s": round(len(results) / wall, 3),
-            "tokens_per_s": round(tokens / wall, 2), "generated_tokens": tokens,
-            "latency_s": {"mean": round(statistics.mean(lat), 3), "p50": round(pct(lat, 0.5), 3),
-                          "p90": round(pct(lat, 0.9), 3)},
-            "ttft_s": {"mean": round(statistics.mean(ttft), 3), "p50": round(pct(ttft, 0.5), 3),
-                       "p90": round(pct(ttft, 0.9), 3)} if ttft else None}
+            "output_tokens_per_s": round(tokens / wall, 2), "output_tokens": tokens,
+            "cached_prompt_tokens": sum(r["cached"] for r in results),
+            "latency_s": spread([r["latency"] for r in results]),
+            "ttft_s": spread([r["ttft"] for r in results if r["ttft"] is not None])}
 
 
 def direct(engine, prompts, c: int, max_tokens: int) -> dict:
-    """The engine alone (as many slots as the server's): one batch of ``c`` prompts, timed after
-    a warm-up call."""
+    """The engine alone: one batch of ``c`` prompts, timed after a warm-up call."""
     import gptoss_jax
 
-    model = engine.model
     batch = prompts[:c]
-    gptoss_jax.generate(model, batch, max_new_tokens=2, temperature=0.0, engine=engine, decode_text=False)
+    gptoss_jax.generate(engine.model, batch, max_new_tokens=2, temperature=0.0, engine=engine,
+                        decode_text=False)
     t0 = time.perf_counter()
-    out = gptoss_jax.generate(model, batch, max_new_tokens=max_tokens, temperature=0.0, engine=engine,
-                              decode_text=False)
+    out = gptoss_jax.generate(engine.model, batch, max_new_tokens=max_tokens, temperature=0.0,
+                              engine=engine, decode_text=False)
     wall = time.perf_counter() - t0
     tokens = sum(len(o.tokens) for o in out)
-    return {"wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 2),
+    return {"wall_s": round(wall, 3), "output_tokens_per_s": round(tokens / wall, 2),
             "requests_per_s": round(len(batch) / wall, 3)}
+
+
+def levels_section(args, url, name, tokens: Tokens, engine_for) -> list[dict]:
+    import httpx
+
+    system = tokens(args.system_tokens)
+    prompts = [system + tokens(args.prompt_tokens)
+               for _ in range(max(args.concurrency) * args.requests)]
+    stream_once(_client(url), name, prompts[0], 2)  # warm-up; caches the system prompt's pages
+    levels = []
+    for c in args.concurrency:
+        # unmeasured: the same load on other prompts compiles this level's step shapes
+        run_level(url, name, [system + tokens(args.prompt_tokens) for _ in range(c)], c, 1,
+                  args.max_tokens)
+        before = httpx.get(url + "/v1/stats").json()["decode_batch_sizes"]
+        level = run_level(url, name, prompts, c, args.requests, args.max_tokens)
+        after = httpx.get(url + "/v1/stats").json()["decode_batch_sizes"]
+        level["decode_batch_sizes"] = {k: v - before.get(k, 0) for k, v in after.items()
+                                       if v - before.get(k, 0)}
+        levels.append(level)
+    if not args.skip_direct:
+        engine = engine_for()
+        for level in levels:
+            level["engine_only"] = direct(engine, prompts, level["concurrency"], args.max_tokens)
+            level["server_over_engine_tokens_per_s"] = round(
+                level["output_tokens_per_s"] / level["engine_only"]["output_tokens_per_s"], 3)
+    return levels
+
+
+def second_turn_section(args, url, name, tokens: Tokens, tokenizer) -> dict:
+    client = _client(url)
+    warm, cold, cached, lengths = [], [], [], []
+    for i in range(args.turn_repeats + 1):  # the first round compiles every shape: not counted
+        first = tokens(args.conversation_tokens)
+        reply = stream_once(client, name, first, args.max_tokens)
+        turn = first + tokenizer.encode(reply["text"], allow_special=False) + tokens(args.turn_tokens)
+        second = stream_once(client, name, turn, args.max_tokens)
+        fresh = stream_once(client, name, tokens(len(turn)), args.max_tokens)  # nothing cached
+        if i == 0:
+            continue
+        warm.append(second["ttft"])
+        cold.append(fresh["ttft"])
+        cached.append(second["cached"])
+        lengths.append(len(turn))
+    w, c = statistics.median(warm), statistics.median(cold)
+    return {"conversation_tokens": args.conversation_tokens, "second_turn_prompt_tokens": lengths,
+            "cached_tokens": cached, "ttft_cold_s": round(c, 4), "ttft_second_turn_s": round(w, 4),
+            "ttft_ratio_cold_over_second_turn": round(c / w, 2), "target_ratio": 5.0,
+            "ttft_cold_all_s": [round(x, 4) for x in cold],
+            "ttft_second_turn_all_s": [round(x, 4) for x in warm]}
+
+
+def kv_memory_section(args, model, tokens: Tokens) -> dict:
+    """One long request beside many short ones on the engine alone (see the module docstring)."""
+    import numpy as np
+
+    from gptoss_jax.inference.engine import Engine
+    from gptoss_jax.model.kv_cache import layer_slots, paged_layout
+
+    c = model.config
+    max_batch, max_len = args.short_requests + 1, args.long_tokens + args.max_tokens
+    need = args.long_tokens + args.short_requests * args.short_tokens + max_batch * args.max_tokens
+    engine = Engine(model, max_batch=max_batch, max_len=max_len, kv_cache_tokens=2 * need)
+    pages = engine.pages
+    itemsize = np.dtype(model.dtype).itemsize
+    token_bytes = 2 * c.num_key_value_heads * c.head_dim * itemsize  # K and V of one layer
+    page_bytes = paged_layout(c).arrays * pages.page_size * token_bytes
+    dense = sum(max_batch * layer_slots(c, layer, max_len) * token_bytes
+                for layer in range(c.num_hidden_layers))
+    engine.submit(tokens(args.long_tokens), max_new_tokens=args.max_tokens, stop_tokens=())
+    for _ in range(args.short_requests):
+        engine.submit(tokens(args.short_tokens), max_new_tokens=args.max_tokens, stop_tokens=())
+    peak, steps, finished, t0 = 0, 0, 0, time.perf_counter()
+    while not engine.idle:
+        finished += sum(ev.finish_reason is not None for ev in engine.step())
+        peak = max(peak, engine.stats()["kv_pages_in_use"])
+        steps += 1
+    return {"long_tokens": args.long_tokens, "short_tokens": args.short_tokens,
+            "short_requests": args.short_requests, "max_tokens": args.max_tokens,
+            "max_batch": max_batch, "max_context": max_len, "requests_finished": finished,
+            "steps": steps, "wall_s": round(time.perf_counter() - t0, 3),
+            "page_size": pages.page_size, "page_bytes": page_bytes,
+            "dense_kv_bytes": dense, "paged_peak_kv_bytes": peak * page_bytes,
+            "paged_pool_bytes": pages.pool_pages * page_bytes,
+            "dense_over_paged_peak": round(dense / max(1, peak * page_bytes), 2),
+            "preemptions": engine.preemptions}
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import httpx
     import jax
 
     import gptoss_jax
     from gptoss_jax.chat.tokenizer import load_tokenizer
-    from gptoss_jax.inference import engine as sampler
+    from gptoss_jax.inference.engine import Engine
     from gptoss_jax.server import Scheduler, create_app
     from gptoss_jax.server.background import BackgroundServer
 
@@ -138,53 +284,53 @@ def main(argv=None) -> int:
     if ckpt is None:
         from convert.random_weights import random_getter
         from convert.writer import write_checkpoint
-        from gptoss_jax.model.config import TINY_CHAT
+        from gptoss_jax.model.config import PRESETS
 
         tmp = tempfile.TemporaryDirectory(prefix="gptoss-bench-")
-        ckpt = os.path.join(tmp.name, "tiny-chat")
-        write_checkpoint(random_getter(TINY_CHAT, seed=0), TINY_CHAT, ckpt, "hf_mxfp4", progress=False)
+        ckpt = os.path.join(tmp.name, args.config)
+        write_checkpoint(random_getter(PRESETS[args.config], seed=0), PRESETS[args.config], ckpt,
+                         "hf_mxfp4", progress=False)
     model = gptoss_jax.load(ckpt, dtype=args.dtype, progress=False)
+    tokens = Tokens(model.config.vocab_size)
+    tokenizer = load_tokenizer(ckpt if os.path.isfile(os.path.join(str(ckpt), "tokenizer.json")) else None)
     max_batch = max(args.concurrency)
-    engine = sampler.Engine(model, max_batch=max_batch, max_len=args.max_context)
-    tok_dir = ckpt if os.path.isfile(os.path.join(str(ckpt), "tokenizer.json")) else None
-    name = "bench-model"
-    scheduler = Scheduler(engine, warmup_lengths=(args.prompt_tokens,))
-    server = BackgroundServer(create_app(scheduler, load_tokenizer(tok_dir), model_name=name)).start()
-    prompts = prompts_for(max_batch * args.requests, args.prompt_tokens, model.config.vocab_size)
-    try:
-        run_level(server.url, name, prompts, 1, 1, 2)  # warm-up: every compiled shape exists
-        levels = []
-        for c in args.concurrency:
-            before = httpx.get(server.url + "/v1/stats").json()["decode_batch_sizes"]
-            level = run_level(server.url, name, prompts, c, args.requests, args.max_tokens)
-            after = httpx.get(server.url + "/v1/stats").json()["decode_batch_sizes"]
-            level["decode_batch_sizes"] = {k: v - before.get(k, 0) for k, v in after.items()
-                                           if v - before.get(k, 0)}
-            levels.append(level)
-        stats = httpx.get(server.url + "/v1/stats").json()
-    finally:
-        server.stop()
-    if not args.skip_direct:
-        engine = sampler.Engine(model, max_batch=max_batch, max_len=args.max_context)
-        for level in levels:
-            level["engine_only"] = direct(engine, prompts, level["concurrency"], args.max_tokens)
-            level["server_over_engine_tokens_per_s"] = round(
-                level["tokens_per_s"] / level["engine_only"]["tokens_per_s"], 3)
+
+    def engine_for():
+        return Engine(model, max_batch=max_batch, max_len=args.max_context,
+                      kv_cache_tokens=args.kv_cache_tokens, max_prefill_rows=args.max_prefill_batch)
+
+    result: dict = {}
+    if {"levels", "second_turn"} & set(args.sections):
+        name = "bench-model"
+        scheduler = Scheduler(engine_for(), warmup_lengths=(args.system_tokens + args.prompt_tokens,))
+        server = BackgroundServer(create_app(scheduler, tokenizer, model_name=name)).start()
+        try:
+            if "levels" in args.sections:
+                result["levels"] = levels_section(args, server.url, name, tokens, engine_for)
+            if "second_turn" in args.sections:
+                result["second_turn"] = second_turn_section(args, server.url, name, tokens, tokenizer)
+            stats = scheduler.stats()
+            result["server"] = {"compile_s": stats["compile_s"], "busy_s": stats["busy_s"],
+                                "mean_decode_batch": stats["mean_decode_batch"],
+                                "engine": stats["engine"]}
+        finally:
+            server.stop()
+    if "kv_memory" in args.sections:
+        result["kv_memory"] = kv_memory_section(args, model, tokens)
+    c = model.config
     print(json.dumps({
         "benchmark": "serve",
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "cpus": os.cpu_count(), "devices": [str(d) for d in jax.devices()]},
         "versions": {"jax": jax.__version__},
-        "config": {"checkpoint": args.checkpoint or "tiny-chat (random)", "dtype": args.dtype,
-                   "model": {"hidden_size": model.config.hidden_size,
-                             "num_hidden_layers": model.config.num_hidden_layers,
-                             "num_local_experts": model.config.num_local_experts},
+        "config": {"checkpoint": args.checkpoint or f"{args.config} (random)", "dtype": args.dtype,
+                   "model": {"hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,
+                             "num_local_experts": c.num_local_experts, "vocab_size": c.vocab_size},
                    "max_batch": max_batch, "max_context": args.max_context,
+                   "kv_cache_tokens": args.kv_cache_tokens, "system_tokens": args.system_tokens,
                    "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
                    "requests_per_client": args.requests, "endpoint": "/v1/completions (streaming)"},
-        "levels": levels,
-        "server": {"compile_s": stats["compile_s"], "busy_s": stats["busy_s"],
-                   "mean_decode_batch": stats["mean_decode_batch"]},
+        **result,
     }, indent=1))
     if tmp is not None:
         tmp.cleanup()

@@ -103,3 +103,26 @@ def fresh_offline_vocab(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def scripted_final_ckpt(tmp_path_factory):
+    """A scripted checkpoint (TINY_CHAT, real vocabulary) that opens the final channel at once
+    and then leaves every token to the sampler (``tests/harmony_scripts.OPEN_FINAL``; free
+    choices under ``short_token_prior``)."""
+    from tests.harmony_scripts import OPEN_FINAL, short_token_prior
+    from tests.scripted import make_scripted_checkpoint
+
+    return make_scripted_checkpoint(tmp_path_factory.mktemp("ckpt") / "scripted_final", OPEN_FINAL[1:],
+                                    start=OPEN_FINAL[0], prior=short_token_prior()).path
+
+
+@pytest.fixture(scope="session")
+def scripted_call_ckpt(tmp_path_factory):
+    """A scripted checkpoint that always calls ``get_weather`` and leaves the arguments to the
+    sampler (``tests/harmony_scripts.CALL_WEATHER``)."""
+    from tests.harmony_scripts import CALL_WEATHER, short_token_prior
+    from tests.scripted import make_scripted_checkpoint
+
+    return make_scripted_checkpoint(tmp_path_factory.mktemp("ckpt") / "scripted_call", CALL_WEATHER[1:],
+                                    start=CALL_WEATHER[0], prior=short_token_prior()).path

@@ -1,38 +1,55 @@
 """Scripted checkpoints: tiny gpt-oss checkpoints in the real HF MXFP4 layout whose greedy output
-is a chosen token script (see ``shared/NOTES.md``, "Scripted checkpoints").
+is a chosen token script (``shared/NOTES.md``, "Scripted checkpoints").
 
-The model is a bigram machine. Each token of the chain ``start, script[0], ..., script[-2]``
-gets its own unit embedding, all mutually orthogonal (a random orthonormal basis, the hidden
-size above their count); every other token a small random one. The attention output projection
-and the experts' weights and biases are zero, so the residual stream at the last position is that
-token's embedding; the unembedding row of ``next(t)`` is ``amplitude * embedding[t]`` (summed
-over the tokens that ``next(t)`` follows). After the final norm the script's next token leads
-by about ``amplitude * sqrt(hidden)`` logits and every other token sits near zero, so greedy
-decoding follows the script from ``start`` (``assistant`` of ``<|start|>assistant``, the end of
-every harmony prompt) whatever came before, and stops at the script's last token when that is a
-stop token (``<|call|>``, ``<|return|>``). A script that calls a tool therefore calls it again
-after every result: the next prompt ends with ``<|start|>assistant`` too.
+A random model never writes harmony's structure, so tests of parsing, output items, tool loops,
+tool choice and constrained decoding need a model whose next token is known. This one is a
+bigram machine: every token that has a successor in the script (``start``, then the script but
+its last token) gets a unit embedding orthogonal to all the others' (the hidden size grows, in
+MXFP4 blocks of 32, to fit them); the attention output projections and the experts (blocks,
+biases) are zero, so the residual stream is the embedding; the final norm is 1, and the
+unembedding row of ``next(t)`` is ``gain * embedding[t]``, so after ``t`` the model puts a margin
+of ~``gain * sqrt(d)`` logits on ``next(t)``, whatever came before and at any position. Greedy
+decoding thus follows the script from ``start`` (``assistant`` of ``<|start|>assistant``, the end
+of every harmony prompt) and stops at its last token when that is a stop token (``<|call|>``,
+``<|return|>``): a script that calls a tool calls it again after every result.
+
+Tokens without a successor (the script's end, and every token outside it) leave the choice to
+whoever samples: their hidden state has no component along any script direction, and every
+unembedding row carries a random part in the complement, so their next-token logits are random
+(std ~``noise * sqrt(d)``) and favour no token the script uses. A constrained sampler then makes
+every decision there. Script tokens carry a small random complement part too (``mix``), so the
+logits after the script's last token are random rather than exactly flat.
+
+Optionally a unigram ``prior`` (logits added after every token, ``[vocab]``) shapes those free
+choices without regard to what they are for: e.g. a few logits on short tokens, so that free
+strings end in a few tokens rather than hundreds. It rides on one direction shared by every
+embedding, so it never competes with a successor's margin.
 
 A token that must be followed by two different tokens cannot be scripted: ``ScriptError``.
+Check each script against transformers' greedy generation and openai-harmony's parser (the
+tests of this helper do).
 
-    make_scripted_checkpoint(tmp_path / "py", "<|channel|>analysis to=python code<|message|>"
-                                              "print(2**10)<|call|>")
+    ckpt = make_scripted_checkpoint(tmp_path / "py", "<|channel|>analysis to=python code<|message|>"
+                                                     "print(2**10)<|call|>")
+    ckpt.path, ckpt.script, ckpt.config
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from convert.random_weights import random_getter
 from convert.writer import write_checkpoint
 from gptoss_jax.chat.encoding import harmony_encoding
-from gptoss_jax.model import params as P
 from gptoss_jax.model.config import TINY_CHAT, GptOssConfig
 
 ASSISTANT = 173781  # the prompt's last token: `assistant` of <|start|>assistant
+SPARE = 8  # hidden directions beyond the script's: the prior's and a random complement
 
 
 class ScriptError(ValueError):
@@ -54,61 +71,83 @@ def script_tokens(script: str | Sequence[int]) -> list[int]:
     return [int(t) for t in script]
 
 
-def _successors(chain: list[int]) -> dict[int, int]:
-    nxt: dict[int, int] = {}
-    for a, b in zip(chain, chain[1:]):
-        if nxt.setdefault(a, b) != b:
-            raise ScriptError(f"token {a} is followed by both {nxt[a]} and {b}: a bigram script needs "
-                              f"one successor per token (reword the script)")
-    return nxt
+def script_successors(*scripts: Sequence[int]) -> dict[int, int]:
+    """``{token: the token after it}`` from token sequences; ``ScriptError`` when a token would
+    need two different successors."""
+    out: dict[int, int] = {}
+    for script in scripts:
+        for a, b in zip(script, script[1:]):
+            a, b = int(a), int(b)
+            if out.get(a, b) != b:
+                raise ScriptError(f"token {a} is followed by both {out[a]} and {b}: a bigram "
+                                  "script needs one successor per token (reword the script)")
+            out[a] = b
+    return out
+
+
+def scripted_getter(config: GptOssConfig, successors: Mapping[int, int], *, seed: int = 0,
+                    gain: float = 8.0, noise: float = 0.3, mix: float = 0.5,
+                    prior: np.ndarray | None = None):
+    """``get(path) -> np.ndarray`` for ``convert.writer.write_checkpoint``: the bigram machine's
+    embedding, unembedding, zero attention output and experts; the rest random. ``prior``: an
+    optional ``[vocab]`` unigram logit prior (module docstring)."""
+    v, d = config.vocab_size, config.hidden_size
+    heads = sorted(successors)
+    k = len(heads)
+    if k > d - SPARE:
+        raise ScriptError(f"{k} scripted tokens need a hidden size of at least {k + SPARE}, got {d}")
+    bad = [t for t in (*heads, *successors.values()) if not 0 <= t < v]
+    if bad:
+        raise ScriptError(f"token {bad[0]} is outside the vocabulary ({v})")
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    script_dirs, shared, rest = q[:, :k], q[:, k], q[:, k + 1:]  # orthonormal, [d, k] [d] [d, d-k-1]
+    k += 1  # the shared direction (the prior's) is not free either
+
+    def unit_rest(n: int) -> np.ndarray:
+        g = rng.standard_normal((n, d - k))
+        return (g / np.linalg.norm(g, axis=1, keepdims=True)) @ rest.T  # [n, d] unit rows
+
+    embed = unit_rest(v)
+    embed[heads] = script_dirs.T + mix * unit_rest(len(heads))
+    unembed = noise * rng.standard_normal((v, d - k)) @ rest.T / math.sqrt(d - k) * math.sqrt(d)
+    for i, t in enumerate(heads):
+        unembed[successors[t]] += gain * script_dirs[:, i]
+    if prior is not None:
+        prior = np.asarray(prior, np.float64)
+        if prior.shape != (v,):
+            raise ValueError(f"prior must have shape ({v},), got {prior.shape}")
+        embed += shared  # every hidden state: (own part + shared) / its norm * sqrt(d)
+        unembed += np.outer(prior * math.sqrt(2.0 / d), shared)
+    fixed = {("embed",): embed.astype(np.float32), ("unembed",): unembed.astype(np.float32),
+             ("final_norm",): np.ones(d, np.float32)}
+    base = random_getter(config, seed=seed)
+
+    def get(path: tuple) -> np.ndarray:
+        if path in fixed:
+            return fixed[path]
+        name = path[-1]
+        if name in ("o_w", "o_b") or (len(path) > 2 and path[2] == "experts"):
+            out = base(path)
+            return np.zeros_like(out)  # zero output projection / experts: the stream is the embedding
+        return base(path)
+
+    return get
 
 
 def make_scripted_checkpoint(out_dir: str | os.PathLike, script: str | Sequence[int], *,
-                             start: int = ASSISTANT, amplitude: float = 8.0, seed: int = 0,
-                             base: GptOssConfig = TINY_CHAT) -> ScriptedCheckpoint:
-    """Write an HF MXFP4 checkpoint to ``out_dir`` whose greedy continuation of any prompt ending
-    in ``start`` is ``script`` (harmony text or token ids). ``base`` gives every dimension but
-    the hidden size, which grows (in steps of 32, MXFP4's block) to fit the script."""
+                             start: int = ASSISTANT, base: GptOssConfig = TINY_CHAT,
+                             **kw) -> ScriptedCheckpoint:
+    """Write an HF MXFP4 checkpoint (bf16 floats) to ``out_dir`` whose greedy continuation of any
+    prompt ending in ``start`` is ``script`` (harmony text or token ids; what follows ``start``).
+    ``base`` gives every dimension but the hidden size, which grows (in steps of 32, MXFP4's
+    block) to fit the script. ``kw``: ``scripted_getter``'s (seed, gain, noise, mix, prior)."""
     tokens = script_tokens(script)
     if not tokens:
         raise ScriptError("the script is empty")
-    chain = [start, *tokens]
-    nxt = _successors(chain)
-    keys = sorted(nxt)  # tokens with a successor, each owning one basis vector
-    hidden = max(base.hidden_size, -(-(len(keys) + 1) // 32) * 32)
+    successors = script_successors([start, *tokens])
+    hidden = max(base.hidden_size, -(-(len(successors) + SPARE) // 32) * 32)
     config = dataclasses.replace(base, hidden_size=hidden)
-    if max(chain) >= config.vocab_size:
-        raise ScriptError(f"token {max(chain)} is outside the vocabulary ({config.vocab_size})")
-    rng = np.random.default_rng(seed)
-    basis, _ = np.linalg.qr(rng.standard_normal((hidden, hidden)))  # orthonormal columns
-    vecs = {t: basis[:, i] for i, t in enumerate(keys)}
-    v = config.vocab_size
-    embed = (0.05 * rng.standard_normal((v, hidden))).astype(np.float32)
-    unembed = (0.01 * rng.standard_normal((v, hidden))).astype(np.float32)
-    for t in keys:
-        embed[t] = vecs[t]
-    for t in set(nxt.values()):
-        unembed[t] = amplitude * sum(vecs[a] for a in keys if nxt[a] == t)
-    specs = P.declare(config)
-
-    def get(path: tuple) -> np.ndarray:
-        spec = P.get(specs, path)
-        name = path[-1]
-        if name == "embed":
-            return embed
-        if name == "unembed":
-            return unembed
-        if name in ("attn_norm", "mlp_norm", "final_norm"):
-            return np.ones(spec.shape, np.float32)
-        if name == "blocks":  # the experts' packed MXFP4 codes: all +0
-            return np.zeros(spec.shape, np.uint8)
-        if name == "scales":
-            return np.full(spec.shape, 127, np.uint8)  # 2**0: the zero blocks stay zero
-        if name in ("o_w", "o_b", "gate_up_bias", "down_bias"):
-            return np.zeros(spec.shape, np.float32)
-        # q/k/v, sinks, router: random, and irrelevant to the output (attention's output is
-        # projected away, every expert computes zero).
-        return (0.1 * rng.standard_normal(spec.shape)).astype(np.float32)
-
-    write_checkpoint(get, config, str(out_dir), "hf_mxfp4", progress=False)
+    write_checkpoint(scripted_getter(config, successors, **kw), config, str(out_dir), "hf_mxfp4",
+                     progress=False)
     return ScriptedCheckpoint(str(out_dir), tuple(tokens), start, config)

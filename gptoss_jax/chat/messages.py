@@ -44,7 +44,9 @@ class ToolCall:
 
     ``name`` is the function name (``get_weather``); ``arguments`` the JSON text exactly as the
     model wrote it (it may be invalid JSON in parsed output); ``recipient`` the harmony
-    recipient (``functions.get_weather``; built-in tools: ``browser.search``, ``python``).
+    recipient (``functions.get_weather``; built-in tools: ``browser.search``, ``python``);
+    ``content_type`` the header's content type: ``json`` for function arguments, ``code`` for a
+    custom (freeform) tool's raw input.
     """
 
     name: str
@@ -127,6 +129,9 @@ def _text_of(content: Any) -> str:
 def _tool_call_of(tc: ToolCall | Mapping[str, Any]) -> tuple[ToolCall, str | None]:
     if isinstance(tc, ToolCall):
         return tc, None
+    if tc.get("type") == "custom":  # a custom tool's call: raw input, not JSON
+        c = tc.get("custom", tc)
+        return ToolCall(name=c["name"], arguments=c.get("input", ""), content_type="code"), tc.get("id")
     fn = tc.get("function", tc)  # chat completions nest name/arguments under "function"
     args = fn.get("arguments", "{}")
     if not isinstance(args, str):
@@ -140,8 +145,8 @@ def normalize_messages(messages: Iterable[MessageLike]) -> list[Message]:
     Dicts: ``role``; ``content`` (string or list of text parts); assistant ``thinking`` (also
     read as ``reasoning_content`` or ``reasoning``) and ``tool_calls`` (``{"name",
     "arguments"}`` or ``{"id", "type": "function", "function": {"name", "arguments"}}``,
-    arguments as JSON text or an object); tool ``name``, or a ``tool_call_id`` naming an
-    earlier call's ``id``.
+    arguments as JSON text or an object; a custom tool's ``{"id", "type": "custom", "custom":
+    {"name", "input"}}``); tool ``name``, or a ``tool_call_id`` naming an earlier call's ``id``.
     """
     out: list[Message] = []
     call_names: dict[str, str] = {}

@@ -5,7 +5,11 @@
 * :func:`run` is the one error epilogue: :class:`UsageError`, ``ValueError`` (``CheckpointError``,
   ``ConfigError``, ``AdapterError``, ``DataError``, ``ShardingError`` are ValueErrors),
   ``OSError`` and a missing vocabulary become ``PROG: error: <first line>`` on stderr and exit
-  status 2, no traceback; Ctrl-C is 130.
+  status 2, no traceback; Ctrl-C is 130. A lost multi-host process (``multihost.PeerLost``) is
+  one line and exit status 3, at once (``os._exit``: ``jax.distributed``'s shutdown would wait
+  for the lost process).
+* :func:`read_line` is ``input()`` for a chat that keeps a multi-host engine's heartbeat going
+  while the user types; :func:`with_heartbeats` keeps it going while a tool call runs.
 * :func:`add_model_args` declares ``--checkpoint``, ``--dtype``, ``--adapter`` and, through
   :func:`gptoss_jax.parallel.distributed.add_distributed_args`, ``--mesh`` and the multi-host
   flags (``--coordinator-address``, ``--num-processes``, ``--process-id``) the same way in every
@@ -21,16 +25,20 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
+import queue
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import jax
 
 from gptoss_jax.chat.tokenizer import Tokenizer, VocabFileError, load_tokenizer
 from gptoss_jax.checkpoint.load import DTYPES, load
 from gptoss_jax.finetune.export import load_adapter
-from gptoss_jax.inference.multihost import Channel
+from gptoss_jax.inference.multihost import Channel, PeerLost
 from gptoss_jax.model.model import Model
 from gptoss_jax.parallel.distributed import add_distributed_args, setup_from_args
 from gptoss_jax.tools import Toolbox, ToolSetupError, api_key_from_env, build_tools
@@ -63,6 +71,10 @@ def run(prog: str, body: Callable[[], int]) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except PeerLost as e:
+        sys.stdout.flush()
+        print(f"{prog}: error: {_first_line(e)}; exiting", file=sys.stderr, flush=True)
+        os._exit(3)
 
 
 def check_or_exit(parser: argparse.ArgumentParser, check: Callable[[argparse.Namespace], None],
@@ -118,10 +130,76 @@ def channel_for(args: argparse.Namespace):
     return Channel(step_timeout_s=args.step_timeout, compile_timeout_s=15 * args.step_timeout)
 
 
+def read_line(prompt: str, engine=None) -> str:
+    """``input(prompt)``; with a multi-host ``engine`` (one that has a channel) the line is read
+    on another thread while this one sends the followers their heartbeats (a follower that hears
+    nothing for long takes the leader for dead). EOFError at the end of input, as input()."""
+    if engine is None or getattr(engine, "channel", None) is None:
+        return input(prompt)
+    answer: queue.Queue = queue.Queue()
+
+    def read():
+        try:
+            answer.put(input(prompt))
+        except BaseException as e:  # EOFError, KeyboardInterrupt: raised on the caller's thread
+            answer.put(e)
+    threading.Thread(target=read, name="gptoss-input", daemon=True).start()
+    while True:
+        try:
+            line = answer.get(timeout=0.5)
+        except queue.Empty:
+            engine.heartbeat()
+            continue
+        if isinstance(line, BaseException):
+            raise line
+        return line
+
+
+async def with_heartbeats(work: Awaitable, engine_of: Callable[[], object], every_s: float = 0.5):
+    """``await work`` (a chat turn of the tool loop) while a task on the same event loop sends
+    the multi-host engine's followers their heartbeats whenever the loop is free: a tool call
+    awaits a subprocess or the network for as long as it takes, longer than a follower waits
+    for a message. The task runs on the thread that drives the engine, so it never pings in
+    the middle of a step. ``engine_of()``: the engine now (None, or one without a channel: no
+    heartbeat)."""
+    async def beat():
+        while True:
+            await asyncio.sleep(every_s)
+            engine = engine_of()
+            if engine is not None and getattr(engine, "channel", None) is not None:
+                engine.heartbeat()  # pings only when the channel has been quiet for a while
+
+    task = asyncio.ensure_future(beat())
+    try:
+        return await work
+    finally:
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
+
 def setup_mesh(args: argparse.Namespace):
     """Start multi-host JAX if the flags ask for it, then build the ``--mesh`` (None without
-    one). A mesh that does not fit the devices, or bad process flags: ValueError."""
-    return setup_from_args(args)
+    one). A mesh that does not fit the devices, or bad process flags: ValueError. In a
+    multi-host run, what native code writes to stdout goes to stderr from then on
+    (:func:`_native_stdout_to_stderr`)."""
+    mesh = setup_from_args(args)
+    if jax.process_count() > 1:
+        _native_stdout_to_stderr()
+    return mesh
+
+
+def _native_stdout_to_stderr() -> None:
+    """Point file descriptor 1 at stderr and give ``sys.stdout`` a copy of the real stdout:
+    gloo (the CPU collectives) prints its connection lines on the C library's stdout when the
+    first collective runs, and a CLI's stdout is its output (``generate --json``)."""
+    sys.stdout.flush()
+    real = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = open(real, "w", encoding=sys.stdout.encoding, errors=sys.stdout.errors,
+                      buffering=1)
 
 
 def add_tool_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

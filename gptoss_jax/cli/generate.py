@@ -5,16 +5,22 @@
     python -m gptoss_jax.generate --checkpoint DIR --prompt-ids 200006,17360,200008 --json
     python -m gptoss_jax.generate --checkpoint DIR            # interactive multi-turn chat
     python -m gptoss_jax.generate --checkpoint DIR --prompt "2**100?" --python subprocess
+    python -m gptoss_jax.generate --checkpoint DIR --prompt "A user record" --json-schema user.json
+    python -m gptoss_jax.generate --checkpoint DIR --raw --prompt "Date:" --regex "[0-9]{4}-[0-9]{2}"
 
 Thin CLI over :func:`gptoss_jax.inference.api.generate_stream` and :mod:`gptoss_jax.chat`; with
 built-in tools (``--browser``, ``--python``, ``--tool-server``) the chat runs the tool loop
 (:mod:`gptoss_jax.cli.tool_chat`). Bad arguments give a one-line error and exit code 2
-(``cli.common``). """
+(``cli.common``), a schema, regex or grammar that cannot be enforced included (checked before
+the model loads). With a chat prompt the output format constrains the final answer (reasoning
+stays free); with ``--raw`` / ``--prompt-ids`` that open no assistant turn, the continuation
+itself. """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -26,7 +32,9 @@ from gptoss_jax.cli import common, tool_chat
 from gptoss_jax.cli.common import UsageError
 from gptoss_jax.inference import api
 from gptoss_jax.inference import engine as sampler
+from gptoss_jax.inference.constraints import ConstraintError, Lark, Regex, generate_constraint
 from gptoss_jax.inference.sampling import SamplingParams
+from gptoss_jax.inference.slot_constraints import is_harmony_prompt
 
 PROG = "python -m gptoss_jax.generate"
 
@@ -46,10 +54,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--show-reasoning", action="store_true", help="print the analysis channel")
     p.add_argument("--json", action="store_true", help="print one JSON object (tokens, text, channels, timings)")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json-schema", metavar="FILE_OR_JSON",
+                     help="constrain the answer to this JSON Schema (a file, or the JSON itself)")
+    fmt.add_argument("--regex", metavar="R", help="constrain the answer to this regular expression")
+    fmt.add_argument("--grammar", metavar="FILE", help="constrain the answer to this Lark grammar (llguidance)")
+    p.add_argument("--json-whitespace", default="compact", choices=("compact", "flexible"),
+                   help="JSON layout under --json-schema: no whitespace between tokens, or any")
     common.add_model_args(p)
     common.add_tool_args(p)
     common.add_serving_args(p)
     return p
+
+
+def _read(path: str, flag: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise UsageError(f"{flag}: cannot read {path!r}: {e.strerror}") from None
+
+
+def response_format_of(args):
+    """The output format the flags ask for (None, a JSON Schema dict, ``Regex`` or ``Lark``),
+    compiled once to check it: a bad one is a UsageError naming its flag."""
+    if args.json_schema is not None:
+        flag, text = "--json-schema", args.json_schema
+        if os.path.isfile(text):
+            text = _read(text, flag)
+        try:
+            fmt = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--json-schema: neither a file nor JSON ({e})") from None
+        if not isinstance(fmt, dict):
+            raise UsageError(f"--json-schema: a schema is a JSON object, got {type(fmt).__name__}")
+        fmt = {"type": "json_schema", "name": "response", "schema": fmt, "strict": True}
+    elif args.regex is not None:
+        flag, fmt = "--regex", Regex(args.regex)
+    elif args.grammar is not None:
+        flag, fmt = "--grammar", Lark(_read(args.grammar, "--grammar"))
+    else:
+        return None
+    try:
+        generate_constraint(fmt, harmony=not args.raw and args.prompt_ids is None,
+                            whitespace=args.json_whitespace)
+    except ConstraintError as e:
+        raise UsageError(f"{flag}: {e.message}") from None
+    return fmt
 
 
 def check_args(args) -> None:
@@ -83,6 +134,10 @@ def check_args(args) -> None:
     common.check_tool_args(args)
     if (args.browser or args.python or args.tool_server) and (args.raw or args.prompt_ids is not None):
         raise UsageError("--browser, --python and --tool-server need the chat, not --raw or --prompt-ids")
+    args.response_format = response_format_of(args)
+    if args.response_format is not None and (args.browser or args.python or args.tool_server):
+        raise UsageError("--json-schema, --regex and --grammar constrain a plain answer: not "
+                         "with --browser, --python or --tool-server")
 
 
 MULTIHOST_CONTEXT = 16384  # a multi-host chat's engine is fixed up front (every process builds it)
@@ -103,17 +158,22 @@ class Session:
         self.model, self.args = model, args
         self.engine, self.fixed = engine, engine is not None
         self.timings: dict = {}
+        self.error: str | None = None  # why the last run's output constraint failed
 
-    def run(self, prompt_ids: list[int], on_token) -> tuple[list[int], str, dict]:
+    def run(self, prompt_ids: list[int], on_token) -> tuple[list[int], str, dict, str | None]:
+        """The whole reply: ``(tokens, finish_reason, timings, error)`` (error: why an output
+        constraint failed, for finish reason "error")."""
         tokens, reason = [], "length"
         for token, finish in self.stream(prompt_ids, self.args.max_new_tokens):
-            tokens.append(token)
-            on_token(token)
+            if token is not None:
+                tokens.append(token)
+                on_token(token)
             reason = finish or reason
-        return tokens, reason, self.timings
+        return tokens, reason, self.timings, self.error
 
     def stream(self, prompt_ids: list[int], max_new_tokens: int):
-        """``(token, finish_reason)`` as they are generated; ``timings`` describes the run after."""
+        """``(token, finish_reason)`` as they are generated (token None only on an "error"
+        event: ``error`` says why); ``timings`` describes the run after."""
         a, c = self.args, self.model.config
         limit = self.engine.max_len if self.fixed else c.max_position_embeddings
         if len(prompt_ids) + max_new_tokens > limit:
@@ -126,18 +186,23 @@ class Session:
         if not a.json:
             print("compiling...", end="", file=sys.stderr, flush=True)
         compile_s = self.engine.compile(len(prompt_ids), sampling=SamplingParams(
-            temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p, seed=a.seed))
+            temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p, seed=a.seed),
+            constrained=a.response_format is not None)
         if not a.json:
             print(f" {compile_s:.1f}s", file=sys.stderr, flush=True)
         tokens, t_first = [], None
+        self.error = None
         t0 = time.perf_counter()
         for ev in api.generate_stream(
                 self.model, [prompt_ids], max_new_tokens=max_new_tokens,
                 temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
-                seed=a.seed, engine=self.engine):
+                seed=a.seed, engine=self.engine, response_format=a.response_format,
+                json_whitespace=a.json_whitespace):
             if t_first is None:
                 t_first = time.perf_counter() - t0
-            tokens.append(ev.token)
+            self.error = ev.error
+            if ev.token is not None:
+                tokens.append(ev.token)
             yield ev.token, ev.finish_reason
         total = time.perf_counter() - t0
         decode = total - t_first
@@ -175,15 +240,21 @@ def run_once(args, model, engine=None) -> int:
     if bad:
         raise UsageError(f"prompt token {bad[0]} is outside the model's vocabulary "
                          f"({model.config.vocab_size})")
+    if args.response_format is not None and not args.raw and args.prompt_ids is not None:
+        chat = is_harmony_prompt(prompt_ids)  # ids that open an assistant turn: a whole turn
     session = Session(model, args, engine)
     stream = parse.ReplyStream() if chat else None
     printer = _Printer(args, tok, stream)
-    tokens, reason, timings = session.run(prompt_ids, printer.on_token)
+    tokens, reason, timings, error = session.run(prompt_ids, printer.on_token)
     printer.close()
     reply = parse.parse_reply(tokens) if chat else None
+    if error is not None:
+        common.log(f"{PROG}: the output constraint failed: {error}")
     if args.json:
         out = {"prompt_tokens": prompt_ids, "tokens": tokens, "text": tok.decode(tokens),
                "finish_reason": reason, "timings": timings}
+        if error is not None:
+            out["error"] = error
         if reply is not None:
             out["channels"] = {"analysis": reply.analysis, "final": reply.final,
                                "commentary": reply.commentary,
@@ -192,7 +263,7 @@ def run_once(args, model, engine=None) -> int:
                                "error": reply.error}
         print(json.dumps(out, ensure_ascii=False))
     _report(timings, args.json)
-    return 0
+    return 1 if error is not None else 0
 
 
 class _Printer:
@@ -257,7 +328,7 @@ def interactive(args, model, engine=None) -> int:
     print("Interactive chat. Empty line or Ctrl-D to quit.", file=sys.stderr)
     while True:
         try:
-            line = input("> ")
+            line = common.read_line("> ", session.engine)
         except EOFError:
             break
         if not line.strip():
@@ -268,13 +339,15 @@ def interactive(args, model, engine=None) -> int:
         stream = parse.ReplyStream()
         printer = _Printer(args, tok, stream)
         try:
-            tokens, _, timings = session.run(prompt, printer.on_token)
+            tokens, _, timings, error = session.run(prompt, printer.on_token)
         except UsageError as e:
             print(f"error: {e}", file=sys.stderr)
             history.pop()
             continue
         printer.close()
         reply = parse.parse_reply(tokens)
+        if error is not None:
+            print(f"[the output constraint failed: {error}]", file=sys.stderr)
         if reply.error:
             print(f"[note: the reply did not parse cleanly: {reply.error}]", file=sys.stderr)
         history.append({"role": "assistant", "content": reply.final, "thinking": reply.analysis or None})

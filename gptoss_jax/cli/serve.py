@@ -168,7 +168,8 @@ def serve(args, sock, engine, tokenizer, api_key: str | None, toolbox=None, stor
     names = args.model_name or [model_name(args.checkpoint)]
     name = names[0]
     fatal: list[BaseException] = []
-    scheduler = Scheduler(engine, warmup_lengths=args.warmup, on_fatal=lambda e: stop(e))
+    scheduler = Scheduler(engine, warmup_lengths=args.warmup, on_fatal=lambda e: stop(e),
+                          warmup_constrained=True)  # structured outputs: no compile on first use
     app = create_app(scheduler, tokenizer, model_name=names, api_key=api_key, store_size=args.store_size,
                      store=store, toolbox=toolbox)
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level.lower(), timeout_keep_alive=30))

@@ -25,6 +25,7 @@ import openai_harmony as oh
 from gptoss_jax.chat import render
 from gptoss_jax.chat.encoding import ENDOFTEXT, harmony_encoding
 from gptoss_jax.chat.messages import Message
+from gptoss_jax.cli import common
 from gptoss_jax.tools import LoopDone, TokenEvent, Toolbox, ToolCallEvent, ToolResultEvent, run_tool_loop
 
 _VIEW_LINES, _VIEW_CHARS = 6, 400
@@ -68,7 +69,9 @@ class ToolChat:
 
     def turn(self, user: str) -> dict:
         """One user message through the loop; returns the turn's record (``--json``'s object)."""
-        return self.runner.run(self._turn(user))
+        # a multi-host engine's followers hear heartbeats while a tool call runs
+        return self.runner.run(common.with_heartbeats(self._turn(user),
+                                                      lambda: getattr(self.session, "engine", None)))
 
     async def _generate(self, messages: list[oh.Message], budget: int | None):
         prompt = render.render_harmony(messages)
@@ -188,7 +191,7 @@ def run_chat(session: Any, toolbox: Toolbox, args, *, report) -> int:
               f"({', '.join(toolbox.namespaces)}). Empty line or Ctrl-D to quit.", file=sys.stderr)
         while True:
             try:
-                line = input("> ")
+                line = common.read_line("> ", session.engine)
             except EOFError:
                 break
             if not line.strip():

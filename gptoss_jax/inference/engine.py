@@ -29,7 +29,19 @@ Its parts, one concern each:
   others wait for it and reuse its pages from the prefix cache (``kv_schedule`` defers a
   request whose prefix is being prefilled), prefilling only the last, partial page;
 * multi-host (``channel``): the leader sends each step's inputs to the followers before running
-  it (``inference.multihost``), so every process runs the same steps on one sharded model.
+  it (``inference.multihost``), so every process runs the same steps on one sharded model;
+* constraints (``slot_constraints.SlotConstraints``; Structured Outputs, tool choice): a
+  sequence may carry a compiled constraint (``submit(..., constraint=)``). A step with a row
+  that samples under one takes ``inputs["mask"]``, the token bitmask int32 ``[rows, ceil(vocab
+  / 32)]`` (fixed shape per step shape: no recompile per request; free and idle rows all ones),
+  applied in the compiled sampler before temperature, filters and argmax; steps without
+  constrained rows take no mask. On one host a constrained step runs in two calls (the forward
+  pass dispatched, the host's llguidance matchers filling the mask while the device runs it,
+  then the sampling: ``engine_steps``); a multi-host leader fills the mask first and sends it
+  with the other inputs. Prefill's sampling chunk is masked the same way. A sequence whose
+  constraint dead-ends ends with finish reason ``"error"`` (its event has no token and says
+  why); the others carry on. Matchers follow the slots: preemption releases one and
+  re-admission rebuilds it from the output so far.
 
 Not thread-safe: one driver at a time (the server's scheduler thread, or ``api.generate``).
 """
@@ -39,7 +51,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -58,6 +70,7 @@ from gptoss_jax.inference.logprobs import RowLogprob, StepLogprobs
 from gptoss_jax.inference.multihost import PeerLost
 from gptoss_jax.inference.sampler_state import MAX_BIAS, MAX_STOPS
 from gptoss_jax.inference.sampling import SampleMode, SamplingParams, row_settings
+from gptoss_jax.inference.slot_constraints import SlotConstraints
 from gptoss_jax.model.kv_cache import paged_layout
 
 __all__ = ["CapacityError", "Engine", "Generation", "StepEvent", "bucket", "default_stop_tokens"]
@@ -86,7 +99,9 @@ class Generation:
     request: Request  # prompt, output so far, cached tokens, preemptions (kv_schedule)
     sampling: SamplingParams
     stop_tokens: frozenset
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    constraint: object = None  # a compiled inference.constraints.Constraint, or None
+    error: str | None = None  # why, for "error" (the constraint dead-ended)
     logprobs: list[RowLogprob] = dataclasses.field(default_factory=list)  # per token, if asked
     _prompt_ids: np.ndarray | None = None  # the prompt's distinct tokens (for repetition_penalty)
 
@@ -121,9 +136,10 @@ class Generation:
 
 class StepEvent(NamedTuple):
     id: int  # the sequence (``Engine.submit``'s return value)
-    token: int
-    finish_reason: str | None  # set on the sequence's last token: "stop" | "length"
+    token: int | None  # None only on an "error" event (the constraint dead-ended: no token)
+    finish_reason: str | None  # set on the sequence's last event: "stop" | "length" | "error"
     cached_tokens: int  # prompt tokens served from the prefix cache
+    error: str | None = None  # why, for "error"
     logprob: RowLogprob | None = None  # the token's, when the sequence asked for logprobs
 
 
@@ -171,6 +187,7 @@ class Engine:
         self.preemptions = 0  # running sequences sent back to the queue (recomputed later)
         self._backlog: list[StepEvent] = []  # events sampled during add(), not yet returned
         self._ran: set = set()  # step shapes run at least once (multi-host timeouts)
+        self.constraints = SlotConstraints(max_batch, c.vocab_size)  # per-sequence matchers
 
     def _reset(self) -> None:
         """Empty pages, scheduler and device state (at start, and after a failed step)."""
@@ -211,6 +228,12 @@ class Engine:
         return self.executables.compile_s
 
     @property
+    def max_sequence(self) -> int:
+        """The longest request (prompt + output) this engine can ever serve: ``max_len``, or
+        less where the KV pool cannot hold that much for one sequence."""
+        return min(self.max_len, self.pages.max_tokens(self.scheduler.prefill_tokens))
+
+    @property
     def idle(self) -> bool:
         return self.scheduler.idle and not self._backlog
 
@@ -237,33 +260,42 @@ class Engine:
 
     def submit(self, prompt: Sequence[int], sampling: SamplingParams | None = None,
                max_new_tokens: int = 256, stop_tokens: Iterable[int] | None = None, *,
-               salt: bytes = b"") -> int:
+               salt: bytes = b"", constraint=None) -> int:
         """Queue a sequence; returns its id (the ``id`` of its :class:`StepEvent` s). ``salt``
-        separates prefix caches whose KV differs for the same tokens. Raises ``ValueError`` /
-        :class:`CapacityError` (see :meth:`check`; also for ``logit_bias`` outside the
-        vocabulary or over :data:`MAX_BIAS` entries, or ``min_tokens`` with over
+        separates prefix caches whose KV differs for the same tokens. ``constraint``: a compiled
+        ``constraints.Constraint`` its output must follow (a whole-turn one starts after the
+        prompt's last ``<|start|>assistant``). Raises ``ValueError`` / :class:`CapacityError`
+        (see :meth:`check`; also a constraint that cannot start on ``prompt``, ``logit_bias``
+        outside the vocabulary or over :data:`MAX_BIAS` entries, or ``min_tokens`` with over
         :data:`MAX_STOPS` stop tokens)."""
         prompt = [int(t) for t in prompt]
         self.check(prompt, max_new_tokens)
+        if constraint is not None:
+            self.constraints.check(constraint, prompt)
         stops = default_stop_tokens(self.config) if stop_tokens is None else stop_tokens
         sampling = sampling or SamplingParams()
         self._check_sampling(sampling, stops)
         req = Request(next(_ids), prompt, int(max_new_tokens), salt=salt)
         self.scheduler.submit(req)
-        self.seqs[req.id] = Generation(req, sampling, frozenset(stops))
+        self.seqs[req.id] = Generation(req, sampling, frozenset(stops), constraint=constraint)
         return req.id
 
     def add(self, prompts: Sequence[Sequence[int]], samplings: Sequence[SamplingParams],
-            max_new_tokens: Sequence[int], stop_tokens: Sequence[Iterable[int]]) -> list[tuple[int, int]]:
+            max_new_tokens: Sequence[int], stop_tokens: Sequence[Iterable[int]],
+            constraints: Sequence | None = None) -> list[tuple[int, int | None]]:
         """Submit sequences and step until each has sampled its first token (a synchronous
-        prefill, for benchmarks and simple drivers); returns ``(id, first token)`` per sequence.
-        Tokens other sequences sample meanwhile come from the next :meth:`step`. Nothing is
-        submitted if one of them is refused (``ValueError``)."""
-        for p, s, m, st in zip(prompts, samplings, max_new_tokens, stop_tokens):
+        prefill, for benchmarks and simple drivers); returns ``(id, first token)`` per sequence
+        (None: its constraint dead-ended at once). Tokens other sequences sample meanwhile come
+        from the next :meth:`step`. Nothing is submitted if one of them is refused
+        (``ValueError``). ``constraints``: one compiled constraint or None per prompt."""
+        constraints = list(constraints or [None] * len(prompts))
+        for p, s, m, st, c in zip(prompts, samplings, max_new_tokens, stop_tokens, constraints):
             self.check(p, m)
             self._check_sampling(s, st)
-        ids = [self.submit(p, s, m, st) for p, s, m, st in zip(prompts, samplings,
-                                                                max_new_tokens, stop_tokens)]
+            if c is not None:
+                self.constraints.check(c, p)
+        ids = [self.submit(p, s, m, st, constraint=c) for p, s, m, st, c in
+               zip(prompts, samplings, max_new_tokens, stop_tokens, constraints)]
         first: dict[int, int] = {}
         while len(first) < len(ids):
             for ev in self._step():
@@ -278,6 +310,7 @@ class Engine:
         gen = self.seqs.pop(seq_id, None)
         if gen is not None:
             self.scheduler.finish(seq_id)
+            self.constraints.release(seq_id)
             gen.finish_reason = gen.finish_reason or "cancelled"
         return gen
 
@@ -292,16 +325,21 @@ class Engine:
     def _step(self) -> list[StepEvent]:
         plan = self.scheduler.plan()
         self.preemptions += len(plan.preempted)
+        self._follow_slots(plan)
         sampled: dict[int, int] = {}
         logprobs: dict[int, RowLogprob] = {}
         for chunks in self._prefill_calls(plan.prefill):
             reqs = [c.request for c in chunks]
-            tokens, lp = self._run(self._prefill_inputs(chunks), reqs)
+            masked = [(i, c.request.id) for i, c in enumerate(chunks) if c.samples]
+            tokens, lp = self._run(self._prefill_inputs(chunks), reqs,
+                                   self._mask_fill(masked, _pow2(len(chunks))))
             rows = [(i, c.request) for i, c in enumerate(chunks) if c.samples]
             sampled.update((r.id, int(tokens[i])) for i, r in rows)
             self._keep_logprobs(logprobs, lp, rows)
         if plan.decode:
-            tokens, lp = self._run(self._decode_inputs(plan.decode), plan.decode)
+            masked = [(r.slot, r.id) for r in plan.decode]
+            tokens, lp = self._run(self._decode_inputs(plan.decode), plan.decode,
+                                   self._mask_fill(masked, self.max_batch))
             sampled.update((r.id, int(tokens[r.slot])) for r in plan.decode)
             self._keep_logprobs(logprobs, lp, [(r.slot, r) for r in plan.decode])
             self.batch_sizes.append(len(plan.decode))
@@ -317,23 +355,47 @@ class Engine:
                 out[r.id] = RowLogprob(float(lp.chosen[i]), tuple(lp.top_ids[i, :k].tolist()),
                                        tuple(lp.top_logprobs[i, :k].tolist()))
 
+    def _follow_slots(self, plan: Plan) -> None:
+        """Matchers follow the slots: a preempted sequence gives its up, an admitted one gets a
+        fresh one advanced over its output so far (none for a first admission)."""
+        for req in plan.preempted:
+            self.constraints.release(req.id)
+        for req in plan.admitted:
+            gen = self.seqs[req.id]
+            if gen.constraint is not None:
+                self.constraints.admit(req.id, req.slot, gen.constraint, req.prompt, req.output)
+
+    def _mask_fill(self, rows: list[tuple[int, int]], num_rows: int) -> Callable | None:
+        """What fills the mask of a step whose ``(row, sequence)`` pairs sample (None when none
+        of them is constrained: that step takes no mask)."""
+        rows = [(r, s) for r, s in rows if self.constraints.constrained(s)]
+        if not rows:
+            return None
+        return lambda: self.constraints.fill(rows, num_rows)
+
     def _complete(self, plan: Plan, sampled: dict[int, int],
                   logprobs: dict[int, RowLogprob]) -> list[StepEvent]:
         self.scheduler.complete(plan, sampled)
         events = []
         for seq_id, token in sampled.items():
             gen = self.seqs[seq_id]
-            logprob = logprobs.get(seq_id)
+            gen.error = self.constraints.accept(seq_id, token)
+            logprob = logprobs.get(seq_id) if gen.error is None else None
             if logprob is not None:
                 gen.logprobs.append(logprob)
-            if token in gen.stop_tokens:
+            if gen.error is not None:  # a dead end: the token was noise, the sequence fails
+                gen.finish_reason, token = "error", None
+                gen.request.output.pop()
+            elif token in gen.stop_tokens or self.constraints.done(seq_id):
                 gen.finish_reason = "stop"
             elif len(gen.tokens) >= gen.request.max_new_tokens:
                 gen.finish_reason = "length"
             if gen.finish_reason:
                 self.scheduler.finish(seq_id)  # a no-op when the budget already ended it
+                self.constraints.release(seq_id)
                 del self.seqs[seq_id]
-            events.append(StepEvent(seq_id, token, gen.finish_reason, gen.cached_tokens, logprob))
+            events.append(StepEvent(seq_id, token, gen.finish_reason, gen.cached_tokens,
+                                    gen.error, logprob))
         return events
 
     def _prefill_calls(self, chunks: list[Chunk]) -> list[list[Chunk]]:
@@ -421,8 +483,16 @@ class Engine:
             self._set_row(x, r.slot, r, len(r.tokens) - 1, len(r.tokens))
         return x
 
-    def _run(self, inputs: dict, reqs: list[Request]) -> tuple[np.ndarray, StepLogprobs | None]:
+    def _run(self, inputs: dict, reqs: list[Request],
+             fill: Callable | None = None) -> tuple[np.ndarray, StepLogprobs | None]:
+        """One step on ``inputs``: its tokens and logprobs (None unless some row asked);
+        ``fill`` (constrained rows) returns its mask."""
         mode = self._mode(reqs)
+        if fill is not None and self.channel is None:
+            self.state, logits, placed = self.executables.forward(self.state, inputs)
+            return self.executables.sample(logits, placed, fill(), mode)  # fill() overlaps
+        if fill is not None:  # multi-host: the followers get the mask with the other inputs
+            inputs["mask"] = fill()
         if self.channel is None:
             self.state, tokens, lp = self.executables.run(self.state, inputs, mode)
             return tokens, lp
@@ -446,16 +516,26 @@ class Engine:
 
     # -- warm-up, followers, reports ----------------------------------------------------------
     def compile(self, prompt_len: int, num_prompts: int = 1,
-                sampling: SamplingParams | None = None) -> float:
+                sampling: SamplingParams | None = None, constrained: bool = False) -> float:
         """Compile the prefill step for this prompt length (its first chunk) and the decode
-        step ahead of time; returns the seconds it took."""
+        step ahead of time; returns the seconds it took. ``constrained``: also their masked
+        forms (else the first constrained sequence compiles them)."""
         before = self.compile_s
         mode = SampleMode.of([sampling or SamplingParams()], self.config.vocab_size)
         length = bucket(min(prompt_len, self.scheduler.prefill_tokens))
         rows = min(_pow2(num_prompts), self.max_prefill_rows)
         widths = self._widths(mode)
-        self.executables.get(self.state, self._rows(rows, length, widths), mode)
-        self.executables.get(self.state, self._rows(self.max_batch, 1, widths), mode)
+        for shape in ((rows, length), (self.max_batch, 1)):
+            inputs = self._rows(*shape, widths)
+            self.executables.get(self.state, inputs, mode)
+            if not constrained:
+                continue
+            mask = np.full((shape[0], self.constraints.words), -1, np.int32)
+            if self.channel is None:
+                fwd = self.executables.forward_exe(self.state, inputs)
+                self.executables.sample_exe(fwd.out_info[1], dict(inputs, mask=mask), mode)
+            else:
+                self.executables.get(self.state, dict(inputs, mask=mask), mode)
         return self.compile_s - before
 
     def follow(self) -> None:

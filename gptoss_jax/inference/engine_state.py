@@ -54,6 +54,8 @@ STEP_INPUT_AXES = {
     "out_ids": ("batch", None),  # [rows, H] int32 distinct output tokens so far, -1 = unused
     "out_counts": ("batch", None),  # [rows, H] int32 how often each occurred
     "prompt_ids": ("batch", None),  # [rows, P] int32 distinct prompt tokens, -1 = unused
+    # constrained steps only: [rows, ceil(vocab / 32)] int32 token bitmask (all ones = free row)
+    "mask": ("batch", None),
 }
 
 

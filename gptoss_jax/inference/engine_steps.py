@@ -16,6 +16,12 @@ place. The parts are separate functions so that each can grow on its own:
   (``sampler_state.from_inputs``), and logprobs are computed for every row when the static
   ``SampleMode.logprobs`` says some row wants them; without it the step returns ``None`` in
   their place and compiles to exactly the step without logprobs.
+
+A constrained step (Structured Outputs: ``inputs["mask"]``, the token bitmask the host's
+llguidance matchers fill) can run in two calls, :func:`forward_half` then :func:`sample_rows`
+(:meth:`Executables.forward` / :meth:`Executables.sample`): the forward pass is dispatched
+first and runs on the device while the host fills the mask, so the mask costs no sequential
+time unless it is slower than the forward pass. Both halves are the same code as :func:`step`.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from gptoss_jax.inference import engine_state
+from gptoss_jax.inference.constraints.mask import apply_token_mask
 from gptoss_jax.inference.engine_state import EngineState
 from gptoss_jax.inference.sampler_state import from_inputs
 from gptoss_jax.inference.sampling import SampleMode, sample_step
@@ -59,6 +66,8 @@ def sample_rows(logits, inputs: dict, mode: SampleMode, greedy=None):
     """The sampling call site: one token per row from its settings (``mode`` static); returns
     the tokens and their ``StepLogprobs`` (None unless ``mode.logprobs``)."""
     keys = row_keys(inputs["seed_lo"], inputs["seed_hi"], inputs["step"])
+    if "mask" in inputs:  # a constrained step: the argmax must be of the allowed tokens
+        logits, greedy = apply_token_mask(logits, inputs["mask"]), None
     rows = from_inputs(inputs, logits.shape[-1], history=mode.history)
     return sample_step(logits, rows, mode, keys=keys, greedy=greedy)
 
@@ -69,6 +78,12 @@ def step(params, state: EngineState, inputs: dict, config, runtime, mode: Sample
     logits, greedy, state = forward_rows(params, state, inputs, config, runtime)
     tokens, logprobs = sample_rows(logits, inputs, mode, greedy)
     return state, tokens, logprobs
+
+
+def forward_half(params, state: EngineState, inputs: dict, config, runtime):
+    """``(state, logits)``: the first half of a split step (sampling waits for the mask)."""
+    logits, _, state = forward_rows(params, state, inputs, config, runtime)
+    return state, logits
 
 
 def _signature(tree) -> tuple:
@@ -118,6 +133,60 @@ class Executables:
         exe = self.get(state, inputs, mode)
         state, tokens, lp = exe(self.model.params, state, engine_state.place_inputs(inputs, self.mesh))
         return state, jax.device_get(tokens), None if lp is None else jax.device_get(lp)
+
+    # -- a split step: the forward dispatched, the host fills the mask, then the sampling ------
+    def _split(self, key: tuple, build):
+        exe = _COMPILED.pop(key, None)
+        if exe is None:
+            t0 = time.perf_counter()
+            exe = build()
+            self.compile_s += time.perf_counter() - t0
+        _COMPILED[key] = exe
+        while len(_COMPILED) > CACHE_SIZE:
+            _COMPILED.pop(next(iter(_COMPILED)))
+        return exe
+
+    def forward_exe(self, state: EngineState, inputs: dict):
+        """The compiled :func:`forward_half` for these (host or abstract) inputs."""
+        abstract = {n: jax.ShapeDtypeStruct(a.shape, a.dtype) for n, a in inputs.items()}
+
+        def build():
+            ins, outs = engine_state.step_shardings(self.model.params, state, abstract, self.mesh)
+            kw = {} if ins is None else {"in_shardings": ins, "out_shardings": outs[:2]}  # (state, logits)
+            fn = jax.jit(forward_half, static_argnums=(3, 4), donate_argnums=(1,), **kw)
+            return fn.lower(self.model.params, state, abstract, self.model.config,
+                            self.model.runtime).compile()
+        return self._split(("forward",) + self.key(state, inputs, None), build)
+
+    def sample_exe(self, logits, inputs: dict, mode: SampleMode):
+        """The compiled :func:`sample_rows` for ``logits`` (or its shape) and these inputs."""
+        abstract = {n: jax.ShapeDtypeStruct(a.shape, a.dtype) for n, a in inputs.items()}
+        logits = jax.ShapeDtypeStruct(logits.shape, logits.dtype)
+
+        def build():
+            kw = {}
+            if self.mesh is not None:
+                rep = engine_state.replicated(self.mesh)
+                kw = {"in_shardings": (rep, engine_state.input_shardings(abstract, self.mesh)),
+                      "out_shardings": rep}
+            fn = jax.jit(sample_rows, static_argnums=(2,), **kw)
+            return fn.lower(logits, abstract, mode).compile()
+        key = ("sample", self._model_key, (logits.shape, logits.dtype),
+               tuple((n, a.shape, a.dtype) for n, a in sorted(inputs.items())), mode)
+        return self._split(key, build)
+
+    def forward(self, state: EngineState, inputs: dict):
+        """Dispatch the forward half on host ``inputs`` (no mask): ``(state, logits, placed
+        inputs)``, device arrays the device is still computing."""
+        placed = engine_state.place_inputs(inputs, self.mesh)
+        state, logits = self.forward_exe(state, inputs)(self.model.params, state, placed)
+        return state, logits, placed
+
+    def sample(self, logits, placed: dict, mask, mode: SampleMode):
+        """The sampling half under the host's ``mask`` (numpy ``[rows, words]``): tokens and
+        logprobs (None unless ``mode.logprobs``) as numpy."""
+        inputs = dict(placed, mask=engine_state.place_inputs({"mask": mask}, self.mesh)["mask"])
+        return jax.device_get(self.sample_exe(logits, inputs, mode)(logits, inputs))
 
 
 CACHE_SIZE = 64

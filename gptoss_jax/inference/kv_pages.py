@@ -232,6 +232,18 @@ class KVPages:
                 total += min(self.pages_for(n_tokens), self.pages_for(span) + 1)
         return total
 
+    def max_tokens(self, chunk: int | None = None) -> int:
+        """The longest sequence (prompt + output) the pool and a page table can ever hold,
+        prefilled in chunks of ``chunk`` tokens (0 if not even one token fits)."""
+        lo, hi = 0, self.max_pages * self.page_size
+        while lo < hi:  # peak_pages grows with the length: the last length that fits
+            mid = (lo + hi + 1) // 2
+            if self.peak_pages(mid, chunk) <= self.pool.num_pages:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
     def check_fits(self, n_tokens: int, chunk: int | None = None) -> None:
         """Raise :class:`CapacityError` if a sequence of ``n_tokens`` (prompt + max new tokens)
         could never be served, even alone."""

@@ -15,8 +15,12 @@ Request types, as OpenAI's API spells them:
   ``authorization`` cannot be passed on: a 400.
 
 A built-in type the server has no backend for is a 400 naming ``tools[i].type`` and the flag
-that enables it. ``include`` may ask for ``code_interpreter_call.outputs`` and
-``web_search_call.action.sources``.
+that enables it. ``RequestTools.recipients`` gives the harmony recipients of each enabled tool
+keyed as ``tool_choice`` names them (``{"type": "web_search_preview"}``, ``{"type":
+"code_interpreter"}``, ``{"type": "mcp", "server_label": ...}``), for the request's constraint
+(``inference.constraints.from_responses(builtin_tools=)``): a forced hosted tool, or the
+hosted tools' recipients allowed beside the request's functions. ``include`` may ask for
+``code_interpreter_call.outputs`` and ``web_search_call.action.sources``.
 """
 
 from __future__ import annotations
@@ -44,9 +48,24 @@ class RequestTools:
     namespaces: list[str] = dataclasses.field(default_factory=list)  # built-in namespaces, in order
     overrides: dict[str, Tool] = dataclasses.field(default_factory=dict)  # MCP servers cut to allowed_tools
     listed: list[dict] = dataclasses.field(default_factory=list)  # every tool, for the response object
+    choices: dict[str, str] = dataclasses.field(default_factory=dict)  # tool_choice type -> namespace
 
     def toolbox(self, server: Toolbox) -> Toolbox:
         return server.subset(self.namespaces, self.overrides)
+
+    def recipients(self, toolbox: Toolbox) -> dict[str, list[str]]:
+        """``{tool_choice type: harmony recipients}`` of the built-in tools of ``toolbox`` (this
+        request's, from ``toolbox()``); MCP servers under ``"mcp:" + server_label``."""
+        return {key: namespace_recipients(toolbox.tools[ns]) for key, ns in self.choices.items()}
+
+
+def namespace_recipients(tool: Tool) -> list[str]:
+    """The recipients the model may address in ``tool``'s namespace, as its system-message
+    declaration lists them: ``browser.search``...; ``python`` is called by its namespace."""
+    names = [f"{tool.namespace}.{t.name}" for t in tool.config().tools]
+    if tool.namespace == "python":  # the code is the body of a call to `python` itself
+        names.insert(0, "python")
+    return names
 
 
 def _not_enabled(param: str, kind: str, namespace: str) -> APIError:
@@ -137,15 +156,18 @@ def request_tools(tools: Sequence[Any] | None, server: Toolbox | None, param: st
             namespace, narrowed = _mcp(tool, p, server)
             if narrowed is not None:
                 out.overrides[namespace] = narrowed
+            keys: tuple[str, ...] = (f"mcp:{tool['server_label']}",)
         else:
             namespace = "python" if kind == "code_interpreter" else "browser"
             (_code_interpreter if kind == "code_interpreter" else _web_search)(tool, p)
             if namespace not in server:
                 raise _not_enabled(f"{p}.type", kind, namespace)
+            keys = ("code_interpreter",) if kind == "code_interpreter" else WEB_SEARCH_TYPES
         if namespace in out.namespaces:
             raise APIError(f"Duplicate tool: {p!r} enables the {namespace} tool a second time",
                            param=p, code="invalid_value")
         out.namespaces.append(namespace)
+        out.choices.update(dict.fromkeys(keys, namespace))
         out.listed.append(dict(tool))
     return out
 

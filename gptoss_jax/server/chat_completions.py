@@ -3,13 +3,22 @@
 The messages are rendered with harmony and each choice's reply parsed as it is generated
 (:class:`~gptoss_jax.server.choices.ChatChoice`): the final channel (and commentary preambles) ->
 ``content``, analysis -> ``reasoning_content`` (on the message, and on stream deltas), tool calls
--> ``tool_calls`` in the OpenAI format. ``finish_reason``: ``tool_calls`` when the reply calls a
-tool, ``length`` when the token budget cut it, else ``stop`` (a stop string, or malformed output
+-> ``tool_calls`` in the OpenAI format (``type: "function"``, or ``"custom"`` with the raw
+``input`` for custom tools). ``finish_reason``: ``tool_calls`` when the reply calls a tool,
+``length`` when the token budget cut it, else ``stop`` (a stop string, or malformed output
 ending the reply with what was parsed).
 
 ``n`` choices share one prefill of the prompt and stream interleaved (each chunk names its
 ``index``); ``usage`` counts the prompt once and the tokens of every choice. ``logprobs`` /
 ``top_logprobs`` give the content tokens' logprobs, on the message and on each content delta.
+
+``response_format`` (``json_schema`` / ``json_object``), strict function tools, custom tools'
+grammars, ``tool_choice`` (including ``{"type": "function", "function": {"name"}}``) and
+``parallel_tool_calls`` are enforced while the reply is generated (``params.request_constraint``;
+bad ones are a 400 before anything runs; every choice follows them). A constraint that
+dead-ends mid-generation is a generation error, as vLLM reports its ``error`` finish reason: a
+plain request gets a 500 ``server_error`` naming the dead end, a stream an error chunk after the
+deltas so far (and no ``[DONE]``); the server and the other requests carry on.
 """
 
 from __future__ import annotations
@@ -21,11 +30,12 @@ from fastapi.responses import JSONResponse
 
 from gptoss_jax.inference.logprobs import TokenBytes
 from gptoss_jax.server import generation, inputs, params, request_sampling
-from gptoss_jax.server.choices import ChatChoice
-from gptoss_jax.server.errors import unsupported
+from gptoss_jax.server.choices import ChatChoice, call_json
+from gptoss_jax.server.errors import APIError, unsupported
 from gptoss_jax.server.generation import SSEResponse, sse
 from gptoss_jax.server.openapi import STREAMING, errors
-from gptoss_jax.server.reply import Op, new_id
+from gptoss_jax.server.reply import TOOL_CALLS, Op, ReplyTracker, new_id
+from gptoss_jax.server.scheduler import ConstraintFailed
 from gptoss_jax.server.schemas import ChatCompletionRequest
 from gptoss_jax.server.state import state
 
@@ -63,28 +73,34 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     model = params.model_of(st, req.model)
     if req.modalities not in (None, ["text"]):
         raise unsupported("modalities", "only text output is supported")
-    params.output_format(req.response_format, "response_format")
-    choice = params.tool_choice(req.tool_choice)
     messages = inputs.chat_messages(req.messages)
     effort = params.effort_of(req.reasoning_effort, "reasoning_effort")
     tools = inputs.function_tools(req.tools)
-    prompt = inputs.render(messages, reasoning_effort=effort, tools=[] if choice == "none" else tools)
+    rc = params.request_constraint(req, "chat")
+    prompt = inputs.render(messages, reasoning_effort=effort,
+                           tools=[] if rc.tool_choice == "none" else tools,
+                           response_format=rc.developer_section)
     limit, param = ((req.max_completion_tokens, "max_completion_tokens")
                     if req.max_completion_tokens is not None else (req.max_tokens, "max_tokens"))
     max_new = params.token_budget(st, len(prompt), limit, param, "messages")
     n, stops = request_sampling.choices(st, req.n), request_sampling.stops(req.stop)
     k = request_sampling.chat_logprobs(req.logprobs, req.top_logprobs)
     sampling = request_sampling.sampling(st, req, max_new_tokens=max_new, logprobs=k)
-    jobs = generation.submit_choices(st, prompt, sampling, max_new, n)
+    jobs = generation.submit_choices(st, prompt, sampling, max_new, n, rc.constraint)
     token_bytes = TokenBytes(st.tokenizer) if k is not None else None
     out = _Completion(model, len(prompt), [
-        ChatChoice(i, job, stops=stops, logprobs=k, token_bytes=token_bytes, min_tokens=sampling.min_tokens)
+        ChatChoice(i, job, stops=stops, logprobs=k, token_bytes=token_bytes, min_tokens=sampling.min_tokens,
+                   tracker=ReplyTracker(custom_tools=rc.custom_tools))
         for i, job in enumerate(jobs)])
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return SSEResponse(generation.with_done(_stream(out, st.scheduler, include_usage)),
                            on_close=lambda: [st.scheduler.cancel(j) for j in jobs])
-    await generation.collect_all([(c.job, c) for c in out.choices], request, st.scheduler)
+    try:
+        await generation.collect_all([(c.job, c) for c in out.choices], request, st.scheduler)
+    except ConstraintFailed as e:
+        raise APIError(f"Generation failed: {e}", status=500, type="server_error",
+                       code="server_error") from None
     body = [{"index": c.index, "message": c.message(), "finish_reason": c.finish_reason,
              "logprobs": c.logprobs_json()} for c in out.choices]
     return JSONResponse(out.body("chat.completion", body, usage=out.usage()))
@@ -100,15 +116,14 @@ class _ChoiceStream:
 
     def render(self, op: Op) -> str | None:
         out, choice, item = self.out, self.choice, op.item
-        if item.kind == "function_call":
+        if item.kind in TOOL_CALLS:
             if op.kind == "open":
                 self.calls += 1
-                return out.chunk(choice, {"tool_calls": [{"index": self.calls - 1, "id": item.call_id,
-                                                          "type": "function",
-                                                          "function": {"name": item.name, "arguments": ""}}]})
+                return out.chunk(choice, {"tool_calls": [{"index": self.calls - 1, **call_json(item, "")}]})
             if op.kind == "delta":
-                return out.chunk(choice, {"tool_calls": [{"index": self.calls - 1,
-                                                          "function": {"arguments": op.text}}]})
+                field, key = (("custom", "input") if item.kind == "custom_tool_call"
+                              else ("function", "arguments"))
+                return out.chunk(choice, {"tool_calls": [{"index": self.calls - 1, field: {key: op.text}}]})
             return None
         if item.kind == "reasoning" and op.kind == "open":
             joined, self.reasoning = self.reasoning, True

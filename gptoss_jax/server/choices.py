@@ -50,6 +50,13 @@ class _Logprobs:
         return out
 
 
+def call_json(item: Item, text: str) -> dict:
+    """A tool call as chat completions writes it (``text``: its arguments or input so far)."""
+    if item.kind == "custom_tool_call":
+        return {"id": item.call_id, "type": "custom", "custom": {"name": item.name, "input": text}}
+    return {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": text}}
+
+
 class ChatChoice:
     """The reply of one chat completion choice (a consumer: ``stopped``, ``feed``, ``end``)."""
 
@@ -138,8 +145,7 @@ class ChatChoice:
     def message(self) -> dict:
         t = self.tracker
         thinking = t.texts("reasoning")
-        calls = [{"id": i.call_id, "type": "function", "function": {"name": i.name, "arguments": i.text}}
-                 for i in t.tool_calls]
+        calls = [call_json(i, i.text) for i in t.tool_calls]
         return {"role": "assistant", "content": "".join(self.content) if self.has_message else None,
                 "reasoning_content": "\n".join(thinking) if thinking else None,
                 "tool_calls": calls or None}

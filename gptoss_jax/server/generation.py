@@ -2,9 +2,11 @@
 
 Every endpoint does the same three things around its own output format:
 
-* ``submit(st, prompt, sampling, max_new_tokens)`` hands the job to the scheduler (the stop
-  tokens are harmony's: ``<|return|>``, ``<|call|>``, ``<|endoftext|>``); ``submit_choices``
-  hands it ``n`` jobs that share one prefill (the ``n`` choices of a completion);
+* ``submit(st, prompt, sampling, max_new_tokens, constraint)`` hands the job to the scheduler
+  (the stop tokens are harmony's: ``<|return|>``, ``<|call|>``, ``<|endoftext|>``; the
+  constraint, if any, is the request's compiled output rules from ``params.request_constraint``);
+  ``submit_choices`` hands it ``n`` jobs that share one prefill (the ``n`` choices of a
+  completion);
 * a **consumer** (``ReplyTracker`` for the chat formats, the completions' text decoder) takes
   ``feed(token, finish)``, says when it has ``stopped`` by itself (then the job is cancelled:
   the slot is free for the next request at once), and is closed by ``end()``;
@@ -14,7 +16,9 @@ Every endpoint does the same three things around its own output format:
   ``merge`` interleaves the streams of several choices as their tokens come.
 
 A failure inside the engine reaches a plain request as a 500 with OpenAI's error object, and a
-stream as the endpoint's own error event (``stream`` re-raises :class:`EngineError`).
+stream as the endpoint's own error event (``stream`` re-raises :class:`EngineError`). A
+constraint that dead-ended (:class:`ConstraintFailed`) is left to the endpoint (``collect``
+re-raises it): the Responses API reports it as a failed response.
 """
 
 from __future__ import annotations
@@ -31,7 +35,13 @@ from fastapi.responses import StreamingResponse
 from gptoss_jax.chat.encoding import STOP_TOKENS
 from gptoss_jax.inference.sampling import SamplingParams
 from gptoss_jax.server.errors import APIError
-from gptoss_jax.server.scheduler import EngineError, EngineUnavailable, Job, Scheduler
+from gptoss_jax.server.scheduler import (
+    ConstraintFailed,
+    EngineError,
+    EngineUnavailable,
+    Job,
+    Scheduler,
+)
 from gptoss_jax.server.state import ServerState
 
 
@@ -47,10 +57,11 @@ class Consumer(Protocol):
         """The generation ended; the last outputs. A no-op when already ended."""
 
 
-def submit(st: ServerState, prompt: list[int], sampling: SamplingParams, max_new_tokens: int) -> Job:
+def submit(st: ServerState, prompt: list[int], sampling: SamplingParams, max_new_tokens: int,
+           constraint=None) -> Job:
     """Queue the job; a request the engine can never run (its context, or a KV pool too small
     for prompt + budget even alone) is a 400 at once."""
-    return submit_choices(st, prompt, sampling, max_new_tokens, 1)[0]
+    return submit_choices(st, prompt, sampling, max_new_tokens, 1, constraint)[0]
 
 
 def failure(e: EngineError) -> APIError:
@@ -64,11 +75,11 @@ def failure(e: EngineError) -> APIError:
 
 
 def submit_choices(st: ServerState, prompt: list[int], sampling: SamplingParams, max_new_tokens: int,
-                   n: int) -> list[Job]:
+                   n: int, constraint=None) -> list[Job]:
     """``n`` jobs on one prompt (choice ``j`` samples with ``sampling.for_choice(j)``); a 400
     as :func:`submit` for a request the engine can never run."""
     try:
-        return st.scheduler.submit_choices(prompt, sampling, max_new_tokens, STOP_TOKENS, n)
+        return st.scheduler.submit_choices(prompt, sampling, max_new_tokens, STOP_TOKENS, n, constraint)
     except ValueError as e:
         raise APIError(f"This request cannot be served: {e}", status=400,
                        code="context_length_exceeded") from None
@@ -98,8 +109,12 @@ async def _wait_job(job: Job, request: Request, scheduler: Scheduler,
         if not runner.done():  # the client went away (or this handler was cancelled)
             runner.cancel()
             scheduler.cancel(job)
+    if not runner.done():  # cancelled above, not yet unwound: the client left
+        raise asyncio.CancelledError
     try:
         runner.result()  # re-raises an engine error, or CancelledError for a client that left
+    except ConstraintFailed:
+        raise
     except EngineError as e:
         raise failure(e) from None
 

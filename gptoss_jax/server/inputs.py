@@ -2,16 +2,22 @@
 
 Responses API ``input`` items: messages (``{"role", "content"}``, ``type: "message"`` optional;
 content a string or ``input_text`` / ``output_text`` / ``text`` parts), ``reasoning`` items
-(``content`` of ``reasoning_text`` parts, or a ``summary``), ``function_call`` and
-``function_call_output``, and the built-in ``code_interpreter_call`` / ``mcp_call`` items of an
-earlier response (the call and the result it carries; a ``web_search_call`` does not carry the
-pages the model read, so it is refused: ``previous_response_id`` keeps them). Consecutive
-reasoning / assistant message / function call items form one harmony assistant message
-(thinking, preamble or answer, tool calls), as the model wrote them. Chat completions
-``messages`` go through ``chat.messages.normalize_messages`` after the same checks. Anything
-unsupported (images, files, unknown item types) is an :class:`APIError` naming the offending
-field. ``render`` is the one place a request's conversation becomes prompt tokens
-(``chat.render.render_prompt`` and its options).
+(``content`` of ``reasoning_text`` parts, or a ``summary``), ``function_call`` /
+``custom_tool_call`` and their ``*_output``, and the built-in ``code_interpreter_call`` /
+``mcp_call`` items of an earlier response (the call and the result it carries; a
+``web_search_call`` does not carry the pages the model read, so it is refused:
+``previous_response_id`` keeps them). Consecutive reasoning / assistant message / tool call
+items form one harmony assistant message (thinking, preamble or answer, tool calls), as the
+model wrote them. Chat completions ``messages`` go through ``chat.messages.normalize_messages``
+after the same checks. Anything unsupported (images, files, unknown item types) is an
+:class:`APIError` naming the offending field. ``render`` is the one place a request's
+conversation becomes prompt tokens (``chat.render.render_prompt`` and its options, then the
+developer message's ``# Response Formats`` section).
+
+Custom (freeform) tools have no harmony declaration of their own: the developer message lists
+one in the ``functions`` namespace without parameters, its description saying that it takes raw
+text, and the grammar when it has one (``_declared``); the model calls it as
+``to=functions.NAME code`` (``inference.constraints.grammar``).
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import openai_harmony as oh
 
 from gptoss_jax.chat.messages import ROLES, Message, ToolCall, normalize_messages
 from gptoss_jax.chat.render import build_conversation, render_prompt
+from gptoss_jax.chat.tokenizer import load_tokenizer
+from gptoss_jax.inference.constraints import splice_response_format
 from gptoss_jax.server.errors import APIError, unsupported
 
 _TEXT_PARTS = ("input_text", "output_text", "text", "reasoning_text", "summary_text")
@@ -118,17 +126,19 @@ def response_items(items: Sequence[Any], call_names: dict[str, str], param: str 
                 flush()
             parts = item.get("content") or item.get("summary") or []
             turn.thinking.append(_text(parts, f"{p}.content"))
-        elif kind == "function_call":
+        elif kind in ("function_call", "custom_tool_call"):
             name = _str_field(item, "name", p)
-            args = item.get("arguments", "{}")
+            field = "arguments" if kind == "function_call" else "input"
+            args = item.get(field, "{}" if kind == "function_call" else "")
             if not isinstance(args, str):
-                raise APIError(f"Invalid type for {p + '.arguments'!r}: expected a JSON string",
-                               param=f"{p}.arguments", code="invalid_type")
+                raise APIError(f"Invalid type for {p + '.' + field!r}: expected a string",
+                               param=f"{p}.{field}", code="invalid_type")
             call_id = item.get("call_id")
             if isinstance(call_id, str):
                 call_names[call_id] = name
-            turn.calls.append(ToolCall(name=name, arguments=args))
-        elif kind == "function_call_output":
+            turn.calls.append(ToolCall(name=name, arguments=args,
+                                       content_type="json" if kind == "function_call" else "code"))
+        elif kind in ("function_call_output", "custom_tool_call_output"):
             call_id = _str_field(item, "call_id", p)
             if call_id not in call_names:
                 raise APIError(f"No tool call found for function call output with call_id "
@@ -211,12 +221,13 @@ def chat_messages(messages: Sequence[Any]) -> list[Message]:
                                code="invalid_type")
             for j, tc in enumerate(calls):
                 q = f"{p}.tool_calls[{j}]"
-                fn = tc.get("function") if isinstance(tc, Mapping) else None
+                kind = tc.get("type", "function") if isinstance(tc, Mapping) else None
+                if kind not in ("function", "custom"):
+                    raise unsupported(f"{q}.type", "only function and custom tool calls are supported")
+                fn = tc.get(kind) if isinstance(tc, Mapping) else None
                 if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
-                    raise APIError(f"Invalid {q!r}: expected {{'id', 'type': 'function', "
-                                   f"'function': {{'name', 'arguments'}}}}", param=q, code="invalid_value")
-                if tc.get("type", "function") != "function":
-                    raise unsupported(f"{q}.type", "only function tool calls are supported")
+                    raise APIError(f"Invalid {q!r}: expected {{'id', 'type': '{kind}', "
+                                   f"'{kind}': {{'name', ...}}}}", param=q, code="invalid_value")
                 if isinstance(tc.get("id"), str):
                     known_calls.add(tc["id"])
             d["tool_calls"] = calls
@@ -237,7 +248,7 @@ def chat_messages(messages: Sequence[Any]) -> list[Message]:
 
 
 def function_tools(tools: Any, param: str = "tools") -> list[dict]:
-    """Validated function tools (Responses or chat shape), as given."""
+    """Validated function and custom tools (Responses or chat shape), as given."""
     if tools is None:
         return []
     if not isinstance(tools, list):
@@ -248,17 +259,18 @@ def function_tools(tools: Any, param: str = "tools") -> list[dict]:
 
 
 def function_tool(tool: Any, p: str) -> dict:
-    """One validated function tool; ``p`` names it in errors (``tools[2]``)."""
+    """One validated function or custom tool; ``p`` names it in errors (``tools[2]``)."""
     if not isinstance(tool, Mapping):
         raise APIError(f"Invalid type for {p!r}: expected an object", param=p, code="invalid_type")
-    if tool.get("type") != "function":
+    kind = tool.get("type")
+    if kind not in ("function", "custom"):
         hint = ""
-        if tool.get("type") in _BUILTIN_TYPES:
+        if kind in _BUILTIN_TYPES:
             hint = ("; built-in tools run through the Responses API (POST /v1/responses) on a "
                     "server started with the tool's flag (--browser, --python, --tool-server)")
-        raise unsupported(f"{p}.type", f"Tools of type {tool.get('type')!r} are not supported "
-                                       f"here (function tools only){hint}")
-    fn = tool.get("function", tool)
+        raise unsupported(f"{p}.type", f"Tools of type {kind!r} are not supported "
+                                       f"here (function and custom tools only){hint}")
+    fn = tool.get(kind, tool)
     if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str) or not fn["name"]:
         raise APIError(f"Missing or invalid {p + '.name'!r}", param=f"{p}.name", code="invalid_value")
     params = fn.get("parameters")
@@ -268,21 +280,43 @@ def function_tool(tool: Any, p: str) -> dict:
     return tool
 
 
-def render(messages: list[Message], *, tools: list[dict], **options: Any) -> list[int]:
+def _declared(tool: Mapping) -> Mapping:
+    """How the developer message declares a tool: function tools as given, custom tools as a
+    function without parameters whose description says what input it takes."""
+    if tool.get("type") != "custom":
+        return tool
+    c = tool.get("custom", tool)
+    fmt = c.get("format") or {"type": "text"}
+    grammar = fmt.get("grammar", fmt) if fmt.get("type") == "grammar" else None
+    lines = [c["description"]] if c.get("description") else []
+    if grammar is not None:
+        lines.append(f"Input: raw text (not JSON) in this {grammar.get('syntax')} grammar:\n"
+                     f"{grammar.get('definition')}")
+    else:
+        lines.append("Input: raw text (not JSON).")
+    return {"type": "function", "name": c["name"], "description": "\n\n".join(lines)}
+
+
+def render(messages: list[Message], *, tools: list[dict], response_format: str | None = None,
+           **options: Any) -> list[int]:
     """The prompt tokens of a request's conversation; ``options``: ``chat.render``'s keywords
-    (``reasoning_effort``, ``instructions``, ...)."""
+    (``reasoning_effort``, ``instructions``, ...). ``response_format``: the developer message's
+    ``# Response Formats`` section (``RequestConstraint.developer_section``)."""
     try:
-        return render_prompt(messages, tools=tools or None, **options)
+        tokens = render_prompt(messages, tools=[_declared(t) for t in tools] or None, **options)
     except (ValueError, TypeError, KeyError, RuntimeError) as e:  # openai-harmony: RuntimeError
         raise APIError(f"The conversation could not be rendered: {e}", param="input",
                        code="invalid_value") from None
+    if response_format:
+        tokens = splice_response_format(tokens, response_format, load_tokenizer())
+    return tokens
 
 
 def conversation(messages: list[Message], *, tools: list[dict], **options: Any) -> list[oh.Message]:
     """The harmony messages of a request's conversation (what ``render`` renders), for a tool
     loop that appends to them; ``options`` as for ``render`` (``tool_namespaces`` too)."""
     try:
-        return build_conversation(messages, tools=tools or None, **options)
+        return build_conversation(messages, tools=[_declared(t) for t in tools] or None, **options)
     except (ValueError, TypeError, KeyError, RuntimeError) as e:
         raise APIError(f"The conversation could not be rendered: {e}", param="input",
                        code="invalid_value") from None

@@ -3,20 +3,23 @@
 Unknown fields, parameters of OpenAI's API that this server does not implement (audio,
 predictions, ``echo``...: a 400 naming them unless they are at their "off" value),
 ``stream_options`` without ``stream``, the model (a blank or missing one is the served model;
-aliases), the new-token budget against the context, reasoning effort, ``tool_choice`` and the
-output format. The sampling parameters (penalties, ``logit_bias``, ``seed``, ``n``, ``stop``,
-logprobs, vLLM's extras) are read in :mod:`gptoss_jax.server.request_sampling`. Every failure
-is an :class:`~gptoss_jax.server.errors.APIError` whose ``param`` names the field.
+aliases), the new-token budget against the context, reasoning effort, and the output
+constraint (format, tools, tool choice). The sampling parameters (penalties, ``logit_bias``,
+``seed``, ``n``, ``stop``, logprobs, vLLM's extras) are read in
+:mod:`gptoss_jax.server.request_sampling`. Every failure is an
+:class:`~gptoss_jax.server.errors.APIError` whose ``param`` names the field.
 
-Per-request constraints start here: ``output_format`` (``text.format`` / ``response_format``)
-and ``tool_choice`` are where a request's structured-output or tool-choice rules are read.
+Per-request constraints start here: ``request_constraint`` is the one reader of a request's
+structured-output and tool-choice fields.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 from gptoss_jax.chat.render import EFFORTS
+from gptoss_jax.inference.constraints import ConstraintError, RequestConstraint, from_chat, from_responses
 from gptoss_jax.server.errors import APIError, unsupported
 from gptoss_jax.server.state import ServerState
 
@@ -103,14 +106,18 @@ def effort_of(value: Any, param: str) -> str:
     return value
 
 
-def tool_choice(value: Any) -> str:
-    """``tool_choice``: "auto" (the default) or "none"."""
-    if value not in (None, "auto", "none"):
-        raise unsupported("tool_choice", "tool_choice must be 'auto' or 'none'")
-    return value or "auto"
-
-
-def output_format(fmt: Any, param: str) -> None:
-    """``text.format`` (Responses) / ``response_format`` (chat): only plain text."""
-    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-        raise unsupported(param, "only text output is supported (no JSON mode or schemas)")
+def request_constraint(req, api: Literal["responses", "chat"], *,
+                       builtin_tools: Mapping[str, Sequence[str]] | None = None) -> RequestConstraint:
+    """The request's output rules -- ``text.format`` (Responses) / ``response_format`` (chat),
+    ``tools``, ``tool_choice``, ``parallel_tool_calls`` -- as a compiled constraint
+    (``inference.constraints``), checked before a slot is taken: a schema, grammar or tool
+    choice that cannot be enforced is a 400 naming the parameter (``text.format.schema``,
+    ``tools[2].parameters``, ``tool_choice``). ``json_whitespace`` (an extra body parameter,
+    "compact" by default) picks the JSON layout. ``builtin_tools``: the hosted tools' harmony
+    recipients this server enabled for the request ({tool type: recipients})."""
+    whitespace = getattr(req, "json_whitespace", None) or "compact"
+    read = from_responses if api == "responses" else from_chat
+    try:
+        return read(req, builtin_tools=builtin_tools, whitespace=whitespace)
+    except ConstraintError as e:
+        raise APIError(e.message, param=e.param, code=e.code) from None

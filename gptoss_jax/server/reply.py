@@ -5,9 +5,10 @@ its events into item operations (:class:`Op`) that every chat-format endpoint re
 way (Responses: output items and their stream events; chat completions: message and deltas):
 
 * ``open`` — a new item: ``reasoning`` (analysis channel), ``message`` (final channel, phase
-  ``final_answer``; commentary without a recipient, phase ``commentary`` — a preamble), or
+  ``final_answer``; commentary without a recipient, phase ``commentary`` — a preamble),
   ``function_call`` (a message addressed to ``functions.<name>``; other recipients such as
-  ``browser.search`` keep their full name);
+  ``browser.search`` keep their full name), or ``custom_tool_call`` (addressed to one of the
+  request's custom tools: ``custom_tools``);
 * ``delta`` — more text (or argument JSON) of the open item;
 * ``close`` — the item is complete (``item.text`` is its whole text).
 
@@ -53,7 +54,7 @@ _RUNNING = {"web_search_call": "searching", "code_interpreter_call": "interpreti
 
 @dataclasses.dataclass(eq=False)
 class Item:
-    kind: str  # "reasoning" | "message" | "function_call" | one of BUILTIN_KINDS
+    kind: str  # "reasoning" | "message" | "function_call" | "custom_tool_call" | one of BUILTIN_KINDS
     id: str
     phase: str | None = None  # messages: "final_answer" | "commentary"
     name: str | None = None  # function calls: the function; built-in calls: the recipient
@@ -80,11 +81,17 @@ class Op:
     logprobs: tuple = ()  # delta of a message: its tokens' TokenLogprob, when the request asked
 
 
-def _item_for(ev: parse.ChannelStart | parse.ToolCallStart, item_type: Callable[[str], str | None]) -> Item:
+TOOL_CALLS = ("function_call", "custom_tool_call")  # calls the client runs
+
+
+def _item_for(ev: parse.ChannelStart | parse.ToolCallStart, item_type: Callable[[str], str | None],
+              custom_tools: frozenset[str]) -> Item:
     if isinstance(ev, parse.ToolCallStart):
         kind = item_type(ev.recipient)
         if kind in BUILTIN_KINDS:
             return Item(kind, new_id(BUILTIN_KINDS[kind]), name=ev.recipient, status="in_progress")
+        if ev.name in custom_tools and ev.recipient == f"functions.{ev.name}":
+            return Item("custom_tool_call", new_id("ctc"), name=ev.name, call_id=new_id("call"))
         return Item("function_call", new_id("fc"), name=ev.name, call_id=new_id("call"))
     if ev.channel == "analysis":
         return Item("reasoning", new_id("rs"))
@@ -94,10 +101,14 @@ def _item_for(ev: parse.ChannelStart | parse.ToolCallStart, item_type: Callable[
 
 class ReplyTracker:
     """Consumes generated tokens; ``items`` is the output so far, in order. ``item_type`` maps a
-    recipient to the kind of built-in call the server runs for it (None: a client function)."""
+    recipient to the kind of built-in call the server runs for it (None: a client function);
+    ``custom_tools``: names whose calls are ``custom_tool_call`` items (raw input) rather than
+    function calls."""
 
-    def __init__(self, item_type: Callable[[str], str | None] | None = None):
+    def __init__(self, item_type: Callable[[str], str | None] | None = None,
+                 custom_tools: frozenset[str] = frozenset()):
         self._item_type = item_type or (lambda recipient: None)
+        self.custom_tools = frozenset(custom_tools)
         self._stream = parse.ReplyStream()
         self.items: list[Item] = []
         self.current: Item | None = None
@@ -124,14 +135,15 @@ class ReplyTracker:
         return ops
 
     def end(self, finish: str = "stop") -> list[Op]:
-        """The generation ended ("stop" | "length"); close what is open. No-op when ended."""
+        """The generation ended ("stop" | "length" | "error": it failed); close what is open,
+        marking the open item incomplete when it was cut. No-op when ended."""
         if self.finish_reason is not None:
             return []
         self.finish_reason = finish
         self.cut = finish == "length" and not self.done
         if self.done:
             return []
-        if self.cut and self.current is not None:
+        if (self.cut or finish == "error") and self.current is not None:
             self.current.status = "incomplete"
         return self._ops(self._stream.finish())
 
@@ -174,7 +186,8 @@ class ReplyTracker:
 
     @property
     def tool_calls(self) -> list[Item]:
-        return [i for i in self.items if i.kind == "function_call"]
+        """Function and custom tool calls, in order."""
+        return [i for i in self.items if i.kind in TOOL_CALLS]
 
     def texts(self, kind: str) -> list[str]:
         """The texts of the items of one kind, in order."""
@@ -183,7 +196,9 @@ class ReplyTracker:
     def message(self) -> Message | None:
         """The reply as an assistant message of the conversation (None when nothing parsed)."""
         thinking, content = "\n".join(self.texts("reasoning")), "\n".join(self.texts("message"))
-        calls = tuple(ToolCall(name=i.name, arguments=i.text) for i in self.tool_calls)
+        calls = tuple(ToolCall(name=i.name, arguments=i.text,
+                               content_type="code" if i.kind == "custom_tool_call" else "json")
+                      for i in self.tool_calls)
         if not (thinking or content or calls):
             return None
         return Message(role="assistant", content=content, thinking=thinking or None, tool_calls=calls)
@@ -193,7 +208,7 @@ class ReplyTracker:
         for ev in events:
             if isinstance(ev, (parse.ChannelStart, parse.ToolCallStart)):
                 self._close(ops)
-                self.current = _item_for(ev, self._item_type)
+                self.current = _item_for(ev, self._item_type, self.custom_tools)
                 self.items.append(self.current)
                 if self.current.kind != "web_search_call":  # opened once its action is known
                     ops.append(Op("open", self.current))

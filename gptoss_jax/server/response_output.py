@@ -11,14 +11,20 @@ any moment. :class:`StreamEvents` turns the reply's item operations (``server.re
       message:   response.content_part.added, response.output_text.delta*,
                  response.output_text.done, response.content_part.done
       function:  response.function_call_arguments.delta*, response.function_call_arguments.done
+      custom:    response.custom_tool_call_input.delta*, response.custom_tool_call_input.done
     response.output_item.done,
     response.completed (or response.incomplete when max_output_tokens cut the reply)
 
-and, on a decode failure, ``error`` + ``response.failed``. A background response starts with
-``response.created`` and ``response.queued`` (status ``queued``); ``StreamEvents(recorded=[])``
-also keeps each event's data, for the store (stream resumption). With logprobs asked, a message's
-``output_text`` part and its delta / done events carry them. Calls of built-in tools (the tool
-loop, :mod:`gptoss_jax.server.tool_loop`) have their own events::
+and, on a decode failure (an engine error, or the request's output constraint dead-ending),
+``error`` + ``response.failed`` (a plain request gets the response object with status ``failed``
+and its ``error``). A background response starts with ``response.created`` and
+``response.queued`` (status ``queued``); ``StreamEvents(recorded=[])`` also keeps each event's
+data, for the store (stream resumption). With logprobs asked, a message's ``output_text`` part
+and its delta / done events carry them. A custom tool's call has
+``response.custom_tool_call_input.delta`` / ``.done`` where a function call has its arguments'
+events. Calls of built-in tools (the tool loop, :mod:`gptoss_jax.server.tool_loop`) have their
+own events::
+
     code_interpreter_call: output_item.added, response.code_interpreter_call.in_progress,
         response.code_interpreter_call_code.delta*, response.code_interpreter_call_code.done,
         response.code_interpreter_call.interpreting, response.code_interpreter_call.completed,
@@ -53,8 +59,12 @@ _CONTENT = {"reasoning": ("reasoning_text", "response.reasoning_text"),
 
 
 def tool_json(tool: dict) -> dict:
-    """A function tool as the response object lists it (either request shape in); a built-in
-    tool as the request gave it."""
+    """A function or custom tool as the response object lists it (either request shape in); a
+    built-in tool as the request gave it."""
+    if tool.get("type") == "custom":
+        c = tool.get("custom", tool)
+        return {"type": "custom", "name": c["name"], "description": c.get("description"),
+                "format": c.get("format") or {"type": "text"}}
     if tool.get("type", "function") != "function":
         return dict(tool)
     fn = tool.get("function", tool)
@@ -103,6 +113,9 @@ def item_json(item: Item, done: bool, *, include: frozenset[str] = frozenset(), 
         content = [_part("message", _shown(item), item.annotations, item.logprobs)] if done else []
         return {"type": "message", "id": item.id, "role": "assistant", "status": status,
                 "phase": item.phase, "content": content}
+    if item.kind == "custom_tool_call":
+        return {"type": "custom_tool_call", "id": item.id, "call_id": item.call_id,
+                "name": item.name, "input": item.text if done else "", "status": status}
     return {"type": "function_call", "id": item.id, "call_id": item.call_id, "name": item.name,
             "arguments": item.text if done else "", "status": status}
 
@@ -122,13 +135,14 @@ class ResponseRun:
     """
 
     def __init__(self, req: ResponsesRequest, *, model: str, prompt_len: int, effort: str,
-                 tools: list[dict], tracker: ReplyTracker | None = None, container_id: str = ""):
+                 tools: list[dict], tracker: ReplyTracker | None = None, container_id: str = "",
+                 custom_tools: frozenset[str] = frozenset()):
         self.req, self.model, self.prompt_len, self.effort = req, model, prompt_len, effort
         self.tools = [tool_json(t) for t in tools]
         self.id = new_id("resp")
         self.created_at = int(time.time())
         self.completed_at: int | None = None
-        self.tracker = tracker if tracker is not None else ReplyTracker()
+        self.tracker = tracker if tracker is not None else ReplyTracker(custom_tools=custom_tools)
         self.status = "queued" if req.background else "in_progress"
         self.error: dict | None = None
         self.incomplete_reason: str | None = None
@@ -150,9 +164,13 @@ class ResponseRun:
             self.incomplete_reason = incomplete
             self.completed_at = int(time.time())
 
-    def fail(self, message: str) -> None:
+    def fail(self, message: str) -> list[Op]:
+        """The generation failed: status failed with OpenAI's error object; the item it was
+        writing is closed as incomplete (its ops returned, for a stream)."""
+        ops = self.tracker.end("error")
         self.status = "failed"
         self.error = {"code": "server_error", "message": message}
+        return ops
 
     def cancel(self) -> None:
         """A background response cancelled before it finished (its output so far is kept)."""
@@ -195,7 +213,7 @@ class ResponseRun:
             "temperature": 1.0 if req.temperature is None else req.temperature,
             "top_p": 1.0 if req.top_p is None else req.top_p,
             "top_logprobs": req.top_logprobs or 0,
-            "text": {"format": {"type": "text"}},
+            "text": {"format": (req.text or {}).get("format") or {"type": "text"}},
             "tool_choice": req.tool_choice or "auto", "tools": self.tools,
             "truncation": req.truncation or "disabled", "usage": self.usage() if done else None,
             "user": req.user, "metadata": req.metadata or {},
@@ -228,6 +246,7 @@ class StreamEvents:
             at = {"item_id": item.id, "output_index": self.index[item.id]}
             content = _CONTENT.get(item.kind)
             extra = {"logprobs": chat_logprobs_json(op.logprobs)} if item.kind == "message" else {}
+            custom = item.kind == "custom_tool_call"
             if item.builtin:
                 out += self._builtin(op, at)
             elif op.kind == "open":
@@ -244,6 +263,8 @@ class StreamEvents:
                         out.append(self.event("response.output_text.annotation.added", **at, content_index=0,
                                               annotation_index=item.annotations.index(annotation),
                                               annotation=annotation))
+                elif custom:
+                    out.append(self.event("response.custom_tool_call_input.delta", **at, delta=op.text))
                 else:
                     out.append(self.event("response.function_call_arguments.delta", **at, delta=op.text))
             elif op.kind == "close":
@@ -254,6 +275,8 @@ class StreamEvents:
                                           **done_extra))
                     out.append(self.event("response.content_part.done", **at, content_index=0,
                                           part=_part(item.kind, text, item.annotations, item.logprobs)))
+                elif custom:
+                    out.append(self.event("response.custom_tool_call_input.done", **at, input=item.text))
                 else:
                     out.append(self.event("response.function_call_arguments.done", **at,
                                           name=item.name, arguments=item.text))

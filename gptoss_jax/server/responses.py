@@ -3,8 +3,15 @@
 The reply is parsed from harmony as it is generated (:mod:`gptoss_jax.server.reply`):
 analysis -> ``reasoning`` items (``content`` of ``reasoning_text``), final -> ``message``
 items (phase ``final_answer``; commentary preambles: phase ``commentary``), tool calls ->
-``function_call`` items; the object and its stream events are built in
-:mod:`gptoss_jax.server.response_output`.
+``function_call`` items (``custom_tool_call`` for custom tools); the object and its stream
+events are built in :mod:`gptoss_jax.server.response_output`.
+
+``text.format`` (``json_schema`` / ``json_object``), function tools' ``strict`` parameters,
+custom tools' grammars, ``tool_choice`` and ``parallel_tool_calls`` are enforced while the
+reply is generated (``params.request_constraint``; bad ones are a 400 before anything runs).
+A JSON schema is also shown to the model in the developer message's ``# Response Formats``
+section. A constraint that dead-ends mid-generation ends the response with status ``failed``
+and an ``error`` (``server_error``); the server and the other requests carry on.
 
 ``store`` (default true, as in OpenAI's API) keeps the response, its input items and its
 conversation in the server's :class:`~gptoss_jax.server.response_store.ResponseStore` (records
@@ -23,7 +30,10 @@ top-level ``reasoning_effort`` of openai/gpt-oss's reference server (an alias of
 A request whose ``tools`` enable built-in tools (web search, code interpreter, MCP:
 :mod:`gptoss_jax.server.builtin_tools`) declares them in the system message and goes through
 the tool loop instead (:mod:`gptoss_jax.server.tool_loop`; not in the background, and without
-logprobs).
+logprobs), every model call of it held to the request's constraint (the hosted tools'
+recipients are allowed recipients there, and ``tool_choice`` may name one). ``text.format``,
+strict function tools, custom tools and ``tool_choice`` are enforced while the reply is
+generated (``params.request_constraint``).
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from gptoss_jax.chat.messages import Message
-from gptoss_jax.chat.render import render_harmony
+from gptoss_jax.inference.constraints import RequestConstraint
 from gptoss_jax.inference.logprobs import TokenBytes
 from gptoss_jax.server import builtin_tools, generation, inputs, params, request_sampling, stored, tool_loop
 from gptoss_jax.server.background_responses import BackgroundRun, stored_events
@@ -43,9 +53,10 @@ from gptoss_jax.server.openapi import STREAMING, errors
 from gptoss_jax.server.reply import ReplyTracker
 from gptoss_jax.server.response_output import ResponseRun, StreamEvents
 from gptoss_jax.server.response_store import ACTIVE
-from gptoss_jax.server.scheduler import EngineError, Job
+from gptoss_jax.server.scheduler import ConstraintFailed, EngineError, Job
 from gptoss_jax.server.schemas import ResponsesRequest
 from gptoss_jax.server.state import ServerState, state
+from gptoss_jax.tools import Toolbox
 
 router = APIRouter()
 
@@ -66,8 +77,6 @@ def _check(req: ResponsesRequest) -> None:
         raise unsupported("conversation", "conversations are not supported; use previous_response_id")
     if req.prompt is not None:
         raise unsupported("prompt", "prompt templates are not supported by this server")
-    params.output_format((req.text or {}).get("format"), "text.format")
-    params.tool_choice(req.tool_choice)
 
 
 def _effort(req: ResponsesRequest) -> str:
@@ -136,16 +145,21 @@ async def create_response(req: ResponsesRequest, request: Request):
     effort = _effort(req)
     requested = builtin_tools.request_tools(req.tools, st.toolbox)
     tools = inputs.function_tools(requested.functions)
-    choice = params.tool_choice(req.tool_choice)
-    if requested.namespaces and choice != "none":
-        return await _with_builtin_tools(st, req, request, messages, call_names, effort, requested, model)
-    prompt = _prompt(st, req, messages, reasoning_effort=effort, tools=[] if choice == "none" else tools)
+    toolbox = requested.toolbox(st.toolbox) if requested.namespaces else None
+    rc = params.request_constraint(req, "responses",
+                                   builtin_tools=requested.recipients(toolbox) if toolbox else None)
+    if toolbox is not None and rc.tool_choice != "none":
+        return await _with_builtin_tools(st, req, request, messages, call_names, effort, requested, toolbox,
+                                         rc, model)
+    prompt = _prompt(st, req, messages, reasoning_effort=effort,
+                     tools=[] if rc.tool_choice == "none" else tools, response_format=rc.developer_section)
     max_new = params.token_budget(st, len(prompt), req.max_output_tokens, "max_output_tokens", "input")
     k = request_sampling.response_logprobs(req.include, req.top_logprobs)
     sampling = request_sampling.sampling(st, req, max_new_tokens=max_new, logprobs=k)
-    run = ResponseRun(req, model=model, prompt_len=len(prompt), effort=effort, tools=requested.listed)
+    run = ResponseRun(req, model=model, prompt_len=len(prompt), effort=effort, tools=requested.listed,
+                      custom_tools=rc.custom_tools)
     items = stored.input_items(req.input)
-    job = generation.submit(st, prompt, sampling, max_new)
+    job = generation.submit(st, prompt, sampling, max_new, rc.constraint)
     consumer = run.tracker if k is None else ReplyLogprobs(run.tracker, job, k, TokenBytes(st.tokenizer))
     conversation = lambda: _after(run, messages, call_names)
 
@@ -161,7 +175,11 @@ async def create_response(req: ResponsesRequest, request: Request):
         return JSONResponse(response)
     if req.stream:
         return SSEResponse(_stream(run, job, consumer, st, save), on_close=lambda: st.scheduler.cancel(job))
-    await generation.collect(job, consumer, request, st.scheduler)
+    try:
+        await generation.collect(job, consumer, request, st.scheduler)
+    except ConstraintFailed as e:
+        run.fail(f"Generation failed: {e}")
+        return JSONResponse(run.json())
     run.cached_tokens = generation.cached_tokens([job])
     run.complete()
     save()
@@ -170,25 +188,24 @@ async def create_response(req: ResponsesRequest, request: Request):
 
 async def _with_builtin_tools(st: ServerState, req: ResponsesRequest, request: Request, messages: list[Message],
                               call_names: dict[str, str], effort: str, requested: builtin_tools.RequestTools,
-                              model: str):
+                              toolbox: Toolbox, rc: RequestConstraint, model: str):
     if req.background:
         raise unsupported("background", "background responses with built-in tools are not supported")
     if request_sampling.response_logprobs(req.include, req.top_logprobs) is not None:
         raise unsupported("top_logprobs", "logprobs with built-in tools are not supported")
-    toolbox = requested.toolbox(st.toolbox)
     functions = inputs.function_tools(requested.functions)
     conversation = inputs.conversation(messages, reasoning_effort=effort, instructions=req.instructions,
                                        tools=functions, tool_namespaces=toolbox.configs())
-    prompt = render_harmony(conversation)
+    prompt = tool_loop.prompt_of(conversation, rc.developer_section)
     max_new = params.token_budget(st, len(prompt), req.max_output_tokens, "max_output_tokens", "input")
-    tracker = ReplyTracker(item_type=toolbox.item_type)
+    tracker = ReplyTracker(item_type=toolbox.item_type, custom_tools=rc.custom_tools)
     run = ResponseRun(req, model=model, prompt_len=len(prompt), effort=effort, tools=requested.listed,
                       tracker=tracker)
     conversation_id = tool_loop.conversation_root(st, req.previous_response_id, run.id)
     run.container_id = tool_loop.container_id(conversation_id)
     sampling = request_sampling.sampling(st, req, max_new_tokens=max_new)
     return await tool_loop.respond(st, run, request, conversation, toolbox, sampling, messages=messages,
-                                   call_names=call_names, conversation_id=conversation_id)
+                                   call_names=call_names, conversation_id=conversation_id, constraint=rc)
 
 
 async def _stream(run: ResponseRun, job: Job, consumer, st: ServerState, save):
@@ -200,7 +217,8 @@ async def _stream(run: ResponseRun, job: Job, consumer, st: ServerState, save):
             for s in ev.ops(ops):
                 yield s
     except EngineError as e:
-        run.fail(f"Generation failed: {e}")
+        for s in ev.ops(run.fail(f"Generation failed: {e}")):
+            yield s
         yield ev.event("error", code="server_error", message=run.error["message"], param=None)
         yield ev.response("response.failed")
         return

@@ -23,10 +23,17 @@ recovers its state) and the thread keeps serving. A lost multi-host process
 :meth:`Scheduler.abort`) ends them with :class:`EngineUnavailable` (a 503) and stops the
 scheduler; ``on_fatal`` then takes the process down.
 
+A job may carry a compiled output constraint (``submit(..., constraint=)``), handed to the
+engine's ``submit(..., constraint=)``. A constraint that dead-ends mid-generation (the engine's
+event has no token, finish reason "error") ends that job with :class:`ConstraintFailed`; the
+other jobs carry on.
+
 The engine is duck-typed: ``check``, ``submit``, ``cancel``, ``step`` (``StepEvent`` s),
 ``idle``, ``recover``, ``compile``, ``stats``, ``max_batch``, ``max_len``, ``config`` and
-``batch_sizes``; ``heartbeat`` (called while idle) and ``close`` (when the thread ends) if it
-has them (the tests drive a scripted stub through the same interface).
+``batch_sizes``; ``max_sequence`` (the longest request its KV pool holds), ``heartbeat``
+(called while idle) and ``close`` (when the thread ends) if it has them (the tests drive a
+scripted stub through the same interface); ``submit`` is given ``constraint=`` only for a job
+that has one.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 from gptoss_jax.inference.multihost import PeerLost
 from gptoss_jax.inference.sampling import SamplingParams
@@ -56,6 +64,11 @@ class EngineUnavailable(EngineError):
     """The engine can no longer run anything (a multi-host follower is gone): a 503."""
 
 
+class ConstraintFailed(EngineError):
+    """The job's output constraint dead-ended (no token was allowed): its generation ended
+    with an error; the engine and the other jobs carry on."""
+
+
 @dataclasses.dataclass(eq=False)
 class Job:
     """One generation request as the scheduler sees it."""
@@ -66,6 +79,7 @@ class Job:
     stop_tokens: frozenset
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)
+    constraint: Any = None  # a compiled inference.constraints.Constraint, or None
     id: int = dataclasses.field(default_factory=lambda: next(_ids))
     submitted_at: float = dataclasses.field(default_factory=time.perf_counter)
     cached_tokens: int = 0  # prompt tokens served from the engine's prefix cache
@@ -98,10 +112,12 @@ class Scheduler:
     """Drives an engine from one thread; thread-safe ``submit`` / ``cancel`` / ``stats``."""
 
     def __init__(self, engine, *, warmup_lengths: Sequence[int] = (),
-                 on_fatal: Callable[[BaseException], None] | None = None):
+                 on_fatal: Callable[[BaseException], None] | None = None,
+                 warmup_constrained: bool = False):
         self.engine = engine
         self.warmup_lengths = tuple(warmup_lengths)
         self.on_fatal = on_fatal
+        self.warmup_constrained = warmup_constrained  # also compile the constrained steps
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._jobs: dict[int, Job] = {}  # engine seq id -> job
         self._thread: threading.Thread | None = None
@@ -119,17 +135,24 @@ class Scheduler:
     def max_len(self) -> int:
         return self.engine.max_len
 
+    @property
+    def context(self) -> int:
+        """The longest request (prompt + output) the engine can ever serve: its ``max_len``,
+        or less where its KV pool is smaller (``engine.max_sequence``)."""
+        return getattr(self.engine, "max_sequence", self.engine.max_len)
+
     def submit(self, prompt: Sequence[int], sampling: SamplingParams, max_new_tokens: int,
-               stop_tokens) -> Job:
+               stop_tokens, constraint=None) -> Job:
         """Queue a job. Raises ``ValueError`` at once for a request the engine can never run
         (``engine.check``: context, vocabulary, KV pool), :class:`EngineError` when the
         scheduler is not running."""
-        return self.submit_choices(prompt, sampling, max_new_tokens, stop_tokens, 1)[0]
+        return self.submit_choices(prompt, sampling, max_new_tokens, stop_tokens, 1, constraint)[0]
 
     def submit_choices(self, prompt: Sequence[int], sampling: SamplingParams, max_new_tokens: int,
-                       stop_tokens, n: int) -> list[Job]:
+                       stop_tokens, n: int, constraint=None) -> list[Job]:
         """``n`` jobs on one prompt, handed to the engine together (one prefill, the others
-        reuse its pages); choice ``j`` samples with ``sampling.for_choice(j)``."""
+        reuse its pages); choice ``j`` samples with ``sampling.for_choice(j)``; each follows
+        ``constraint`` (its own matcher in the engine)."""
         if not self.alive:
             raise EngineError("the generation thread is not running")
         if n < 1:
@@ -137,7 +160,7 @@ class Scheduler:
         self.engine.check(prompt, max_new_tokens)  # reads only the engine's fixed limits
         loop = asyncio.get_running_loop()
         jobs = [Job(list(prompt), sampling.for_choice(j) if n > 1 else sampling, int(max_new_tokens),
-                    frozenset(stop_tokens), loop, choice=j) for j in range(n)]
+                    frozenset(stop_tokens), loop, choice=j, constraint=constraint) for j in range(n)]
         for job in jobs:
             self._inbox.put(("submit", job))
         return jobs
@@ -173,6 +196,7 @@ class Scheduler:
                 "max_context": self.engine.max_len,
                 "active": self._counts["active"],
                 "waiting": self._counts["waiting"],
+                "constrained_slots": self._constrained_slots(),
                 "decode_steps": steps,
                 "decode_batch_sizes": {str(k): v for k, v in hist.items()},
                 "mean_decode_batch": round(sum(k * v for k, v in hist.items()) / steps, 3) if steps else None,
@@ -188,11 +212,16 @@ class Scheduler:
                 "engine": dict(self._engine_stats),
             }
 
+    def _constrained_slots(self) -> int:
+        """Running sequences holding a constraint matcher (0 for an engine without any)."""
+        return getattr(getattr(self.engine, "constraints", None), "running", 0)
+
     # -- the scheduler thread ---------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            for n in self.warmup_lengths:
-                s = self.engine.compile(n)
+            for i, n in enumerate(self.warmup_lengths):
+                extra = {"constrained": True} if self.warmup_constrained and i == 0 else {}
+                s = self.engine.compile(n, **extra)
                 log.info("compiled prefill bucket for %d prompt tokens + decode step in %.1fs", n, s)
         except Exception:
             log.exception("warm-up compilation failed; continuing (shapes compile on first use)")
@@ -295,8 +324,9 @@ class Scheduler:
 
     def _start(self, job: Job) -> None:
         try:
+            extra = {} if job.constraint is None else {"constraint": job.constraint}
             job.seq_id = self.engine.submit(job.prompt, job.sampling, job.max_new_tokens,
-                                            job.stop_tokens)
+                                            job.stop_tokens, **extra)
         except Exception as e:  # checked at submit already: only a bug gets here
             log.exception("the engine refused job %d", job.id)
             self._finish(job, EngineError(f"the request could not start: {e}"))
@@ -311,6 +341,12 @@ class Scheduler:
             with self._lock:
                 self._counts["cached_tokens"] += ev.cached_tokens - job.cached_tokens
             job.cached_tokens = ev.cached_tokens
+        if ev.token is None:  # the job's constraint dead-ended: no token, the job fails
+            why = getattr(ev, "error", None) or "no token is allowed"
+            self._jobs.pop(job.seq_id, None)
+            job.seq_id = None
+            self._finish(job, ConstraintFailed(f"the output constraint dead-ended: {why}"))
+            return
         with self._lock:
             self._counts["generated_tokens"] += 1
         self._deliver(job, (int(ev.token), ev.finish_reason, getattr(ev, "logprob", None)))

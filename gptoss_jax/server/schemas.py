@@ -8,6 +8,11 @@ API states (``n``, ``top_logprobs``, the penalties) are declared here, so ``/ope
 shows them and a value outside is a 400 naming the field. vLLM's extra sampling parameters
 (``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``; the openai client sends them
 with ``extra_body=``) are accepted by every generation route.
+
+One more extra body parameter, this server's own: ``json_whitespace``, "compact" (the default:
+no whitespace between JSON tokens, so a model cannot fill a constrained object with whitespace
+until its budget runs out) or "flexible" (whitespace allowed wherever JSON allows it), for
+``json_schema`` / ``json_object`` outputs and function arguments.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ def _config(*examples: dict) -> ConfigDict:
     if examples:
         extra["examples"] = list(examples)
     return ConfigDict(extra="allow", json_schema_extra=extra)
+JsonWhitespace = Literal["compact", "flexible"] | None
 
 
 class _Body(BaseModel):
@@ -82,8 +88,9 @@ class ResponsesRequest(_Generation):
     max_output_tokens: StrictInt | None = None
     reasoning: ReasoningParam | None = None
     tools: list[Any] | None = None
-    tool_choice: Any = None  # "auto" | "none" (others: 400)
+    tool_choice: Any = None  # checked by params.request_constraint
     parallel_tool_calls: StrictBool | None = None
+    json_whitespace: JsonWhitespace = None  # this server's extra (module docstring)
     stream_options: dict[str, Any] | None = None
     store: StrictBool | None = None
     previous_response_id: StrictStr | None = None
@@ -116,6 +123,7 @@ class ChatCompletionRequest(_Completion):
     parallel_tool_calls: StrictBool | None = None
     reasoning_effort: Any = None
     response_format: dict[str, Any] | None = None
+    json_whitespace: JsonWhitespace = None  # this server's extra (module docstring)
     # accepted and ignored
     metadata: dict[str, StrictStr] | None = None
     store: StrictBool | None = None

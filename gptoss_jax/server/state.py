@@ -31,8 +31,9 @@ class ServerState:
 
     @property
     def context(self) -> int:
-        """Tokens per sequence, prompt + output."""
-        return self.scheduler.max_len
+        """Tokens per sequence, prompt + output: the engine's context, or less where its KV
+        pool cannot hold a whole one (a request without a budget gets what fits)."""
+        return self.scheduler.context
 
 
 def state(request: Request) -> ServerState:

@@ -14,6 +14,14 @@ function of the client (a ``function_call`` item, as without tools), or a limit 
 * ``max_output_tokens`` (all model calls together) or the context: ``incomplete``,
   ``"max_output_tokens"``, as without tools.
 
+Every model call is held to the request's constraint (``text.format`` for the final answer,
+strict function arguments, custom tools' grammars, ``tool_choice``, with the hosted tools'
+recipients allowed): a forcing ``tool_choice`` holds for the first call, the calls after a tool
+has run use ``RequestConstraint.after_tool_call`` (``auto`` again; see
+``inference.constraints.request``). A JSON schema is shown to the model in the developer
+message's ``# Response Formats`` section in every prompt. A constraint that dead-ends ends the
+response ``failed`` (as without tools).
+
 Each model call after the first counts its prompt (with the tool results in it) in
 ``usage.input_tokens``; tool results are truncated to the server's budget (``build_tools``'s
 output limit) before the model sees them. The stored conversation (``previous_response_id``)
@@ -37,6 +45,8 @@ from fastapi.responses import JSONResponse
 from gptoss_jax.chat.encoding import ENDOFTEXT, harmony_encoding
 from gptoss_jax.chat.messages import Message
 from gptoss_jax.chat.render import from_harmony, render_harmony
+from gptoss_jax.chat.tokenizer import load_tokenizer
+from gptoss_jax.inference.constraints import RequestConstraint, splice_response_format
 from gptoss_jax.inference.sampling import SamplingParams
 from gptoss_jax.server import generation, stored
 from gptoss_jax.server.citations import Citations
@@ -44,7 +54,7 @@ from gptoss_jax.server.errors import APIError
 from gptoss_jax.server.generation import SSEResponse
 from gptoss_jax.server.reply import Op
 from gptoss_jax.server.response_output import ResponseRun, StreamEvents
-from gptoss_jax.server.scheduler import EngineError, Job
+from gptoss_jax.server.scheduler import ConstraintFailed, EngineError, Job
 from gptoss_jax.server.state import ServerState
 from gptoss_jax.tools import LoopDone, McpTool, Toolbox, ToolCallEvent, ToolResultEvent, run_tool_loop
 
@@ -82,6 +92,13 @@ def unlisted_servers(st: ServerState, previous_response_id: str | None, toolbox:
     return list(servers.values())
 
 
+def prompt_of(messages: list[oh.Message], response_format: str | None) -> list[int]:
+    """A model call's prompt: the conversation so far, with the ``# Response Formats`` section
+    (``RequestConstraint.developer_section``) ending its developer message."""
+    prompt = render_harmony(messages)
+    return splice_response_format(prompt, response_format, load_tokenizer()) if response_format else prompt
+
+
 def container_id(conversation_id: str) -> str:
     """The python tool's container for a conversation (its kernel, for a stateful backend)."""
     return "cntr_" + conversation_id.partition("_")[2]
@@ -91,8 +108,9 @@ class LoopedResponse:
     """One response generated through the tool loop; ``ops()`` yields its item operations."""
 
     def __init__(self, st: ServerState, run: ResponseRun, conversation: list[oh.Message], toolbox: Toolbox,
-                 sampling: SamplingParams, *, conversation_id: str):
+                 sampling: SamplingParams, *, conversation_id: str, constraint: RequestConstraint | None = None):
         self.st, self.run, self.conversation, self.sampling = st, run, conversation, sampling
+        self.constraint = constraint
         self.session = toolbox.session(conversation_id)
         self.citations = Citations(self.session.resolve_citations)
         self.new_messages: list[Message] = []  # the reply for the stored conversation
@@ -103,19 +121,27 @@ class LoopedResponse:
         self._rounds = 0
         self._out_of_context = False
 
+    def _constraint(self):
+        """The compiled constraint of the next model call (a forced choice only for the first)."""
+        rc = self.constraint
+        if rc is None:
+            return None
+        return rc.after_tool_call if self._rounds else rc.constraint
+
     async def _generate(self, messages: list[oh.Message], budget: int | None) -> AsyncIterator[int]:
-        prompt = render_harmony(messages)
+        prompt = prompt_of(messages, self.constraint.developer_section if self.constraint else None)
         room = self.st.context - len(prompt)
         n = room if budget is None else min(budget, room)
         if n < 1:
             self._out_of_context = True
             return
         tracker = self.run.tracker
+        constraint = self._constraint()
         if self._rounds:
             self.run.extra_input_tokens += len(prompt)
             tracker.next_round()
         self._rounds += 1
-        job = generation.submit(self.st, prompt, self.sampling, n)
+        job = generation.submit(self.st, prompt, self.sampling, n, constraint)
         self._job = job
         try:
             async for tok, finish in job.tokens():
@@ -213,6 +239,8 @@ async def _collect(looped: LoopedResponse, request: Request) -> None:
         await looped.aclose()
     try:
         runner.result()  # an engine error, or CancelledError for a client that left
+    except ConstraintFailed as e:  # the response fails; the server carries on
+        looped.run.fail(f"Generation failed: {e}")
     except EngineError as e:
         raise APIError(f"Generation failed: {e}", status=500, type="server_error", code="server_error") from None
 
@@ -227,7 +255,8 @@ async def _stream(looped: LoopedResponse, save) -> AsyncIterator[str]:
             for s in ev.ops(ops):
                 yield s
     except EngineError as e:
-        run.fail(f"Generation failed: {e}")
+        for s in ev.ops(run.fail(f"Generation failed: {e}")):
+            yield s
         yield ev.event("error", code="server_error", message=run.error["message"], param=None)
         yield ev.response("response.failed")
         return
@@ -239,9 +268,11 @@ async def _stream(looped: LoopedResponse, save) -> AsyncIterator[str]:
 
 async def respond(st: ServerState, run: ResponseRun, request: Request, conversation: list[oh.Message],
                   toolbox: Toolbox, sampling: SamplingParams, *, messages: list[Message],
-                  call_names: dict[str, str], conversation_id: str):
-    """The response to a request whose tools include built-in ones (plain JSON or a stream)."""
-    looped = LoopedResponse(st, run, conversation, toolbox, sampling, conversation_id=conversation_id)
+                  call_names: dict[str, str], conversation_id: str, constraint: RequestConstraint | None = None):
+    """The response to a request whose tools include built-in ones (plain JSON or a stream);
+    ``constraint``: the request's (``params.request_constraint``), held on every model call."""
+    looped = LoopedResponse(st, run, conversation, toolbox, sampling, conversation_id=conversation_id,
+                            constraint=constraint)
 
     def save():
         _save(st, run, looped, messages, call_names)

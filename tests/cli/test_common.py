@@ -103,3 +103,26 @@ def test_dtype_spellings():
         assert args.dtype == want
     with pytest.raises(common.UsageError, match="--dtype"):
         common.check_model_args(parser.parse_args(["--dtype", "int8"]))
+
+
+def test_with_heartbeats_pings_a_multihost_engine_while_a_tool_call_waits():
+    """A tool call longer than the followers' patience: the turn's event loop keeps pinging."""
+    import asyncio
+    import types
+
+    from gptoss_jax.cli.common import with_heartbeats
+
+    beats = []
+    engine = types.SimpleNamespace(channel=object(), heartbeat=lambda: beats.append(1))
+
+    async def tool_call():
+        await asyncio.sleep(0.35)
+        return "result"
+
+    assert asyncio.run(with_heartbeats(tool_call(), lambda: engine, every_s=0.05)) == "result"
+    assert len(beats) >= 4
+    n = len(beats)
+    single = types.SimpleNamespace(channel=None, heartbeat=lambda: beats.append(1))
+    assert asyncio.run(with_heartbeats(tool_call(), lambda: single, every_s=0.05)) == "result"
+    assert asyncio.run(with_heartbeats(tool_call(), lambda: None, every_s=0.05)) == "result"
+    assert len(beats) == n  # one process, or no engine yet: nothing to ping

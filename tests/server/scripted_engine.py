@@ -5,6 +5,13 @@
 reply after the prompt's ``<|start|>assistant``, as harmony text with special tokens) one token
 per decode step, honouring stop tokens and each job's budget. Tests pick the reply from what the
 prompt holds (the user's words, the last tool message), which a bigram checkpoint cannot.
+
+A job's output constraint (``submit(..., constraint=)``, the compiled grammar the server built)
+is enforced with its own llguidance matcher: each scripted token must be one the constraint
+allows, else the sequence dead-ends as the real engine's does when no token is allowed
+(``StepEvent(..., "error", error=...)``). The script is a model that writes nothing else, so a
+constraint shows as the replies it lets through and the ones it stops; ``job_constraints`` records
+what each job carried.
 """
 
 from __future__ import annotations
@@ -19,9 +26,10 @@ from gptoss_jax.inference.engine import StepEvent
 
 
 class _Seq:
-    def __init__(self, prompt, max_new_tokens, stop_tokens, script):
+    def __init__(self, prompt, max_new_tokens, stop_tokens, script, constraint):
         self.prompt, self.max_new_tokens, self.stop_tokens = prompt, max_new_tokens, stop_tokens
         self.script, self.tokens = script, []
+        self.matcher = constraint.matcher() if constraint is not None else None
 
 
 class ScriptedEngine:
@@ -35,6 +43,7 @@ class ScriptedEngine:
         self.batch_sizes: list[int] = []
         self.all_batch_sizes: list[int] = []
         self.prompts: list[list[int]] = []
+        self.job_constraints: list = []  # each job's compiled constraint (None: free)
         self.compile_s = 0.0
         self._next_id = 0
 
@@ -54,18 +63,24 @@ class ScriptedEngine:
             raise ValueError(f"prompt of {len(prompt)} tokens + max_new_tokens {max_new_tokens} "
                              f"exceeds the context of {self.max_len} tokens")
 
-    def submit(self, prompt, sampling=None, max_new_tokens=256, stop_tokens=(), **kw) -> int:
+    def submit(self, prompt, sampling=None, max_new_tokens=256, stop_tokens=(), constraint=None, **kw) -> int:
         self.check(prompt, max_new_tokens)
         self._next_id += 1
         self.prompts.append(list(prompt))
+        self.job_constraints.append(constraint)
         text = self.script_for(load_tokenizer().decode(prompt))
         script = list(harmony_encoding().encode(text, allowed_special="all"))
-        self.seqs[self._next_id] = _Seq(list(prompt), int(max_new_tokens), frozenset(stop_tokens), script)
+        self.seqs[self._next_id] = _Seq(list(prompt), int(max_new_tokens), frozenset(stop_tokens), script,
+                                        constraint)
         return self._next_id
 
     def _next(self, seq_id: int) -> StepEvent:
         seq = self.seqs[seq_id]
         tok = seq.script[len(seq.tokens)] if len(seq.tokens) < len(seq.script) else ENDOFTEXT
+        if seq.matcher is not None and not (seq.matcher.validate_tokens([tok]) == 1 and seq.matcher.consume_token(tok)):
+            del self.seqs[seq_id]
+            return StepEvent(seq_id, None, "error", 0, error=f"the constraint allows no scripted token "
+                                                             f"after {len(seq.tokens)} tokens")
         seq.tokens.append(tok)
         finish = ("stop" if tok in seq.stop_tokens
                   else "length" if len(seq.tokens) >= seq.max_new_tokens else None)

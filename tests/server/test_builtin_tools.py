@@ -36,7 +36,7 @@ def test_sorting():
     ([{"type": "web_search_preview"}], "tools[0].type", "--browser"),
     ([FN, {"type": "web_search", "search_context_size": "low"}], "tools[1].type", "--browser"),
     ([{"type": "browser_search"}], "tools[0].type", "--browser"),
-    ([CI, {"type": "file_search"}], "tools[1].type", "function tools only"),
+    ([CI, {"type": "file_search"}], "tools[1].type", "function and custom tools only"),
     ([CI, CI], "tools[1]", "second time"),
     ([{"type": "code_interpreter", "container": "cntr_1"}], "tools[0].container", "auto"),
     ([{"type": "code_interpreter"}], "tools[0].container", "auto"),

@@ -99,7 +99,7 @@ class ScriptedEngine:
     def idle(self):
         return not self.seqs
 
-    def submit(self, prompt, sampling, max_new_tokens, stop_tokens):
+    def submit(self, prompt, sampling, max_new_tokens, stop_tokens, constraint=None):  # replays, unconstrained
         seq_id = next(self._ids)
         self.prompts.append(list(prompt))
         self.seqs[seq_id] = {"script": script_for(list(prompt)), "out": [], "max": max_new_tokens,

@@ -12,7 +12,8 @@ error naming the parameter), ``schema`` (JSON Schema checks), ``grammar`` (the L
 ``batch`` (host masks per slot), ``mask`` (the device side), ``prompt`` (the developer
 message's ``# Response Formats`` section).
 
-Engine integration (how a decode loop uses this; see ``batch`` for the per-slot states):
+Engine integration (how a decode loop uses this; see ``batch`` for the per-slot states;
+``inference.slot_constraints`` and ``inference.engine`` implement it):
 
 * Before a slot is taken: ``from_responses(request)`` / ``from_chat(request)`` /
   ``generate_constraint(response_format)`` — a ``ConstraintError`` becomes a 400 with its

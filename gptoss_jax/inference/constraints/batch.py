@@ -167,16 +167,19 @@ class ConstraintBatch:
             self._errors[slot] = None
 
     # -- masks ---------------------------------------------------------------------------------
-    def fill(self, out: np.ndarray | None = None) -> np.ndarray:
-        """The next-token mask for every slot, int32 ``[slots, words]`` (into ``out`` if given)."""
+    def fill(self, out: np.ndarray | None = None, *, slots: Iterable[int] | None = None) -> np.ndarray:
+        """The next-token mask for every slot, int32 ``[slots, words]`` (into ``out`` if given).
+        ``slots``: compute only these rows (the others come back all ones), e.g. the slots a
+        prefill is about to sample."""
         if out is None:
             out = self._buffers[self._turn]
             self._turn ^= 1
         elif out.shape != (self.slots, self.words) or out.dtype != np.int32 or not out.flags.c_contiguous:
             raise ValueError(f"mask must be C-contiguous int32 {(self.slots, self.words)}, got "
                              f"{out.dtype} {out.shape}")
-        rows = [(m, s) for s, m in enumerate(self._matchers)
-                if m is not None and self._errors[s] is None]
+        wanted = range(self.slots) if slots is None else sorted(set(slots))
+        rows = [(self._matchers[s], s) for s in wanted
+                if self._matchers[s] is not None and self._errors[s] is None]
         out.fill(-1)
         if not rows:
             return out

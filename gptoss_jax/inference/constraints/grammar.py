@@ -26,7 +26,9 @@ Choices, each following harmony (openai/harmony ``docs/format.md``) or the gpt-o
   ``<|channel|>commentary to=functions.NAME`` with an optional `` code`` content type and no
   ``<|constrain|>``, its body following the tool's grammar.
 * Built-in tools (python, browser.*) are called on the analysis channel with a free body and
-  an optional content type (`` code``, ``<|constrain|>json``).
+  an optional content type (`` code``, ``<|constrain|>json``). Other namespaces of the system
+  message (an MCP server's tools) were not part of training: their calls may go to the analysis
+  or the commentary channel (the latter is where function calls go), both parsing the same.
 * With parallel calls, another call may follow a ``<|call|>`` (after ``<|start|>assistant`` and
   optional notes) if the engine keeps sampling; without, the turn is complete at the first.
 * Free text is ``/(?s:.*)/``: any text that is valid UTF-8; harmony's control tokens are special
@@ -116,9 +118,15 @@ def _tool_call(b: _Builder, i: int, tool: Tool) -> str:
     return name
 
 
+TRAINED_NAMESPACES = ("browser", "python")  # called on the analysis channel only
+
+
 def _builtin_call(b: _Builder, i: int, recipient: str) -> str:
     name = f"builtin_{i}"
-    b.rule(f"{name}_head: {_header('analysis', recipient)}")
+    channels = ["analysis"]
+    if recipient.partition(".")[0] not in TRAINED_NAMESPACES:
+        channels.append("commentary")
+    b.rule(f"{name}_head: {' | '.join(_header(c, recipient) for c in channels)}")
     b.rule(f'{name}: {name}_head (" " CONTENT_TYPE | " "? <|constrain|> CONTENT_TYPE)? '
            f"<|message|> TEXT <|call|>")
     return name

@@ -22,9 +22,19 @@ Semantics (OpenAI's API reference; vLLM where it is silent):
 * ``tool_choice``: ``none`` forbids every recipient (built-in tools too), ``auto`` allows a
   final answer or calls, ``required`` forces a call, a named function / custom tool forces that
   one, ``allowed_tools`` narrows the set (mode auto or required); a hosted tool type in
-  ``builtin_tools`` forces one of its recipients. ``parallel_tool_calls: false``: one call.
-* Hosted tools listed in ``tools`` (web_search, code_interpreter...) are the server's to map:
-  it passes the recipients this request enabled as ``builtin_tools`` ({type: recipients}).
+  ``builtin_tools`` (``{"type": "web_search_preview"}``, ``{"type": "code_interpreter"}``)
+  forces one of its recipients, ``{"type": "mcp", "server_label": L}`` one of that MCP server's
+  tools (``name``: that one). ``parallel_tool_calls: false``: one call.
+* Hosted tools listed in ``tools`` (web_search, code_interpreter, mcp...) are the server's to
+  map: it passes the recipients this request enabled as ``builtin_tools`` ({tool choice type:
+  recipients}; an MCP server under ``"mcp:" + server_label``).
+* A server that runs tools itself (the built-in tool loop) makes several model calls for one
+  response. A forcing ``tool_choice`` (``required``, a named tool, a hosted type) holds for the
+  first of them; once a tool has run the choice is ``auto`` again over the same tools
+  (``allowed_tools`` keeps its narrowed set), else every call would be forced to call again and
+  the loop could never answer: ``RequestConstraint.after_tool_call``. OpenAI's API reference is
+  silent on this; it is what OpenAI's Agents SDK does by default (``reset_tool_choice``). The
+  final answer's format and the tools' argument schemas hold on every call.
 * No constraint at all (``constraint`` None) when the final answer is free and no tool is
   declared: an unconstrained slot costs nothing.
 """
@@ -32,6 +42,7 @@ Semantics (OpenAI's API reference; vLLM where it is silent):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -82,11 +93,19 @@ class RequestConstraint:
     tools: tuple[Tool, ...]
     tool_choice: str
     developer_section: str | None
+    later: TurnSpec | None = None  # the turn once a tool has run, when tool_choice forced a call
 
     @property
     def custom_tools(self) -> frozenset[str]:
         """Names whose calls are ``custom_tool_call`` items (the rest are function calls)."""
         return frozenset(t.name for t in self.tools if t.kind == "custom")
+
+    @functools.cached_property
+    def after_tool_call(self) -> Constraint | None:
+        """The constraint of a model call made after a tool has run in the same response (a
+        server-side tool loop): ``constraint`` itself unless ``tool_choice`` forced a call, in
+        which case the choice is ``auto`` again (module docstring)."""
+        return self.constraint if self.later is None else compile_turn(self.later)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,6 +296,10 @@ def _named(entry: Mapping[str, Any], api: Api, param: str) -> tuple[str, str]:
         return kind, _string(_require(entry, "name", f"{param}.{kind}.name"), f"{param}.{kind}.name")
     if kind in ("function", "custom"):
         return kind, _string(_require(entry, "name", f"{param}.name"), f"{param}.name")
+    if kind == "mcp":
+        label = _string(_require(entry, "server_label", f"{param}.server_label"), f"{param}.server_label")
+        name = entry.get("name")
+        return f"mcp:{label}", "" if name is None else _string(name, f"{param}.name")
     return kind, ""
 
 
@@ -288,6 +311,21 @@ def _pick(kind: str, name: str, tools: tuple[Tool, ...], builtin: Mapping[str, t
             raise ConstraintError(f"Tool choice '{kind}' with name '{name}' not found in 'tools' "
                                   "parameter.", param=param)
         return hit, ()
+    if kind.startswith("mcp:"):
+        label = kind[4:]
+        if kind not in builtin:
+            raise ConstraintError(f"Tool choice 'mcp' with server_label '{label}' not found in "
+                                  "'tools' parameter.", param=f"{param}.server_label")
+        recipients = builtin[kind]
+        if name:
+            recipients = tuple(r for r in recipients if r.partition(".")[2] == name)
+            if not recipients:
+                raise ConstraintError(f"Tool choice 'mcp' names tool '{name}', which MCP server "
+                                      f"'{label}' does not offer.", param=f"{param}.name")
+        if not recipients:
+            raise ConstraintError(f"Tool choice 'mcp': MCP server '{label}' offers no tools.",
+                                  param=param)
+        return (), recipients
     if kind in builtin:
         return (), builtin[kind]
     raise ConstraintError(f"Tool choice '{kind}' not found in 'tools' parameter.", param=param)
@@ -295,26 +333,27 @@ def _pick(kind: str, name: str, tools: tuple[Tool, ...], builtin: Mapping[str, t
 
 def _tool_choice(choice: Any, api: Api, tools: tuple[Tool, ...],
                  builtin: Mapping[str, tuple[str, ...]]):
-    """(mode, callable tools, callable built-in recipients)."""
-    everything = tuple(r for rs in builtin.values() for r in rs)
+    """(mode, callable tools, callable built-in recipients, narrowed): ``narrowed`` when an
+    ``allowed_tools`` choice cut the set (it stays cut after a tool call)."""
+    everything = tuple(dict.fromkeys(r for rs in builtin.values() for r in rs))  # keys may alias
     choice = _plain(choice) if choice is not None else "auto"
     param = "tool_choice"
     if isinstance(choice, str):
         if choice not in ("none", "auto", "required"):
             raise _invalid(param, choice, ["none", "auto", "required"])
         if choice == "none":
-            return "none", (), ()
+            return "none", (), (), False
         if choice == "required" and not tools and not everything:
             raise ConstraintError("Invalid value for 'tool_choice': 'required' is only allowed "
                                   "when 'tools' are specified.", param=param)
-        return choice, tools, everything
+        return choice, tools, everything, False
     choice = _mapping(choice, param)
     kind = _require(choice, "type", f"{param}.type")
     if kind != "allowed_tools":
         if not tools and not everything:
             raise ConstraintError("Invalid value for 'tool_choice': 'tool_choice' is only "
                                   "allowed when 'tools' are specified.", param=param)
-        return ("required", *_pick(*_named(choice, api, param), tools, builtin, param))
+        return ("required", *_pick(*_named(choice, api, param), tools, builtin, param), False)
     spec = choice
     if api == "chat":
         spec = _mapping(_require(choice, "allowed_tools", f"{param}.allowed_tools"),
@@ -337,7 +376,7 @@ def _tool_choice(choice: Any, api: Api, tools: tuple[Tool, ...],
     if mode == "required" and not picked_tools and not picked_builtin:
         raise ConstraintError(f"Invalid value for '{param}.tools': mode 'required' needs at "
                               "least one tool.", param=f"{param}.tools")
-    return mode, tuple(picked_tools), tuple(picked_builtin)
+    return mode, tuple(picked_tools), tuple(picked_builtin), True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,15 +398,20 @@ def _build(final: Body, tools: tuple[Tool, ...], choice: Any, parallel: Any, api
            builtin_tools: Mapping[str, Sequence[str]], whitespace: Whitespace) -> RequestConstraint:
     builtin = _builtin(builtin_tools)
     parallel = _optional_bool(parallel, "parallel_tool_calls")
-    mode, callable_tools, callable_builtin = _tool_choice(choice, api, tools, builtin)
+    mode, callable_tools, callable_builtin, narrowed = _tool_choice(choice, api, tools, builtin)
     spec = TurnSpec(final=None if mode == "required" else final, tools=callable_tools,
                     parallel_calls=parallel is not False, builtin_recipients=callable_builtin,
                     whitespace=whitespace)
     declared = bool(tools) or any(builtin.values())
     constraint = compile_turn(spec) if declared or not isinstance(final, Text) else None
+    later = None
+    if mode == "required":  # after a tool call: auto over the same tools (narrowed ones stay so)
+        everything = tuple(dict.fromkeys(r for rs in builtin.values() for r in rs))
+        later = dataclasses.replace(spec, final=final, tools=callable_tools if narrowed else tools,
+                                    builtin_recipients=callable_builtin if narrowed else everything)
     section = (response_formats_section(final.name, final.schema, final.description)
                if isinstance(final, JsonSchema) else None)
-    return RequestConstraint(constraint, spec, tools, mode, section)
+    return RequestConstraint(constraint, spec, tools, mode, section, later)
 
 
 def from_responses(request: Any, *, builtin_tools: Mapping[str, Sequence[str]] | None = None,
@@ -401,7 +445,8 @@ def response_format_body(value: Any) -> Body:
     """A ``Body`` from what the Python API accepts as ``response_format``.
 
     A ``Body`` (``JsonSchema``, ``JsonObject``, ``Regex``, ``Lark``, ``Text``); a pydantic model
-    class (its JSON schema, strict); an OpenAI-style format dict (``{"type": "json_schema",
+    class (its JSON schema, strict, objects closed to extra keys unless the model says otherwise,
+    as the openai client's ``parse`` sends it); an OpenAI-style format dict (``{"type": "json_schema",
     ...}`` in either API's shape, ``{"type": "json_object"}``, ``{"type": "text"}``) or ours
     (``{"type": "regex", "pattern": ...}``, ``{"type": "lark", "definition": ...}``); any other
     dict, or JSON text of one, is a JSON Schema (strict).
@@ -410,7 +455,7 @@ def response_format_body(value: Any) -> Body:
         return value
     schema_of = getattr(value, "model_json_schema", None)
     if isinstance(value, type) and callable(schema_of):
-        return JsonSchema(schema_of(), strict=True, name=value.__name__)
+        return JsonSchema(_closed(schema_of()), strict=True, name=value.__name__)
     if isinstance(value, str):
         try:
             value = json.loads(value)
@@ -435,6 +480,18 @@ def response_format_body(value: Any) -> Body:
         return Lark(_string(_require(value, "definition", "response_format.definition"),
                             "response_format.definition"))
     return JsonSchema(dict(value), strict=True)
+
+
+def _closed(schema: Any) -> Any:
+    """``schema`` with ``additionalProperties: false`` on every object schema that does not say."""
+    if isinstance(schema, list):
+        return [_closed(s) for s in schema]
+    if not isinstance(schema, Mapping):
+        return schema
+    out = {k: _closed(v) for k, v in schema.items()}
+    if (out.get("type") == "object" or "properties" in out) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
 
 
 def generate_constraint(response_format: Any, *, harmony: bool = True,

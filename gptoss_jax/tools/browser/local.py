@@ -18,15 +18,18 @@ import dataclasses
 import pathlib
 import re
 import threading
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
-import bm25s
 import numpy as np
 import Stemmer
 
 from ..base import ToolSetupError
 from .backends import BackendError, BrowserBackend, SearchHit
 from .pages import Page, clean_text, html_to_page, source_page, text_to_page, wrap_lines
+
+if TYPE_CHECKING:
+    import bm25s
 
 SUFFIXES = (".txt", ".md", ".markdown", ".html", ".htm")
 _MARKER = re.compile(r"【\d+†([^†】]*)(?:†[^†】]*)?】")
@@ -39,8 +42,16 @@ def _plain(text: str) -> str:
     return _MARKER.sub(lambda m: m.group(1), text)
 
 
+def _bm25s():
+    # imported on first use, not with this module: importing bm25s runs a JAX computation (it
+    # probes jax.lax.top_k), which starts the XLA backend, and every CLI imports the tools
+    # before a multi-host run may call jax.distributed.initialize (it must come first)
+    import bm25s
+    return bm25s
+
+
 def _terms(texts: list[str]) -> list[list[str]]:
-    return bm25s.tokenize(texts, stopwords="en", stemmer=_STEMMER.stemWords, show_progress=False, return_ids=False)
+    return _bm25s().tokenize(texts, stopwords="en", stemmer=_STEMMER.stemWords, show_progress=False, return_ids=False)
 
 
 def load_page(path: pathlib.Path) -> Page:
@@ -63,7 +74,7 @@ class _Index:
     @classmethod
     def build(cls, root: pathlib.Path, files: list[pathlib.Path]) -> _Index:
         pages = [load_page(f) for f in files]
-        retriever = bm25s.BM25()
+        retriever = _bm25s().BM25()
         if pages:
             retriever.index(_terms([f"{p.title}\n{_plain(p.text)}" for p in pages]), show_progress=False)
         lines = [[_plain(line) for line in wrap_lines(p.text)] for p in pages]

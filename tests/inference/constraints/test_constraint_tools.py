@@ -15,7 +15,7 @@ import openai_harmony as oh
 import pytest
 from constraint_helpers import allowed_of, parse, run_turn
 
-from gptoss_jax.inference.constraints import ConstraintBatch, SlotState, from_chat, from_responses
+from gptoss_jax.inference.constraints import ConstraintBatch, ConstraintError, SlotState, from_chat, from_responses
 
 WEATHER = {"type": "object", "properties": {"location": {"type": "string"},
                                             "unit": {"enum": ["celsius", "fahrenheit"]}},
@@ -186,3 +186,55 @@ def test_strict_defaults_per_api(enc):
     chat = from_chat({"tools": [{"type": "function", "function": {"name": "get_time", "parameters": TIME}}]})
     assert accepts(responses, '{"tz":"UTC"}') and not accepts(responses, '{"x":1}')
     assert accepts(chat, '{"tz":"UTC"}') and accepts(chat, '{"x":1}') and not accepts(chat, "[1]")
+
+
+def _accepts(constraint, enc, text: str) -> bool:
+    ids = enc.encode(text, allowed_special="all")
+    m = constraint.matcher()
+    return m.validate_tokens(ids) == len(ids) and m.consume_tokens(ids) and m.is_accepting()
+
+
+MCP = {"mcp:calc": ["calc.add", "calc.mul"], "code_interpreter": ["python"]}
+PY = "<|channel|>analysis to=python code<|message|>print(1)<|call|>"
+FINAL_JSON = '<|channel|>final<|message|>{"n":1}<|return|>'
+
+
+def test_mcp_tool_choice_and_channels(enc):
+    rc = from_responses({"tools": [], "tool_choice": {"type": "mcp", "server_label": "calc", "name": "mul"}},
+                        builtin_tools=MCP)
+    assert rc.spec.builtin_recipients == ("calc.mul",) and rc.spec.final is None
+    for channel in ("analysis", "commentary"):  # untrained namespaces: either channel
+        call = f"<|channel|>{channel} to=calc.mul <|constrain|>json<|message|>{{}}<|call|>"
+        assert _accepts(rc.constraint, enc, call)
+    assert not _accepts(rc.constraint, enc, '<|channel|>commentary to=calc.add <|constrain|>json<|message|>{}<|call|>')
+    assert not _accepts(rc.constraint, enc, PY)
+    py = from_responses({"tool_choice": {"type": "code_interpreter"}}, builtin_tools=MCP)
+    assert _accepts(py.constraint, enc, PY)
+    assert not _accepts(py.constraint, enc, "<|channel|>commentary to=python code<|message|>print(1)<|call|>")
+    with pytest.raises(ConstraintError) as e:
+        from_responses({"tool_choice": {"type": "mcp", "server_label": "calc", "name": "div"}}, builtin_tools=MCP)
+    assert e.value.param == "tool_choice.name"
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "code_interpreter"},
+                                    {"type": "function", "name": "get_weather"}])
+def test_after_a_tool_call_the_choice_is_auto(enc, choice):
+    fmt = {"format": {"type": "json_schema", "name": "n", "strict": True,
+                      "schema": {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+                                 "additionalProperties": False}}}
+    rc = from_responses({"text": fmt, "tools": RESPONSES_TOOLS, "tool_choice": choice}, builtin_tools=MCP)
+    assert not _accepts(rc.constraint, enc, FINAL_JSON)  # the first call must call
+    later = rc.after_tool_call
+    assert _accepts(later, enc, FINAL_JSON) and _accepts(later, enc, PY)
+    assert not _accepts(later, enc, '<|channel|>final<|message|>{"n":"x"}<|return|>')  # text.format still holds
+    assert later is rc.after_tool_call  # compiled once
+    auto = from_responses({"text": fmt, "tools": RESPONSES_TOOLS}, builtin_tools=MCP)
+    assert auto.after_tool_call is auto.constraint
+
+
+def test_allowed_tools_stay_narrowed_after_a_tool_call(enc):
+    choice = {"type": "allowed_tools", "mode": "required", "tools": [{"type": "code_interpreter"}]}
+    rc = from_responses({"tools": RESPONSES_TOOLS, "tool_choice": choice}, builtin_tools=MCP)
+    later = rc.after_tool_call
+    assert later.spec.builtin_recipients == ("python",) and not later.spec.tools
+    assert _accepts(later, enc, "<|channel|>final<|message|>Done.<|return|>")
