@@ -12,13 +12,18 @@ runs) and the whole run keeps to ``--budget`` seconds (each case checks the time
   transpose by itself).
 * ``kernels``: both Pallas MXFP4 kernels against the jnp reference at gpt-oss-20b and -120b
   decode and prefill shapes (ragged groups, empty experts), max errors.
+* ``paged``: the Pallas paged attention kernel against a plain reference at gpt-oss's head
+  shapes (decode and prefill chunks, ragged page tables, partial pages, sliding and full
+  layers), next to the engine's XLA path: errors, both times, K/V bytes over time; then its
+  ``k_splits`` at decode (``bench/gpu_check_paged.py``).
 * ``tokens``: greedy tokens of a tiny random checkpoint here equal to a CPU-only run of the same
   (a subprocess with ``JAX_PLATFORMS=cpu``).
 * ``throughput``: decode tokens/s at batch 1 and 8 and prefill tokens/s with 20b and 120b layer
   shapes from random parameters made on the device, bytes moved per step and achieved GB/s next
   to each. By default 2 and 4 layers are run and the full depth extrapolated (per-layer cost
   from the difference, the rest from the intercept) to keep compiles short; ``--layers full``
-  runs the real depth.
+  runs the real depth. Each row names the paged attention path it ran; where the Pallas kernel
+  failed (in the ``paged`` section or in the engine) the row comes from the XLA path and says so.
 * ``memory``: does 120b with a 32k-token KV cache run on one device; peak_bytes_in_use.
 
 Times are device time from ``jax.experimental.mosaic.gpu.profiler.measure`` (CUPTI) where it
@@ -41,7 +46,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -56,14 +60,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import gpu_check_model as gm
+from bench.gpu_check_paged import section_paged, with_paged_fallback
+from bench.gpu_check_util import OutOfTime, error_stats, out_of_memory, timed
 from pallas_kernels import backend_available, common, grouped_mxfp4_matmul, grouped_mxfp4_matmul_reference, tuning
 from pallas_kernels.grouped_mxfp4 import backend_module
 
-SECTIONS = ("environment", "probes", "kernels", "tokens", "throughput", "memory")
+SECTIONS = ("environment", "probes", "kernels", "paged", "tokens", "throughput", "memory")
 # Shares of --budget: the most a section may take, and what is kept back for each later one.
-CAP = {"environment": 0.05, "probes": 0.26, "kernels": 0.2, "tokens": 0.15, "throughput": 0.3,
-       "memory": 0.37}
-FLOOR = {"environment": 0.01, "probes": 0.05, "kernels": 0.05, "tokens": 0.04,
+CAP = {"environment": 0.05, "probes": 0.24, "kernels": 0.2, "paged": 0.12, "tokens": 0.15,
+       "throughput": 0.3, "memory": 0.37}
+FLOOR = {"environment": 0.01, "probes": 0.05, "kernels": 0.05, "paged": 0.04, "tokens": 0.04,
          "throughput": 0.09, "memory": 0.19}
 BACKENDS = ("triton", "mosaic")
 MATMULS = {"gate_up": "swiglu", "down": "none"}
@@ -99,10 +105,6 @@ class Sizes:
                    16, 32768)
 
 
-class OutOfTime(Exception):
-    pass
-
-
 class Budget:
     def __init__(self, total_s: float, sections: list[str]):
         self.t0, self.total, self.sections, self.deadline = time.perf_counter(), total_s, sections, 0.0
@@ -119,30 +121,6 @@ class Budget:
             raise OutOfTime(f"time budget: {self.deadline - self.elapsed():.0f} s left")
 
 
-def timed(f, *args, iters: int, gpu: bool) -> dict:
-    """Median time of ``f(*args)`` after a warm-up (compile) call: device time by CUPTI on a
-    GPU where it works, else wall clock around ``block_until_ready``."""
-    jax.block_until_ready(f(*args))
-    note = None
-    if gpu:
-        try:
-            from jax.experimental.mosaic.gpu import profiler
-            _, ms = profiler.measure(f, iterations=iters)(*args)
-            ms = [ms] if not isinstance(ms, list) else ms
-            if ms and all(m is not None for m in ms):
-                return {"us": 1e3 * statistics.median(ms), "timing": "cupti"}
-            note = "measure saw no kernel"
-        except Exception as e:
-            note = f"{type(e).__name__}: {e}"[:300]
-    walls = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        walls.append(time.perf_counter() - t)
-    return {"us": 1e6 * statistics.median(walls), "timing": "wall",
-            **({"cupti_error": note} if note else {})}
-
-
 @dataclasses.dataclass
 class Ctx:
     args: argparse.Namespace
@@ -153,6 +131,8 @@ class Ctx:
     sm_count: int | None
     copy_gbps: float | None = None
     cases: dict = dataclasses.field(default_factory=dict)
+    # why the Pallas paged attention kernel is not used any more (it raised); None: it is
+    paged_kernel_error: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,15 +297,6 @@ def _mosaic_wrapper(ctx: Ctx, c: dict, p: common.Problem, cfg, row: dict) -> dic
             "frac_outside_kernel": 1 - t_kernel["us"] / wrapper_us, "timing": t_kernel["timing"]}
 
 
-def error_stats(out, ref, tol: float) -> dict:
-    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-    scale = max(float(np.max(np.abs(ref))), 1e-30)
-    err = float(np.max(np.abs(out - ref))) if out.size else 0.0
-    nonfinite = int(np.count_nonzero(~np.isfinite(out)))
-    return {"max_abs_err": err, "max_rel_err": err / scale, "ref_max_abs": scale,
-            "nonfinite": nonfinite, "ok": nonfinite == 0 and err / scale <= tol}
-
-
 def section_kernels(ctx: Ctx, out: dict) -> None:
     rows = out.setdefault("cases", [])
     out.update(tolerance_rel=1e-4, out_dtype="float32")
@@ -383,32 +354,42 @@ def _run_depth(ctx: Ctx, config, layers: int, out: dict) -> None:
     params = gm.random_params(cfg)
     out["layers"] = layers
     long_len = min(cfg.max_position_embeddings, 1 << (s.prompt_len + s.decode_steps + 2).bit_length())
+    pallas = gm.default_paged_attention() == "pallas"
     for batch in (1, 8):
         ctx.budget.check(5)
         plen = s.prompt_len if batch == 1 else 16 if not ctx.args.dry_run else 4
         max_len = long_len if batch == 1 else min(cfg.max_position_embeddings, 64)
-        eng, runtime = gm.make_engine(params, cfg, batch, max_len)
-        compile_s = gm.compile_engine(eng, plen, batch)
-        prompts = [[(7 * i + j) % cfg.vocab_size for j in range(plen)] for i in range(batch)]
-        t = time.perf_counter()
-        slots = gm.greedy(eng, prompts, s.decode_steps + 3)
-        prefill_s = time.perf_counter() - t
-        eng.step()  # the first decode step (compiled ahead) once before timing
-        t = time.perf_counter()
-        for _ in range(s.decode_steps):
-            eng.step()
-        step_s = (time.perf_counter() - t) / s.decode_steps
-        for seq_id in slots:
-            eng.cancel(seq_id)
-        row = {"compile_s": compile_s, "decode_step_s": step_s, "kv_len": max_len,
-               "decode_tokens_per_s": batch / step_s, "timing": "wall", "moe_runtime": runtime}
-        if batch == 1:
-            row.update(prefill_tokens=plen, prefill_s=prefill_s, prefill_tokens_per_s=plen / prefill_s)
-        out[f"batch{batch}"] = _with_bytes(ctx, cfg, row, step_s, batch, max_len,
-                                           row.get("prefill_s"), row.get("prefill_tokens", 0))
-        del eng
+        run = functools.partial(_run_batch, ctx, params, cfg, batch, plen, max_len)
+        out[f"batch{batch}"] = with_paged_fallback(ctx, run, pallas)
     del params
     gc.collect()
+
+
+def _run_batch(ctx: Ctx, params, cfg, batch: int, plen: int, max_len: int,
+               paged_attention: str | None) -> dict:
+    """One engine of ``batch`` slots: prefill ``batch`` prompts of ``plen`` tokens, then time
+    decode steps; the row with its bytes."""
+    s = ctx.sizes
+    eng, ops = gm.make_engine(params, cfg, batch, max_len, paged_attention)
+    compile_s = gm.compile_engine(eng, plen, batch)
+    prompts = [[(7 * i + j) % cfg.vocab_size for j in range(plen)] for i in range(batch)]
+    t = time.perf_counter()
+    slots = gm.greedy(eng, prompts, s.decode_steps + 3)
+    prefill_s = time.perf_counter() - t
+    eng.step()  # the first decode step (compiled ahead) once before timing
+    t = time.perf_counter()
+    for _ in range(s.decode_steps):
+        eng.step()
+    step_s = (time.perf_counter() - t) / s.decode_steps
+    for seq_id in slots:
+        eng.cancel(seq_id)
+    row = {"compile_s": compile_s, "decode_step_s": step_s, "kv_len": max_len,
+           "decode_tokens_per_s": batch / step_s, "timing": "wall",
+           "paged_attention": ops["paged_attention"], "ops": ops}
+    if batch == 1:
+        row.update(prefill_tokens=plen, prefill_s=prefill_s, prefill_tokens_per_s=plen / prefill_s)
+    return _with_bytes(ctx, cfg, row, step_s, batch, max_len, row.get("prefill_s"),
+                       row.get("prefill_tokens", 0))
 
 
 def _with_bytes(ctx: Ctx, config, row: dict, step_s: float, batch: int, kv_len: int,
@@ -453,7 +434,8 @@ def section_throughput(ctx: Ctx, out: dict) -> None:
                 step = extra(x1["decode_step_s"], x2["decode_step_s"])
                 pre = extra(x1["prefill_s"], x2["prefill_s"]) if b == 1 else None
                 row = {"decode_step_s": step, "decode_tokens_per_s": b / step if step > 0 else None,
-                       "kv_len": x2["kv_len"], "timing": "wall"}
+                       "kv_len": x2["kv_len"], "timing": "wall",
+                       "paged_attention": sorted({x1["paged_attention"], x2["paged_attention"]})}
                 if pre is not None:
                     row.update(prefill_tokens=x2["prefill_tokens"], prefill_s=pre,
                                prefill_tokens_per_s=x2["prefill_tokens"] / pre if pre > 0 else None)
@@ -477,14 +459,19 @@ def section_memory(ctx: Ctx, out: dict) -> None:
     try:
         params = jax.block_until_ready(gm.random_params(config, seed=1))
         out["param_bytes"] = gm.P.nbytes(params)
-        eng, _ = gm.make_engine(params, config, 1, max_len)
-        slots = gm.greedy(eng, [[3, 1, 4, 1, 5, 9, 2, 6] * 2], 4)
-        for _ in range(3):
-            eng.step()
-        eng.cancel(slots[0])
+
+        def run(paged_attention):
+            eng, ops = gm.make_engine(params, config, 1, max_len, paged_attention)
+            slots = gm.greedy(eng, [[3, 1, 4, 1, 5, 9, 2, 6] * 2], 4)
+            for _ in range(3):
+                eng.step()
+            eng.cancel(slots[0])
+            return {"paged_attention": ops["paged_attention"]}
+
+        out.update(with_paged_fallback(ctx, run, gm.default_paged_attention() == "pallas"))
         out.update(ran=True, fits=True)
     except Exception as e:
-        if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
+        if not out_of_memory(e):
             raise
         out.update(ran=False, fits=False, error=f"{type(e).__name__}: {e}"[:1000])
     stats = jax.devices()[0].memory_stats() or {}
@@ -516,7 +503,7 @@ def run(args) -> dict:
               "jaxlib": jaxlib.__version__, "device": dev.device_kind, "platform": dev.platform,
               "sections": {}}
     fns = {"environment": section_environment, "probes": section_probes,
-           "kernels": section_kernels, "tokens": section_tokens,
+           "kernels": section_kernels, "paged": section_paged, "tokens": section_tokens,
            "throughput": section_throughput, "memory": section_memory}
     if "environment" not in sections:  # the copy bandwidth that GB/s figures are read against
         try:
@@ -545,7 +532,13 @@ def summary(s: dict) -> dict:
     get = lambda name, *keys: functools.reduce(
         lambda d, k: d.get(k) if isinstance(d, dict) else None, keys, s.get(name))
     dq = get("probes", "dequant") or []
-    return {"kernels_ok": get("kernels", "all_ok"), "tokens_equal": get("tokens", "equal"),
+    fallbacks = [f"{m}/{r.get('layers')}/batch{b}" for m, e in (get("throughput", "models") or {}).items()
+                 for r in e.get("runs", []) for b in (1, 8)
+                 if "paged_attention_fallback" in r.get(f"batch{b}", {})]
+    return {"kernels_ok": get("kernels", "all_ok"), "paged_attention_ok": get("paged", "all_ok"),
+            "engine_paged_attention_fallbacks": fallbacks
+            + (["memory"] if get("memory", "paged_attention_fallback") else []),
+            "tokens_equal": get("tokens", "equal"),
             "fits_120b_with_kv": get("memory", "fits"),
             "dequant_bound": {f"{r['backend']}/{r['model']}/{r['regime']}": r.get("dequant_bound")
                               for r in dq},

@@ -19,6 +19,7 @@ from convert.random_weights import random_getter
 from convert.writer import write_checkpoint
 from gptoss_jax.model import params as P
 from gptoss_jax.model.config import TINY
+from gptoss_jax.ops.runtime import resolve
 
 
 def model_configs(dry: bool) -> dict:
@@ -64,15 +65,23 @@ def random_params(config, seed: int = 0) -> dict:
     return P.build(specs, leaf)
 
 
-def make_engine(params, config, max_batch: int, max_len: int):
-    """An engine over a model of ``params`` (ops resolved for this platform), and the table of
-    the paths it takes."""
+def make_engine(params, config, max_batch: int, max_len: int, paged_attention: str | None = None):
+    """An engine over a model of ``params`` (ops resolved for this platform; ``paged_attention``
+    forces that op's path, "xla" or "pallas"), and the table of the paths it takes."""
     model = gptoss_jax.Model(params=params, config=config)
+    if paged_attention is not None:
+        model = model.with_runtime(ops=dataclasses.replace(model.runtime.ops,
+                                                           paged_attention=paged_attention))
     # the whole batch prefilled in one step, as the throughput rows assume
     engine = gptoss_jax.Engine(model, max_batch=max_batch, max_len=max_len,
                                prefill_tokens=max_batch * max_len, max_prefill_rows=max_batch,
                                prefix_caching=False)
     return engine, model.runtime.ops.table()
+
+
+def default_paged_attention() -> str:
+    """The paged attention path an engine takes here unless forced ("pallas" or "xla")."""
+    return resolve(use_cpu_kernels=False).paged_attention
 
 
 def greedy_sampling():

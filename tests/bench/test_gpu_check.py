@@ -10,8 +10,10 @@ import math
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -105,8 +107,101 @@ def test_dry_run_throughput_figures_are_consistent(dry_run):
                 parts = x["bytes_breakdown"]
                 assert math.isclose(parts["total"], sum(v for k, v in parts.items() if k != "total"))
                 assert math.isclose(x["decode_GBps"], x["bytes_per_step"] / x["decode_step_s"] / 1e9)
+                # on a CPU the engine's paged attention is the XLA path; no fall-back happened
+                paths = x["paged_attention"] if run is entry else [x["paged_attention"]]
+                assert paths and all(p.startswith("xla") for p in paths), paths
+                assert "paged_attention_fallback" not in x
             if "note" not in run["batch1"]:
                 assert run["batch1"]["prefill_tokens_per_s"] > 0 and run["batch1"]["prefill_GBps"] > 0
+
+
+@pytest.mark.slow
+def test_dry_run_paged_attention(dry_run):
+    """The kernel (interpreted) and the XLA path both match the reference, on every case; the
+    figures are consistent with each other; the K/V byte counts match the pages counted by hand
+    (16-token pages of 8 kv heads x 64 bf16 for K and V = 32 KiB per page)."""
+    p = dry_run["sections"]["paged"]
+    assert p["status"] == "ok" and p["all_ok"] == {"pallas": True, "xla": True}
+    assert (p["kv_heads"], p["group"], p["head_dim"], p["page_size"]) == (8, 8, 64, 16)
+    assert {(r["regime"], r["window"]) for r in p["cases"]} == {
+        (g, w) for g in ("decode", "prefill") for w in (None, 128)}
+    tol = p["tolerance_rel"]
+    for r in p["cases"]:
+        for impl in ("pallas", "xla"):
+            x = r[impl]
+            assert "error" not in x, x
+            assert x["ok"] and x["nonfinite"] == 0 and x["padding_rows_zero"]
+            assert math.isclose(x["max_rel_err"], x["max_abs_err"] / x["ref_max_abs"])
+            assert 0 <= x["max_rel_err"] <= tol and x["ref_max_abs"] > 0.1
+            assert x["us"] > 0 and math.isclose(x["kv_GBps"], r["kv_bytes"] / x["us"] / 1e3)
+        assert math.isclose(r["kernel_speedup_vs_xla"], r["xla"]["us"] / r["pallas"]["us"])
+        # visible pages: position n - c .. n - 1 query; a window reaches back window - 1 keys
+        lens = dict(decode=((37, 1), (150, 1), (5, 1), (290, 1)), prefill=((290, 33), (40, 40)))
+        pages = sum((n - 1) // 16 + 1 - (0 if r["window"] is None else
+                                         max(n - c - r["window"] + 1, 0) // 16)
+                    for n, c in lens[r["regime"]])
+        assert r["kv_bytes"] == pages * 2 * 8 * 16 * 64 * 2
+    by = {(r["regime"], r["window"]): r["kv_bytes"] for r in p["cases"]}
+    assert by["decode", 128] < by["decode", None] and by["prefill", 128] < by["prefill", None]
+    sweep = p["k_splits_sweep"]
+    assert [r["k_splits"] for r in sweep] == [1] and "k_splits_sweep_stopped" not in p
+    for r in sweep:
+        assert "error" not in r and r["us"] > 0 and r["max_rel_err"] <= tol
+    assert dry_run["summary"]["paged_attention_ok"] == {"pallas": True, "xla": True}
+    assert dry_run["summary"]["engine_paged_attention_fallbacks"] == []
+
+
+def test_paged_kv_bytes_counts_the_visible_pages():
+    """Against a brute-force count: every page holding a key that some query of the row sees."""
+    from bench import gpu_check_paged as gp
+    rng = np.random.default_rng(3)
+    q_pos = np.full((5, 7), -1, np.int32)
+    for i, (n, c) in enumerate([(1, 1), (300, 7), (16, 3), (33, 1), (0, 0)]):
+        q_pos[i, :c] = np.arange(n - c, n)
+    q_pos = q_pos[rng.permutation(5)]
+    for window in (None, 5, 128):
+        seen = set()
+        for i, row in enumerate(q_pos):
+            for qp in row[row >= 0]:
+                for kp in range(qp + 1):
+                    if window is None or qp - kp < window:
+                        seen.add((i, kp // gp.PAGE))
+        assert gp.kv_bytes(q_pos, window) == len(seen) * 2 * gp.KV_HEADS * gp.PAGE * gp.HEAD_DIM * 2
+
+
+def test_engine_falls_back_to_the_xla_paged_attention():
+    """A failing Pallas path reruns on XLA and says why; later engines go straight to XLA; where
+    Pallas is not the platform's pick, or memory ran out, the error propagates."""
+    from bench import gpu_check_paged as gp
+    from bench.gpu_check_util import OutOfTime
+    calls = []
+
+    def run(impl):
+        calls.append(impl)
+        if impl is None:
+            raise RuntimeError("triton lowering failed")
+        return {"paged_attention": impl}
+
+    ctx = types.SimpleNamespace(paged_kernel_error=None)
+    row = gp.with_paged_fallback(ctx, run, pallas_default=True)
+    assert calls == [None, "xla"] and row["paged_attention"] == "xla"
+    assert row["paged_attention_fallback"]["from"] == "pallas"
+    assert "triton lowering failed" in row["paged_attention_fallback"]["reason"]
+    assert "triton lowering failed" in ctx.paged_kernel_error
+    calls.clear()
+    row = gp.with_paged_fallback(ctx, run, pallas_default=True)
+    assert calls == ["xla"] and "triton lowering failed" in row["paged_attention_fallback"]["reason"]
+    ctx.paged_kernel_error = None
+    with pytest.raises(RuntimeError):
+        gp.with_paged_fallback(ctx, run, pallas_default=False)
+    for error in (OutOfTime("budget"), RuntimeError("RESOURCE_EXHAUSTED: out of memory")):
+        def failing(impl, error=error):
+            raise error
+        with pytest.raises(type(error)):
+            gp.with_paged_fallback(ctx, failing, pallas_default=True)
+    assert ctx.paged_kernel_error is None
+    ok = gp.with_paged_fallback(ctx, lambda impl: {"paged_attention": "pallas:triton"}, True)
+    assert ok == {"paged_attention": "pallas:triton"}
 
 
 def test_step_bytes_of_gpt_oss_20b_by_hand():
@@ -136,6 +231,7 @@ def test_sections_are_isolated(monkeypatch, capsys):
     monkeypatch.setattr(gpu_check, "section_environment", lambda ctx, out: out.update(x=1))
     monkeypatch.setattr(gpu_check, "section_probes", lambda ctx, out: 1 / 0)
     monkeypatch.setattr(gpu_check, "section_kernels", kernels)
+    monkeypatch.setattr(gpu_check, "section_paged", lambda ctx, out: out.update(ran="paged"))
     monkeypatch.setattr(gpu_check, "section_tokens", lambda ctx, out: ctx.budget.check(1e9))
     for name in ("throughput", "memory"):
         monkeypatch.setattr(gpu_check, f"section_{name}", lambda ctx, out, n=name: out.update(ran=n))
