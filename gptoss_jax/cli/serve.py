@@ -3,8 +3,11 @@
     python -m gptoss_jax.serve --checkpoint openai/gpt-oss-20b --max-batch 16
     python -m gptoss_jax.serve --checkpoint DIR --port 0 --api-key secret   # any free port
 
-Routes: ``/v1/responses``, ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``,
-``/health``, ``/v1/stats``, ``/openapi.json`` (see :mod:`gptoss_jax.server`). Binds 127.0.0.1
+Routes: ``/v1/responses`` (+ retrieve, delete, input_items, cancel), ``/v1/chat/completions``,
+``/v1/completions``, ``/v1/models``, ``/health``, ``/v1/stats``, ``/openapi.json`` (see
+:mod:`gptoss_jax.server`). ``--model-name`` may be given several times (aliases; the first is
+the main id). ``--store PATH`` keeps stored responses in an SQLite file across restarts (default:
+in memory, the ``--store-size`` most recently used). Binds 127.0.0.1
 unless ``--host`` says otherwise; ``--api-key`` (or ``$GPTOSS_API_KEY``) is then required on
 every route. Every argument is checked before anything loads, and the port is bound before the
 model: a bad argument or a taken port is a one-line error and exit code 2 (``cli.common``).
@@ -33,6 +36,8 @@ from gptoss_jax.cli.common import UsageError
 from gptoss_jax.inference.engine import Engine
 from gptoss_jax.server import Scheduler, create_app
 from gptoss_jax.server.background import bind_socket
+from gptoss_jax.server.response_store import MemoryResponseStore
+from gptoss_jax.server.sqlite_store import SQLiteResponseStore, StoreFileError
 
 PROG = "python -m gptoss_jax.serve"
 API_KEY_ENV = "GPTOSS_API_KEY"
@@ -59,9 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not reuse the KV of prompt prefixes seen before")
     p.add_argument("--warmup", default="64,128",
                    help="comma-separated prompt lengths to compile before serving ('' = none)")
-    p.add_argument("--model-name", help="the model id clients use (default: the checkpoint's name)")
+    p.add_argument("--model-name", action="append",
+                   help="a model id clients use; repeat for aliases (default: the checkpoint's name)")
     p.add_argument("--api-key", help=f"require this bearer key (default: ${API_KEY_ENV}, if set)")
-    p.add_argument("--store-size", type=int, default=1000, help="stored responses kept in memory")
+    p.add_argument("--store", metavar="PATH",
+                   help="keep stored responses in this SQLite file, across restarts (default: in memory)")
+    p.add_argument("--store-size", type=int, default=1000,
+                   help="stored responses kept (the least recently used finished ones go first)")
     p.add_argument("--log-level", default="info", help="debug | info | warning | error")
     common.add_model_args(p)
     common.add_tool_args(p)
@@ -87,6 +96,10 @@ def check_args(args) -> None:
         raise UsageError(f"--warmup must be comma-separated integers, got {args.warmup!r}") from None
     if any(not 1 <= n < args.max_context for n in args.warmup):
         raise UsageError(f"--warmup lengths must be in [1, --max-context), got {args.warmup}")
+    if any(not name.strip() for name in args.model_name or ()):
+        raise UsageError("--model-name must not be empty")
+    if args.store is not None and os.path.isdir(args.store):
+        raise UsageError(f"--store {args.store!r} is a directory; give the SQLite file's path")
     if args.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise UsageError(f"--log-level must be debug, info, warning or error, got {args.log_level!r}")
 
@@ -117,15 +130,29 @@ def main(argv=None) -> int:
         mesh = common.setup_mesh(args)  # multi-host: connects the processes first
         leader = jax.process_index() == 0
         sock = _listen(args) if leader else None  # before loading: a taken port fails fast
-        toolbox = common.build_toolbox(args) if leader else None  # so does a tool backend
-        model = common.load_model(args, mesh=mesh, quiet=not leader)
-        engine = make_engine(args, model, common.channel_for(args))
-        if not leader:  # a follower runs the leader's steps until it stops
-            engine.follow()
-            return 0
-        return serve(args, sock, engine, common.tokenizer_for(model), api_key, toolbox)
+        store = open_store(args) if leader else None  # likewise a store file that cannot be used
+        try:
+            toolbox = common.build_toolbox(args) if leader else None  # so does a tool backend
+            model = common.load_model(args, mesh=mesh, quiet=not leader)
+            engine = make_engine(args, model, common.channel_for(args))
+            if not leader:  # a follower runs the leader's steps until it stops
+                engine.follow()
+                return 0
+            return serve(args, sock, engine, common.tokenizer_for(model), api_key, toolbox, store)
+        finally:
+            if store is not None:
+                store.close()
 
     return common.run(PROG, body)
+
+
+def open_store(args):
+    if args.store is None:
+        return MemoryResponseStore(args.store_size)
+    try:
+        return SQLiteResponseStore(args.store, max_size=args.store_size)
+    except StoreFileError as e:
+        raise UsageError(str(e)) from None
 
 
 def make_engine(args, model, channel=None) -> Engine:
@@ -135,15 +162,16 @@ def make_engine(args, model, channel=None) -> Engine:
                   prefix_caching=not args.no_prefix_caching, channel=channel)
 
 
-def serve(args, sock, engine, tokenizer, api_key: str | None, toolbox=None) -> int:
+def serve(args, sock, engine, tokenizer, api_key: str | None, toolbox=None, store=None) -> int:
     """Serve until interrupted (Ctrl-C is a normal stop: exit status 0); the app closes
-    ``toolbox`` at shutdown."""
-    name = args.model_name or model_name(args.checkpoint)
+    ``toolbox`` at shutdown. ``store``: where responses are kept (default: in memory)."""
+    names = args.model_name or [model_name(args.checkpoint)]
+    name = names[0]
     fatal: list[BaseException] = []
     scheduler = Scheduler(engine, warmup_lengths=args.warmup, on_fatal=lambda e: stop(e),
                           warmup_constrained=True)  # structured outputs: no compile on first use
-    app = create_app(scheduler, tokenizer, model_name=name, api_key=api_key, store_size=args.store_size,
-                     toolbox=toolbox)
+    app = create_app(scheduler, tokenizer, model_name=names, api_key=api_key, store_size=args.store_size,
+                     store=store, toolbox=toolbox)
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level.lower(), timeout_keep_alive=30))
 
     def stop(error: BaseException) -> None:
@@ -158,9 +186,11 @@ def serve(args, sock, engine, tokenizer, api_key: str | None, toolbox=None) -> i
     host, port = sock.getsockname()[:2]
     pool = engine.pages.pool.num_pages * engine.pages.page_size
     tools = f", tools {', '.join(toolbox.namespaces)}" if toolbox else ""
+    kept = f"responses in {args.store}" if args.store else "responses in memory"
+    aliases = f", also as {', '.join(names[1:])}" if len(names) > 1 else ""
     print(f"serving {name} on http://{host}:{port} (max batch {args.max_batch}, context "
-          f"{args.max_context}, KV pool {pool} tokens{', API key required' if api_key else ''}{tools})",
-          file=sys.stderr, flush=True)
+          f"{args.max_context}, KV pool {pool} tokens, {kept}{aliases}"
+          f"{', API key required' if api_key else ''}{tools})", file=sys.stderr, flush=True)
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:

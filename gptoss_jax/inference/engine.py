@@ -17,6 +17,17 @@ Its parts, one concern each:
   pages through their tables inside the compiled step (no per-step copy of the cache; fixed
   table shapes and power-of-two row and length buckets, so nothing recompiles per request);
   compiled with every state sharding pinned (``engine_state``), on any mesh;
+* sampling (``sampling.sample_step`` inside the step): every per-row setting is a host input
+  of the step, the penalties' history included (a :class:`Generation` keeps its distinct
+  prompt tokens and counts its output on the host; ``sampler_state.from_inputs`` rebuilds the
+  dense counts on the device only when some row has a penalty), so nothing about sampling
+  lives on the device between steps and a multi-host follower needs nothing but the inputs.
+  Logprobs come back for every row of a step where some sequence asked (the static
+  ``SampleMode.logprobs``; a step without them compiles and costs as before), and are kept
+  per token on that sequence (``Generation.logprobs``, ``StepEvent.logprob``);
+* ``n`` samples of one prompt: submit the copies together; the first prefills the prompt, the
+  others wait for it and reuse its pages from the prefix cache (``kv_schedule`` defers a
+  request whose prefix is being prefilled), prefilling only the last, partial page;
 * multi-host (``channel``): the leader sends each step's inputs to the followers before running
   it (``inference.multihost``), so every process runs the same steps on one sharded model;
 * constraints (``slot_constraints.SlotConstraints``; Structured Outputs, tool choice): a
@@ -55,8 +66,10 @@ from gptoss_jax.inference.kv_pages import (
     pool_pages_for_tokens,
 )
 from gptoss_jax.inference.kv_schedule import Chunk, Plan, Request, Scheduler
+from gptoss_jax.inference.logprobs import RowLogprob, StepLogprobs
 from gptoss_jax.inference.multihost import PeerLost
-from gptoss_jax.inference.sampling import SampleMode, SamplingParams
+from gptoss_jax.inference.sampler_state import MAX_BIAS, MAX_STOPS
+from gptoss_jax.inference.sampling import SampleMode, SamplingParams, row_settings
 from gptoss_jax.inference.slot_constraints import SlotConstraints
 from gptoss_jax.model.kv_cache import paged_layout
 
@@ -89,6 +102,8 @@ class Generation:
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     constraint: object = None  # a compiled inference.constraints.Constraint, or None
     error: str | None = None  # why, for "error" (the constraint dead-ended)
+    logprobs: list[RowLogprob] = dataclasses.field(default_factory=list)  # per token, if asked
+    _prompt_ids: np.ndarray | None = None  # the prompt's distinct tokens (for repetition_penalty)
 
     @property
     def id(self) -> int:
@@ -108,6 +123,16 @@ class Generation:
         """Prompt tokens whose KV came from the prefix cache (0 until admitted)."""
         return self.request.cached_tokens or 0
 
+    @property
+    def prompt_ids(self) -> np.ndarray:
+        if self._prompt_ids is None:
+            self._prompt_ids = np.unique(np.asarray(self.prompt, np.int32))
+        return self._prompt_ids
+
+    def output_counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """The output's distinct tokens and how often each occurred."""
+        return np.unique(np.asarray(self.tokens, np.int32), return_counts=True)
+
 
 class StepEvent(NamedTuple):
     id: int  # the sequence (``Engine.submit``'s return value)
@@ -115,6 +140,7 @@ class StepEvent(NamedTuple):
     finish_reason: str | None  # set on the sequence's last event: "stop" | "length" | "error"
     cached_tokens: int  # prompt tokens served from the prefix cache
     error: str | None = None  # why, for "error"
+    logprob: RowLogprob | None = None  # the token's, when the sequence asked for logprobs
 
 
 class Engine:
@@ -226,6 +252,12 @@ class Engine:
                                 f"exceeds the context of {self.max_len} tokens")
         self.pages.check_fits(len(prompt) + max_new_tokens, self.scheduler.prefill_tokens)
 
+    def _check_sampling(self, sampling: SamplingParams | None, stop_tokens) -> None:
+        """Raise ``ValueError`` unless ``sampling``'s extras fit this engine's row tables."""
+        stops = default_stop_tokens(self.config) if stop_tokens is None else stop_tokens
+        row_settings([sampling or SamplingParams()], [stops], vocab_size=self.config.vocab_size,
+                     max_stops=MAX_STOPS, max_bias=MAX_BIAS)
+
     def submit(self, prompt: Sequence[int], sampling: SamplingParams | None = None,
                max_new_tokens: int = 256, stop_tokens: Iterable[int] | None = None, *,
                salt: bytes = b"", constraint=None) -> int:
@@ -233,16 +265,19 @@ class Engine:
         separates prefix caches whose KV differs for the same tokens. ``constraint``: a compiled
         ``constraints.Constraint`` its output must follow (a whole-turn one starts after the
         prompt's last ``<|start|>assistant``). Raises ``ValueError`` / :class:`CapacityError`
-        (see :meth:`check`; also a constraint that cannot start on ``prompt``)."""
+        (see :meth:`check`; also a constraint that cannot start on ``prompt``, ``logit_bias``
+        outside the vocabulary or over :data:`MAX_BIAS` entries, or ``min_tokens`` with over
+        :data:`MAX_STOPS` stop tokens)."""
         prompt = [int(t) for t in prompt]
         self.check(prompt, max_new_tokens)
         if constraint is not None:
             self.constraints.check(constraint, prompt)
         stops = default_stop_tokens(self.config) if stop_tokens is None else stop_tokens
+        sampling = sampling or SamplingParams()
+        self._check_sampling(sampling, stops)
         req = Request(next(_ids), prompt, int(max_new_tokens), salt=salt)
         self.scheduler.submit(req)
-        self.seqs[req.id] = Generation(req, sampling or SamplingParams(), frozenset(stops),
-                                       constraint=constraint)
+        self.seqs[req.id] = Generation(req, sampling, frozenset(stops), constraint=constraint)
         return req.id
 
     def add(self, prompts: Sequence[Sequence[int]], samplings: Sequence[SamplingParams],
@@ -254,8 +289,9 @@ class Engine:
         from the next :meth:`step`. Nothing is submitted if one of them is refused
         (``ValueError``). ``constraints``: one compiled constraint or None per prompt."""
         constraints = list(constraints or [None] * len(prompts))
-        for p, m, c in zip(prompts, max_new_tokens, constraints):
+        for p, s, m, st, c in zip(prompts, samplings, max_new_tokens, stop_tokens, constraints):
             self.check(p, m)
+            self._check_sampling(s, st)
             if c is not None:
                 self.constraints.check(c, p)
         ids = [self.submit(p, s, m, st, constraint=c) for p, s, m, st, c in
@@ -291,18 +327,33 @@ class Engine:
         self.preemptions += len(plan.preempted)
         self._follow_slots(plan)
         sampled: dict[int, int] = {}
+        logprobs: dict[int, RowLogprob] = {}
         for chunks in self._prefill_calls(plan.prefill):
+            reqs = [c.request for c in chunks]
             masked = [(i, c.request.id) for i, c in enumerate(chunks) if c.samples]
-            tokens = self._run(self._prefill_inputs(chunks), [c.request for c in chunks],
-                               self._mask_fill(masked, _pow2(len(chunks))))
-            sampled.update((c.request.id, int(t)) for c, t in zip(chunks, tokens) if c.samples)
+            tokens, lp = self._run(self._prefill_inputs(chunks), reqs,
+                                   self._mask_fill(masked, _pow2(len(chunks))))
+            rows = [(i, c.request) for i, c in enumerate(chunks) if c.samples]
+            sampled.update((r.id, int(tokens[i])) for i, r in rows)
+            self._keep_logprobs(logprobs, lp, rows)
         if plan.decode:
             masked = [(r.slot, r.id) for r in plan.decode]
-            tokens = self._run(self._decode_inputs(plan.decode), plan.decode,
-                               self._mask_fill(masked, self.max_batch))
+            tokens, lp = self._run(self._decode_inputs(plan.decode), plan.decode,
+                                   self._mask_fill(masked, self.max_batch))
             sampled.update((r.id, int(tokens[r.slot])) for r in plan.decode)
+            self._keep_logprobs(logprobs, lp, [(r.slot, r) for r in plan.decode])
             self.batch_sizes.append(len(plan.decode))
-        return self._complete(plan, sampled)
+        return self._complete(plan, sampled, logprobs)
+
+    def _keep_logprobs(self, out: dict, lp: StepLogprobs | None, rows) -> None:
+        """The logprobs of the ``(row, request)`` pairs that asked for them, from a step's."""
+        if lp is None:
+            return
+        for i, r in rows:
+            k = self.seqs[r.id].sampling.logprobs
+            if k is not None:
+                out[r.id] = RowLogprob(float(lp.chosen[i]), tuple(lp.top_ids[i, :k].tolist()),
+                                       tuple(lp.top_logprobs[i, :k].tolist()))
 
     def _follow_slots(self, plan: Plan) -> None:
         """Matchers follow the slots: a preempted sequence gives its up, an admitted one gets a
@@ -322,12 +373,16 @@ class Engine:
             return None
         return lambda: self.constraints.fill(rows, num_rows)
 
-    def _complete(self, plan: Plan, sampled: dict[int, int]) -> list[StepEvent]:
+    def _complete(self, plan: Plan, sampled: dict[int, int],
+                  logprobs: dict[int, RowLogprob]) -> list[StepEvent]:
         self.scheduler.complete(plan, sampled)
         events = []
         for seq_id, token in sampled.items():
             gen = self.seqs[seq_id]
             gen.error = self.constraints.accept(seq_id, token)
+            logprob = logprobs.get(seq_id) if gen.error is None else None
+            if logprob is not None:
+                gen.logprobs.append(logprob)
             if gen.error is not None:  # a dead end: the token was noise, the sequence fails
                 gen.finish_reason, token = "error", None
                 gen.request.output.pop()
@@ -340,7 +395,7 @@ class Engine:
                 self.constraints.release(seq_id)
                 del self.seqs[seq_id]
             events.append(StepEvent(seq_id, token, gen.finish_reason, gen.cached_tokens,
-                                    gen.error))
+                                    gen.error, logprob))
         return events
 
     def _prefill_calls(self, chunks: list[Chunk]) -> list[list[Chunk]]:
@@ -351,10 +406,26 @@ class Engine:
         return [group[i:i + self.max_prefill_rows] for group in by_len.values()
                 for i in range(0, len(group), self.max_prefill_rows)]
 
-    def _rows(self, rows: int, length: int) -> dict:
-        """Host inputs of ``rows`` idle rows of ``length`` tokens (see
-        ``engine_state.STEP_INPUT_AXES``)."""
+    def _mode(self, reqs: list[Request]) -> SampleMode:
+        return SampleMode.of([self.seqs[r.id].sampling for r in reqs], self.config.vocab_size)
+
+    def _widths(self, mode: SampleMode, reqs: list[Request] = ()) -> dict:
+        """Widths of the extras' tables in a step of ``reqs`` (0 where no row needs one; the
+        history's rounded up to a :func:`bucket`, so few shapes compile)."""
+        out = prompt = 0
+        if mode.history:
+            gens = [self.seqs[r.id] for r in reqs]
+            out = bucket(max((len(set(g.tokens)) for g in gens), default=0))
+            if mode.repetition:
+                prompt = bucket(max((len(g.prompt_ids) for g in gens), default=0))
+        return {"stops": MAX_STOPS if mode.min_tokens else 0, "bias": mode.bias_width,
+                "out": out, "prompt": prompt}
+
+    def _rows(self, rows: int, length: int, widths: dict) -> dict:
+        """Host inputs of ``rows`` idle rows of ``length`` tokens, the extras' tables
+        ``widths`` wide (see ``engine_state.STEP_INPUT_AXES``)."""
         g, cols = len(self.pages.windows), self.pages.max_pages
+        table = lambda name, fill=-1, dt=np.int32: np.full((rows, widths[name]), fill, dt)
         return {"tokens": np.zeros((rows, length), np.int32),
                 "pos": np.full((rows, length), -1, np.int32),
                 "last": np.zeros((rows,), np.int32),
@@ -363,7 +434,12 @@ class Engine:
                 "top_k": np.zeros((rows,), np.int32), "top_p": np.ones((rows,), np.float32),
                 "min_p": np.zeros((rows,), np.float32),
                 "seed_lo": np.zeros((rows,), np.uint32), "seed_hi": np.zeros((rows,), np.uint32),
-                "step": np.zeros((rows,), np.int32)}
+                "step": np.zeros((rows,), np.int32),
+                "presence": np.zeros((rows,), np.float32), "frequency": np.zeros((rows,), np.float32),
+                "repetition": np.ones((rows,), np.float32), "min_tokens": np.zeros((rows,), np.int32),
+                "stop_ids": table("stops"), "bias_ids": table("bias"),
+                "bias": table("bias", 0, np.float32), "out_ids": table("out"),
+                "out_counts": table("out", 0), "prompt_ids": table("prompt")}
 
     def _set_row(self, x: dict, row: int, req: Request, start: int, end: int) -> None:
         """Row ``row`` computes ``req.tokens[start:end]`` and samples with ``req``'s settings."""
@@ -378,34 +454,52 @@ class Engine:
         x["top_k"][row] = min(s.top_k, self.config.vocab_size)
         x["seed_lo"][row], x["seed_hi"][row] = seed & 0xFFFFFFFF, seed >> 32
         x["step"][row] = len(req.output)
+        x["presence"][row], x["frequency"][row] = s.presence_penalty, s.frequency_penalty
+        x["repetition"][row], x["min_tokens"][row] = s.repetition_penalty, s.min_tokens
+        gen = self.seqs[req.id]
+        if x["stop_ids"].shape[1] and s.min_tokens:
+            stops = sorted(t for t in gen.stop_tokens if 0 <= t < self.config.vocab_size)
+            x["stop_ids"][row, :len(stops)] = stops
+        for j, (t, b) in enumerate(s.logit_bias[:x["bias"].shape[1]]):
+            x["bias_ids"][row, j], x["bias"][row, j] = t, b
+        if x["out_ids"].shape[1] and (s.presence_penalty or s.frequency_penalty
+                                      or s.repetition_penalty != 1):
+            ids, counts = gen.output_counts()
+            x["out_ids"][row, :len(ids)], x["out_counts"][row, :len(ids)] = ids, counts
+            if x["prompt_ids"].shape[1]:
+                x["prompt_ids"][row, :len(gen.prompt_ids)] = gen.prompt_ids
 
     def _prefill_inputs(self, chunks: list[Chunk]) -> dict:
-        x = self._rows(_pow2(len(chunks)), bucket(max(c.end - c.start for c in chunks)))
+        reqs = [c.request for c in chunks]
+        x = self._rows(_pow2(len(chunks)), bucket(max(c.end - c.start for c in chunks)),
+                       self._widths(self._mode(reqs), reqs))
         for i, c in enumerate(chunks):
             self._set_row(x, i, c.request, c.start, c.end)
         return x
 
     def _decode_inputs(self, reqs: list[Request]) -> dict:
-        x = self._rows(self.max_batch, 1)
+        x = self._rows(self.max_batch, 1, self._widths(self._mode(reqs), reqs))
         for r in reqs:
             self._set_row(x, r.slot, r, len(r.tokens) - 1, len(r.tokens))
         return x
 
-    def _run(self, inputs: dict, reqs: list[Request], fill: Callable | None = None) -> np.ndarray:
-        """One step on ``inputs``; ``fill`` (constrained rows) returns its mask."""
-        mode = SampleMode.of([self.seqs[r.id].sampling for r in reqs], self.config.vocab_size)
+    def _run(self, inputs: dict, reqs: list[Request],
+             fill: Callable | None = None) -> tuple[np.ndarray, StepLogprobs | None]:
+        """One step on ``inputs``: its tokens and logprobs (None unless some row asked);
+        ``fill`` (constrained rows) returns its mask."""
+        mode = self._mode(reqs)
         if fill is not None and self.channel is None:
             self.state, logits, placed = self.executables.forward(self.state, inputs)
             return self.executables.sample(logits, placed, fill(), mode)  # fill() overlaps
         if fill is not None:  # multi-host: the followers get the mask with the other inputs
             inputs["mask"] = fill()
         if self.channel is None:
-            self.state, tokens = self.executables.run(self.state, inputs, mode)
-            return tokens
+            self.state, tokens, lp = self.executables.run(self.state, inputs, mode)
+            return tokens, lp
         self.channel.send(mode, inputs)
         return self._run_guarded(mode, inputs)
 
-    def _run_guarded(self, mode: SampleMode, inputs: dict) -> np.ndarray:
+    def _run_guarded(self, mode: SampleMode, inputs: dict) -> tuple[np.ndarray, StepLogprobs | None]:
         """A multi-host step: its collectives wait on the other processes, so it runs under the
         channel's watchdog, and a failure is a lost process (``multihost.PeerLost``)."""
         key = self.executables.key(self.state, inputs, mode)
@@ -413,12 +507,12 @@ class Engine:
         self.channel.guard(key not in self._ran, "a model step")
         self._ran.add(key)
         try:
-            self.state, tokens = self.executables.run(self.state, inputs, mode)
+            self.state, tokens, lp = self.executables.run(self.state, inputs, mode)
         except Exception as e:
             raise PeerLost(f"a model step failed: {e}") from e
         finally:
             self.channel.done()
-        return tokens
+        return tokens, lp
 
     # -- warm-up, followers, reports ----------------------------------------------------------
     def compile(self, prompt_len: int, num_prompts: int = 1,
@@ -430,8 +524,9 @@ class Engine:
         mode = SampleMode.of([sampling or SamplingParams()], self.config.vocab_size)
         length = bucket(min(prompt_len, self.scheduler.prefill_tokens))
         rows = min(_pow2(num_prompts), self.max_prefill_rows)
+        widths = self._widths(mode)
         for shape in ((rows, length), (self.max_batch, 1)):
-            inputs = self._rows(*shape)
+            inputs = self._rows(*shape, widths)
             self.executables.get(self.state, inputs, mode)
             if not constrained:
                 continue

@@ -43,6 +43,17 @@ STEP_INPUT_AXES = {
     "seed_lo": ("batch",),  # [rows] uint32 low word of the request's seed
     "seed_hi": ("batch",),  # [rows] uint32 high word
     "step": ("batch",),  # [rows] int32 tokens the sequence has sampled before this one
+    # the sampling extras (``sampler_state.from_inputs``); tables are 0 wide when no row uses them
+    "presence": ("batch",),  # [rows] f32 presence_penalty
+    "frequency": ("batch",),  # [rows] f32 frequency_penalty
+    "repetition": ("batch",),  # [rows] f32 repetition_penalty, 1 = off
+    "min_tokens": ("batch",),  # [rows] int32 stop tokens masked while step < min_tokens
+    "stop_ids": ("batch", None),  # [rows, S] int32 stop tokens masked under min_tokens, -1 = unused
+    "bias_ids": ("batch", None),  # [rows, W] int32 logit_bias tokens, -1 = unused
+    "bias": ("batch", None),  # [rows, W] f32 their biases
+    "out_ids": ("batch", None),  # [rows, H] int32 distinct output tokens so far, -1 = unused
+    "out_counts": ("batch", None),  # [rows, H] int32 how often each occurred
+    "prompt_ids": ("batch", None),  # [rows, P] int32 distinct prompt tokens, -1 = unused
     # constrained steps only: [rows, ceil(vocab / 32)] int32 token bitmask (all ones = free row)
     "mask": ("batch", None),
 }
@@ -83,13 +94,14 @@ def replicated(mesh) -> NamedSharding:
 
 def step_shardings(params, state: EngineState, inputs: dict, mesh):
     """``(in_shardings, out_shardings)`` of a step ``(params, state, inputs) -> (state,
-    tokens)``; ``(None, None)`` without a mesh (one device: nothing to disagree on). The
+    tokens, logprobs)``; ``(None, None)`` without a mesh (one device: nothing to disagree on). The
     parameters keep the shardings they were loaded with."""
     if mesh is None:
         return None, None
     params_s = jax.tree.map(lambda a: a.sharding, params)
     state_s = state_shardings(state, mesh)
-    return (params_s, state_s, input_shardings(inputs, mesh)), (state_s, replicated(mesh))
+    return (params_s, state_s, input_shardings(inputs, mesh)), (state_s, replicated(mesh),
+                                                                 replicated(mesh))
 
 
 def place_inputs(inputs: dict, mesh) -> dict:

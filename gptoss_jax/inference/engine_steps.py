@@ -11,7 +11,11 @@ place. The parts are separate functions so that each can grow on its own:
 * :func:`forward_rows` -- the model over the rows, logits of each row's last token;
 * :func:`sample_rows` -- the sampling call site (one token per row from its settings; the
   randomness is ``fold_in(key(seed), step)``: a request's draw depends on its seed and on how
-  many tokens it has sampled, never on its row, its batch or a preemption in between).
+  many tokens it has sampled, never on its row, its batch or a preemption in between). The
+  extras (penalties, ``logit_bias``, ``min_tokens``) are row inputs too
+  (``sampler_state.from_inputs``), and logprobs are computed for every row when the static
+  ``SampleMode.logprobs`` says some row wants them; without it the step returns ``None`` in
+  their place and compiles to exactly the step without logprobs.
 
 A constrained step (Structured Outputs: ``inputs["mask"]``, the token bitmask the host's
 llguidance matchers fill) can run in two calls, :func:`forward_half` then :func:`sample_rows`
@@ -30,7 +34,8 @@ import jax.numpy as jnp
 from gptoss_jax.inference import engine_state
 from gptoss_jax.inference.constraints.mask import apply_token_mask
 from gptoss_jax.inference.engine_state import EngineState
-from gptoss_jax.inference.sampling import SampleMode, sample
+from gptoss_jax.inference.sampler_state import from_inputs
+from gptoss_jax.inference.sampling import SampleMode, sample_step
 from gptoss_jax.model import transformer as M
 from gptoss_jax.model.kv_cache import PagedCache
 
@@ -58,18 +63,21 @@ def row_keys(seed_lo, seed_hi, step):
 
 
 def sample_rows(logits, inputs: dict, mode: SampleMode, greedy=None):
-    """The sampling call site: one token per row from its settings (``mode`` static)."""
+    """The sampling call site: one token per row from its settings (``mode`` static); returns
+    the tokens and their ``StepLogprobs`` (None unless ``mode.logprobs``)."""
     keys = row_keys(inputs["seed_lo"], inputs["seed_hi"], inputs["step"])
     if "mask" in inputs:  # a constrained step: the argmax must be of the allowed tokens
         logits, greedy = apply_token_mask(logits, inputs["mask"]), None
-    return sample(logits, keys, inputs["temperature"], inputs["top_k"], inputs["top_p"],
-                  inputs["min_p"], mode=mode, greedy=greedy)
+    rows = from_inputs(inputs, logits.shape[-1], history=mode.history)
+    return sample_step(logits, rows, mode, keys=keys, greedy=greedy)
 
 
 def step(params, state: EngineState, inputs: dict, config, runtime, mode: SampleMode):
-    """``(state, tokens [rows])``: the rows through the model, then a token for each."""
+    """``(state, tokens [rows], logprobs)``: the rows through the model, then a token for each
+    (``logprobs``: ``StepLogprobs``, or None unless ``mode.logprobs``)."""
     logits, greedy, state = forward_rows(params, state, inputs, config, runtime)
-    return state, sample_rows(logits, inputs, mode, greedy)
+    tokens, logprobs = sample_rows(logits, inputs, mode, greedy)
+    return state, tokens, logprobs
 
 
 def forward_half(params, state: EngineState, inputs: dict, config, runtime):
@@ -120,10 +128,11 @@ class Executables:
         return exe
 
     def run(self, state: EngineState, inputs: dict, mode: SampleMode):
-        """``(state, tokens)`` of one step on host ``inputs`` (numpy); tokens as numpy."""
+        """``(state, tokens, logprobs)`` of one step on host ``inputs`` (numpy); tokens and
+        logprobs (None unless ``mode.logprobs``: only then are they copied) as numpy."""
         exe = self.get(state, inputs, mode)
-        state, tokens = exe(self.model.params, state, engine_state.place_inputs(inputs, self.mesh))
-        return state, jax.device_get(tokens)
+        state, tokens, lp = exe(self.model.params, state, engine_state.place_inputs(inputs, self.mesh))
+        return state, jax.device_get(tokens), None if lp is None else jax.device_get(lp)
 
     # -- a split step: the forward dispatched, the host fills the mask, then the sampling ------
     def _split(self, key: tuple, build):
@@ -143,7 +152,7 @@ class Executables:
 
         def build():
             ins, outs = engine_state.step_shardings(self.model.params, state, abstract, self.mesh)
-            kw = {} if ins is None else {"in_shardings": ins, "out_shardings": outs}
+            kw = {} if ins is None else {"in_shardings": ins, "out_shardings": outs[:2]}  # (state, logits)
             fn = jax.jit(forward_half, static_argnums=(3, 4), donate_argnums=(1,), **kw)
             return fn.lower(self.model.params, state, abstract, self.model.config,
                             self.model.runtime).compile()
@@ -174,8 +183,8 @@ class Executables:
         return state, logits, placed
 
     def sample(self, logits, placed: dict, mask, mode: SampleMode):
-        """The sampling half under the host's ``mask`` (numpy ``[rows, words]``); tokens as
-        numpy."""
+        """The sampling half under the host's ``mask`` (numpy ``[rows, words]``): tokens and
+        logprobs (None unless ``mode.logprobs``) as numpy."""
         inputs = dict(placed, mask=engine_state.place_inputs({"mask": mask}, self.mesh)["mask"])
         return jax.device_get(self.sample_exe(logits, inputs, mode)(logits, inputs))
 

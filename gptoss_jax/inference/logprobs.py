@@ -10,10 +10,11 @@ log-softmax: a logprob is ``logit - logsumexp``. :func:`top_k` finds the top ``k
 Its cost barely depends on ``k``, so the step computes the top 20 whenever a row wants any
 and the host keeps each row's ``k``.
 
-Host side: :class:`TokenBytes` gives a token's text and exact bytes (a token may hold part of a
-UTF-8 character: its text then carries U+FFFD, its bytes are exact; special tokens are their
-text), :func:`row_logprobs` turns one row of a step's output into a :class:`TokenLogprob`, and
-the ``*_json`` functions give OpenAI's shapes: chat completions / Responses ``{token,
+Host side: :class:`RowLogprob` is one token's values as the engine keeps them;
+:class:`TokenBytes` gives a token's text and exact bytes (a token may hold part of a UTF-8
+character: its text then carries U+FFFD, its bytes are exact; special tokens are their text),
+:func:`row_logprobs` turns one row of a step's output into a :class:`TokenLogprob`, and the
+``*_json`` functions give OpenAI's shapes: chat completions / Responses ``{token,
 logprob, bytes, top_logprobs}`` and the legacy completions object. Values below -9999 (a
 masked token's ``-inf``) are reported as -9999.0, as vLLM does, since JSON has no infinity.
 """
@@ -71,6 +72,14 @@ def token_logprobs(logits, tokens, *, top: int = 0) -> StepLogprobs:
         return StepLogprobs(chosen, jnp.zeros((b, 0), jnp.int32), jnp.zeros((b, 0), jnp.float32))
     values, ids = top_k(x, min(top, x.shape[-1]))
     return StepLogprobs(chosen, ids, values - lse[:, None])
+
+
+class RowLogprob(NamedTuple):
+    """One sampled token's logprob and its ``k`` best alternatives, on the host (what the
+    engine keeps per token of a sequence that asked for logprobs)."""
+    logprob: float
+    top_ids: tuple[int, ...]
+    top_logprobs: tuple[float, ...]
 
 
 class TokenBytes:

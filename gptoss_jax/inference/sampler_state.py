@@ -1,6 +1,6 @@
-"""Per-slot sampling state on the device, and the logit processors that read it.
+"""Per-row sampling state, and the logit processors that read it.
 
-One :class:`SamplerState` row per engine slot holds that sequence's sampling settings and the
+One :class:`SamplerState` row per sampled sequence holds that sequence's sampling settings and the
 history its penalties need, so one compiled step serves a batch of requests with different
 settings. The processors, in vLLM's order (``vllm/v1/sample/sampler.py``):
 
@@ -25,6 +25,14 @@ and the penalty one fused pass over the logits; the bitmask costs the same time 
 is admitted with a penalty, and only kept up to date while some row of the batch uses one: a
 row that uses none never reads it, and a row that uses one is admitted with a fresh history
 and keeps the flag on for as long as it runs.
+
+The paged engine keeps no sampler state on the device: each :class:`SamplerState` is built
+inside its compiled step by :func:`from_inputs` from that step's host inputs (a sequence's
+settings, and its history as its *distinct* tokens: ``out_ids`` / ``out_counts`` of the output,
+``prompt_ids`` of the prompt, the engine's ``Generation`` keeping them on the host). The inputs
+stay small (a row's distinct tokens, not ``[V]`` counts), every process of a multi-host mesh
+gets them with the step's other inputs, and preemption or a prefill row changes nothing. The
+dense counts and bitmask are rebuilt on the device only when ``history`` (static) is on.
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 
 BITS = 32  # tokens per prompt-bitmask word (llguidance's layout: bit t & 31 of word t >> 5)
+MAX_STOPS = 8  # stop tokens a row masks under min_tokens (the engine's table width)
+MAX_BIAS = 1024  # logit_bias entries a row holds (the engine's table width)
 
 
 class SamplerState(NamedTuple):
@@ -78,7 +88,8 @@ def prompt_words(vocab_size: int) -> int:
     return -(-vocab_size // BITS)
 
 
-def init_state(batch: int, vocab_size: int, *, max_stops: int = 8, max_bias: int = 1024) -> SamplerState:
+def init_state(batch: int, vocab_size: int, *, max_stops: int = MAX_STOPS,
+               max_bias: int = MAX_BIAS) -> SamplerState:
     """An all-idle state: greedy rows with no penalties. ``max_stops`` bounds a row's stop
     tokens (for ``min_tokens``), ``max_bias`` its ``logit_bias`` entries."""
     f32 = lambda v: jnp.full((batch,), v, jnp.float32)
@@ -145,6 +156,29 @@ def scatter_rows(state: SamplerState, slots, rows: SamplerState) -> SamplerState
             part = jnp.pad(part, ((0, 0), (0, full.shape[1] - part.shape[1])), constant_values=fill)
         return full.at[slots].set(part)
     return SamplerState(*(put(f, p) for f, p in zip(state, rows)))
+
+
+def from_inputs(inputs: dict, vocab_size: int, *, history: bool) -> SamplerState:
+    """The :class:`SamplerState` of one engine step's rows from its inputs (jittable; the names
+    and shapes of ``engine_state.STEP_INPUT_AXES``). ``key`` is left None (the engine draws with
+    its own ``row_keys``); the counts and the prompt bitmask are built only with ``history``."""
+    n = inputs["step"].shape[0]
+    if history:
+        ids = inputs["out_ids"]
+        counts = jnp.zeros((n, vocab_size), jnp.int32).at[
+            jnp.arange(n)[:, None], jnp.where(ids >= 0, ids, vocab_size)].add(
+                inputs["out_counts"], mode="drop")
+        prompt_ids = inputs["prompt_ids"]
+        prompt = _prompt_bitmask(jnp.maximum(prompt_ids, 0), jnp.sum(prompt_ids >= 0, axis=-1),
+                                 vocab_size)
+    else:
+        counts, prompt = jnp.zeros((n, 0), jnp.int32), jnp.zeros((n, 0), jnp.int32)
+    return SamplerState(
+        key=None, step=inputs["step"], temperature=inputs["temperature"], top_k=inputs["top_k"],
+        top_p=inputs["top_p"], min_p=inputs["min_p"], presence=inputs["presence"],
+        frequency=inputs["frequency"], repetition=inputs["repetition"],
+        min_tokens=inputs["min_tokens"], stop_ids=inputs["stop_ids"], bias_ids=inputs["bias_ids"],
+        bias=inputs["bias"], counts=counts, prompt=prompt)
 
 
 def process_logits(logits, state: SamplerState, *, penalties: bool = False, repetition: bool = False,

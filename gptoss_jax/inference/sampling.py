@@ -298,21 +298,26 @@ def draw(logits, keys, chunk: int = DRAW_CHUNK):
     return (c * chunk + j).astype(jnp.int32)
 
 
-def sample_step(logits, state: SamplerState, mode: SampleMode, *,
-                constrain=None) -> tuple[jax.Array, StepLogprobs | None]:
+def sample_step(logits, state: SamplerState, mode: SampleMode, *, constrain=None, keys=None,
+                greedy=None) -> tuple[jax.Array, StepLogprobs | None]:
     """One token per row of ``logits`` [b, v] with ``state``'s per-row settings (the pipeline
     of the module docstring). ``constrain`` (optional) maps logits to masked logits inside the
-    jit. Returns the tokens [b] int32 and, when ``mode.logprobs``, their :class:`StepLogprobs`
-    (else None). The caller then moves the state on with
-    :func:`gptoss_jax.inference.sampler_state.advance` (``history=mode.history``)."""
+    jit. ``keys`` [b]: the rows' PRNG keys for this step (default ``fold_in(state.key,
+    state.step)``); ``greedy`` [b]: the argmax of ``logits`` when the caller has it (used only
+    when no processor or constraint changes the logits). Returns the tokens [b] int32 and, when
+    ``mode.logprobs``, their :class:`StepLogprobs` (else None). The caller then moves the state
+    on with :func:`gptoss_jax.inference.sampler_state.advance` (``history=mode.history``), or
+    builds it afresh each step (the engine)."""
     if constrain is not None:
-        logits = constrain(logits)
+        logits, greedy = constrain(logits), None
     if mode.history or mode.bias_width or mode.min_tokens:
-        x = process_logits(logits, state, penalties=mode.penalties, repetition=mode.repetition,
-                           bias_width=mode.bias_width, min_tokens=mode.min_tokens)
+        x, greedy = process_logits(logits, state, penalties=mode.penalties, repetition=mode.repetition,
+                                   bias_width=mode.bias_width, min_tokens=mode.min_tokens), None
     else:
         x = logits
-    keys = jax.vmap(jax.random.fold_in)(state.key, state.step)
-    tokens = sample(x, keys, state.temperature, state.top_k, state.top_p, state.min_p, mode=mode)
+    if keys is None:
+        keys = jax.vmap(jax.random.fold_in)(state.key, state.step)
+    tokens = sample(x, keys, state.temperature, state.top_k, state.top_p, state.min_p, mode=mode,
+                    greedy=greedy)
     lp = token_logprobs(logits, tokens, top=mode.top_logprobs) if mode.logprobs else None
     return tokens, lp

@@ -1,22 +1,26 @@
 """``POST /v1/completions``: raw text continuation, no chat format.
 
 The prompt is text or token ids; the output is the generated tokens up to (not including) the
-stop token, decoded incrementally so a character split across tokens is never sent in halves.
-Greedy output equals ``gptoss_jax.generate`` for the same prompt tokens.
+stop token, decoded incrementally so a character split across tokens is never sent in halves
+(:class:`~gptoss_jax.server.choices.TextChoice`), and cut before a ``stop`` string. Greedy
+output equals ``gptoss_jax.generate`` for the same prompt tokens. ``n`` choices share one
+prefill; ``logprobs: N`` gives the legacy logprobs object (``tokens``, ``token_logprobs``,
+``top_logprobs``, ``text_offset``), per chunk while streaming.
 """
 
 from __future__ import annotations
 
-import codecs
 import time
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from gptoss_jax.chat.encoding import STOP_TOKENS
-from gptoss_jax.server import generation, params
+from gptoss_jax.inference.logprobs import TokenBytes, completion_logprobs_json
+from gptoss_jax.server import generation, params, request_sampling
+from gptoss_jax.server.choices import TextChoice
 from gptoss_jax.server.errors import APIError, unsupported
 from gptoss_jax.server.generation import SSEResponse, sse
+from gptoss_jax.server.openapi import STREAMING, errors
 from gptoss_jax.server.reply import new_id
 from gptoss_jax.server.schemas import CompletionRequest
 from gptoss_jax.server.state import ServerState, state
@@ -40,61 +44,51 @@ def _prompt_ids(st: ServerState, prompt) -> list[int]:
     return ids
 
 
-class _Text:
-    """Generated tokens -> text deltas, never splitting a UTF-8 character (the consumer of the
-    job, see ``server.generation``); its outputs are ``(delta, finish_reason)`` chunks."""
-
-    stopped = False  # raw text has no end of its own: the job's stop token ends it
-
-    def __init__(self, tokenizer):
-        self.tok, self.decoder = tokenizer, codecs.getincrementaldecoder("utf-8")("replace")
-        self.text, self.count = "", 0
-        self.finish_reason: str | None = None
-
-    def feed(self, token: int, finish: str | None) -> list[tuple[str, str | None]]:
-        self.count += 1
-        delta = ""
-        if not (finish == "stop" and token in STOP_TOKENS):
-            delta = self.decoder.decode(self.tok.decode_bytes([token]))
-        if finish is not None:
-            delta += self.decoder.decode(b"", final=True)
-            self.finish_reason = finish
-        self.text += delta
-        return [(delta, finish)] if delta or finish else []
-
-    def end(self, finish: str = "stop") -> list[tuple[str, str | None]]:
-        self.finish_reason = self.finish_reason or finish
-        return []
-
-
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses={**STREAMING, **errors(400, 404, 500, 503)})
 async def completions(req: CompletionRequest, request: Request):
     st = state(request)
     params.check_completion_params(req)
-    params.check_model(st, req.model)
+    model = params.model_of(st, req.model)
     prompt = _prompt_ids(st, req.prompt)
     max_new = params.token_budget(st, len(prompt), req.max_tokens, "max_tokens", "prompt")
+    n, stops = request_sampling.choices(st, req.n), request_sampling.stops(req.stop)
+    sampling = request_sampling.sampling(st, req, max_new_tokens=max_new, logprobs=req.logprobs)
     cid, created = new_id("cmpl", sep="-"), int(time.time())
-    text = _Text(st.tokenizer)
-    job = generation.submit(st, prompt, params.sampling_of(req.temperature, req.top_p, req.seed), max_new)
+    jobs = generation.submit_choices(st, prompt, sampling, max_new, n)
+    token_bytes = TokenBytes(st.tokenizer) if req.logprobs is not None else None
+    texts = [TextChoice(i, job, st.tokenizer, stops=stops, logprobs=req.logprobs, token_bytes=token_bytes,
+                        min_tokens=sampling.min_tokens) for i, job in enumerate(jobs)]
 
-    def body(choice_text: str, finish: str | None) -> dict:
-        return {"id": cid, "object": "text_completion", "created": created, "model": st.model_name,
-                "choices": [{"index": 0, "text": choice_text, "finish_reason": finish, "logprobs": None}]}
+    def logprobs(text: TextChoice, entries) -> dict | None:
+        if req.logprobs is None:
+            return None
+        out = completion_logprobs_json(entries, text_offset=text.offset)
+        text.offset += sum(len(e.token) for e in entries)
+        return out
+
+    def body(text: TextChoice, delta: str, finish: str | None, entries) -> dict:
+        return {"id": cid, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": text.index, "text": delta, "finish_reason": finish,
+                             "logprobs": logprobs(text, entries)}]}
 
     def usage() -> dict:
-        return generation.completion_usage(len(prompt), text.count, cached_tokens=job.cached_tokens)
+        return generation.completion_usage(len(prompt), sum(t.count for t in texts),
+                                           cached_tokens=generation.cached_tokens(jobs))
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         async def events():
-            async for chunks in generation.stream(job, text, st.scheduler):
+            merged = generation.merge([generation.stream(t.job, t, st.scheduler) for t in texts])
+            async for i, chunks in merged:
                 for delta, finish in chunks:
-                    yield sse(body(delta, finish))
+                    yield sse(body(texts[i], delta, finish, texts[i].take_logprobs()))
             if include_usage:
-                yield sse({**body("", None), "choices": [], "usage": usage()})
+                yield sse({"id": cid, "object": "text_completion", "created": created, "model": model,
+                           "choices": [], "usage": usage()})
 
-        return SSEResponse(generation.with_done(events()), on_close=lambda: st.scheduler.cancel(job))
-    await generation.collect(job, text, request, st.scheduler)
-    return JSONResponse({**body(text.text, text.finish_reason), "usage": usage()})
+        return SSEResponse(generation.with_done(events()), on_close=lambda: [st.scheduler.cancel(j) for j in jobs])
+    await generation.collect_all([(t.job, t) for t in texts], request, st.scheduler)
+    choices = [body(t, t.text, t.finish_reason, t.logprobs.entries)["choices"][0] for t in texts]
+    return JSONResponse({"id": cid, "object": "text_completion", "created": created, "model": model,
+                         "choices": choices, "usage": usage()})

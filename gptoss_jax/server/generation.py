@@ -5,12 +5,15 @@ Every endpoint does the same three things around its own output format:
 * ``submit(st, prompt, sampling, max_new_tokens, constraint)`` hands the job to the scheduler
   (the stop tokens are harmony's: ``<|return|>``, ``<|call|>``, ``<|endoftext|>``; the
   constraint, if any, is the request's compiled output rules from ``params.request_constraint``);
+  ``submit_choices`` hands it ``n`` jobs that share one prefill (the ``n`` choices of a
+  completion);
 * a **consumer** (``ReplyTracker`` for the chat formats, the completions' text decoder) takes
   ``feed(token, finish)``, says when it has ``stopped`` by itself (then the job is cancelled:
   the slot is free for the next request at once), and is closed by ``end()``;
 * ``collect`` runs the job to its end for a plain request, ``stream`` yields the consumer's
   outputs token by token for a streaming one, and ``SSEResponse`` sends them as server-sent
-  events, cancelling the job however the stream ends (a client that disconnects included).
+  events, cancelling the job however the stream ends (a client that disconnects included);
+  ``merge`` interleaves the streams of several choices as their tokens come.
 
 A failure inside the engine reaches a plain request as a 500 with OpenAI's error object, and a
 stream as the endpoint's own error event (``stream`` re-raises :class:`EngineError`). A
@@ -58,11 +61,7 @@ def submit(st: ServerState, prompt: list[int], sampling: SamplingParams, max_new
            constraint=None) -> Job:
     """Queue the job; a request the engine can never run (its context, or a KV pool too small
     for prompt + budget even alone) is a 400 at once."""
-    try:
-        return st.scheduler.submit(prompt, sampling, max_new_tokens, STOP_TOKENS, constraint)
-    except ValueError as e:
-        raise APIError(f"This request cannot be served: {e}", status=400,
-                       code="context_length_exceeded") from None
+    return submit_choices(st, prompt, sampling, max_new_tokens, 1, constraint)[0]
 
 
 def failure(e: EngineError) -> APIError:
@@ -73,6 +72,17 @@ def failure(e: EngineError) -> APIError:
                         code="service_unavailable")
     return APIError(f"Generation failed: {e}", status=500, type="server_error",
                     code="server_error")
+
+
+def submit_choices(st: ServerState, prompt: list[int], sampling: SamplingParams, max_new_tokens: int,
+                   n: int, constraint=None) -> list[Job]:
+    """``n`` jobs on one prompt (choice ``j`` samples with ``sampling.for_choice(j)``); a 400
+    as :func:`submit` for a request the engine can never run."""
+    try:
+        return st.scheduler.submit_choices(prompt, sampling, max_new_tokens, STOP_TOKENS, n, constraint)
+    except ValueError as e:
+        raise APIError(f"This request cannot be served: {e}", status=400,
+                       code="context_length_exceeded") from None
 
 
 async def _wait_job(job: Job, request: Request, scheduler: Scheduler,
@@ -120,6 +130,17 @@ async def collect(job: Job, consumer: Consumer, request: Request, scheduler: Sch
     consumer.end("stop")  # the job was cancelled (the output stopped itself) before it ended
 
 
+async def collect_all(choices: list[tuple[Job, Consumer]], request: Request, scheduler: Scheduler) -> None:
+    """``collect`` for several jobs at once (the choices of one request); if one fails, the
+    others are cancelled too (their slots freed) and the failure is raised."""
+    try:
+        await asyncio.gather(*(collect(job, consumer, request, scheduler) for job, consumer in choices))
+    except BaseException:
+        for job, _ in choices:
+            scheduler.cancel(job)
+        raise
+
+
 async def stream(job: Job, consumer: Consumer, scheduler: Scheduler) -> AsyncIterator[list[Any]]:
     """The consumer's outputs, token by token, ending with ``end()``'s. Raises EngineError."""
     async for tok, finish in job.tokens():
@@ -136,10 +157,47 @@ async def stream(job: Job, consumer: Consumer, scheduler: Scheduler) -> AsyncIte
         yield out
 
 
+async def merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, Any]]:
+    """``(index, item)`` from several streams as each produces them; an error in one ends all
+    (and is raised)."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, it: AsyncIterator[Any]) -> None:
+        try:
+            async for item in it:
+                await queue.put((i, item))
+        except BaseException as e:
+            await queue.put((i, e))
+        await queue.put((i, done))
+
+    tasks = [asyncio.ensure_future(pump(i, it)) for i, it in enumerate(streams)]
+    try:
+        left = len(tasks)
+        while left:
+            i, item = await queue.get()
+            if item is done:
+                left -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def cached_tokens(jobs: list[Job]) -> int:
+    """Prompt tokens the engine served from its prefix cache for a request: its first choice's
+    (the prompt is counted once, as ``prompt_tokens``; the other choices reuse the first's
+    pages, which is the prefill they share, not a cache hit of the request)."""
+    return jobs[0].cached_tokens if jobs else 0
+
+
 def completion_usage(prompt_len: int, completion_tokens: int, reasoning: int | None = None,
                      cached_tokens: int = 0) -> dict:
-    """The ``usage`` object of chat and text completions (``cached_tokens``: prompt tokens
-    whose KV came from the prefix cache)."""
+    """The ``usage`` object of chat and text completions (``completion_tokens``: all choices;
+    ``cached_tokens``: prompt tokens whose KV came from the prefix cache)."""
     out = {"prompt_tokens": prompt_len, "completion_tokens": completion_tokens,
            "total_tokens": prompt_len + completion_tokens,
            "prompt_tokens_details": {"cached_tokens": cached_tokens}}

@@ -2,7 +2,8 @@
 
 ``/health`` answers 200 once the scheduler has warmed up (503 while it starts or after it
 stopped), with the scheduler's counters; ``/v1/stats`` is those counters alone (decode
-batch-size histogram, requests, tokens, busy time).
+batch-size histogram, requests, tokens, free slots, busy time). ``/v1/models`` lists every id
+the server answers to (``--model-name`` may be given several times: aliases).
 """
 
 from __future__ import annotations
@@ -11,17 +12,18 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from gptoss_jax.server import params
+from gptoss_jax.server.openapi import errors
 from gptoss_jax.server.state import ServerState, state
 
 router = APIRouter()
 
 
-def _model_card(st: ServerState) -> dict:
-    return {"id": st.model_name, "object": "model", "created": st.created, "owned_by": "gptoss_jax",
+def _model_card(st: ServerState, name: str) -> dict:
+    return {"id": name, "object": "model", "created": st.created, "owned_by": "gptoss_jax",
             "max_context": st.context}
 
 
-@router.get("/health")
+@router.get("/health", responses=errors(503))
 async def health(request: Request):
     st = state(request)
     s = st.scheduler
@@ -38,11 +40,11 @@ async def stats(request: Request):
 
 @router.get("/v1/models")
 async def models(request: Request):
-    return {"object": "list", "data": [_model_card(state(request))]}
+    st = state(request)
+    return {"object": "list", "data": [_model_card(st, name) for name in st.model_names]}
 
 
-@router.get("/v1/models/{model_id:path}")
+@router.get("/v1/models/{model_id:path}", responses=errors(404))
 async def model(model_id: str, request: Request):
     st = state(request)
-    params.check_model(st, model_id)
-    return _model_card(st)
+    return _model_card(st, params.model_of(st, model_id))

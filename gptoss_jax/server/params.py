@@ -1,9 +1,12 @@
 """Request parameters that several endpoints check the same way, each check in one place.
 
-Unknown fields, parameters of OpenAI's API that this server does not implement (``n``,
-``stop``, logprobs, penalties: a 400 naming them unless they are at their "off" value), the
-model, the new-token budget against the context, sampling, reasoning effort, and the output
-constraint (format, tools, tool choice). Every failure is an
+Unknown fields, parameters of OpenAI's API that this server does not implement (audio,
+predictions, ``echo``...: a 400 naming them unless they are at their "off" value),
+``stream_options`` without ``stream``, the model (a blank or missing one is the served model;
+aliases), the new-token budget against the context, reasoning effort, and the output
+constraint (format, tools, tool choice). The sampling parameters (penalties, ``logit_bias``,
+``seed``, ``n``, ``stop``, logprobs, vLLM's extras) are read in
+:mod:`gptoss_jax.server.request_sampling`. Every failure is an
 :class:`~gptoss_jax.server.errors.APIError` whose ``param`` names the field.
 
 Per-request constraints start here: ``request_constraint`` is the one reader of a request's
@@ -12,21 +15,17 @@ structured-output and tool-choice fields.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from gptoss_jax.chat.render import EFFORTS
 from gptoss_jax.inference.constraints import ConstraintError, RequestConstraint, from_chat, from_responses
-from gptoss_jax.inference.sampling import SamplingParams
 from gptoss_jax.server.errors import APIError, unsupported
 from gptoss_jax.server.state import ServerState
 
 # Chat and text completions: parameter -> the value(s) that mean "off" (anything else: a 400).
 _OFF_VALUES = {
-    "stop": (None, [], ""), "logprobs": (None, False), "top_logprobs": (None, 0),
-    "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
-    "logit_bias": (None, {}), "audio": (None,), "prediction": (None,), "functions": (None,),
+    "audio": (None,), "prediction": (None,), "functions": (None,),
     "function_call": (None,), "web_search_options": (None,), "echo": (None, False),
     "suffix": (None, ""), "best_of": (None, 1),
 }
@@ -41,22 +40,40 @@ def check_extra(body, allowed_ignored: tuple[str, ...] = ()) -> None:
 
 
 def check_completion_params(req) -> None:
-    """The fields shared by chat and text completions: unknown ones, ``n``, and the parameters
-    this server does not implement."""
+    """The fields shared by chat and text completions: unknown ones, ``stream_options``, and
+    the parameters this server does not implement."""
     check_extra(req)
-    if req.stream_options is not None:
-        check_extra(req.stream_options)
-    if req.n not in (None, 1):
-        raise unsupported("n", "only n=1 is supported")
+    check_stream_options(req)
     for name, off in _OFF_VALUES.items():
         if name in type(req).model_fields and getattr(req, name) not in off:
             raise unsupported(name)
 
 
+def check_stream_options(req) -> None:
+    """``stream_options`` only with ``stream: true``, as OpenAI answers."""
+    if req.stream_options is None:
+        return
+    if req.stream is not True:
+        raise APIError("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                       param="stream_options", code="invalid_value")
+    if hasattr(req.stream_options, "model_extra"):
+        check_extra(req.stream_options)
+
+
+def model_of(st: ServerState, model: str | None) -> str:
+    """The served model's id for a request's ``model``: a blank or missing one means the served
+    model (its main id), an alias is itself; anything else is a 404."""
+    if model is None or model == "":
+        return st.model_name
+    if model not in st.model_names:
+        served = ", ".join(repr(n) for n in st.model_names)
+        raise APIError(f"The model {model!r} does not exist; this server serves {served}", status=404,
+                       param="model", code="model_not_found")
+    return model
+
+
 def check_model(st: ServerState, model: str | None) -> None:
-    if model is not None and model != st.model_name:
-        raise APIError(f"The model {model!r} does not exist; this server serves "
-                       f"{st.model_name!r}", status=404, param="model", code="model_not_found")
+    model_of(st, model)
 
 
 def token_budget(st: ServerState, prompt_len: int, requested: int | None, param: str,
@@ -77,13 +94,6 @@ def token_budget(st: ServerState, prompt_len: int, requested: int | None, param:
                        f"this server's context of {ctx} tokens (at most {ctx - prompt_len} "
                        f"more tokens fit)", param=param, code="context_length_exceeded")
     return requested
-
-
-def sampling_of(temperature: float | None, top_p: float | None, seed: int | None) -> SamplingParams:
-    """OpenAI's defaults (temperature 1, top_p 1); no seed: a fresh random one."""
-    return SamplingParams(temperature=1.0 if temperature is None else float(temperature),
-                          top_p=1.0 if top_p is None else float(top_p),
-                          seed=secrets.randbits(31) if seed is None else int(seed) % (1 << 31))
 
 
 def effort_of(value: Any, param: str) -> str:

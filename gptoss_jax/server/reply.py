@@ -65,6 +65,7 @@ class Item:
     result: Mapping[str, Any] | None = None  # built-in calls: the tool's item fields (ToolResult.item)
     display: str | None = None  # messages: the text shown when it differs (citations resolved)
     annotations: list[dict] = dataclasses.field(default_factory=list)
+    logprobs: list = dataclasses.field(default_factory=list)  # messages: TokenLogprob per token, if asked
 
     @property
     def builtin(self) -> bool:
@@ -77,6 +78,7 @@ class Op:
     item: Item
     text: str = ""  # delta: the new text
     annotations: tuple[dict, ...] = ()  # delta of a message: url citations the text holds
+    logprobs: tuple = ()  # delta of a message: its tokens' TokenLogprob, when the request asked
 
 
 TOOL_CALLS = ("function_call", "custom_tool_call")  # calls the client runs

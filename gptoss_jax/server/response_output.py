@@ -17,9 +17,13 @@ any moment. :class:`StreamEvents` turns the reply's item operations (``server.re
 
 and, on a decode failure (an engine error, or the request's output constraint dead-ending),
 ``error`` + ``response.failed`` (a plain request gets the response object with status ``failed``
-and its ``error``). A custom tool's call has ``response.custom_tool_call_input.delta`` / ``.done``
-where a function call has its arguments' events. Calls of built-in tools (the tool loop,
-:mod:`gptoss_jax.server.tool_loop`) have their own events::
+and its ``error``). A background response starts with ``response.created`` and
+``response.queued`` (status ``queued``); ``StreamEvents(recorded=[])`` also keeps each event's
+data, for the store (stream resumption). With logprobs asked, a message's ``output_text`` part
+and its delta / done events carry them. A custom tool's call has
+``response.custom_tool_call_input.delta`` / ``.done`` where a function call has its arguments'
+events. Calls of built-in tools (the tool loop, :mod:`gptoss_jax.server.tool_loop`) have their
+own events::
 
     code_interpreter_call: output_item.added, response.code_interpreter_call.in_progress,
         response.code_interpreter_call_code.delta*, response.code_interpreter_call_code.done,
@@ -43,6 +47,7 @@ from __future__ import annotations
 
 import time
 
+from gptoss_jax.inference.logprobs import chat_logprobs_json
 from gptoss_jax.server.generation import sse
 from gptoss_jax.server.reply import Item, Op, ReplyTracker, new_id
 from gptoss_jax.server.schemas import ResponsesRequest
@@ -67,9 +72,10 @@ def tool_json(tool: dict) -> dict:
             "parameters": fn.get("parameters"), "strict": fn.get("strict")}
 
 
-def _part(kind: str, text: str, annotations: list | None = None) -> dict:
+def _part(kind: str, text: str, annotations: list | None = None, logprobs=()) -> dict:
     if kind == "message":
-        return {"type": "output_text", "text": text, "annotations": list(annotations or []), "logprobs": []}
+        return {"type": "output_text", "text": text, "annotations": list(annotations or []),
+                "logprobs": chat_logprobs_json(logprobs)}
     return {"type": _CONTENT[kind][0], "text": text}
 
 
@@ -104,7 +110,7 @@ def item_json(item: Item, done: bool, *, include: frozenset[str] = frozenset(), 
         content = [_part("reasoning", item.text)] if done else []
         return {"type": "reasoning", "id": item.id, "summary": [], "content": content, "status": status}
     if item.kind == "message":
-        content = [_part("message", _shown(item), item.annotations)] if done else []
+        content = [_part("message", _shown(item), item.annotations, item.logprobs)] if done else []
         return {"type": "message", "id": item.id, "role": "assistant", "status": status,
                 "phase": item.phase, "content": content}
     if item.kind == "custom_tool_call":
@@ -137,7 +143,7 @@ class ResponseRun:
         self.created_at = int(time.time())
         self.completed_at: int | None = None
         self.tracker = tracker if tracker is not None else ReplyTracker(custom_tools=custom_tools)
-        self.status = "in_progress"
+        self.status = "queued" if req.background else "in_progress"
         self.error: dict | None = None
         self.incomplete_reason: str | None = None
         self.extra_input_tokens = 0
@@ -166,6 +172,12 @@ class ResponseRun:
         self.error = {"code": "server_error", "message": message}
         return ops
 
+    def cancel(self) -> None:
+        """A background response cancelled before it finished (its output so far is kept)."""
+        if self.status in ("queued", "in_progress"):
+            self.tracker.end("stop")
+            self.status = "cancelled"
+
     # -- the response object ------------------------------------------------------------------
     def usage(self) -> dict:
         t = self.tracker
@@ -184,9 +196,10 @@ class ResponseRun:
 
     def json(self) -> dict:
         req = self.req
-        done = self.status != "in_progress"
+        done = self.status not in ("queued", "in_progress")
         return {
             "id": self.id, "object": "response", "created_at": self.created_at,
+            "background": req.background is True,
             "completed_at": self.completed_at if self.status == "completed" else None,
             "status": self.status, "error": self.error,
             "incomplete_details": {"reason": self.incomplete_reason} if self.status == "incomplete" else None,
@@ -199,6 +212,7 @@ class ResponseRun:
             "store": req.store is not False,
             "temperature": 1.0 if req.temperature is None else req.temperature,
             "top_p": 1.0 if req.top_p is None else req.top_p,
+            "top_logprobs": req.top_logprobs or 0,
             "text": {"format": (req.text or {}).get("format") or {"type": "text"}},
             "tool_choice": req.tool_choice or "auto", "tools": self.tools,
             "truncation": req.truncation or "disabled", "usage": self.usage() if done else None,
@@ -209,12 +223,15 @@ class ResponseRun:
 class StreamEvents:
     """Item operations -> Responses API server-sent events, numbered in order."""
 
-    def __init__(self, run: ResponseRun):
+    def __init__(self, run: ResponseRun, recorded: list | None = None):
         self.run, self.seq, self.index = run, 0, {}
+        self.recorded = recorded  # each event's data is appended here too (None: not kept)
 
     def event(self, type: str, **fields) -> str:
         data = {"type": type, "sequence_number": self.seq, **fields}
         self.seq += 1
+        if self.recorded is not None:
+            self.recorded.append(data)
         return sse(data, event=type)
 
     def response(self, type: str) -> str:
@@ -228,7 +245,7 @@ class StreamEvents:
                 self.index[item.id] = len(self.index)
             at = {"item_id": item.id, "output_index": self.index[item.id]}
             content = _CONTENT.get(item.kind)
-            extra = {"logprobs": []} if item.kind == "message" else {}
+            extra = {"logprobs": chat_logprobs_json(op.logprobs)} if item.kind == "message" else {}
             custom = item.kind == "custom_tool_call"
             if item.builtin:
                 out += self._builtin(op, at)
@@ -253,10 +270,11 @@ class StreamEvents:
             elif op.kind == "close":
                 if content:
                     text = _shown(item)
+                    done_extra = {"logprobs": chat_logprobs_json(item.logprobs)} if item.kind == "message" else {}
                     out.append(self.event(f"{content[1]}.done", **at, content_index=0, text=text,
-                                          **extra))
+                                          **done_extra))
                     out.append(self.event("response.content_part.done", **at, content_index=0,
-                                          part=_part(item.kind, text, item.annotations)))
+                                          part=_part(item.kind, text, item.annotations, item.logprobs)))
                 elif custom:
                     out.append(self.event("response.custom_tool_call_input.done", **at, input=item.text))
                 else:

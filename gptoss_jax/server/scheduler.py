@@ -11,6 +11,12 @@ and, between two engine steps,
 2. runs one engine step (decodes, prefill chunks, admissions: continuous batching is the
    engine's) and hands each job its tokens with ``loop.call_soon_threadsafe``.
 
+The ``n`` choices of one request (:meth:`Scheduler.submit_choices`) are one job each, handed
+to the engine together: the first prefills the prompt and the others reuse its pages from the
+engine's prefix cache; choice ``j`` samples with ``sampling.for_choice(j)``. A job hands its
+tokens to the event loop with their logprobs (``Job.logprobs``, when the request asked) and
+the prompt tokens the engine served from its cache (``Job.cached_tokens``).
+
 A failure inside the engine ends every job in flight with an :class:`EngineError` (the engine
 recovers its state) and the thread keeps serving. A lost multi-host process
 (``multihost.PeerLost`` from a step or an idle heartbeat, or the step watchdog calling
@@ -77,6 +83,9 @@ class Job:
     id: int = dataclasses.field(default_factory=lambda: next(_ids))
     submitted_at: float = dataclasses.field(default_factory=time.perf_counter)
     cached_tokens: int = 0  # prompt tokens served from the engine's prefix cache
+    choice: int = 0  # its index among the n choices of one request
+    # event-loop state, filled as tokens() yields
+    logprobs: list = dataclasses.field(default_factory=list)  # RowLogprob | None per token
     # scheduler-thread state
     seq_id: int | None = None  # the engine's id while it runs
     cancelled: bool = False
@@ -84,15 +93,18 @@ class Job:
 
     async def tokens(self) -> AsyncIterator[tuple[int, str | None]]:
         """``(token, finish_reason)`` pairs; ``finish_reason`` is set on the last token
-        ("stop" | "length"). Raises :class:`EngineError` if the engine failed."""
+        ("stop" | "length"). ``logprobs[-1]`` is the yielded token's (None unless asked).
+        Raises :class:`EngineError` if the engine failed."""
         while True:
             item = await self.queue.get()
             if isinstance(item, BaseException):
                 raise item
             if item is None:  # cancelled by the server before a token came
                 return
-            yield item
-            if item[1] is not None:
+            token, finish, logprob = item
+            self.logprobs.append(logprob)
+            yield token, finish
+            if finish is not None:
                 return
 
 
@@ -134,13 +146,24 @@ class Scheduler:
         """Queue a job. Raises ``ValueError`` at once for a request the engine can never run
         (``engine.check``: context, vocabulary, KV pool), :class:`EngineError` when the
         scheduler is not running."""
+        return self.submit_choices(prompt, sampling, max_new_tokens, stop_tokens, 1, constraint)[0]
+
+    def submit_choices(self, prompt: Sequence[int], sampling: SamplingParams, max_new_tokens: int,
+                       stop_tokens, n: int, constraint=None) -> list[Job]:
+        """``n`` jobs on one prompt, handed to the engine together (one prefill, the others
+        reuse its pages); choice ``j`` samples with ``sampling.for_choice(j)``; each follows
+        ``constraint`` (its own matcher in the engine)."""
         if not self.alive:
             raise EngineError("the generation thread is not running")
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
         self.engine.check(prompt, max_new_tokens)  # reads only the engine's fixed limits
-        job = Job(list(prompt), sampling, int(max_new_tokens), frozenset(stop_tokens),
-                  asyncio.get_running_loop(), constraint=constraint)
-        self._inbox.put(("submit", job))
-        return job
+        loop = asyncio.get_running_loop()
+        jobs = [Job(list(prompt), sampling.for_choice(j) if n > 1 else sampling, int(max_new_tokens),
+                    frozenset(stop_tokens), loop, choice=j, constraint=constraint) for j in range(n)]
+        for job in jobs:
+            self._inbox.put(("submit", job))
+        return jobs
 
     def cancel(self, job: Job) -> None:
         """Stop generating for ``job`` (its pages are freed before the next step)."""
@@ -309,8 +332,9 @@ class Scheduler:
             self._finish(job, EngineError(f"the request could not start: {e}"))
             return
         self._jobs[job.seq_id] = job
-        with self._lock:
-            self._counts["prompt_tokens"] += len(job.prompt)
+        if job.choice == 0:  # the n choices of a request share one prompt
+            with self._lock:
+                self._counts["prompt_tokens"] += len(job.prompt)
 
     def _emit(self, job: Job, ev) -> None:
         if job.cached_tokens != ev.cached_tokens:
@@ -325,7 +349,7 @@ class Scheduler:
             return
         with self._lock:
             self._counts["generated_tokens"] += 1
-        self._deliver(job, (int(ev.token), ev.finish_reason))
+        self._deliver(job, (int(ev.token), ev.finish_reason, getattr(ev, "logprob", None)))
         if ev.finish_reason is not None:
             self._jobs.pop(job.seq_id, None)
             job.seq_id, job.done = None, True

@@ -48,7 +48,7 @@ from gptoss_jax.chat.render import from_harmony, render_harmony
 from gptoss_jax.chat.tokenizer import load_tokenizer
 from gptoss_jax.inference.constraints import RequestConstraint, splice_response_format
 from gptoss_jax.inference.sampling import SamplingParams
-from gptoss_jax.server import generation
+from gptoss_jax.server import generation, stored
 from gptoss_jax.server.citations import Citations
 from gptoss_jax.server.errors import APIError
 from gptoss_jax.server.generation import SSEResponse
@@ -56,7 +56,6 @@ from gptoss_jax.server.reply import Op
 from gptoss_jax.server.response_output import ResponseRun, StreamEvents
 from gptoss_jax.server.scheduler import ConstraintFailed, EngineError, Job
 from gptoss_jax.server.state import ServerState
-from gptoss_jax.server.store import StoredResponse
 from gptoss_jax.tools import LoopDone, McpTool, Toolbox, ToolCallEvent, ToolResultEvent, run_tool_loop
 
 _CALL_LIMITS = ("max_tool_calls", "max_tool_iterations")
@@ -212,7 +211,8 @@ def _save(st: ServerState, run: ResponseRun, looped: LoopedResponse, messages: l
     if run.req.store is False or run.status not in ("completed", "incomplete"):
         return
     names = {**call_names, **{i.call_id: i.name for i in run.tracker.tool_calls}}
-    st.store.put(run.id, StoredResponse(run.json(), tuple(messages + looped.new_messages), names))
+    st.store.put(stored.record(run.json(), stored.input_items(run.req.input),
+                               messages + looped.new_messages, names))
 
 
 async def _collect(looped: LoopedResponse, request: Request) -> None:

@@ -22,7 +22,8 @@ from gptoss_jax.chat.tokenizer import load_tokenizer
 from gptoss_jax.inference.engine import StepEvent
 from gptoss_jax.server import Scheduler, create_app
 from gptoss_jax.server.background import BackgroundServer
-from gptoss_jax.server.store import MemoryStore
+from gptoss_jax.server.response_store import MemoryResponseStore
+from gptoss_jax.server.stored import messages_of
 
 KEY = "test-key"
 MODEL = "stub-oss"
@@ -134,7 +135,7 @@ class ScriptedEngine:
 
 @pytest.fixture(scope="module")
 def stub():
-    engine, store = ScriptedEngine(), MemoryStore()
+    engine, store = ScriptedEngine(), MemoryResponseStore()
     app = create_app(Scheduler(engine), load_tokenizer(), model_name=MODEL, api_key=KEY, store=store)
     server = BackgroundServer(app).start()
     yield types.SimpleNamespace(url=server.url, engine=engine, store=store)
@@ -209,7 +210,7 @@ def test_function_tool_round_trip_responses(client, stub):
     # the app's store holds the conversation, the reply included, and the call's name
     saved = stub.store.get(r1.id)
     assert saved.response["id"] == r1.id and saved.call_names[call.call_id] == "get_weather"
-    assert saved.conversation[-1] == harmony.Message(
+    assert messages_of(saved)[-1] == harmony.Message(
         "assistant", thinking="The user wants the weather. Call get_weather.",
         tool_calls=(harmony.ToolCall("get_weather", ARGS),))
     assert stub.store.get(client.responses.create(model=MODEL, input="Say hello", store=False).id) is None

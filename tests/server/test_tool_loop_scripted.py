@@ -44,15 +44,15 @@ DOCS = {"bm25.md": "# BM25 ranking\n\nBM25 ranks documents by term frequency and
 
 
 class RecordingEngine:
-    """The slot engine, recording every prompt it is given."""
+    """The engine, recording every prompt it is given (the scheduler submits them one by one)."""
 
     def __init__(self, engine):
         self.engine = engine
         self.prompts: list[list[int]] = []
 
-    def add(self, prompts, *args, **kwargs):
-        self.prompts.extend(list(map(int, p)) for p in prompts)
-        return self.engine.add(prompts, *args, **kwargs)
+    def submit(self, prompt, *args, **kwargs):
+        self.prompts.append(list(map(int, prompt)))
+        return self.engine.submit(prompt, *args, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self.engine, name)
