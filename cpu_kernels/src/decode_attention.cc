@@ -11,10 +11,10 @@
 // bit patterns (uint16), the layout XLA's decode reads too, each slot with its position;
 // GptossPagedDecodeAttention reads a pool of pages [pages, kv_heads, page_size, h] through each
 // row's page table, only the positions its query sees (0 .. q_pos, or the window's), so a short
-// context reads only its own pages. Each (row, kv head) is one task that reads its keys and values once
-// (XLA pads the query heads to 8 rows and runs two batched matmuls plus the masked softmax as
-// separate passes). Scores for 16 keys are summed together (simd.h: Sum16). AVX-512 only (the
-// BF16 branch adds nothing here); on other CPUs the XLA path runs.
+// context reads only its own pages. Each (row, kv head) is one task that reads its keys and
+// values once (XLA pads the query heads to 8 rows and runs two batched matmuls plus the masked
+// softmax as separate passes). Scores for 16 keys are summed together (simd.h: Sum16). AVX-512
+// only (the BF16 branch adds nothing here); on other CPUs the XLA path runs.
 
 #include <immintrin.h>
 
@@ -115,8 +115,8 @@ struct PagedKeys {
 constexpr int kMaxG = 16;     // query heads per KV head
 constexpr int kMaxPieces = 8;  // h <= 128
 
-// One (row, kv head) over its keys ``keys`` (DenseKeys or PagedKeys; kc/vc: where key offset 0
-// is); P = pieces of 16 in h (static, so a key's pieces and the value accumulators stay in
+// One (row, kv head) over its keys ``keys_at`` (DenseKeys or PagedKeys; kc/vc: where key offset
+// 0 is); P = pieces of 16 in h (static, so a key's pieces and the value accumulators stay in
 // registers).
 template <int P, class Keys>
 void Task(const Problem& p, int64_t row, int64_t head, const Keys& keys_at, const uint16_t* kc,
