@@ -38,10 +38,11 @@ class Kernel:
     symbol: str  # the handler the library exports
     cpu_flags: tuple[str, ...]  # /proc/cpuinfo flags it needs
     extra_flags: tuple[str, ...] = ()
+    name: str | None = None  # the FFI target's suffix where a library exports several handlers
 
     @property
     def target(self) -> str:  # the FFI target name
-        return "gptoss_" + self.source.split(".")[0]
+        return "gptoss_" + (self.name or self.source.split(".")[0])
 
 
 KERNELS = {
@@ -62,6 +63,10 @@ KERNELS = {
         ("decode_attention", "GptossDecodeAttention",
          ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma")),
     )},
+    # the same library's handler for a paged KV pool read through page tables
+    "paged_decode_attention": Kernel("decode_attention.cc", "GptossPagedDecodeAttention",
+                                     ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"),
+                                     ("-mno-avx512f",), name="paged_decode_attention"),
 }
 
 

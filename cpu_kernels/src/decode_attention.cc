@@ -7,11 +7,14 @@
 //              m = max(max_j s[g, j], sink[g]);  p rounded to bf16, as the XLA path does
 //   out[g]   = sum_j p[g, j] v[j]
 //
-// The cache is stored [b, kv_heads, slots, h] as bf16 bit patterns (uint16), the layout XLA's
-// decode reads too; here each (row, kv head) is one task that reads its keys and values once
-// (XLA pads the query heads to 8 rows and runs two batched matmuls plus the masked softmax as
-// separate passes). Scores for 16 keys are summed together (simd.h: Sum16). AVX-512 only (the
-// BF16 branch adds nothing here); on other CPUs the XLA path runs.
+// Two handlers: GptossDecodeAttention reads a dense cache stored [b, kv_heads, slots, h] as bf16
+// bit patterns (uint16), the layout XLA's decode reads too, each slot with its position;
+// GptossPagedDecodeAttention reads a pool of pages [pages, kv_heads, page_size, h] through each
+// row's page table, only the positions its query sees (0 .. q_pos, or the window's), so a short
+// context reads only its own pages. Each (row, kv head) is one task that reads its keys and
+// values once (XLA pads the query heads to 8 rows and runs two batched matmuls plus the masked
+// softmax as separate passes). Scores for 16 keys are summed together (simd.h: Sum16). AVX-512
+// only (the BF16 branch adds nothing here); on other CPUs the XLA path runs.
 
 #include <immintrin.h>
 
@@ -71,29 +74,57 @@ inline __m512 RoundBf16(__m512 x) {
 
 struct Problem {
   const uint16_t* q;  // [b, kh, g, h] bf16
-  const uint16_t* k;  // [b, kh, s, h] bf16 bits
+  const uint16_t* k;  // dense: [b, kh, s, h] bf16 bits; paged: the pool [pages, kh, s, h]
   const uint16_t* v;
   const int32_t* q_pos;  // [b]
-  const int32_t* k_pos;  // [b, s]
+  const int32_t* k_pos;  // dense: [b, s]; paged: unused (a key's position is its slot)
+  const int32_t* table;  // paged: [b, cols] page ids; dense: unused
   const float* sinks;    // [kh, g]
   int64_t b, kh, g, s, h, window;
   float* out;  // [b, kh, g, h]
+  int64_t pages = 0, cols = 0;  // paged: pool pages and table columns (s: the page size)
+};
+
+// A task's keys in the dense cache: slot j of the row's [s, h] block, at position k_pos[j].
+struct DenseKeys {
+  const int32_t* pos;
+  int64_t n, h;
+  int64_t count() const { return n; }
+  __m512i Positions(int64_t j0, __mmask16 keys) const {
+    return _mm512_maskz_loadu_epi32(keys, pos + j0);
+  }
+  int64_t Offset(int64_t j) const { return j * h; }
+};
+
+// A task's keys through a page table: key j is position first + j (those the query sees:
+// first = max(0, q_pos - window + 1) .. q_pos), in page table[p / s] at slot p % s. The offsets
+// are worked out once per task (no division per key); a page id outside the pool reads page 0
+// rather than past the buffer.
+struct PagedKeys {
+  const int64_t* offsets;  // [n] element offsets into the pool, relative to the head's page 0
+  int64_t first, n;
+  int64_t count() const { return n; }
+  __m512i Positions(int64_t j0, __mmask16) const {
+    return _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(first + j0)),
+                            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14,
+                                              15));
+  }
+  int64_t Offset(int64_t j) const { return offsets[j]; }
 };
 
 constexpr int kMaxG = 16;     // query heads per KV head
 constexpr int kMaxPieces = 8;  // h <= 128
 
-// One (row, kv head); P = pieces of 16 in h (static, so a key's pieces and the value
-// accumulators stay in registers).
-template <int P>
-void Task(const Problem& p, int64_t row, int64_t head, std::vector<float>& scores) {
+// One (row, kv head) over its keys ``keys_at`` (DenseKeys or PagedKeys; kc/vc: where key offset
+// 0 is); P = pieces of 16 in h (static, so a key's pieces and the value accumulators stay in
+// registers).
+template <int P, class Keys>
+void Task(const Problem& p, int64_t row, int64_t head, const Keys& keys_at, const uint16_t* kc,
+          const uint16_t* vc, std::vector<float>& scores) {
   constexpr int64_t pieces = P;
-  const int64_t g_n = p.g, h = p.h, s_n = p.s;
+  const int64_t g_n = p.g, h = p.h, s_n = keys_at.count();
   const __mmask16 tail = static_cast<__mmask16>(h % 16 == 0 ? 0xFFFF : (1u << (h % 16)) - 1);
   auto live = [&](int64_t c) { return c == pieces - 1 ? tail : static_cast<__mmask16>(0xFFFF); };
-  const uint16_t* kc = p.k + (row * p.kh + head) * s_n * h;
-  const uint16_t* vc = p.v + (row * p.kh + head) * s_n * h;
-  const int32_t* kp = p.k_pos + row * s_n;
   const int32_t qp = p.q_pos[row];
   const float scale = 1.0f / std::sqrt(static_cast<float>(h));
   __m512 q[kMaxG][P];
@@ -106,7 +137,7 @@ void Task(const Problem& p, int64_t row, int64_t head, std::vector<float>& score
   for (int64_t j0 = 0; j0 < s_n; j0 += 16) {
     const int n = static_cast<int>(std::min<int64_t>(16, s_n - j0));
     const __mmask16 keys = static_cast<__mmask16>(n == 16 ? 0xFFFF : (1u << n) - 1);
-    const __m512i pos = _mm512_maskz_loadu_epi32(keys, kp + j0);
+    const __m512i pos = keys_at.Positions(j0, keys);
     __mmask16 ok = keys & _mm512_cmpge_epi32_mask(pos, _mm512_setzero_si512()) &
                    _mm512_cmple_epi32_mask(pos, _mm512_set1_epi32(qp));
     if (p.window > 0)
@@ -119,7 +150,7 @@ void Task(const Problem& p, int64_t row, int64_t head, std::vector<float>& score
         for (int64_t g = 0; g < g_n; ++g) acc[g][j] = _mm512_setzero_ps();
         continue;
       }
-      const uint16_t* kr = kc + (j0 + j) * h;
+      const uint16_t* kr = kc + keys_at.Offset(j0 + j);
       __m512 kv[P];
       for (int c = 0; c < P; ++c) kv[c] = WidenBf16(kr + 16 * c, live(c));
       for (int64_t g = 0; g < g_n; ++g) {
@@ -171,7 +202,7 @@ void Task(const Problem& p, int64_t row, int64_t head, std::vector<float>& score
       bool any = false;
       for (int64_t g = 0; g < gs; ++g) any |= (pj[g] = scores[(g0 + g) * s_n + j]) != 0.0f;
       if (!any) continue;  // masked (or underflowed) for every head here: no need to read v
-      const uint16_t* vr = vc + j * h;
+      const uint16_t* vr = vc + keys_at.Offset(j);
       for (int c = 0; c < P; ++c) {
         const __m512 vv = WidenBf16(vr + 16 * c, live(c));
         for (int g = 0; g < 4; ++g)  // heads past gs have p = 0
@@ -184,6 +215,38 @@ void Task(const Problem& p, int64_t row, int64_t head, std::vector<float>& score
   }
 }
 
+// The dense cache's task: the row's slots [s, h] of this head, positions from k_pos.
+template <int P>
+void DenseTask(const Problem& p, int64_t row, int64_t head, std::vector<float>& scores,
+               std::vector<int64_t>&) {
+  const int64_t base = (row * p.kh + head) * p.s * p.h;
+  Task<P>(p, row, head, DenseKeys{p.k_pos + row * p.s, p.s, p.h}, p.k + base, p.v + base,
+          scores);
+}
+
+// The paged task: the positions the row's query sees, through its table.
+template <int P>
+void PagedTask(const Problem& p, int64_t row, int64_t head, std::vector<float>& scores,
+               std::vector<int64_t>& offsets) {
+  const int64_t qp = p.q_pos[row], size = p.s, h = p.h;
+  const int64_t first = p.window > 0 ? std::max<int64_t>(0, qp - p.window + 1) : 0;
+  const int64_t n = qp < 0 ? 0 : qp - first + 1;
+  offsets.resize(n);
+  const int32_t* table = p.table + row * p.cols;
+  const int64_t page_elems = p.kh * size * h;  // one page of the pool, every head
+  for (int64_t j = 0; j < n;) {
+    const int64_t pos = first + j, col = std::min(pos / size, p.cols - 1);
+    const int64_t page = static_cast<uint32_t>(table[col]) < static_cast<uint64_t>(p.pages)
+                             ? table[col] : 0;
+    const int64_t base = page * page_elems;
+    for (int64_t slot = pos % size; slot < size && j < n; ++slot, ++j)
+      offsets[j] = base + slot * h;
+  }
+  const int64_t head_base = head * size * h;
+  Task<P>(p, row, head, PagedKeys{offsets.data(), first, n}, p.k + head_base, p.v + head_base,
+          scores);
+}
+
 }  // namespace
 #pragma GCC pop_options
 
@@ -192,6 +255,32 @@ namespace {
 bool SameDims(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
   return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin());
 }
+
+using TaskFn = void (*)(const Problem&, int64_t, int64_t, std::vector<float>&,
+                        std::vector<int64_t>&);
+
+// Runs every (row, kv head) task of ``p``, of the kind in ``kinds`` (by pieces of 16 in h).
+void RunTasks(ffi::ThreadPool& pool, const Problem& p, const TaskFn (&kinds)[kMaxPieces + 1]) {
+  const TaskFn task = kinds[(p.h + 15) / 16];
+  auto body = [&](int64_t t) {
+    thread_local std::vector<float> scores;
+    thread_local std::vector<int64_t> offsets;
+    task(p, t / p.kh, t % p.kh, scores, offsets);
+  };
+  const int64_t tasks = p.b * p.kh;
+  if (tasks == 1) {
+    body(0);
+  } else {
+    gptoss_cpu::ParallelFor(pool, tasks, body);
+  }
+}
+
+constexpr TaskFn kDense[kMaxPieces + 1] = {nullptr, DenseTask<1>, DenseTask<2>, DenseTask<3>,
+                                           DenseTask<4>, DenseTask<5>, DenseTask<6>,
+                                           DenseTask<7>, DenseTask<8>};
+constexpr TaskFn kPaged[kMaxPieces + 1] = {nullptr, PagedTask<1>, PagedTask<2>, PagedTask<3>,
+                                           PagedTask<4>, PagedTask<5>, PagedTask<6>,
+                                           PagedTask<7>, PagedTask<8>};
 
 ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q,
                                ffi::Buffer<ffi::U16> k, ffi::Buffer<ffi::U16> v,
@@ -212,22 +301,37 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q,
     return ffi::Error::InvalidArgument("decode_attention: this CPU lacks AVX-512");
   }
   const Problem p{reinterpret_cast<const uint16_t*>(q.untyped_data()), k.typed_data(),
-                  v.typed_data(), q_pos.typed_data(), k_pos.typed_data(), sinks.typed_data(),
-                  qd[0], qd[1], qd[2], kd[2], qd[3], window, out->typed_data()};
-  const int64_t tasks = p.b * p.kh;
-  using TaskFn = void (*)(const Problem&, int64_t, int64_t, std::vector<float>&);
-  constexpr TaskFn kTasks[kMaxPieces + 1] = {nullptr, Task<1>, Task<2>, Task<3>, Task<4>,
-                                              Task<5>, Task<6>, Task<7>, Task<8>};
-  const TaskFn task = kTasks[(p.h + 15) / 16];
-  auto body = [&](int64_t t) {
-    thread_local std::vector<float> scores;
-    task(p, t / p.kh, t % p.kh, scores);
-  };
-  if (tasks == 1) {
-    body(0);
-  } else {
-    gptoss_cpu::ParallelFor(pool, tasks, body);
+                  v.typed_data(), q_pos.typed_data(), k_pos.typed_data(), nullptr,
+                  sinks.typed_data(), qd[0], qd[1], qd[2], kd[2], qd[3], window,
+                  out->typed_data()};
+  RunTasks(pool, p, kDense);
+  return ffi::Error::Success();
+}
+
+ffi::Error PagedDecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q,
+                                    ffi::Buffer<ffi::U16> k_pool, ffi::Buffer<ffi::U16> v_pool,
+                                    ffi::Buffer<ffi::S32> table, ffi::Buffer<ffi::S32> q_pos,
+                                    ffi::Buffer<ffi::F32> sinks, ffi::ResultBuffer<ffi::F32> out,
+                                    int64_t window) {
+  const auto qd = q.dimensions(), kd = k_pool.dimensions(), td = table.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || td.size() != 2 || !SameDims(v_pool.dimensions(), kd) ||
+      kd[1] != qd[1] || kd[3] != qd[3] || td[0] != qd[0] || td[1] < 1 || kd[0] < 1 ||
+      q_pos.element_count() != static_cast<size_t>(qd[0]) ||
+      sinks.element_count() != static_cast<size_t>(qd[1] * qd[2]) || qd[2] > kMaxG ||
+      qd[3] > 16 * kMaxPieces) {
+    return ffi::Error::InvalidArgument(
+        "paged_decode_attention: expected q [B, K, G, H], k/v pools [P, K, S, H], table [B, C], "
+        "q_pos [B], sinks [K, G], G <= 16, H <= 128");
   }
+  if (!gptoss_cpu::CpuHas(gptoss_cpu::kAvx512)) {
+    return ffi::Error::InvalidArgument("paged_decode_attention: this CPU lacks AVX-512");
+  }
+  Problem p{reinterpret_cast<const uint16_t*>(q.untyped_data()), k_pool.typed_data(),
+            v_pool.typed_data(), q_pos.typed_data(), nullptr, table.typed_data(),
+            sinks.typed_data(), qd[0], qd[1], qd[2], kd[2], qd[3], window, out->typed_data()};
+  p.pages = kd[0];
+  p.cols = td[1];
+  RunTasks(pool, p, kPaged);
   return ffi::Error::Success();
 }
 
@@ -241,6 +345,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossDecodeAttention, DecodeAttentionImpl,
                                   .Arg<ffi::Buffer<ffi::U16>>()   // v cache
                                   .Arg<ffi::Buffer<ffi::S32>>()   // q_pos [B]
                                   .Arg<ffi::Buffer<ffi::S32>>()   // k_pos [B, S], -1 = empty
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // sinks [K, G]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // out [B, K, G, H]
+                                  .Attr<int64_t>("window"));       // 0 = no window
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossPagedDecodeAttention, PagedDecodeAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // q [B, K, G, H]
+                                  .Arg<ffi::Buffer<ffi::U16>>()   // k pool [P, K, S, H] (bf16 bits)
+                                  .Arg<ffi::Buffer<ffi::U16>>()   // v pool
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // table [B, C] page ids
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // q_pos [B], -1 = padding
                                   .Arg<ffi::Buffer<ffi::F32>>()   // sinks [K, G]
                                   .Ret<ffi::Buffer<ffi::F32>>()   // out [B, K, G, H]
                                   .Attr<int64_t>("window"));       // 0 = no window

@@ -14,6 +14,10 @@ What runs (``Ops.paged_attention``, shown in ``Ops.table()``):
   for tests): ``pallas_kernels.paged_attention``: the page ids are read in the kernel, which
   walks only the pages its rows can see; sliding layers pass only the table columns around
   their window. Page sizes or head dims the kernel's tiles cannot take run the XLA path.
+* ``"cpu_kernel"`` (CPU where ``cpu_kernels.paged_decode_attention`` builds), for decode steps
+  (one query position per row) on the uint16 pool: the kernel reads each row's visible
+  positions through its table, one task per (row, KV head) that reads its keys and values once.
+  Chunks (prefill) run the XLA path.
 * ``"xla"`` (everywhere else): :func:`attend_xla`, an online softmax over blocks of
   ``PAGED_BLOCK_TOKENS`` keys (``ops.runtime``) gathered from the pool, for each block of
   queries over only the pages it can see (a dynamic trip count: one compile serves every
@@ -33,6 +37,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+import cpu_kernels
 from gptoss_jax.ops.kv_cache import read, storage_dtype, to_storage
 from gptoss_jax.ops.projection import batched_matmul
 from gptoss_jax.ops.runtime import PAGED_BLOCK_TOKENS, Ops
@@ -146,6 +151,11 @@ def attend(q, k_pool, v_pool, table, q_pos, sinks, window: int | None, ops: Ops)
     in ``q``'s dtype."""
     if ops.paged_attention == "pallas" and kernel_fits(k_pool):
         return _attend_pallas(q, k_pool, v_pool, table, q_pos, sinks, window, ops)
+    b, t, kh, g, h = q.shape
+    if t == 1 and ops.paged_decode_kernel(g, h, k_pool.dtype):
+        out = cpu_kernels.paged_decode_attention(q.reshape(b, kh, g, h), k_pool, v_pool, table,
+                                                 q_pos[:, 0], sinks, window)
+        return out.reshape(q.shape).astype(q.dtype)
     return attend_xla(q, k_pool, v_pool, table, q_pos, sinks, window, ops)
 
 

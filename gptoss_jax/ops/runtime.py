@@ -26,7 +26,7 @@ from pallas_kernels import backend_available
 
 EXPERT_IMPLS = ("auto", "xla", "pallas", "cpu")
 PALLAS_BACKENDS = ("auto", "triton", "mosaic")
-PAGED_ATTENTION_IMPLS = ("auto", "xla", "pallas")
+PAGED_ATTENTION_IMPLS = ("auto", "xla", "pallas", "cpu_kernel")
 
 # XLA:CPU runs a bf16 dot with fewer rows than this on a slow scalar path: such rows are padded.
 CPU_MIN_ROWS = 8
@@ -69,16 +69,18 @@ class Ops:
     # several times slower than f32; its bf16 GEMMs of >= 8 rows are twice as fast as f32 ones)
     xla_dtype: str | None = None
     # attention through KV page tables (``ops.paged_kv``): "pallas" (the Pallas kernel reading
-    # the page ids in the kernel) or "xla" (an online softmax over gathered blocks of pages)
+    # the page ids in the kernel), "cpu_kernel" (decode steps in the C++ kernel reading the
+    # pages through the table, chunks as "xla") or "xla" (an online softmax over gathered blocks
+    # of pages)
     paged_attention: str = "xla"
 
     def __post_init__(self):
         if self.experts not in ("xla", "cpu_kernel", "pallas"):
             raise ValueError(f"experts implementation {self.experts!r} is not xla, cpu_kernel "
                              f"or pallas")
-        if self.paged_attention not in ("xla", "pallas"):
+        if self.paged_attention not in ("xla", "pallas", "cpu_kernel"):
             raise ValueError(f"paged attention implementation {self.paged_attention!r} is not "
-                             f"xla or pallas")
+                             f"xla, pallas or cpu_kernel")
         if self.pallas_backend not in PALLAS_BACKENDS:
             raise ValueError(f"pallas backend {self.pallas_backend!r} is not one of "
                              f"{PALLAS_BACKENDS}")
@@ -132,6 +134,13 @@ class Ops:
                 and jnp.dtype(cache_dtype) == jnp.uint16 and group <= CPU_ATTENTION_MAX_GROUP
                 and head_dim <= CPU_ATTENTION_MAX_HEAD_DIM)
 
+    def paged_decode_kernel(self, group: int, head_dim: int, pool_dtype) -> bool:
+        """Whether one query position per row attends through page tables in the CPU kernel
+        (``paged_decode_attention``: pools of bf16 stored as 16-bit patterns, as on CPU)."""
+        return (self.cpu and self.paged_attention == "cpu_kernel"
+                and jnp.dtype(pool_dtype) == jnp.uint16 and group <= CPU_ATTENTION_MAX_GROUP
+                and head_dim <= CPU_ATTENTION_MAX_HEAD_DIM)
+
     def table(self) -> dict[str, str]:
         """Op -> what runs it, e.g. ``{"projection": "cpu_kernel:bf16_vecmat[avx512_bf16]
         (<= 4 rows) / xla"}``."""
@@ -183,6 +192,9 @@ class Ops:
         else:
             paged = (f"xla online softmax over gathered blocks of {PAGED_BLOCK_TOKENS} keys, "
                      f"visible pages only" + (" (bf16 query rows padded to 8)" if cpu else ""))
+            if self.paged_attention == "cpu_kernel":
+                paged = ("cpu_kernel:paged_decode_attention (one query position per row, bf16 "
+                         f"pages read through the table, visible positions only) / {paged}")
         writes = ("in-place page updates (dynamic-update-slice loop)" if cpu else "scatter") + \
             ("; bf16 stored as uint16 bit patterns" if cpu else "")
         return {"platform": self.platform, "projection": proj, "unembedding": unembed,
@@ -209,7 +221,9 @@ def resolve(*, platform: str | None = None, experts: str = "auto", use_cpu_kerne
     on XLA (the fallback a machine without AVX-512 runs). On CPU this builds the kernels
     (``cpu_kernels.available``: a compiler run the first time, cached on disk).
     ``paged_attention``: ``"auto"`` (the Pallas kernel on GPU where Pallas' Triton backend
-    loads, XLA otherwise), ``"xla"`` or ``"pallas"`` (e.g. with ``interpret`` on CPU).
+    loads; on CPU the C++ kernel for decode steps where it builds; XLA otherwise), ``"xla"``,
+    ``"pallas"`` (e.g. with ``interpret`` on CPU) or ``"cpu_kernel"`` (raises here when the
+    kernel cannot run).
     """
     if paged_attention not in PAGED_ATTENTION_IMPLS:
         raise ValueError(f"paged attention impl {paged_attention!r} is not one of "
@@ -238,8 +252,17 @@ def resolve(*, platform: str | None = None, experts: str = "auto", use_cpu_kerne
     if cpu_isa is not None:
         cpu_kernels.isa.attribute(cpu_isa)  # a ValueError where this CPU cannot run it
     isa = (cpu_isa or cpu_kernels.isa.best()) if dispatched else None
+    if paged_attention == "cpu_kernel" and not (platform == "cpu"
+                                                 and "paged_decode_attention" in built):
+        raise RuntimeError("paged attention impl 'cpu_kernel': the CPU kernel "
+                           "paged_decode_attention is not available here")
     if paged_attention == "auto":
-        paged_attention = "pallas" if platform == "gpu" and backend_available("triton") else "xla"
+        if platform == "gpu" and backend_available("triton"):
+            paged_attention = "pallas"
+        elif "paged_decode_attention" in built:
+            paged_attention = "cpu_kernel"
+        else:
+            paged_attention = "xla"
     return Ops(platform=platform, cpu_kernels=built, cpu_isa=isa, experts=impl,
                experts_kernel_max_rows=kernel_rows, pallas_backend=pallas_backend,
                interpret=interpret, xla_dtype=xla_dtype, paged_attention=paged_attention)

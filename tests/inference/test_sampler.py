@@ -108,7 +108,9 @@ def test_bf16_cached_decode_follows_full_forward(tiny_ckpts, prompts, tiny_confi
     """bf16: the decode path (on CPU the cache holds 16-bit patterns, written in place) keeps
     the keys a full forward sees. Each step's token is the argmax of a cache-free bf16 forward,
     checked where that forward's top two logits are not within bf16 rounding of each other.
-    Also with the CPU kernels off: the XLA path a machine without AVX-512 runs."""
+    Also with the CPU kernels off: the XLA path a machine without AVX-512 runs. With them on,
+    decode steps attend through the page tables in ``paged_decode_attention`` where it builds."""
+    import cpu_kernels as kernels
     import gptoss_jax
     from gptoss_jax.ops.runtime import resolve
 
@@ -116,6 +118,9 @@ def test_bf16_cached_decode_follows_full_forward(tiny_ckpts, prompts, tiny_confi
     if not cpu_kernels:
         model = model.with_runtime(ops=resolve(use_cpu_kernels=False))
         assert "cpu_kernel" not in str(model.runtime.ops.table())
+    elif kernels.available("paged_decode_attention"):
+        paged = model.runtime.ops.table()["paged_attention"]
+        assert paged.startswith("cpu_kernel:paged_decode_attention")
     eng = Engine(model, max_batch=2, max_len=32)
     pools = eng.state.k + eng.state.v
     assert all(a.dtype.name == "uint16" for a in pools)  # bf16 stored as its bit patterns

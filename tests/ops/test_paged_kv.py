@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import cpu_kernels
 from gptoss_jax.ops import paged_kv
 from gptoss_jax.ops.kv_cache import storage_dtype, to_storage
 from gptoss_jax.ops.runtime import Ops, resolve
@@ -59,6 +60,27 @@ def test_xla_reads_a_uint16_pool_as_bf16():
                                rtol=0, atol=3e-2)
 
 
+@pytest.mark.skipif(not cpu_kernels.available("paged_decode_attention"),
+                    reason="paged_decode_attention needs AVX-512 and a compiler")
+@pytest.mark.parametrize("window", [None, 9])
+def test_cpu_decode_kernel_through_the_ops_matches_the_reference(window):
+    """Decode steps (one query per row) go to the C++ kernel; chunks stay on XLA."""
+    ops = resolve(platform="cpu", paged_attention="cpu_kernel")
+    assert ops.paged_decode_kernel(3, 16, jnp.uint16)
+    assert not ops.paged_decode_kernel(3, 16, jnp.float32)  # an f32 pool: XLA
+    paged, _ = make_problem(15, kv_lens=[70, 33, 5], chunk_lens=[1, 1, 1], kh=2, g=3, h=16,
+                            page=8, dtype=jnp.bfloat16)
+    paged["q_pos"] = paged["q_pos"].at[2].set(-1)  # a padding row
+    want = pa.paged_attention_reference(**paged, window=window)
+    stored = [to_storage(paged[n], jnp.zeros((), jnp.uint16)) for n in ("k_pages", "v_pages")]
+    got = paged_kv.attend(paged["q"], *stored, paged["page_table"], paged["q_pos"],
+                          paged["sinks"], window, ops)
+    assert got.dtype == jnp.bfloat16 and got.shape == paged["q"].shape
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               rtol=0, atol=3e-2)
+    assert not np.asarray(got[2], np.float32).any(), "padding rows must come out zero"
+
+
 def test_pallas_kernel_through_the_ops_matches_xla():
     ops = resolve(platform="cpu", paged_attention="pallas", interpret=True, use_cpu_kernels=False)
     assert ops.paged_attention == "pallas" and "interpret" in ops.table()["paged_attention"]
@@ -100,12 +122,17 @@ def test_cpu_writes_in_place_equal_the_scatter(pos, dtype):
 
 
 def test_each_platform_resolves_its_paged_read():
-    assert resolve(platform="cpu").paged_attention == "xla"
+    kernel = cpu_kernels.available("paged_decode_attention")
+    assert resolve(platform="cpu").paged_attention == ("cpu_kernel" if kernel else "xla")
+    assert resolve(platform="cpu", use_cpu_kernels=False).paged_attention == "xla"
     gpu = resolve(platform="gpu")
     assert gpu.paged_attention == ("pallas" if backend_available("triton") else "xla")
     table = resolve(platform="cpu").table()
     assert "online softmax" in table["paged_attention"]
+    assert table["paged_attention"].startswith("cpu_kernel:paged_decode_attention") == kernel
     assert "dynamic-update-slice" in table["paged_kv_writes"] and "uint16" in table["paged_kv_writes"]
     assert Ops().table()["paged_kv_writes"] == "scatter"
     with pytest.raises(ValueError, match="paged attention impl"):
         resolve(paged_attention="fast")
+    with pytest.raises(RuntimeError, match="paged_decode_attention is not available"):
+        resolve(platform="cpu", paged_attention="cpu_kernel", use_cpu_kernels=False)

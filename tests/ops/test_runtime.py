@@ -44,6 +44,10 @@ def test_cpu_with_kernels():
     assert table["projection"].startswith(f"cpu_kernel:bf16_vecmat[{ops.cpu_isa}]")
     assert table["unembedding"].startswith(f"cpu_kernel:bf16_gemv[{ops.cpu_isa}]")
     assert table["attention"].startswith("cpu_kernel:decode_attention")
+    assert ops.paged_attention == "cpu_kernel"
+    assert table["paged_attention"].startswith("cpu_kernel:paged_decode_attention")
+    assert ops.paged_decode_kernel(16, 128, jnp.uint16)
+    assert not ops.paged_decode_kernel(17, 64, jnp.uint16)  # more query heads than it takes
     assert table["experts"].startswith(f"cpu_kernel:expert_mlp[{ops.cpu_isa}]")
     assert f"cpu_kernel:mxfp4_gemv[{ops.cpu_isa}]" in table["experts"]
     assert "cpu_kernel:mxfp4_grouped" in table["experts"]
