@@ -1,17 +1,21 @@
 """Background responses (``background: true``): generation that outlives its request, kept in the
 response store, polled, streamed, resumed and cancelled.
 
-:meth:`BackgroundRun.begin` stores the response at once (status ``queued``, with its
-``response.created`` and ``response.queued`` events) and starts an asyncio task on the server's
-loop that runs the job: ``in_progress``, then every stream event of the reply is appended to the
-store as it is made (so ``GET /v1/responses/{id}?stream=true&starting_after=N`` can replay and
-follow it, whoever started it and whether or not the first client is still there), and at the
-end the final response object with the conversation a ``previous_response_id`` continues.
+The reply comes from a :class:`Reply`: one job's tokens fed to its consumer (:class:`JobReply`,
+a plain response), or the tool loop (``tool_loop.LoopedResponse``: model calls and the built-in
+tool calls between them). :meth:`BackgroundRun.begin` stores the response at once (status
+``queued``, with its ``response.created`` and ``response.queued`` events) and starts an asyncio
+task on the server's loop that runs the reply: ``in_progress``, then every stream event of the
+reply is appended to the store as it is made (so ``GET /v1/responses/{id}?stream=true&starting_after=N``
+can replay and follow it, whoever started it and whether or not the first client is still
+there) together with the response object so far (its output items so far, for a poll), and at
+the end the final response object with the conversation a ``previous_response_id`` continues.
 Every write is a compare-and-set on the status (``expect=ACTIVE``): once a response is
 cancelled (or deleted) nothing more is written for it.
 
-:func:`cancel` (``POST /v1/responses/{id}/cancel``) marks the response ``cancelled``, cancels its
-job and waits until the task has ended, so the slot is free when the call returns. As OpenAI
+:func:`cancel` (``POST /v1/responses/{id}/cancel``) marks the response ``cancelled``, cancels the
+reply's job and its task (a tool call in flight is interrupted: the python sandbox kills its
+process) and waits until the task has ended, so the slot is free when the call returns. As OpenAI
 documents, only background responses can be cancelled, and cancelling twice returns the final
 (cancelled) response again; a response that already finished otherwise is a 400.
 :func:`stored_events` is the reader behind every background stream: the stored events after a
@@ -26,14 +30,16 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import Protocol
 
 from gptoss_jax.chat.messages import Message
 from gptoss_jax.server import generation, stored
 from gptoss_jax.server.errors import APIError
-from gptoss_jax.server.generation import sse
+from gptoss_jax.server.generation import Consumer, sse
+from gptoss_jax.server.reply import Op
 from gptoss_jax.server.response_output import ResponseRun, StreamEvents
 from gptoss_jax.server.response_store import ACTIVE, StoredResponse
-from gptoss_jax.server.scheduler import EngineError, Job
+from gptoss_jax.server.scheduler import EngineError, Job, Scheduler
 from gptoss_jax.server.state import ServerState
 
 log = logging.getLogger("gptoss_jax.server")
@@ -42,16 +48,48 @@ STOP_WAIT_S = 30.0  # how long cancel / delete wait for the generation task to e
 READER_WAIT_S = 5.0  # a stream reader re-checks the store at least this often
 
 
+class Reply(Protocol):
+    """What a background response runs: its item operations as they are made (the run is
+    complete at the end; raises :class:`EngineError`), ``cancel()`` to stop the model call in
+    flight, ``aclose()`` to release what it holds (a tool session)."""
+
+    def ops(self) -> AsyncIterator[list[Op]]: ...
+
+    def cancel(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class JobReply:
+    """A plain response's reply: one job's tokens through its consumer."""
+
+    def __init__(self, run: ResponseRun, job: Job, consumer: Consumer, scheduler: Scheduler):
+        self.run, self.job, self.consumer, self.scheduler = run, job, consumer, scheduler
+
+    async def ops(self) -> AsyncIterator[list[Op]]:
+        async for ops in generation.stream(self.job, self.consumer, self.scheduler):
+            yield ops
+        self.run.cached_tokens = generation.cached_tokens([self.job])
+        self.run.complete()
+
+    def cancel(self) -> None:
+        self.scheduler.cancel(self.job)  # a no-op once the job is done
+
+    async def aclose(self) -> None:
+        """Nothing beyond the job to release (``cancel`` frees its slot)."""
+
+
 class BackgroundRun:
     """One background response being generated (see the module docstring)."""
 
-    def __init__(self, st: ServerState, run: ResponseRun, job: Job, consumer,
+    def __init__(self, st: ServerState, run: ResponseRun, reply: Reply,
                  conversation: Callable[[], tuple[list[Message], dict[str, str]]]):
-        self.st, self.run, self.job, self.consumer = st, run, job, consumer
+        self.st, self.run, self.reply = st, run, reply
         self.conversation = conversation  # the conversation and call names after the reply
         self.events = StreamEvents(run, recorded=[])
         self.changed = asyncio.Event()  # set (and replaced) after every write
         self.task: asyncio.Task | None = None
+        self._started = self._stopping = False
 
     def begin(self, record: StoredResponse) -> dict:
         """Store the queued response and start generating; returns the response object."""
@@ -69,13 +107,15 @@ class BackgroundRun:
 
     def _write(self, **final) -> bool:
         """The response object now and the new events, if the response is still running."""
-        ok = self.st.store.update(self.run.id, self.run.json(), expect=ACTIVE, events=self._take(), **final)
+        ok = self.st.store.update(self.run.id, self.run.json(so_far=True), expect=ACTIVE, events=self._take(),
+                                  **final)
         old, self.changed = self.changed, asyncio.Event()
         old.set()
         return ok
 
     async def _main(self) -> None:
         run = self.run
+        self._started = True
         try:
             if run.status != "queued":  # cancelled before the task ever ran
                 return
@@ -83,12 +123,12 @@ class BackgroundRun:
             self.events.response("response.in_progress")
             if not self._write():
                 return
-            async for ops in generation.stream(self.job, self.consumer, self.st.scheduler):
-                self.events.ops(ops)
-                if not self._write():  # cancelled or deleted meanwhile
-                    return
-            run.cached_tokens = generation.cached_tokens([self.job])
-            run.complete()
+            async with contextlib.aclosing(self.reply.ops()) as replies:
+                async for ops in replies:
+                    self.events.ops(ops)
+                    if not self._write():  # cancelled or deleted meanwhile
+                        return
+            run.complete()  # a no-op when the reply completed it
             if run.status in ACTIVE + ("cancelled",):
                 return
             self.events.response("response.incomplete" if run.status == "incomplete" else "response.completed")
@@ -100,7 +140,9 @@ class BackgroundRun:
             log.exception("background response %s failed", run.id)
             self._fail("The server had an error while processing your request.")
         finally:
-            self.st.scheduler.cancel(self.job)  # a no-op once the job is done
+            self.reply.cancel()
+            with contextlib.suppress(Exception):
+                await self.reply.aclose()
             self.st.background.pop(run.id, None)
             self.changed.set()
 
@@ -113,9 +155,13 @@ class BackgroundRun:
         self._write()
 
     async def stop(self) -> None:
-        """Stop generating and wait until the task has ended (its slot is free then)."""
-        self.st.scheduler.cancel(self.job)
+        """Stop generating (the model call and any tool call in flight) and wait until the task
+        has ended (its slot is free and its tool session closed then)."""
+        self.reply.cancel()
         if self.task is not None and not self.task.done():
+            if self._started and not self._stopping:  # (a task not yet begun sees the status and ends)
+                self._stopping = True
+                self.task.cancel()
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(self.task), STOP_WAIT_S)
 

@@ -7,6 +7,8 @@ citation any more), then the citation goes out already resolved by the tool sess
 (``ToolSession.resolve_citations``: a link and its annotation, indices over the text shown). The
 item's ``display`` is the text shown and its ``annotations`` the citations, so a plain response
 and the stream agree; ``item.text`` keeps what the model wrote, for the conversation history.
+The logprobs of the tokens behind held text go out with the delta that shows it (those of a
+citation's tokens with its link).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class Citations:
     def __init__(self, resolve: Resolver):
         self.resolve = resolve
         self._held: dict[int, str] = {}  # id(item) -> text held back at a possible citation
+        self._held_logprobs: dict[int, tuple] = {}  # id(item) -> logprobs of the tokens not shown yet
 
     def shape(self, ops: list[Op]) -> list[Op]:
         out: list[Op] = []
@@ -37,9 +40,10 @@ class Citations:
                 item.display = ""
                 out.append(op)
             elif op.kind == "delta":
+                self._held_logprobs[id(item)] = self._held_logprobs.get(id(item), ()) + op.logprobs
                 out += self._emit(item, self._feed(item, op.text))
             else:
-                out += self._emit(item, [(self._held.pop(id(item), ""), False)])
+                out += self._emit(item, [(self._held.pop(id(item), ""), False)], last=True)
                 out.append(op)
         return out
 
@@ -67,7 +71,7 @@ class Citations:
                 break
         return pieces
 
-    def _emit(self, item: Item, pieces: list[tuple[str, bool]]) -> list[Op]:
+    def _emit(self, item: Item, pieces: list[tuple[str, bool]], last: bool = False) -> list[Op]:
         text, annotations = "", []
         for piece, marker in pieces:
             if marker:
@@ -77,8 +81,8 @@ class Citations:
                     annotations.append({**a, "start_index": a["start_index"] + offset,
                                         "end_index": a["end_index"] + offset})
             text += piece
-        if not text:
+        if not text and not (last and self._held_logprobs.get(id(item))):
             return []
         item.display = (item.display or "") + text
         item.annotations.extend(annotations)
-        return [Op("delta", item, text, tuple(annotations))]
+        return [Op("delta", item, text, tuple(annotations), self._held_logprobs.pop(id(item), ()))]

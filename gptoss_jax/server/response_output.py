@@ -173,9 +173,12 @@ class ResponseRun:
         return ops
 
     def cancel(self) -> None:
-        """A background response cancelled before it finished (its output so far is kept)."""
+        """A background response cancelled before it finished (its output so far is kept; a
+        built-in call it was running is ``incomplete``)."""
         if self.status in ("queued", "in_progress"):
             self.tracker.end("stop")
+            if self.tracker.pending_call is not None:
+                self.tracker.abandon(self.tracker.pending_call)
             self.status = "cancelled"
 
     # -- the response object ------------------------------------------------------------------
@@ -194,7 +197,10 @@ class ResponseRun:
     def item(self, item: Item, done: bool) -> dict:
         return item_json(item, done, include=self.include, container_id=self.container_id)
 
-    def json(self) -> dict:
+    def json(self, so_far: bool = False) -> dict:
+        """The response object. Its ``output`` is empty until the response has ended, or with
+        ``so_far`` (a background response as a poll reads it) the items so far: those done in
+        full, the one being written as ``in_progress`` without its content yet."""
         req = self.req
         done = self.status not in ("queued", "in_progress")
         return {
@@ -205,7 +211,7 @@ class ResponseRun:
             "incomplete_details": {"reason": self.incomplete_reason} if self.status == "incomplete" else None,
             "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
             "max_tool_calls": req.max_tool_calls, "model": self.model,
-            "output": [self.item(i, i.closed) for i in self.tracker.items] if done else [],
+            "output": [self.item(i, i.closed) for i in self.tracker.items] if done or so_far else [],
             "parallel_tool_calls": req.parallel_tool_calls if req.parallel_tool_calls is not None else True,
             "previous_response_id": req.previous_response_id,
             "reasoning": {"effort": self.effort, "summary": None},

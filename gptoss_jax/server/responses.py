@@ -29,8 +29,8 @@ top-level ``reasoning_effort`` of openai/gpt-oss's reference server (an alias of
 
 A request whose ``tools`` enable built-in tools (web search, code interpreter, MCP:
 :mod:`gptoss_jax.server.builtin_tools`) declares them in the system message and goes through
-the tool loop instead (:mod:`gptoss_jax.server.tool_loop`; not in the background, and without
-logprobs), every model call of it held to the request's constraint (the hosted tools'
+the tool loop instead (:mod:`gptoss_jax.server.tool_loop`; in the background too, and with
+the final message's logprobs when asked), every model call of it held to the request's constraint (the hosted tools'
 recipients are allowed recipients there, and ``tool_choice`` may name one). ``text.format``,
 strict function tools, custom tools and ``tool_choice`` are enforced while the reply is
 generated (``params.request_constraint``).
@@ -45,7 +45,7 @@ from gptoss_jax.chat.messages import Message
 from gptoss_jax.inference.constraints import RequestConstraint
 from gptoss_jax.inference.logprobs import TokenBytes
 from gptoss_jax.server import builtin_tools, generation, inputs, params, request_sampling, stored, tool_loop
-from gptoss_jax.server.background_responses import BackgroundRun, stored_events
+from gptoss_jax.server.background_responses import BackgroundRun, JobReply, stored_events
 from gptoss_jax.server.choices import ReplyLogprobs
 from gptoss_jax.server.errors import APIError, unsupported
 from gptoss_jax.server.generation import SSEResponse
@@ -168,7 +168,7 @@ async def create_response(req: ResponsesRequest, request: Request):
             st.store.put(stored.record(run.json(), items, *conversation()))
 
     if req.background:
-        bg = BackgroundRun(st, run, job, consumer, conversation)
+        bg = BackgroundRun(st, run, JobReply(run, job, consumer, st.scheduler), conversation)
         response = bg.begin(stored.record(run.json(), items, messages, call_names, background=True))
         if req.stream:
             return SSEResponse(stored_events(st, run.id, None), on_close=lambda: None)
@@ -189,10 +189,6 @@ async def create_response(req: ResponsesRequest, request: Request):
 async def _with_builtin_tools(st: ServerState, req: ResponsesRequest, request: Request, messages: list[Message],
                               call_names: dict[str, str], effort: str, requested: builtin_tools.RequestTools,
                               toolbox: Toolbox, rc: RequestConstraint, model: str):
-    if req.background:
-        raise unsupported("background", "background responses with built-in tools are not supported")
-    if request_sampling.response_logprobs(req.include, req.top_logprobs) is not None:
-        raise unsupported("top_logprobs", "logprobs with built-in tools are not supported")
     functions = inputs.function_tools(requested.functions)
     conversation = inputs.conversation(messages, reasoning_effort=effort, instructions=req.instructions,
                                        tools=functions, tool_namespaces=toolbox.configs())
@@ -203,9 +199,11 @@ async def _with_builtin_tools(st: ServerState, req: ResponsesRequest, request: R
                       tracker=tracker)
     conversation_id = tool_loop.conversation_root(st, req.previous_response_id, run.id)
     run.container_id = tool_loop.container_id(conversation_id)
-    sampling = request_sampling.sampling(st, req, max_new_tokens=max_new)
+    k = request_sampling.response_logprobs(req.include, req.top_logprobs)
+    sampling = request_sampling.sampling(st, req, max_new_tokens=max_new, logprobs=k)
     return await tool_loop.respond(st, run, request, conversation, toolbox, sampling, messages=messages,
-                                   call_names=call_names, conversation_id=conversation_id, constraint=rc)
+                                   call_names=call_names, conversation_id=conversation_id, constraint=rc,
+                                   logprobs=k)
 
 
 async def _stream(run: ResponseRun, job: Job, consumer, st: ServerState, save):

@@ -30,6 +30,15 @@ stateful tools (a jupyter kernel) live along the chain. A response that enables 
 its chain has not seen yet starts with an ``mcp_list_tools`` item of the server's tools, as
 OpenAI's API does. A client that goes away cancels the running job and closes the tool session
 (the sandbox kills a running call).
+
+``background: true`` runs the loop as any background response runs
+(:class:`~gptoss_jax.server.background_responses.BackgroundRun`, with the loop as its reply): a
+poll sees the items so far, a stream's events are stored for ``starting_after``, and a cancel
+stops the model call and the tool call in flight. Logprobs (``include:
+["message.output_text.logprobs"]``, ``top_logprobs``) are those of each message's tokens from
+the model call that wrote it (:class:`~gptoss_jax.server.choices.ReplyLogprobs` on every call);
+a final answer's citations are shown as links, so its logprobs are those of the text the model
+wrote, not of the text shown.
 """
 
 from __future__ import annotations
@@ -47,8 +56,11 @@ from gptoss_jax.chat.messages import Message
 from gptoss_jax.chat.render import from_harmony, render_harmony
 from gptoss_jax.chat.tokenizer import load_tokenizer
 from gptoss_jax.inference.constraints import RequestConstraint, splice_response_format
+from gptoss_jax.inference.logprobs import TokenBytes
 from gptoss_jax.inference.sampling import SamplingParams
 from gptoss_jax.server import generation, stored
+from gptoss_jax.server.background_responses import BackgroundRun, stored_events
+from gptoss_jax.server.choices import ReplyLogprobs
 from gptoss_jax.server.citations import Citations
 from gptoss_jax.server.errors import APIError
 from gptoss_jax.server.generation import SSEResponse
@@ -108,9 +120,12 @@ class LoopedResponse:
     """One response generated through the tool loop; ``ops()`` yields its item operations."""
 
     def __init__(self, st: ServerState, run: ResponseRun, conversation: list[oh.Message], toolbox: Toolbox,
-                 sampling: SamplingParams, *, conversation_id: str, constraint: RequestConstraint | None = None):
+                 sampling: SamplingParams, *, conversation_id: str, constraint: RequestConstraint | None = None,
+                 logprobs: int | None = None):
         self.st, self.run, self.conversation, self.sampling = st, run, conversation, sampling
         self.constraint = constraint
+        self.logprobs = logprobs  # top-k of the messages' logprobs (None: not asked)
+        self._token_bytes = TokenBytes(st.tokenizer) if logprobs is not None else None
         self.session = toolbox.session(conversation_id)
         self.citations = Citations(self.session.resolve_citations)
         self.new_messages: list[Message] = []  # the reply for the stored conversation
@@ -143,9 +158,11 @@ class LoopedResponse:
         self._rounds += 1
         job = generation.submit(self.st, prompt, self.sampling, n, constraint)
         self._job = job
+        consumer = tracker if self.logprobs is None else ReplyLogprobs(tracker, job, self.logprobs,
+                                                                       self._token_bytes)
         try:
             async for tok, finish in job.tokens():
-                self._ops += tracker.feed(tok, finish)
+                self._ops += consumer.feed(tok, finish)
                 if finish == "length" and n == room:
                     self._out_of_context = True
                 if tok != ENDOFTEXT:  # a generation stop that openai-harmony would read as text
@@ -206,13 +223,19 @@ class LoopedResponse:
         await self.session.aclose()
 
 
+def _conversation_after(run: ResponseRun, looped: LoopedResponse, messages: list[Message],
+                        call_names: dict[str, str]) -> tuple[list[Message], dict[str, str]]:
+    """The conversation and call names once the loop has replied (for the store)."""
+    names = {**call_names, **{i.call_id: i.name for i in run.tracker.tool_calls}}
+    return messages + looped.new_messages, names
+
+
 def _save(st: ServerState, run: ResponseRun, looped: LoopedResponse, messages: list[Message],
           call_names: dict[str, str]) -> None:
     if run.req.store is False or run.status not in ("completed", "incomplete"):
         return
-    names = {**call_names, **{i.call_id: i.name for i in run.tracker.tool_calls}}
     st.store.put(stored.record(run.json(), stored.input_items(run.req.input),
-                               messages + looped.new_messages, names))
+                               *_conversation_after(run, looped, messages, call_names)))
 
 
 async def _collect(looped: LoopedResponse, request: Request) -> None:
@@ -268,15 +291,24 @@ async def _stream(looped: LoopedResponse, save) -> AsyncIterator[str]:
 
 async def respond(st: ServerState, run: ResponseRun, request: Request, conversation: list[oh.Message],
                   toolbox: Toolbox, sampling: SamplingParams, *, messages: list[Message],
-                  call_names: dict[str, str], conversation_id: str, constraint: RequestConstraint | None = None):
-    """The response to a request whose tools include built-in ones (plain JSON or a stream);
-    ``constraint``: the request's (``params.request_constraint``), held on every model call."""
+                  call_names: dict[str, str], conversation_id: str, constraint: RequestConstraint | None = None,
+                  logprobs: int | None = None):
+    """The response to a request whose tools include built-in ones (plain JSON, a stream, or a
+    background response); ``constraint``: the request's (``params.request_constraint``), held on
+    every model call; ``logprobs``: the top-k of the messages' logprobs (None: not asked)."""
     looped = LoopedResponse(st, run, conversation, toolbox, sampling, conversation_id=conversation_id,
-                            constraint=constraint)
+                            constraint=constraint, logprobs=logprobs)
 
     def save():
         _save(st, run, looped, messages, call_names)
 
+    if run.req.background:
+        bg = BackgroundRun(st, run, looped, lambda: _conversation_after(run, looped, messages, call_names))
+        response = bg.begin(stored.record(run.json(), stored.input_items(run.req.input), messages, call_names,
+                                          background=True))
+        if run.req.stream:
+            return SSEResponse(stored_events(st, run.id, None), on_close=lambda: None)
+        return JSONResponse(response)
     if run.req.stream:
         return SSEResponse(_stream(looped, save), on_close=looped.cancel)
     await _collect(looped, request)
