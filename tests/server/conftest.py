@@ -1,4 +1,4 @@
-"""Server-test fixtures: scripted checkpoints whose greedy reply is known (``tests/scripted_checkpoint``),
+"""Server-test fixtures: scripted checkpoints whose greedy reply is known (``tests/scripted``),
 transformers loading a checkpoint as the independent reference, and a server around an engine."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 
 from gptoss_jax.chat.tokenizer import load_tokenizer
 
-from tests.scripted_checkpoint import script_successors, write_scripted_checkpoint
+from tests.scripted import make_scripted_checkpoint
 
 REPLY_TEXT = "Hello world, this is fine."
 
@@ -30,13 +30,13 @@ LOOP_REPLY = [ASSISTANT, *harmony_ids("<|channel|>final<|message|> la la")]  # "
 def reply_ckpt(tmp_path_factory):
     """Greedy reply to any chat prompt: ``<|channel|>final<|message|>Hello world, this is
     fine.<|return|>`` (and after "Hello" as raw text: `` world, this is fine.``)."""
-    return write_scripted_checkpoint(tmp_path_factory.mktemp("ckpt") / "reply", script_successors(FINAL_REPLY))
+    return make_scripted_checkpoint(tmp_path_factory.mktemp("ckpt") / "reply", FINAL_REPLY[1:]).path
 
 
 @pytest.fixture(scope="session")
 def loop_ckpt(tmp_path_factory):
     """Greedy reply to any chat prompt: a final message of `` la`` repeated until the budget."""
-    return write_scripted_checkpoint(tmp_path_factory.mktemp("ckpt") / "loop", script_successors(LOOP_REPLY))
+    return make_scripted_checkpoint(tmp_path_factory.mktemp("ckpt") / "loop", LOOP_REPLY[1:]).path
 
 
 def hf_model(folder: str):
