@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 from fastapi import Request
@@ -85,6 +85,29 @@ def submit_choices(st: ServerState, prompt: list[int], sampling: SamplingParams,
                        code="context_length_exceeded") from None
 
 
+async def run_while_connected(work: Awaitable, request: Request,
+                              on_leave: Callable[[], None]) -> asyncio.Future:
+    """Run ``work`` until it ends or the client disconnects; then (or when this handler is
+    cancelled) ``on_leave()`` is called and ``work`` cancelled and awaited. Returns its task:
+    ``result()`` re-raises its error, or CancelledError for a client that left."""
+
+    async def watch():
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.25)
+
+    runner, watcher = asyncio.ensure_future(work), asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({runner, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not runner.done():  # the client went away (or this handler was cancelled)
+            runner.cancel()
+            on_leave()
+            with contextlib.suppress(BaseException):
+                await runner
+    return runner
+
+
 async def _wait_job(job: Job, request: Request, scheduler: Scheduler,
                     consume: Callable[[int, str | None], bool]) -> None:
     """Run ``job`` to its end. ``consume(token, finish)`` returns True to stop early (then the
@@ -97,20 +120,7 @@ async def _wait_job(job: Job, request: Request, scheduler: Scheduler,
                 scheduler.cancel(job)
                 return
 
-    async def watch():
-        while not await request.is_disconnected():
-            await asyncio.sleep(0.25)
-
-    runner, watcher = asyncio.ensure_future(run()), asyncio.ensure_future(watch())
-    try:
-        await asyncio.wait({runner, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not runner.done():  # the client went away (or this handler was cancelled)
-            runner.cancel()
-            scheduler.cancel(job)
-    if not runner.done():  # cancelled above, not yet unwound: the client left
-        raise asyncio.CancelledError
+    runner = await run_while_connected(run(), request, lambda: scheduler.cancel(job))
     try:
         runner.result()  # re-raises an engine error, or CancelledError for a client that left
     except ConstraintFailed:

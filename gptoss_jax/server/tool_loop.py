@@ -43,8 +43,6 @@ wrote, not of the text shown.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Iterator
 
 import openai_harmony as oh
@@ -245,20 +243,9 @@ async def _collect(looped: LoopedResponse, request: Request) -> None:
         async for _ in looped.ops():
             pass
 
-    async def watch():
-        while not await request.is_disconnected():
-            await asyncio.sleep(0.25)
-
-    runner, watcher = asyncio.ensure_future(run()), asyncio.ensure_future(watch())
     try:
-        await asyncio.wait({runner, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        runner = await generation.run_while_connected(run(), request, looped.cancel)
     finally:
-        watcher.cancel()
-        if not runner.done():  # the client went away (or this handler was cancelled)
-            runner.cancel()
-            looped.cancel()
-            with contextlib.suppress(BaseException):
-                await runner
         await looped.aclose()
     try:
         runner.result()  # an engine error, or CancelledError for a client that left
