@@ -31,7 +31,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import jax
 
@@ -128,6 +128,19 @@ def channel_for(args: argparse.Namespace):
     if not args.step_timeout > 0:
         raise UsageError(f"--step-timeout must be > 0, got {args.step_timeout}")
     return Channel(step_timeout_s=args.step_timeout, compile_timeout_s=15 * args.step_timeout)
+
+
+def chat_lines(engine_of: Callable[[], object]) -> Iterator[str]:
+    """The user's lines of an interactive chat (``read_line`` with the engine of the moment,
+    ``engine_of()``), until an empty line or the end of input."""
+    while True:
+        try:
+            line = read_line("> ", engine_of())
+        except EOFError:
+            return
+        if not line.strip():
+            return
+        yield line
 
 
 def read_line(prompt: str, engine=None) -> str:

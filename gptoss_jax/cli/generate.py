@@ -326,13 +326,7 @@ def interactive(args, model, engine=None) -> int:
     session = Session(model, args, engine)
     history: list = []
     print("Interactive chat. Empty line or Ctrl-D to quit.", file=sys.stderr)
-    while True:
-        try:
-            line = common.read_line("> ", session.engine)
-        except EOFError:
-            break
-        if not line.strip():
-            break
+    for line in common.chat_lines(lambda: session.engine):
         history.append({"role": "user", "content": line})
         prompt = render.render_prompt(history, reasoning_effort=args.reasoning_effort,
                                       instructions=args.system)

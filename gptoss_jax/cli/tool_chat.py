@@ -189,13 +189,7 @@ def run_chat(session: Any, toolbox: Toolbox, args, *, report) -> int:
             return 0
         print("Interactive chat with tools "
               f"({', '.join(toolbox.namespaces)}). Empty line or Ctrl-D to quit.", file=sys.stderr)
-        while True:
-            try:
-                line = common.read_line("> ", session.engine)
-            except EOFError:
-                break
-            if not line.strip():
-                break
+        for line in common.chat_lines(lambda: session.engine):
             record = chat.turn(line)
             if args.json:
                 print_json(record, chat.timings())
