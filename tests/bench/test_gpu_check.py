@@ -107,9 +107,10 @@ def test_dry_run_throughput_figures_are_consistent(dry_run):
                 parts = x["bytes_breakdown"]
                 assert math.isclose(parts["total"], sum(v for k, v in parts.items() if k != "total"))
                 assert math.isclose(x["decode_GBps"], x["bytes_per_step"] / x["decode_step_s"] / 1e9)
-                # on a CPU the engine's paged attention is the XLA path; no fall-back happened
+                # on a CPU the engine's paged attention is the CPU kernel or the XLA path (never
+                # Pallas); no fall-back happened
                 paths = x["paged_attention"] if run is entry else [x["paged_attention"]]
-                assert paths and all(p.startswith("xla") for p in paths), paths
+                assert paths and all(p.startswith(("cpu_kernel:", "xla")) for p in paths), paths
                 assert "paged_attention_fallback" not in x
             if "note" not in run["batch1"]:
                 assert run["batch1"]["prefill_tokens_per_s"] > 0 and run["batch1"]["prefill_GBps"] > 0
