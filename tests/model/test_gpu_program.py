@@ -6,6 +6,7 @@ decode loop)."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +41,9 @@ def test_gpu_program_lowers_for_cuda(tiny_config):
     decode = lower_for_cuda(lambda p, t, q: step(p, t, q, False), params, tokens[:, :1], pos[:, :1])
     for text in (prefill, decode):
         assert "__gpu$xla.gpu.triton" in text  # the grouped MXFP4 kernels
-        assert "gptoss_" not in text  # no C++ CPU kernel
+        # no C++ CPU kernel among the custom calls (file paths in the kernels' debug info may
+        # well contain "gptoss_": only call targets count)
+        assert not re.search(r'(@|call_target_name = ")gptoss_', text)
     # the decode write is one scatter (on CPU: in-place row updates)
     assert "scatter" in decode and "dynamic_update_slice" not in decode
     _, cache = jax.eval_shape(lambda p, t, q: step(p, t, q, False), params, tokens[:, :1], pos[:, :1])

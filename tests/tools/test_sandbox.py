@@ -135,8 +135,10 @@ def test_fork_bomb(executor):
 def test_huge_output_is_capped(executor):
     start = time.monotonic()
     result = run(executor, "import sys\nfor _ in range(100):\n    sys.stdout.write('x' * (1 << 20))")
-    assert time.monotonic() - start < LIMITS.wall_seconds
+    # stopped by the output cap, not by the wall-clock limit (that would be "timeout"); the
+    # bound on the time only guards against a hang (a loaded machine is slow to start Python)
     assert result.failure == "output-limit"
+    assert time.monotonic() - start < LIMITS.wall_seconds + 3
     assert len(result.output) <= LIMITS.max_output_bytes and "output exceeded" in result.text()
 
 
