@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+@pytest.mark.slow
 def test_generate_bench_smoke(tmp_path):
     env = dict(os.environ, TMPDIR=str(tmp_path))  # the bench writes its random checkpoint there
     out = subprocess.run(

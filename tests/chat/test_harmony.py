@@ -77,6 +77,7 @@ def ref_prompt(enc, msgs, config=NO_DROP):
 # --- Rendering prompts -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("effort", ["low", "medium", "high"])
 def test_prompt_effort_and_date(enc, effort):
     got = H.render_prompt([{"role": "user", "content": "Hi there!"}], reasoning_effort=effort, date=DATE)

@@ -60,6 +60,7 @@ def test_scripts_are_the_harmony_they_stand_for():
     assert msg.content_type == "<|constrain|>json" and msg.content[0].text == "{}"
 
 
+@pytest.mark.slow
 def test_logits_favour_the_successor_and_nothing_else():
     """The numbers the module docstring promises, from the weights alone (numpy): a margin of
     tens of logits on each successor; random, moderate logits after the script's end and after
@@ -82,6 +83,7 @@ def test_logits_favour_the_successor_and_nothing_else():
         assert np.abs(z[list(succ.values())]).max() < 5 * z.std()
 
 
+@pytest.mark.slow
 def test_the_prior_shapes_free_choices_only():
     succ = script_successors(OPEN_FINAL)
     prior = short_token_prior()

@@ -105,6 +105,7 @@ def test_dtype_spellings():
         common.check_model_args(parser.parse_args(["--dtype", "int8"]))
 
 
+@pytest.mark.slow
 def test_with_heartbeats_pings_a_multihost_engine_while_a_tool_call_waits():
     """A tool call longer than the followers' patience: the turn's event loop keeps pinging."""
     import asyncio

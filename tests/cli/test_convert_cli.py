@@ -54,6 +54,7 @@ def _tensors(folder) -> dict[str, np.ndarray]:
     return out
 
 
+@pytest.mark.slow
 def test_help_in_a_subprocess():
     proc = subprocess.run([sys.executable, "-m", "gptoss_jax.convert", "--help"], cwd=ROOT,
                           env=_env(), capture_output=True, text=True, timeout=120)
@@ -62,6 +63,7 @@ def test_help_in_a_subprocess():
         assert word in proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", ["convert.reader", "convert.layouts", "gptoss_jax.convert"])
 def test_any_module_can_be_imported_first(module):
     """convert <-> gptoss_jax import each other; no entry point may hit a circular import."""
@@ -86,6 +88,7 @@ def exported(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_export_chain_gives_identical_logits(exported):
     tokens = np.random.default_rng(3).integers(0, 211, size=(2, 14)).astype(np.int32)
     logits = {}
@@ -173,6 +176,7 @@ def test_parameter_counts_of_the_real_models():
     assert round(s120["active_parameters"] / 1e9, 1) == 5.1
 
 
+@pytest.mark.slow
 def test_tiny_chat_preset(tmp_path, capsys):
     assert run("random", "--preset", "tiny-chat", "--output", tmp_path / "chat", "--quiet") == 0
     model = gptoss_jax.load(str(tmp_path / "chat"), progress=False)
@@ -317,6 +321,7 @@ MEM_CHILD = textwrap.dedent("""
 # and jax loaded: over 1 GB) would report the parent's size.
 
 
+@pytest.mark.slow
 def test_loading_peak_memory_stays_near_the_model_size(tmp_path, tiny_ckpts):
     if not sys.platform.startswith("linux"):
         pytest.skip("reads /proc/self/statm")

@@ -28,6 +28,7 @@ def _run(capsys, *argv):
     return code, out.out, out.err
 
 
+@pytest.mark.slow
 def test_json_chat_matches_api_and_harmony(capsys, tiny_chat_ckpt, tiny_chat_model):
     code, out, _ = _run(capsys, "--checkpoint", tiny_chat_ckpt, "--prompt", "Why is the sky blue?",
                         "--reasoning-effort", "high", "--temperature", "0", "--max-new-tokens", "7",
@@ -49,6 +50,7 @@ def test_json_chat_matches_api_and_harmony(capsys, tiny_chat_ckpt, tiny_chat_mod
     assert "channels" in res
 
 
+@pytest.mark.slow
 def test_prompt_ids_and_raw(capsys, tiny_chat_ckpt, tiny_chat_model):
     code, out, _ = _run(capsys, "--checkpoint", tiny_chat_ckpt, "--prompt-ids", "1,2,3,4",
                         "--temperature", "0", "--max-new-tokens", "5", "--dtype", "float32", "--json")
@@ -89,6 +91,7 @@ def test_prompt_longer_than_context_exit_2(capsys, tiny_chat_ckpt, tiny_chat_mod
     assert code == 2 and "context" in err
 
 
+@pytest.mark.slow
 def test_missing_checkpoint_subprocess():
     proc = subprocess.run([sys.executable, "-m", "gptoss_jax.generate", "--checkpoint",
                            "/nonexistent/dir", "--prompt", "hi"], capture_output=True, text=True,

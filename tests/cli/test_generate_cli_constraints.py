@@ -53,6 +53,7 @@ def test_json_schema_file_and_text_regex_and_grammar(capsys, tmp_path, scripted_
     jsonschema.validate(json.loads(out.strip()), SCHEMA)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags,needle", [
     (["--json-schema", '{"type": "object", "properties": {"a": {"type": "strin"}}}'], "--json-schema"),
     (["--json-schema", '{"type": "array", "uniqueItems": true}'], "uniqueItems"),

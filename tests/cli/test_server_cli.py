@@ -31,6 +31,7 @@ def test_model_name():
     assert model_name("/data/gpt-oss-120b/original/") == "gpt-oss-120b"
 
 
+@pytest.mark.slow
 def test_serves_on_a_free_port_with_an_api_key(tmp_path):
     from convert.random_weights import random_getter
     from convert.writer import write_checkpoint

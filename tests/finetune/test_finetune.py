@@ -65,6 +65,7 @@ def snapshot(tree):
     return [np.array(x, copy=True) for x in jax.tree.leaves(tree)]
 
 
+@pytest.mark.slow
 def test_training_halves_loss_and_leaves_base_alone(tiny_model_f32, tiny_config):
     before = snapshot(tiny_model_f32.params)
     lc = lora.LoraConfig(rank=8, alpha=16.0, targets=("q", "k", "v", "o", "experts"))
@@ -77,6 +78,7 @@ def test_training_halves_loss_and_leaves_base_alone(tiny_model_f32, tiny_config)
         np.testing.assert_array_equal(a, np.asarray(b))
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tiny_model_f32, tiny_config, tmp_path):
     lc = lora.LoraConfig(rank=4, alpha=8.0, dropout=0.1, targets=("q", "v", "o", "experts"))
     tc = train.TrainConfig(steps=6, lr=5e-3, batch_size=2, grad_accum=2, seq_len=40, loss_chunk=32,
@@ -103,6 +105,7 @@ def test_resume_is_exact(tiny_model_f32, tiny_config, tmp_path):
             data.PackedData(docs, 40), output_dir=str(tmp_path / "split"), resume=True)
 
 
+@pytest.mark.slow
 def test_kill_mid_save_keeps_previous_checkpoint(tmp_path):
     script = textwrap.dedent("""
         import os, sys
@@ -220,6 +223,7 @@ def test_bad_lines_named_or_skipped(tmp_path):
     assert "skipped 4 malformed lines (2, 4, 5, 6)" in report.summary()
 
 
+@pytest.mark.slow
 def test_cli(offline, chat_ckpt, tmp_path, capsys):
     from gptoss_jax.cli import finetune
 

@@ -55,6 +55,7 @@ def tokens(tiny_config):
     return rng.integers(0, tiny_config.vocab_size, size=(2, 23)).astype(np.int32)
 
 
+@pytest.mark.slow
 def test_fresh_adapter_is_the_base(tiny_model_f32, tiny_config, tokens):
     lc = lora.LoraConfig(rank=4, targets=ALL)
     ad = lora.init(tiny_config, lc, jax.random.PRNGKey(0))
@@ -64,6 +65,7 @@ def test_fresh_adapter_is_the_base(tiny_model_f32, tiny_config, tokens):
 
 
 # 1-2 tokens: gather path; 5: grouped path; 23: grouped path with the gate_up rows reordered
+@pytest.mark.slow
 @pytest.mark.parametrize("t", [1, 2, 5, 23])
 def test_adapter_equals_dense_merge(tiny_model_f32, tiny_config, tokens, t):
     lc = lora.LoraConfig(rank=5, alpha=7.0, targets=ALL)
@@ -76,6 +78,7 @@ def test_adapter_equals_dense_merge(tiny_model_f32, tiny_config, tokens, t):
     np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=3e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_segments_isolate_packed_documents(tiny_model_f32, tiny_config, tokens):
     a, b = tokens[0, :9], tokens[1, :13]
     row = np.concatenate([a, b])[None]
@@ -90,6 +93,7 @@ def test_segments_isolate_packed_documents(tiny_model_f32, tiny_config, tokens):
     np.testing.assert_allclose(packed[9:], alone_b, atol=2e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_peft_tensors_round_trip(tiny_config):
     lc = lora.LoraConfig(rank=3, targets=ALL)
     ad = random_adapters(tiny_config, lc)
@@ -117,6 +121,7 @@ def transformers_fresh(tiny_ckpts):
     return make
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("targets", [("q", "k", "v", "o"), ALL])
 def test_peft_loads_our_adapter(tiny_model_f32, tiny_config, tokens, tmp_path, transformers_fresh,
                                 targets):
@@ -152,6 +157,7 @@ def test_merged_attention_export_is_exact(tiny_model_f32, tiny_config, tokens, t
     np.testing.assert_allclose(theirs, want, atol=1e-4 * np.abs(want).max(), rtol=0)
 
 
+@pytest.mark.slow
 def test_merged_expert_export(tiny_model_f32, tiny_config, tokens, tmp_path, transformers_fresh):
     lc = lora.LoraConfig(rank=4, alpha=8.0, targets=ALL)
     ad = random_adapters(tiny_config, lc)
@@ -183,6 +189,7 @@ def test_merged_expert_export(tiny_model_f32, tiny_config, tokens, tmp_path, tra
         assert np.all(err <= bound), m
 
 
+@pytest.mark.slow
 def test_load_adapter(tiny_model_f32, tiny_config, tokens, tmp_path):
     lc = lora.LoraConfig(rank=4, alpha=8.0, targets=ALL)
     ad = random_adapters(tiny_config, lc)

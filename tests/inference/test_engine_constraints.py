@@ -124,6 +124,7 @@ def test_prefill_first_token_is_constrained(tiny_chat_model):
         assert first[1] == 200005  # <|channel|>
 
 
+@pytest.mark.slow
 def test_a_prompt_that_opens_the_answer(engine):
     """Tokens past the prompt's last ``<|start|>assistant`` count as the turn's start: with the
     final channel already open, the first sampled token is the JSON's."""
@@ -139,6 +140,7 @@ def test_a_prompt_that_opens_the_answer(engine):
     assert engine.seqs == {} and engine.idle
 
 
+@pytest.mark.slow
 def test_a_dead_end_fails_its_slot_and_the_others_carry_on(engine, chat_prompt):
     grammar = 'start: <|channel|> "final" <|message|> "{\\"a\\":"'  # stops before any <|return|>
     proto = llguidance.LLMatcher(llg_tokenizer(), grammar, log_level=0)
@@ -178,6 +180,7 @@ def test_preempted_sequences_keep_their_constraints(scripted_final_ckpt, chat_pr
     assert any(done[i][1] == "stop" for i in range(n))
 
 
+@pytest.mark.slow
 def test_no_recompile_per_request(engine, chat_prompt):
     sp = [SamplingParams(temperature=1.0, seed=s) for s in range(4)]
     engine.compile(len(chat_prompt), num_prompts=4, sampling=sp[0], constrained=True)

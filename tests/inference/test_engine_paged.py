@@ -84,6 +84,7 @@ def hit(prompt_len: int, cached_prefix: int) -> int:
     return min(cached_prefix, prompt_len - 1) // PAGE * PAGE
 
 
+@pytest.mark.slow
 def test_repeated_prompts_reuse_their_pages(model):
     prompts = rng_prompts(0, [23, 9, 30])
     want = reference(model, prompts, 6)
@@ -97,6 +98,7 @@ def test_repeated_prompts_reuse_their_pages(model):
     assert run(off, prompts, 6) == (want, [0, 0, 0]) and run(off, prompts, 6)[1] == [0, 0, 0]
 
 
+@pytest.mark.slow
 def test_shared_prefix_among_concurrent_requests_and_n_copies(model):
     system = rng_prompts(1, [21])[0]
     prompts = [system + q for q in rng_prompts(2, [5, 8, 3])] + [system + [7, 7]] * 2
@@ -162,6 +164,7 @@ def test_preemption_and_eviction_keep_every_output(model):
     assert [seen[i] for i in ids] == solo and eng.preemptions > before
 
 
+@pytest.mark.slow
 def test_requests_that_can_never_fit_are_refused_at_submit(model):
     eng = engine(model, kv_cache_tokens=64)
     with pytest.raises(CapacityError, match="KV pages"):

@@ -78,6 +78,7 @@ def test_json_object(setup):
         assert isinstance(json.loads(final_of(out.tokens)), dict)
 
 
+@pytest.mark.slow
 def test_raw_prompts_constrain_the_body_and_streams_agree(setup):
     model, engine, _ = setup
     tok = load_tokenizer()

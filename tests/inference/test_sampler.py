@@ -25,6 +25,7 @@ def greedy(tiny_model_f32, prompts, tiny_config):
                     stop_tokens=(), decode_text=False)
 
 
+@pytest.mark.slow
 def test_cached_decode_equals_full_forward_argmax(tiny_model_f32, prompts, greedy):
     model = tiny_model_f32
     for p, out in zip(prompts, greedy):
@@ -46,6 +47,7 @@ def test_greedy_matches_transformers_generate(hf_reference, prompts, greedy):
         assert ref[0, len(p):].tolist() == out.tokens
 
 
+@pytest.mark.slow
 def test_seeds_reproducible_and_distinct(tiny_model_f32, prompts):
     kw = dict(max_new_tokens=12, temperature=1.0, top_p=0.9, top_k=20, stop_tokens=(),
               decode_text=False)
@@ -78,6 +80,7 @@ def test_stream_yields_tokens_in_order(tiny_model_f32, prompts, greedy):
     assert seen == [g.tokens[:6] for g in greedy]
 
 
+@pytest.mark.slow
 def test_more_prompts_than_slots_join_between_steps(tiny_model_f32, prompts, greedy):
     outs = generate(tiny_model_f32, prompts, max_new_tokens=8, temperature=0.0,
                     stop_tokens=(), decode_text=False, max_batch=2)
@@ -103,6 +106,7 @@ def test_sampling_params_validated(bad):
         SamplingParams(**bad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cpu_kernels", [True, False], ids=["cpu_kernels", "xla_fallback"])
 def test_bf16_cached_decode_follows_full_forward(tiny_ckpts, prompts, tiny_config, cpu_kernels):
     """bf16: the decode path (on CPU the cache holds 16-bit patterns, written in place) keeps

@@ -51,6 +51,7 @@ def _draw(logits, n, **kw):
     return np.bincount(np.asarray(toks), minlength=V) / n
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kw", [dict(), dict(temperature=0.6), dict(temperature=1.7),
                                 dict(top_k=5), dict(top_p=0.7), dict(min_p=0.2),
                                 dict(top_k=9, top_p=0.8, temperature=0.8)])
@@ -63,6 +64,7 @@ def test_sampled_frequencies_match_filtered_distribution(kw):
     assert 0.5 * np.abs(got - want).sum() < 0.05
 
 
+@pytest.mark.slow
 def test_filter_support_is_exact():
     logits = _probs()
     for kw in [dict(top_k=4), dict(top_p=0.5), dict(min_p=0.3), dict(top_p=0.95, top_k=12)]:
@@ -73,6 +75,7 @@ def test_filter_support_is_exact():
         np.testing.assert_array_equal(kept, _expected(logits, **kw) > 0)
 
 
+@pytest.mark.slow
 def test_greedy_rows_take_the_argmax():
     logits = np.random.default_rng(0).normal(size=(4, V)).astype(np.float32)
     keys = jax.random.split(jax.random.key(1), 4)

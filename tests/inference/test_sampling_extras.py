@@ -83,6 +83,7 @@ def _case(seed=0):
     return params, prompts, outputs, logits
 
 
+@pytest.mark.slow
 def test_processors_match_numpy_formulas():
     params, prompts, outputs, logits = _case()
     state, mode = _admit(params, prompts, outputs=outputs)
@@ -93,6 +94,7 @@ def test_processors_match_numpy_formulas():
     np.testing.assert_array_equal(np.asarray(got)[3], logits[3])  # the neutral row, bit for bit
 
 
+@pytest.mark.slow
 def test_repetition_penalty_matches_transformers():
     torch = pytest.importorskip("torch")
     from transformers import RepetitionPenaltyLogitsProcessor
@@ -118,6 +120,7 @@ def test_history_counts_and_prompt_bitmask():
         np.testing.assert_array_equal(np.asarray(state.prompt[b]), words)
 
 
+@pytest.mark.slow
 def test_scatter_rows_replaces_only_those_slots():
     params, prompts, outputs, _ = _case(2)
     rows, _ = _admit(params[:2], prompts[:2], outputs=[o[:3] for o in outputs[:2]])
@@ -151,6 +154,7 @@ def _softmax(x):
     return e / e.sum()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("params", [
     dict(logit_bias={4: 2.0, 9: -1.5, 30: 1.0}),
     dict(presence_penalty=1.5, repetition_penalty=1.4, temperature=0.8),
@@ -175,6 +179,7 @@ def test_sampled_distribution_follows_processed_logits(params):
     assert 0.5 * np.abs(got - want).sum() < 0.05
 
 
+@pytest.mark.slow
 def test_logit_bias_bans_and_forces():
     logits = np.random.default_rng(8).normal(size=V).astype(np.float32)
     top = int(logits.argmax())
@@ -186,6 +191,7 @@ def test_logit_bias_bans_and_forces():
         assert got[forced] == 1.0
 
 
+@pytest.mark.slow
 def test_min_tokens_masks_stop_tokens_until_reached():
     logits = np.zeros((2, V), np.float32)
     logits[:, STOPS[1]] = 50.0  # a stop token dominates
@@ -201,6 +207,7 @@ def test_min_tokens_masks_stop_tokens_until_reached():
     assert seen[3] == [STOPS[1], STOPS[1]] and seen[4] == [STOPS[1], STOPS[1]]
 
 
+@pytest.mark.slow
 def test_seed_gives_same_tokens_in_any_slot_and_batch():
     """A request's draws depend on its seed and step only: the same in slot 0 of one batch and
     slot 3 of another, whatever the other rows are."""
@@ -290,6 +297,7 @@ def test_logprobs_are_raw_log_softmax():
     np.testing.assert_allclose(np.asarray(lp.top_logprobs), np.take_along_axis(ref, order, -1), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_logprobs_match_transformers_on_tiny_checkpoint(tiny_model_f32, hf_reference):
     import torch
 

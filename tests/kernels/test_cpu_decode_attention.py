@@ -71,6 +71,7 @@ def test_matches_numpy(b, kh, g, s, h, window):
     assert np.all(out[idle] == 0)
 
 
+@pytest.mark.slow
 def test_reference_matches_numpy():
     q, k, v, q_pos, k_pos, sinks = case(2, 2, 3, 40, 16, seed=9)
     out = np.asarray(decode_attention_reference(jnp.asarray(q), bits(k), bits(v),

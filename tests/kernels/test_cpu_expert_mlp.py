@@ -71,6 +71,7 @@ def run(args, **kw):
                         db, ds, jnp.asarray(dnb, jnp.bfloat16)))
 
 
+@pytest.mark.slow
 @needs_kernel
 @pytest.mark.parametrize("branch", branch_params())
 @pytest.mark.parametrize("t,k,e,d,f", [
@@ -92,6 +93,7 @@ def test_matches_numpy(branch, t, k, e, d, f):
     np.testing.assert_allclose(out, ref, rtol=0, atol=2e-3 * np.abs(ref).max())
 
 
+@pytest.mark.slow
 def test_reference_matches_numpy():
     args = case(2, 3, 6, 64, 96, seed=5)
     x, idx, w, gb, gs, gub, db, ds, dnb = args

@@ -49,6 +49,7 @@ def grouped_case(seed=7):
     return x, blocks, scales, group_sizes, want
 
 
+@pytest.mark.slow
 def test_grouped_reference_matches_numpy():
     x, blocks, scales, group_sizes, want = grouped_case()
     close(cpu_kernels.grouped_matmul_reference(x, blocks, scales, group_sizes), want)
@@ -170,6 +171,7 @@ FALLBACK_SCRIPT = textwrap.dedent("""
 AVX512 = {n for n, k in cpu_kernels.KERNELS.items() if "avx512f" in k.cpu_flags}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how,reason", [("switch", "GPTOSS_JAX_CPU_KERNELS=0"),
                                         ("no-avx512", "lacks avx512"),
                                         ("no-avx2", "this CPU lacks")])

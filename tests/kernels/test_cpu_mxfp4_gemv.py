@@ -76,6 +76,7 @@ def test_default_branch_and_task_slices_agree():
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
 
 
+@pytest.mark.slow
 def test_reference_matches_numpy():
     lhs, blocks, scales, gs, ref = case(3, 24, 64, [2, 0, 1], 1, seed=3)
     out = np.asarray(mxfp4_gemv_reference(jnp.asarray(lhs), jnp.asarray(blocks),

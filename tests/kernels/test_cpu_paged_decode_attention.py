@@ -117,6 +117,7 @@ def test_reads_only_visible_positions():
     np.testing.assert_allclose(out, ref, rtol=0, atol=4e-3 * max(1.0, np.abs(ref).max()))
 
 
+@pytest.mark.slow
 def test_reference_matches_numpy():
     q, k_pool, v_pool, table, q_pos, sinks = case((40, 9, -1), 2, 3, 16, 8, 6, seed=9)
     out = np.asarray(paged_decode_attention_reference(

@@ -68,6 +68,7 @@ def run_mosaic(args, rs, interpret, **kw):
     return out, ref
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not INTERPRET, reason="race detection is a GPU interpreter feature")
 @pytest.mark.parametrize("num_stages", [1, 2, 4])
 def test_several_weight_tiles_swiglu_without_races(num_stages):
@@ -87,6 +88,7 @@ def test_several_weight_tiles_swiglu_without_races(num_stages):
     assert not np.any(np.asarray(out)[44:]), "padding rows must be zero"
 
 
+@pytest.mark.slow
 def test_group_sizes_past_m_are_cut():
     """Sizes summing past M: the overflowing rows do not exist (as in the reference)."""
     args, rs = make_problem(12, 21, 64, 64, [15, 30], bias=True, row_scale=False)
@@ -95,6 +97,7 @@ def test_group_sizes_past_m_are_cut():
     assert_close(out, ref, jnp.float32)
 
 
+@pytest.mark.slow
 def test_laid_out_launch_equals_the_wrapper():
     """layout_operands + launch_laid_out (what gpu_check times apart) give the wrapper's result."""
     args, rs = make_problem(13, 23, 128, 128, [4, 0, 11, 6], bias=True, row_scale=True)
@@ -119,6 +122,7 @@ def test_down_projection_lowers_for_cuda(cfg):
     assert "mosaic_gpu" in lower_for_cuda(lambda *a: f(*a[:4]), *args[:4])
 
 
+@pytest.mark.slow
 def test_kernel_alone_lowers_for_cuda():
     """The laid-out launch (gpu_check's kernel-only timing) lowers without the wrapper's layout."""
     args, rs = make_problem(15, 64, 2880, 5760, [16] * 4, bias=True, row_scale=True)

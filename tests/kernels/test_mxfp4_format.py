@@ -18,6 +18,7 @@ def spec_value(code: int) -> float:
     return sign * mag
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scale", [2, 97, 127, 128, 150, 253])
 def test_every_byte_decodes_per_spec(scale):
     blocks = np.arange(256, dtype=np.uint8).reshape(1, 2, 8, 16)  # [N=1, K/32=2 ... ] x 2 rows
@@ -44,6 +45,7 @@ def test_quantize_roundtrip_of_grid_values():
     np.testing.assert_array_equal(mxfp4.dequantize_np(b2, s2), w)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_split_order_dequant_matches_natural_after_permutation(dtype):
     rng = np.random.default_rng(2)

@@ -105,6 +105,7 @@ def test_reference_matches_transformers_eager_attention(kv_lens, chunk_lens, win
     assert not got[pad].any(), "padding rows must come out zero"
 
 
+@pytest.mark.slow
 def test_reference_with_a_window_table_matches_the_whole_table():
     paged, _ = make_problem(2, kv_lens=[90, 33, 61], chunk_lens=[4, 1, 6], page=8, h=12)
     whole = pa.paged_attention_reference(**paged, window=9)
@@ -132,6 +133,7 @@ KERNEL_CASES = [pytest.param(*case, splits,
                 for i, case in enumerate(CASES) for splits in (1, 3)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kv_lens, chunk_lens, window, splits", KERNEL_CASES)
 def test_kernel_matches_reference(kv_lens, chunk_lens, window, splits):
     paged, _ = make_problem(3, kv_lens=kv_lens, chunk_lens=chunk_lens)
@@ -162,6 +164,7 @@ def test_kernel_gqa_shapes_and_dtypes(dtype):
                                **_tolerance(dtype))
 
 
+@pytest.mark.slow
 def test_kernel_all_padding_rows_are_zero():
     paged, _ = make_problem(5, kv_lens=[20, 9], chunk_lens=[2, 1])
     paged["q_pos"] = paged["q_pos"].at[1].set(-1)  # an idle slot
@@ -169,6 +172,7 @@ def test_kernel_all_padding_rows_are_zero():
     assert np.isfinite(got).all() and not got[1].any()
 
 
+@pytest.mark.slow
 def test_write_pages_lands_by_position_and_drops_padding():
     rng = np.random.default_rng(6)
     num_pages, kh, size, h = 9, 2, 4, 3

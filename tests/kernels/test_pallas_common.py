@@ -13,6 +13,7 @@ from pallas_kernels import common, swiglu, swiglu_interleaved
 from tests.kernels.test_mxfp4_format import spec_value
 
 
+@pytest.mark.slow
 def test_fp4_decoder_every_code_per_spec():
     codes = jnp.arange(16, dtype=jnp.int32)
     got = np.asarray(common.fp4_codes_to_f32(codes))
@@ -28,6 +29,7 @@ def test_e8m0_decoder_every_exponent():
     assert np.isinf(np.asarray(common.e8m0_to_f32(jnp.asarray([255], jnp.int32))))[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sizes,m", [([3, 0, 5, 2], 12), ([0, 0, 0], 4), ([9, 9], 10),
                                      ([1, 0, 0, 30, 0], 40)])
 @pytest.mark.parametrize("block_m", [1, 4, 16])

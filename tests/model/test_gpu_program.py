@@ -21,6 +21,7 @@ from pallas_kernels import backend_available
 from tests.kernels.helpers import lower_for_cuda
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not backend_available("triton"), reason="Pallas' Triton backend does not load here")
 def test_gpu_program_lowers_for_cuda(tiny_config):
     c = tiny_config
@@ -50,6 +51,7 @@ def test_gpu_program_lowers_for_cuda(tiny_config):
     assert all(layer.k.dtype == jnp.bfloat16 for layer in cache)  # stored as bf16 itself
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not backend_available("triton"), reason="Pallas' Triton backend does not load here")
 def test_gpu_paged_step_lowers_for_cuda(tiny_config):
     """The serving engine's step on a GPU: pages written by one scatter, read by the Pallas paged

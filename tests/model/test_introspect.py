@@ -23,6 +23,7 @@ def traced(tiny_model_f32, hf_reference):
     return gi.trace(tiny_model_f32, tokens), ref
 
 
+@pytest.mark.slow
 def test_trace_matches_transformers(traced, tiny_config):
     tr, ref = traced
     c = tiny_config

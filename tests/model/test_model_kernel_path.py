@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from gptoss_jax.ops.runtime import resolve
 
 
+@pytest.mark.slow
 def test_pallas_moe_path_matches_xla(tiny_model_f32, tiny_config):
     rng = np.random.default_rng(5)
     tokens = rng.integers(0, tiny_config.vocab_size, size=(2, 13)).astype(np.int32)

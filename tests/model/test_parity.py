@@ -34,6 +34,7 @@ def _rel_err(ours, ref, lengths):
     return worst
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["hf_mxfp4", "hf_mxfp4_sharded", "hf_bf16", "original"])
 def test_f32_logits_match_transformers(tiny_ckpts, batch, reference, layout):
     model = gptoss_jax.load(tiny_ckpts[layout], dtype="float32", progress=False)
@@ -60,6 +61,7 @@ def test_bf16_layout_kept_dense_or_quantized(tiny_ckpts, batch, reference):
     assert _rel_err(np.asarray(model(*batch)), reference, batch[1]) < 1e-4
 
 
+@pytest.mark.slow
 def test_bf16_compute_within_bf16_bound(tiny_ckpts, batch, reference):
     model = gptoss_jax.load(tiny_ckpts["hf_mxfp4"], progress=False)  # bf16 default
     assert model.dtype == np.dtype("bfloat16")
@@ -77,6 +79,7 @@ def test_bf16_compute_within_bf16_bound(tiny_ckpts, batch, reference):
         assert np.mean(ours[b, :n].argmax(-1) == reference[b, :n].argmax(-1)) > 0.8
 
 
+@pytest.mark.slow
 def test_padding_does_not_change_valid_positions(tiny_model_f32, batch):
     tokens, lengths = batch
     full = np.asarray(tiny_model_f32(tokens, lengths))

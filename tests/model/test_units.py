@@ -123,6 +123,7 @@ def test_yarn_cos_sin_match_rotary_embedding(rng):
     close(sin, ref_sin, rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_rope_rotation(rng):
     b, tt, heads, h = 2, 9, C.num_attention_heads, C.head_dim
     q = rng.standard_normal((b, tt, heads, h)).astype(np.float32)
@@ -158,6 +159,7 @@ def _hf_mask(b, tt, window, lengths):
 
 
 # 12 tokens: > 2x the window; 300: three query blocks of model.self_attention
+@pytest.mark.slow
 @pytest.mark.parametrize("tt", [12, 300])
 @pytest.mark.parametrize("window", [None, C.sliding_window], ids=["full", "sliding"])
 def test_attention_with_sinks_matches_eager(rng, window, tt):
@@ -213,6 +215,7 @@ def test_blocked_self_attention_keeps_packed_segments_apart(rng, window):
     close(np.asarray(ours).reshape(b, tt, kvh * g, h), ref)
 
 
+@pytest.mark.slow
 def test_attention_block_matches_module(rng):
     """The whole attention block (projections with biases, YaRN, GQA, sinks, window) against
     GptOssAttention with the same weights; torch Linear [out, in] mapped by hand."""
@@ -297,6 +300,7 @@ def jax_tree(tree):
     return jax.tree.map(jnp.asarray, tree)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tokens", [2, 29], ids=["gather", "grouped"])  # t*k <= e picks gather
 @pytest.mark.parametrize("fmt", ["mxfp4", "dense"])
 def test_moe_matches_gpt_oss_mlp(rng, tokens, fmt):
@@ -334,6 +338,7 @@ def branches():
         pytest.param(None, id="no-avx2")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernels", CPU_PATHS)
 @pytest.mark.parametrize("rows", [1, 2, 8])
 @pytest.mark.parametrize("branch", branches())
@@ -383,6 +388,7 @@ def test_unembedding_cpu_paths_value_and_gradient(rng, kernels, rows, branch):
     close(dw.astype(jnp.float32), g.T @ x64, rtol=1e-2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernels", CPU_PATHS)
 @pytest.mark.parametrize("tokens", [2, 29])
 def test_moe_cpu_paths_match_gpt_oss_mlp(rng, kernels, tokens):
@@ -411,6 +417,7 @@ def _bf16(a):
     return np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tokens", [1, 8])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "grouped"])
 @pytest.mark.parametrize("branch", [*branches(), pytest.param("xla", id="xla_fallback")])

@@ -36,6 +36,7 @@ def _attend(paged, window, ops, block_tokens):
                                block_tokens=block_tokens)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ops", [PORTABLE, CPU], ids=["portable", "cpu"])
 @pytest.mark.parametrize("kv_lens, chunk_lens, window", CASES)
 def test_xla_online_softmax_matches_the_reference(ops, kv_lens, chunk_lens, window):
@@ -47,6 +48,7 @@ def test_xla_online_softmax_matches_the_reference(ops, kv_lens, chunk_lens, wind
         assert not got[dense["q_pos"] < 0].any(), "padding rows must come out zero"
 
 
+@pytest.mark.slow
 def test_xla_reads_a_uint16_pool_as_bf16():
     paged, _ = make_problem(12, kv_lens=[50, 17], chunk_lens=[10, 1], kh=2, g=8, h=16,
                             dtype=jnp.bfloat16)
@@ -81,6 +83,7 @@ def test_cpu_decode_kernel_through_the_ops_matches_the_reference(window):
     assert not np.asarray(got[2], np.float32).any(), "padding rows must come out zero"
 
 
+@pytest.mark.slow
 def test_pallas_kernel_through_the_ops_matches_xla():
     ops = resolve(platform="cpu", paged_attention="pallas", interpret=True, use_cpu_kernels=False)
     assert ops.paged_attention == "pallas" and "interpret" in ops.table()["paged_attention"]
@@ -100,6 +103,7 @@ WRITES = [  # positions per row: a chunk starting mid-page, one starting at 0, a
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pos", WRITES)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_cpu_writes_in_place_equal_the_scatter(pos, dtype):

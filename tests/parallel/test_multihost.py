@@ -31,6 +31,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", ["expert=4,tensor=2"])
 def test_two_processes_match_single_process(tmp_path, mesh):
     ckpt = str(tmp_path / "ckpt")

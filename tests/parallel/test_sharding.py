@@ -84,6 +84,7 @@ def _assert_close(ours, ref, lengths):
 
 
 # -- 8 devices (one subprocess per mesh) -------------------------------------------------------
+@pytest.mark.slow
 def test_logits_match_single_device(sharded, single):
     mesh, results, _ = sharded
     _, lengths = batch()
@@ -117,6 +118,7 @@ def test_heads_and_vocab_on_tensor_axis(sharded):
     assert info["logits_spec"] == (str(P(*want)) if any(want) else "P()")
 
 
+@pytest.mark.slow
 def test_bad_meshes_fail_before_reading(ckpt, tmp_path):
     _, report = _sharded_run(ckpt, tmp_path)  # no good mesh: only the bad ones
     bad = report["bad"]
@@ -128,6 +130,7 @@ def test_bad_meshes_fail_before_reading(ckpt, tmp_path):
     assert "num_local_experts=12 is not divisible by the expert axis (8)" in bad["experts=12 on expert=8"]
 
 
+@pytest.mark.slow
 def test_sharded_load_never_holds_a_whole_expert_tensor(tmp_path):
     # One layer of 8 experts at d = f = 4096: 201 MB packed, gate_up_blocks alone 134 MB.
     c = GptOssConfig(vocab_size=256, hidden_size=4096, intermediate_size=4096, num_hidden_layers=1,

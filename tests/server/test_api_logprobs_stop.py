@@ -93,6 +93,7 @@ def test_responses_logprobs_with_include(served):
     assert plain.output[-1].content[0].logprobs == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop,content", [
     ("d, th", "Hello worl"),  # across three tokens
     (["nope", " is f"], "Hello world, this"),
@@ -160,6 +161,7 @@ def test_model_field_blank_missing_and_aliases(served):
     assert r.status_code == 404 and r.json()["error"]["param"] == "model"
 
 
+@pytest.mark.slow
 def test_background_response_polls_to_completed(served):
     r = served.client.responses.create(model=MODEL, input="Say something", temperature=0, background=True,
                                        include=["message.output_text.logprobs"])

@@ -79,6 +79,7 @@ def test_background_poll_to_the_end(served):
     settled(served)
 
 
+@pytest.mark.slow
 def test_cancel_mid_generation_frees_the_slot(served, slow):
     before = served.stats()
     rid, deltas = None, 0
@@ -119,6 +120,7 @@ def test_cancel_errors(served):
     settled(served)
 
 
+@pytest.mark.slow
 def test_background_stream_and_resume(served, slow):
     seen = []
     with _create(served, input="Sing", max_output_tokens=30, background=True, stream=True) as stream:
@@ -173,6 +175,7 @@ def test_stored_responses_crud_and_input_items(served):
         assert got.status_code == 400 and got.json()["error"]["param"] == param, got.text
 
 
+@pytest.mark.slow
 def test_instructions_are_replaced_across_previous_response(served):
     r1 = _create(served, input="First", instructions="Answer in French.", max_output_tokens=6)
     r2 = _create(served, input="Second", instructions="Answer in German.", previous_response_id=r1.id,
@@ -186,6 +189,7 @@ def test_instructions_are_replaced_across_previous_response(served):
     assert r3.usage.input_tokens == len(harmony.render_prompt(conversation))  # no instructions at all
 
 
+@pytest.mark.slow
 def test_truncation_auto_drops_the_oldest_turns(served):
     turns = [{"role": "user", "content": f"turn {i}: " + "word " * 40} for i in range(6)]
     with pytest.raises(openai.BadRequestError) as e:

@@ -73,6 +73,7 @@ def stats(s) -> dict:
     return httpx.get(s.url + "/v1/stats").json()
 
 
+@pytest.mark.slow
 def test_models_health_openapi(served):
     assert [m.id for m in served.client.models.list()] == [MODEL]
     h = httpx.get(served.url + "/health").json()
@@ -81,6 +82,7 @@ def test_models_health_openapi(served):
     assert {"/v1/responses", "/v1/chat/completions", "/v1/models", "/health"} <= set(paths)
 
 
+@pytest.mark.slow
 def test_completions_greedy_equals_generate(served):
     ids = served.tok.encode("The quick brown fox")
     want = reference(served, ids, 12)
@@ -95,6 +97,7 @@ def test_completions_greedy_equals_generate(served):
     assert c2.choices[0].text == c.choices[0].text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("effort", ["low", "high"])
 def test_responses_plain_and_streaming(served, effort):
     prompt = harmony.render_prompt([{"role": "user", "content": "Hi there"}], reasoning_effort=effort,
@@ -208,6 +211,7 @@ BAD = [  # (path, body (dict or raw bytes), status, param)
 ]
 
 
+@pytest.mark.slow
 def test_bad_requests_get_openai_errors_and_server_keeps_serving(served):
     with httpx.Client(base_url=served.url, timeout=60) as http:
         for path, body, status, param in BAD:
@@ -232,6 +236,7 @@ def test_bad_requests_get_openai_errors_and_server_keeps_serving(served):
     assert r.usage.output_tokens >= 1 and stats(served)["requests_failed"] == 0
 
 
+@pytest.mark.slow
 def test_disconnected_clients_free_their_slots(served):
     before = stats(served)["requests_cancelled"]
     with httpx.Client(base_url=served.url, timeout=60) as http:
@@ -252,6 +257,7 @@ def test_disconnected_clients_free_their_slots(served):
     assert s["generated_tokens"] < 400  # neither ran to its budget
 
 
+@pytest.mark.slow
 def test_32_concurrent_streams_match_one_at_a_time(served):
     n_new = 6
     words = ["apple", "river", "quantum", "violet", "seven", "tiger", "cloud", "marble"]

@@ -130,6 +130,7 @@ def output_of(r) -> list:
     return [item.model_dump(exclude={"id"}) for item in r.output]
 
 
+@pytest.mark.slow
 def test_repeated_prompts_same_output_and_cached_whole_pages(pair):
     for text in ["Name three books about whales.", "What time does the library open?"]:
         outs = {}
@@ -147,6 +148,7 @@ def test_repeated_prompts_same_output_and_cached_whole_pages(pair):
         assert outs["on"][0] == outs["on"][1]
 
 
+@pytest.mark.slow
 def test_previous_response_id_chain_reuses_the_conversation(pair):
     outs, cached = {}, {}
     for name, s in (("on", pair.on), ("off", pair.off)):
@@ -169,6 +171,7 @@ def test_previous_response_id_chain_reuses_the_conversation(pair):
     assert all(cached["on"][k][0] >= (len(prompts[k - 1]) - 1) // PAGE * PAGE for k in (1, 2))
 
 
+@pytest.mark.slow
 def test_shared_system_prompt_across_concurrent_chat_completions(pair):
     users = ["Alpha: do you have atlases?", "Bravo: when do you close?",
              "Charlie: may I borrow four books?", "Delta: where is shelf nine?",
@@ -258,6 +261,7 @@ def test_64_concurrent_streams_on_a_small_pool_match_each_alone(pair, small):
     assert st["cached_prompt_tokens"] > 0  # the shared story prefix was reused meanwhile
 
 
+@pytest.mark.slow
 def test_requests_that_can_never_fit_the_pool_get_a_400_at_once(small):
     tok = load_tokenizer()
     prompt = tok.encode(STORY)  # about 30 tokens

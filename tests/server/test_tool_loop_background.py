@@ -160,6 +160,7 @@ def _sandboxes_with_marker() -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_background_loop_polls_to_completed(served, slow, docs):
     r = served.client.responses.create(model="m", input="SEARCH bm25", tools=[WEB], background=True)
     assert r.status == "queued" and r.background is True and r.output == []
@@ -200,6 +201,7 @@ def test_background_code_interpreter_items(served):
     assert [i.content[0].text for i in served.client.responses.input_items.list(r.id).data] == ["PY"]
 
 
+@pytest.mark.slow
 def test_cancel_while_python_runs_kills_it(served):
     r = served.client.responses.create(model="m", input="SLEEP", tools=[CODE_INTERPRETER], background=True)
     assert _wait_for(lambda: bool(_sandboxes_with_marker()))
@@ -216,6 +218,7 @@ def test_cancel_while_python_runs_kills_it(served):
     assert served.client.responses.create(model="m", input="hello").output_text == "Hello."
 
 
+@pytest.mark.slow
 def test_cancel_mid_answer_frees_the_slot(served, slow):
     before = _stats(served)
     r = served.client.responses.create(model="m", input="PYLONG", tools=[CODE_INTERPRETER], background=True)
@@ -239,6 +242,7 @@ def test_cancel_mid_answer_frees_the_slot(served, slow):
     assert _stats(served)["requests_cancelled"] == before["requests_cancelled"] + 1
 
 
+@pytest.mark.slow
 def test_background_stream_resumes_mid_loop(served, slow):
     seen = []
     with served.client.responses.create(model="m", input="SEARCH again", tools=[WEB], background=True,
@@ -284,6 +288,7 @@ def _check_logprobs(served, entries, seq_id: int, text: str, k: int):
         assert [bytes(t.bytes) for t in e.top_logprobs] == [tok.decode_bytes([t]) for t in row.top_ids]
 
 
+@pytest.mark.slow
 def test_logprobs_of_the_final_answer(served):
     start = served.engine._next_id
     r = served.client.responses.create(model="m", input="SEARCH logprobs", tools=[WEB], temperature=0,

@@ -117,6 +117,7 @@ def test_text_format_holds_after_a_tool_call(served, choice):
         assert constraints[0].spec.final is None and constraints[1].spec.final is not None
 
 
+@pytest.mark.slow
 def test_a_final_answer_breaking_the_format_fails(served):
     r = served.client.responses.create(model="m", input="TEXT", tools=[CODE_INTERPRETER], text=ANSWER_FORMAT)
     assert r.status == "failed" and r.error.code == "server_error"
@@ -135,6 +136,7 @@ def test_parse_with_builtin_tools(served):
     assert r.output_parsed == Answer(answer=42)
 
 
+@pytest.mark.slow
 def test_stream_with_text_format(served):
     with served.client.responses.stream(model="m", input="JSON", tools=[CODE_INTERPRETER], text=ANSWER_FORMAT,
                                         tool_choice="required") as stream:
@@ -151,6 +153,7 @@ def test_stream_with_text_format(served):
     assert events[-1].response.status == "failed"
 
 
+@pytest.mark.slow
 def test_strict_function_arguments_in_the_loop(served):
     r = served.client.responses.create(model="m", input="WEATHER", tools=[CODE_INTERPRETER, WEATHER],
                                        tool_choice={"type": "code_interpreter"})

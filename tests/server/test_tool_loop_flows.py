@@ -165,6 +165,7 @@ def test_malformed_arguments_reach_the_model(served):
     assert author == "browser.search" and "Invalid JSON arguments" in seen
 
 
+@pytest.mark.slow
 def test_builtin_call_then_client_function(served):
     r1 = served.client.responses.create(model="m", input="MIX", tools=[CODE_INTERPRETER, WEATHER],
                                         include=["code_interpreter_call.outputs"])
@@ -263,6 +264,7 @@ def _wait_for(check, timeout: float = 15.0) -> bool:
     return False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stream", [True, False])
 def test_client_going_away_stops_the_loop(served, stream):
     body = {"model": "m", "input": "SLEEP", "tools": [CODE_INTERPRETER], "stream": stream}

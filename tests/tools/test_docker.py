@@ -77,6 +77,7 @@ def test_command_and_run(fake_docker):
     assert "docker container" in executor.description() and "no internet access" in executor.description()
 
 
+@pytest.mark.slow
 def test_timeout_kills_the_container(fake_docker):
     exe, log = fake_docker
     executor = DockerExecutor(docker=exe, limits=SandboxLimits(wall_seconds=1))

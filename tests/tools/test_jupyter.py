@@ -18,6 +18,7 @@ def executor():
     asyncio.run(executor.aclose())
 
 
+@pytest.mark.slow
 def test_state_across_calls_and_isolation(executor, monkeypatch):
     monkeypatch.setenv("GPTOSS_JUPYTER_SECRET", "do-not-leak")
     tool = PythonTool(executor)
@@ -46,6 +47,7 @@ def test_state_across_calls_and_isolation(executor, monkeypatch):
     assert second.item["type"] == "code_interpreter_call" and second.item["outputs"][0]["logs"] == "21"
 
 
+@pytest.mark.slow
 def test_idle_cap(executor):
     async def go():
         for i in range(4):

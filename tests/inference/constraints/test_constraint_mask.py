@@ -40,6 +40,7 @@ def test_one_executable_for_every_mask():
     assert f._cache_size() == 1
 
 
+@pytest.mark.slow
 def test_sampler_draws_only_allowed_tokens(sampler):
     """Random logits through apply_token_mask and gptoss_jax's sampler (greedy, temperature,
     top-k / top-p) for a batch mixing constrained and free rows."""

@@ -91,6 +91,7 @@ def test_json_schema_turns_validate(name, sampler, enc):
         assert batch.state(1) is SlotState.DONE
 
 
+@pytest.mark.slow
 def test_chat_json_object_and_flexible_whitespace(sampler, enc):
     rc = from_chat({"response_format": {"type": "json_object"}}, whitespace="flexible")
     batch = ConstraintBatch(1)

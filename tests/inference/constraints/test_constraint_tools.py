@@ -62,6 +62,7 @@ def _check_call(msg):
     return name
 
 
+@pytest.mark.slow
 def test_auto_allows_answers_and_calls(sampler, enc):
     rc = from_responses({"tools": RESPONSES_TOOLS, "parallel_tool_calls": False})
     assert rc.custom_tools == {"sql", "stamp"} and rc.tool_choice == "auto"
@@ -91,6 +92,7 @@ def test_none_never_yields_a_recipient(sampler, enc):
     assert matcher.validate_tokens(ids) < len(ids)
 
 
+@pytest.mark.slow
 def test_required_forces_a_call(sampler, enc):
     rc = from_responses({"text": {"format": {"type": "json_object"}}, "tools": RESPONSES_TOOLS,
                          "tool_choice": "required", "parallel_tool_calls": False})
@@ -105,6 +107,7 @@ def test_required_forces_a_call(sampler, enc):
     assert len(names) >= 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("choice, name", [
     ({"type": "function", "name": "get_time"}, "get_time"),
     ({"type": "custom", "name": "sql"}, "sql"),
