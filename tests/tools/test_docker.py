@@ -90,6 +90,10 @@ def test_timeout_kills_the_container(fake_docker):
 
 def test_output_cap(fake_docker):
     exe, _ = fake_docker
-    executor = DockerExecutor(docker=exe, limits=SandboxLimits(max_output_bytes=1000))
+    executor = DockerExecutor(docker=exe, limits=SandboxLimits(max_output_bytes=1000, wall_seconds=10))
     result = asyncio.run(executor.run("print('z' * 100_000)"))
+    assert result.failure == "output-limit" and len(result.output) == 1000
+    # a flood: the killed run's pipe, full and unread past the cap, must not stall the wait
+    flood = "import sys\nfor _ in range(100):\n    sys.stdout.write('x' * (1 << 20))"
+    result = asyncio.run(asyncio.wait_for(executor.run(flood), timeout=10))
     assert result.failure == "output-limit" and len(result.output) == 1000

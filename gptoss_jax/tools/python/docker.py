@@ -16,7 +16,7 @@ import subprocess
 import uuid
 
 from ..base import ToolSetupError
-from .executor import ExecResult, Executor, trim_output
+from .executor import ExecResult, Executor, trim_output, wait_draining
 from .sandbox import DEFAULT_LIMITS, SandboxLimits, harmony_python_intro
 
 DEFAULT_IMAGE = "python:3.12-slim"
@@ -114,4 +114,4 @@ class DockerExecutor(Executor):
         await killer.wait()
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
-        await proc.wait()
+        await wait_draining(proc)

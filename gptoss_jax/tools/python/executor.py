@@ -8,6 +8,7 @@ conversation, held in the session object that ``new_session`` returns.
 from __future__ import annotations
 
 import abc
+import asyncio
 import dataclasses
 from typing import Any
 
@@ -71,3 +72,15 @@ def trim_output(data: bytes, limit: int) -> tuple[str, bool]:
     """Decode at most ``limit`` bytes of output; True when something was cut."""
     cut = len(data) > limit
     return data[:limit].decode("utf-8", errors="replace"), cut
+
+
+async def wait_draining(proc: asyncio.subprocess.Process) -> int:
+    """``proc.wait()`` for a process whose stdout pipe the caller may have stopped reading.
+
+    asyncio's ``wait()`` returns once the process is reaped *and* its pipes are closed. Past an
+    output cap nobody reads the pipe, its transport pauses with a full buffer and never sees the
+    EOF of the killed code, so a plain ``wait()`` would hang: read on to the end, discarding.
+    """
+    while await proc.stdout.read(65536):
+        pass
+    return await proc.wait()

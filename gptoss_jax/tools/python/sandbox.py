@@ -44,7 +44,7 @@ import tempfile
 import openai_harmony as oh
 
 from ..base import ToolSetupError
-from .executor import ExecResult, Executor, trim_output
+from .executor import ExecResult, Executor, trim_output, wait_draining
 
 NOBODY = 65534
 # Process 1 of the PID namespace: a shell that runs the interpreter as its child. Process 1
@@ -232,29 +232,27 @@ class SubprocessExecutor(Executor):
 
         async def read() -> None:
             nonlocal size
-            while size <= limit:
-                chunk = await proc.stdout.read(65536)
-                if not chunk:
-                    return
+            while size <= limit and (chunk := await proc.stdout.read(65536)):
                 chunks.append(chunk)
                 size += len(chunk)
 
         try:
-            await asyncio.wait_for(read(), timeout=self.limits.wall_seconds)
-            if size > limit:
-                reason = "output-limit"
-        except TimeoutError:
-            reason = "timeout"
+            try:
+                await asyncio.wait_for(read(), timeout=self.limits.wall_seconds)
+                if size > limit:
+                    reason = "output-limit"
+            except TimeoutError:
+                reason = "timeout"
+            if reason is not None:
+                self._kill_tree(proc)
+            try:
+                code = await asyncio.wait_for(wait_draining(proc), timeout=max(1.0, self.limits.wall_seconds))
+            except TimeoutError:  # the code closed its stdout and kept running
+                self._kill_tree(proc)
+                reason, code = "timeout", await wait_draining(proc)
         except asyncio.CancelledError:  # the request went away: the code goes with it
             self._kill_tree(proc)
             raise
-        if reason is not None:
-            self._kill_tree(proc)
-        try:
-            code = await asyncio.wait_for(proc.wait(), timeout=max(1.0, self.limits.wall_seconds))
-        except TimeoutError:  # the code closed its stdout and kept running
-            self._kill_tree(proc)
-            reason, code = "timeout", await proc.wait()
         output, _ = trim_output(b"".join(chunks), limit)
         return self._result(output, reason, code)
 
