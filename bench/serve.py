@@ -238,7 +238,7 @@ def kv_memory_section(args, model, tokens: Tokens) -> dict:
     import numpy as np
 
     from gptoss_jax.inference.engine import Engine
-    from gptoss_jax.model.kv_cache import layer_slots, paged_layout
+    from gptoss_jax.model.kv_cache import paged_layout
 
     c = model.config
     max_batch, max_len = args.short_requests + 1, args.long_tokens + args.max_tokens
@@ -248,8 +248,9 @@ def kv_memory_section(args, model, tokens: Tokens) -> dict:
     itemsize = np.dtype(model.dtype).itemsize
     token_bytes = 2 * c.num_key_value_heads * c.head_dim * itemsize  # K and V of one layer
     page_bytes = paged_layout(c).arrays * pages.page_size * token_bytes
-    dense = sum(max_batch * layer_slots(c, layer, max_len) * token_bytes
-                for layer in range(c.num_hidden_layers))
+    # a dense cache: every row holds max_len slots per full layer, the window per sliding one
+    dense = sum(max_batch * (min(c.sliding_window, max_len) if c.is_sliding(layer) else max_len)
+                * token_bytes for layer in range(c.num_hidden_layers))
     engine.submit(tokens(args.long_tokens), max_new_tokens=args.max_tokens, stop_tokens=())
     for _ in range(args.short_requests):
         engine.submit(tokens(args.short_tokens), max_new_tokens=args.max_tokens, stop_tokens=())

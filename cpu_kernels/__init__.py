@@ -19,8 +19,8 @@ the branch an argument, default :func:`cpu_kernels.isa.best`):
   expert (decode);
 * :func:`expert_mlp`: a decode step's whole expert MLP (both matmuls, biases, SwiGLU, routing
   weights, the sum over slots) on packed experts in one call;
-* :func:`decode_attention` (AVX-512): one query position against a bf16 KV cache, with sinks;
-  :func:`paged_decode_attention` the same through page tables into a pool of pages;
+* :func:`paged_decode_attention` (AVX-512): one query position per row against a bf16 KV cache
+  read through page tables into a pool of pages, with sinks;
 * :func:`stream_read`: reads a buffer as the streaming kernels read their weights (the
   bandwidth bound they are measured against).
 
@@ -35,12 +35,7 @@ from cpu_kernels.bf16_matvec import MATVEC_MAX_ROWS, bf16_matvec, bf16_matvec_re
 from cpu_kernels.bf16_rows import bf16_rows, bf16_rows_reference
 from cpu_kernels.bf16_vecmat import bf16_vecmat, bf16_vecmat_reference
 from cpu_kernels.build import KERNELS, available, probe, unavailable_reason
-from cpu_kernels.decode_attention import (
-    decode_attention,
-    decode_attention_reference,
-    paged_decode_attention,
-    paged_decode_attention_reference,
-)
+from cpu_kernels.decode_attention import paged_decode_attention, paged_decode_attention_reference
 from cpu_kernels.expert_mlp import expert_mlp, expert_mlp_reference
 from cpu_kernels.mxfp4_gemv import mxfp4_gemv, mxfp4_gemv_reference
 from cpu_kernels.mxfp4_grouped import grouped_matmul, grouped_matmul_reference
@@ -57,8 +52,6 @@ __all__ = [
     "bf16_rows_reference",
     "bf16_vecmat",
     "bf16_vecmat_reference",
-    "decode_attention",
-    "decode_attention_reference",
     "expert_mlp",
     "expert_mlp_reference",
     "grouped_matmul",

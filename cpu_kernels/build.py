@@ -60,10 +60,8 @@ KERNELS = {
         ("mxfp4_gemv", "GptossMxfp4Gemv", ("avx2", "fma")),
         ("expert_mlp", "GptossExpertMlp", ("avx2", "fma")),
         ("stream_read", "GptossStreamRead", ("avx2", "fma")),
-        ("decode_attention", "GptossDecodeAttention",
-         ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma")),
     )},
-    # the same library's handler for a paged KV pool read through page tables
+    # decode attention through page tables into a pool of pages (AVX-512)
     "paged_decode_attention": Kernel("decode_attention.cc", "GptossPagedDecodeAttention",
                                      ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"),
                                      ("-mno-avx512f",), name="paged_decode_attention"),

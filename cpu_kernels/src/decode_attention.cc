@@ -282,32 +282,6 @@ constexpr TaskFn kPaged[kMaxPieces + 1] = {nullptr, PagedTask<1>, PagedTask<2>, 
                                            PagedTask<4>, PagedTask<5>, PagedTask<6>,
                                            PagedTask<7>, PagedTask<8>};
 
-ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q,
-                               ffi::Buffer<ffi::U16> k, ffi::Buffer<ffi::U16> v,
-                               ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> k_pos,
-                               ffi::Buffer<ffi::F32> sinks, ffi::ResultBuffer<ffi::F32> out,
-                               int64_t window) {
-  const auto qd = q.dimensions(), kd = k.dimensions();
-  if (qd.size() != 4 || kd.size() != 4 || !SameDims(v.dimensions(), kd) || kd[0] != qd[0] ||
-      kd[1] != qd[1] || kd[3] != qd[3] || q_pos.element_count() != static_cast<size_t>(qd[0]) ||
-      k_pos.element_count() != static_cast<size_t>(kd[0] * kd[2]) ||
-      sinks.element_count() != static_cast<size_t>(qd[1] * qd[2]) || qd[2] > kMaxG ||
-      qd[3] > 16 * kMaxPieces) {
-    return ffi::Error::InvalidArgument(
-        "decode_attention: expected q [B, K, G, H], k/v [B, K, S, H], q_pos [B], k_pos [B, S], "
-        "sinks [K, G], G <= 16, H <= 128");
-  }
-  if (!gptoss_cpu::CpuHas(gptoss_cpu::kAvx512)) {
-    return ffi::Error::InvalidArgument("decode_attention: this CPU lacks AVX-512");
-  }
-  const Problem p{reinterpret_cast<const uint16_t*>(q.untyped_data()), k.typed_data(),
-                  v.typed_data(), q_pos.typed_data(), k_pos.typed_data(), nullptr,
-                  sinks.typed_data(), qd[0], qd[1], qd[2], kd[2], qd[3], window,
-                  out->typed_data()};
-  RunTasks(pool, p, kDense);
-  return ffi::Error::Success();
-}
-
 ffi::Error PagedDecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q,
                                     ffi::Buffer<ffi::U16> k_pool, ffi::Buffer<ffi::U16> v_pool,
                                     ffi::Buffer<ffi::S32> table, ffi::Buffer<ffi::S32> q_pos,
@@ -336,18 +310,6 @@ ffi::Error PagedDecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16>
 }
 
 }  // namespace
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossDecodeAttention, DecodeAttentionImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()  // q [B, K, G, H]
-                                  .Arg<ffi::Buffer<ffi::U16>>()   // k cache [B, K, S, H] (bf16 bits)
-                                  .Arg<ffi::Buffer<ffi::U16>>()   // v cache
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // q_pos [B]
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // k_pos [B, S], -1 = empty
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // sinks [K, G]
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // out [B, K, G, H]
-                                  .Attr<int64_t>("window"));       // 0 = no window
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossPagedDecodeAttention, PagedDecodeAttentionImpl,
                               ffi::Ffi::Bind()

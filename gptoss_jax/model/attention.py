@@ -6,11 +6,12 @@ Per query head (queries ``q`` at position ``p_q``, keys at ``p_s``, scale ``1/sq
     p_s     = exp(score_s) / (sum_s' exp(score_s') + exp(sink))     # the sink: one extra logit
     out     = sum_s p_s v_s                                          # that outputs nothing
 
-One routine for every case: keys carry their absolute positions (-1 = empty or padding), so a
-plain forward, a padded batch, a prefill into a KV cache and a decode step into a sliding-window
-ring buffer are all the same mask. A chunk attending to itself (forward, prefill) runs it per
-block of queries over only the keys the block can see (:func:`self_attention`). Keys and values
-are laid out heads-first ``[b, k, s, h]`` (the KV cache's layout, ``ops.kv_cache``).
+One routine for a chunk attending to itself: keys carry their absolute positions (-1 =
+padding), so a plain forward, a padded batch and packed training rows (segment ids) are all the
+same mask, run per block of queries over only the keys the block can see
+(:func:`self_attention`); keys and values are laid out heads-first ``[b, k, s, h]``. With the KV
+cache (paged, ``model.kv_cache``) the chunk or decode token is written to its pages first and
+then attends through the page tables (``ops.paged_kv``: the same mask, positions implicit).
 
 Einsum alphabet: b batch, t query time, s key time, d model, n q heads, k kv heads, g q heads
 per kv head, h head_dim. References: openai/gpt-oss ``torch/model.py``; transformers
@@ -26,9 +27,7 @@ from gptoss_jax.model import rope
 from gptoss_jax.model.config import GptOssConfig
 from gptoss_jax.model.kv_cache import PagedLayer
 from gptoss_jax.model.lora import lora_delta
-from gptoss_jax.ops import attention as cached_attention
-from gptoss_jax.ops import kv_cache, paged_kv
-from gptoss_jax.ops.kv_cache import LayerCache, heads_first
+from gptoss_jax.ops import paged_kv
 from gptoss_jax.ops.projection import batched_matmul, project
 from gptoss_jax.ops.runtime import PORTABLE, Ops
 from gptoss_jax.parallel.rules import constrain
@@ -96,16 +95,13 @@ def self_attention(q, k, v, q_pos, k_pos, sinks, window: int | None, q_seg=None,
     return jnp.concatenate(out, axis=1)
 
 
-def attention(x, p: dict, c: GptOssConfig, layer: int, pos, cos, sin, cache: LayerCache | None,
-              segment_ids=None, *, ops: Ops = PORTABLE, mesh=None, fresh: bool = False,
-              return_probs: bool = False):
+def attention(x, p: dict, c: GptOssConfig, layer: int, pos, cos, sin, cache: PagedLayer | None,
+              segment_ids=None, *, ops: Ops = PORTABLE, mesh=None, return_probs: bool = False):
     """Self-attention block body (x ``[b, t, d]`` already normed). Returns (out ``[b, t, d]``, new
     cache), plus the probabilities ``[b, k, g, t, s + 1]`` (sink last) with ``return_probs``.
 
-    ``cache``: the layer's KV cache (None: attend within the chunk, keep nothing), dense
-    (``LayerCache``) or paged (``kv_cache.PagedLayer``: written, then read through the
-    table). ``fresh``: the dense cache is known to be empty (a prefill from scratch), so the
-    chunk attends only to itself and the cache is just written. ``p["lora"]`` (optional,
+    ``cache``: the layer's paged KV cache (``kv_cache.PagedLayer``: written, then read through
+    the table), or None (attend within the chunk, keep nothing). ``p["lora"]`` (optional,
     ``lora.AttentionLora``): low-rank updates joining q, k, v, o.
     """
     dt = x.dtype
@@ -123,44 +119,27 @@ def attention(x, p: dict, c: GptOssConfig, layer: int, pos, cos, sin, cache: Lay
         q = constrain(q, ("batch", None, "heads", None), mesh)
         k = constrain(k, ("batch", None, "kv_heads", None), mesh)
         v = constrain(v, ("batch", None, "kv_heads", None), mesh)
-    sliding = c.is_sliding(layer)
     kvh, g = c.num_key_value_heads, c.q_per_kv
+    q = q.reshape(b, t, kvh, g, c.head_dim)
     sinks = p["sinks"].astype(jnp.float32).reshape(kvh, g)  # [k, g]
-    if isinstance(cache, PagedLayer):
+    window = c.sliding_window if c.is_sliding(layer) else None
+    if cache is not None:
         # Pages: the chunk (or decode token) is written first, then attends through the table
         # to everything up to itself; the window is the group's.
         assert segment_ids is None and not return_probs, "paged caches are for serving"
         k_pool, v_pool = paged_kv.write(cache.k, cache.v, cache.table, pos, k, v, ops)
         with jax.named_scope("attend"):
-            out = paged_kv.attend(q.reshape(b, t, kvh, g, c.head_dim), k_pool, v_pool,
-                                  cache.table, pos, sinks, cache.window, ops)
+            out = paged_kv.attend(q, k_pool, v_pool, cache.table, pos, sinks, cache.window, ops)
         return _out_proj(out, p, c, lora, ops, dt), cache._replace(k=k_pool, v=v_pool)
-    if cache is None or fresh:
-        keys, values, k_pos, new_cache = heads_first(k), heads_first(v), pos, None
-        if cache is not None:
-            new_cache = kv_cache.write_fresh(cache, k, v, pos, sliding, ops)
-    elif t == 1:
-        # Decode: store first, then attend over the cache alone. On a ring the slot written held
-        # position pos - window, which the window already excludes; on full layers it was empty.
-        new_cache = kv_cache.write(cache, k, v, pos, sliding, ops)
-        keys, values, k_pos = new_cache.keys(), new_cache.values(), new_cache.pos
-    else:
-        assert segment_ids is None, "segment ids are for training rows, not the KV cache"
-        # A chunk after earlier ones: attend over what the cache held before it plus the chunk
-        # itself (writing first could overwrite ring slots the chunk's early queries still see).
-        keys, values, k_pos = kv_cache.with_chunk(cache, k, v, pos)
-        new_cache = kv_cache.write(cache, k, v, pos, sliding, ops)
+    keys, values = (jnp.transpose(a, (0, 2, 1, 3)) for a in (k, v))  # [b, k, t, h]
     with jax.named_scope("attend"):
-        args = (q.reshape(b, t, kvh, g, c.head_dim), keys, values, pos, k_pos, sinks,
-                c.sliding_window if sliding else None, segment_ids, segment_ids)
+        args = (q, keys, values, pos, pos, sinks, window, segment_ids, segment_ids)
         if return_probs:  # every score kept, so no query blocks
             out, probs = attention_core(*args, ops=ops, return_probs=True)
-        elif cache is not None and not fresh and cached_attention.applies(args[0], new_cache, ops):
-            out = cached_attention.attend(args[0], new_cache, pos, args[5], args[6])
         else:
-            out = (self_attention if cache is None or fresh else attention_core)(*args, ops=ops)
+            out = self_attention(*args, ops=ops)
     out = _out_proj(out, p, c, lora, ops, dt)
-    return (out, new_cache, probs) if return_probs else (out, new_cache)
+    return (out, None, probs) if return_probs else (out, None)
 
 
 def _out_proj(out, p: dict, c: GptOssConfig, lora, ops: Ops, dt):

@@ -1,18 +1,15 @@
-"""The model's KV caches: a dense cache per layer, or pages of one pool read through tables.
+"""The model's KV cache: pages of one pool, read through page tables (the serving engine's).
 
-* Dense: one :class:`~gptoss_jax.ops.kv_cache.LayerCache` per layer (sliding layers keep a ring
-  buffer of ``sliding_window`` slots, full layers ``max_len``); made with :func:`init_cache`.
-* Paged (the serving engine's): :class:`PagedCache`. Layers come in groups by attention window
-  (:func:`paged_layout`: gpt-oss has full layers and sliding ones); each group has its own page
-  table ``[b, C]`` per sequence, and all groups draw page ids from one pool (the host side is
-  ``gptoss_jax.inference.kv_pages``). The device keeps ``arrays`` pools ``[P, k, S, h]`` for
-  keys and as many for values, where ``arrays`` is the largest group's layer count: the
-  ``i``-th layer of every group reads and writes pool ``i`` through its own group's table (a
-  page id belongs to one group at a time, so the groups never touch each other's pages).
+:class:`PagedCache`. Layers come in groups by attention window (:func:`paged_layout`: gpt-oss
+has full layers and sliding ones); each group has its own page table ``[b, C]`` per sequence,
+and all groups draw page ids from one pool (the host side is ``gptoss_jax.inference.kv_pages``).
+The device keeps ``arrays`` pools ``[P, k, S, h]`` for keys and as many for values, where
+``arrays`` is the largest group's layer count: the ``i``-th layer of every group reads and
+writes pool ``i`` through its own group's table (a page id belongs to one group at a time, so
+the groups never touch each other's pages).
 
-How a cache is stored, written and read is the ``ops`` layer's business (``ops.kv_cache``,
-``ops.paged_kv``). :func:`layer_of` / :func:`with_layer` give the forward pass one layer's view
-of either kind.
+How the pools are stored, written and read is the ``ops`` layer's business (``ops.paged_kv``).
+:func:`layer_of` / :func:`with_layer` give the forward pass one layer's view.
 """
 
 from __future__ import annotations
@@ -24,33 +21,13 @@ from typing import NamedTuple
 import jax
 
 from gptoss_jax.model.config import GptOssConfig
-from gptoss_jax.ops import kv_cache, paged_kv
-from gptoss_jax.ops.kv_cache import LayerCache
+from gptoss_jax.ops import paged_kv
 from gptoss_jax.ops.runtime import PORTABLE, Ops
 
-__all__ = ["LayerCache", "PagedCache", "PagedLayer", "PagedLayout", "init_cache", "init_pools",
-           "layer_of", "layer_slots", "paged_layout", "put_rows", "with_layer"]
+__all__ = ["PagedCache", "PagedLayer", "PagedLayout", "init_pools", "layer_of", "paged_layout",
+           "with_layer"]
 
 
-def layer_slots(c: GptOssConfig, layer: int, max_len: int) -> int:
-    """Slots of ``layer``'s dense cache for contexts of up to ``max_len`` tokens."""
-    return min(c.sliding_window, max_len) if c.is_sliding(layer) else max_len
-
-
-def init_cache(c: GptOssConfig, batch: int, max_len: int, dtype, ops: Ops = PORTABLE) -> list[LayerCache]:
-    """Empty dense caches for ``batch`` rows, keys and values of ``dtype`` (stored as ``ops``
-    stores them)."""
-    return [kv_cache.empty(batch, c.num_key_value_heads, layer_slots(c, layer, max_len),
-                           c.head_dim, dtype, ops)
-            for layer in range(c.num_hidden_layers)]
-
-
-def put_rows(caches: list[LayerCache], rows: jax.Array, new: list[LayerCache]) -> list[LayerCache]:
-    """``caches`` with their batch rows ``rows`` ``[n]`` replaced by the ``n`` rows of ``new``."""
-    return [kv_cache.put_rows(c, rows, f) for c, f in zip(caches, new)]
-
-
-# -- paged -------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class PagedLayout:
     """Which group and pool each layer uses (static)."""
@@ -107,18 +84,14 @@ def init_pools(c: GptOssConfig, layout: PagedLayout, pages: int, page_size: int,
     return make(), make()
 
 
-def layer_of(cache, c: GptOssConfig, layer: int):
-    """``layer``'s cache: its ``LayerCache`` (a dense list) or its :class:`PagedLayer`."""
-    if not isinstance(cache, PagedCache):
-        return cache[layer]
+def layer_of(cache: PagedCache, c: GptOssConfig, layer: int) -> PagedLayer:
+    """``layer``'s view of ``cache``: its pools, its group's table and window."""
     g, a = paged_layout(c).slots[layer]
     return PagedLayer(cache.k[a], cache.v[a], cache.tables[g], paged_layout(c).windows[g])
 
 
-def with_layer(cache, c: GptOssConfig, layer: int, new):
-    """``cache`` with ``layer``'s part replaced by ``new`` (as :func:`layer_of` gave it)."""
-    if not isinstance(cache, PagedCache):
-        return [new if i == layer else old for i, old in enumerate(cache)]
+def with_layer(cache: PagedCache, c: GptOssConfig, layer: int, new: PagedLayer) -> PagedCache:
+    """``cache`` with ``layer``'s pools replaced by those of ``new`` (as :func:`layer_of` gave it)."""
     a = paged_layout(c).slots[layer][1]
     k, v = list(cache.k), list(cache.v)
     k[a], v[a] = new.k, new.v

@@ -4,7 +4,7 @@
   expert-parallel (``parallel.expert_parallel``).
 * Attention heads, kv heads and the vocabulary split on ``tensor`` (Megatron style: q/k/v
   column-parallel, the output projection row-parallel; GSPMD inserts the all-reduce). The KV
-  cache splits kv heads on ``tensor`` and the batch on ``data``.
+  cache's pools split kv heads on ``tensor`` (the serving engine's ``engine_state``).
 * The batch splits on ``data`` wherever it divides (activations that do not divide stay
   replicated rather than fail).
 
@@ -31,7 +31,6 @@ from jax.sharding import PartitionSpec as P
 
 from gptoss_jax.model import params as PD
 from gptoss_jax.model.config import GptOssConfig
-from gptoss_jax.model.kv_cache import LayerCache, layer_slots
 from gptoss_jax.parallel.mesh import MeshConfig, ShardingError
 from gptoss_jax.parallel.placement import place
 from gptoss_jax.parallel.rules import logical_spec
@@ -90,22 +89,6 @@ def shard_model(model, mesh: Mesh):
     """A loaded :class:`gptoss_jax.Model` moved onto ``mesh`` (params placed, runtime carries it)."""
     model = model.replace(params=shard_params(model.params, model.config, mesh))
     return model.with_runtime(mesh=mesh)
-
-
-def cache_shardings(config: GptOssConfig, mesh: Mesh, batch: int, max_len: int) -> list:
-    """``LayerCache`` of shardings per layer, matching ``kv_cache.init_cache(config, batch,
-    max_len, ...)``: k/v ``[b, k, s, h]`` with batch on ``data`` (when it divides) and kv heads on
-    ``tensor``; positions ``[b, s]`` with batch on ``data``."""
-    validate(config, mesh)
-    out = []
-    for layer in range(config.num_hidden_layers):
-        s = layer_slots(config, layer, max_len)
-        kv = (batch, config.num_key_value_heads, s, config.head_dim)
-        kv_s = NamedSharding(mesh, logical_spec(("batch", "kv_heads", None, None), mesh, kv,
-                                                strict=False))
-        pos_s = NamedSharding(mesh, logical_spec(("batch", None), mesh, (batch, s), strict=False))
-        out.append(LayerCache(kv_s, kv_s, pos_s))
-    return out
 
 
 def loader_put(config: GptOssConfig, mesh: Mesh) -> Callable:

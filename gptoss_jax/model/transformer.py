@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from gptoss_jax.model import kv_cache, rope
 from gptoss_jax.model.attention import attention
 from gptoss_jax.model.config import GptOssConfig
-from gptoss_jax.model.kv_cache import LayerCache, PagedCache
+from gptoss_jax.model.kv_cache import PagedCache
 from gptoss_jax.model.moe import moe
 from gptoss_jax.ops import projection
 from gptoss_jax.ops.runtime import PORTABLE, Ops
@@ -45,12 +45,12 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
 
 
 def block(x, p: dict, c: GptOssConfig, layer: int, pos, cos, sin, cache, rt: Runtime,
-          segment_ids=None, fresh: bool = False, record: bool = False):
+          segment_ids=None, record: bool = False):
     """One transformer block on ``x`` ``[b, t, d]``: (x, cache), plus what ``record`` keeps."""
     with jax.named_scope("attention"):
         h, cache, *probs = attention(rms_norm(x, p["attn_norm"], c.rms_norm_eps), p["attn"], c,
                                      layer, pos, cos, sin, cache, segment_ids, ops=rt.ops,
-                                     mesh=rt.mesh, fresh=fresh, return_probs=record)
+                                     mesh=rt.mesh, return_probs=record)
         x = x + h
     with jax.named_scope("moe"):
         b, t, d = x.shape
@@ -66,16 +66,14 @@ def block(x, p: dict, c: GptOssConfig, layer: int, pos, cos, sin, cache, rt: Run
 
 
 def hidden_states(params: dict, tokens: jax.Array, pos: jax.Array, c: GptOssConfig, *,
-                  cache: list[LayerCache] | PagedCache | None = None, rt: Runtime = Runtime(),
-                  segment_ids: jax.Array | None = None, fresh: bool = False,
-                  record: bool = False):
+                  cache: PagedCache | None = None, rt: Runtime = Runtime(),
+                  segment_ids: jax.Array | None = None, record: bool = False):
     """Final-normed hidden states ``[b, t, d]`` and the updated cache.
 
     ``tokens`` int32 ``[b, t]``; ``pos`` int32 ``[b, t]`` absolute positions, -1 for padding.
-    ``cache``: dense caches per layer, or a :class:`~gptoss_jax.model.kv_cache.PagedCache` (its
-    pools updated, its tables as given). ``segment_ids`` int32 ``[b, t]`` (no cache): packed
-    documents, each with positions restarting at 0, attend only within their own segment.
-    ``fresh``: the dense ``cache`` is empty (prefill from scratch): attention skips its slots.
+    ``cache``: a :class:`~gptoss_jax.model.kv_cache.PagedCache` (its pools updated, its tables
+    as given), or None. ``segment_ids`` int32 ``[b, t]`` (no cache): packed documents, each with
+    positions restarting at 0, attend only within their own segment.
 
     ``record`` (inspection, ``introspect.py``): also return, per layer, a dict of the router's
     logits ``[b*t, e]``, the chosen ``expert_ids`` / ``expert_weights`` ``[b*t, k]`` and the
@@ -91,10 +89,10 @@ def hidden_states(params: dict, tokens: jax.Array, pos: jax.Array, c: GptOssConf
     for layer, p in enumerate(params["layers"]):
         f = block
         if rt.remat:
-            f = jax.checkpoint(block, static_argnums=(2, 3, 8, 10, 11))
+            f = jax.checkpoint(block, static_argnums=(2, 3, 8, 10))
         layer_cache = None if cache is None else kv_cache.layer_of(cache, c, layer)
         x, layer_cache, *rec = f(x, p, c, layer, pos, cos, sin, layer_cache, rt, segment_ids,
-                                 fresh, record)
+                                 record)
         if cache is not None:
             cache = kv_cache.with_layer(cache, c, layer, layer_cache)
         records += rec

@@ -6,7 +6,8 @@ their implementation.
   what runs each op.
 * :mod:`~gptoss_jax.ops.projection`: ``project`` (dense projections), ``unembed``,
   ``batched_matmul`` (attention's scores and values).
-* :mod:`~gptoss_jax.ops.kv_cache`: ``LayerCache`` and its writes and reads.
+* :mod:`~gptoss_jax.ops.paged_kv`: the paged KV cache's storage, page writes and attention
+  through page tables.
 * :mod:`~gptoss_jax.ops.experts`: ``expert_mlp`` / ``sorted_mlp``, the MoE's expert computation
   with its backends (Pallas kernels, the C++ CPU kernel, XLA's gather path and tiled loop in
   ``experts_xla`` and ``grouped_matmul``).

@@ -28,8 +28,9 @@ sequence for a decode step and one page per (sequence, page) a chunk touches, be
 copies the whole operand of a scatter (the pool, every layer, every step). Elsewhere one
 scatter (``pallas_kernels.paged_attention.write_pages``'s form; in place on GPU).
 
-Storage: bf16 on CPU as its uint16 bit patterns (``ops.kv_cache.storage_dtype``): XLA:CPU turns
-every update of a bf16 buffer into an f32 rewrite of it.
+Storage: bf16 on CPU as its uint16 bit patterns (:func:`storage_dtype`; read back with a
+bitcast): XLA:CPU turns every update of a bf16 buffer into an f32 rewrite of the whole buffer, a
+cost per step that grows with the pool.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ import jax
 import jax.numpy as jnp
 
 import cpu_kernels
-from gptoss_jax.ops.kv_cache import read, storage_dtype, to_storage
 from gptoss_jax.ops.projection import batched_matmul
 from gptoss_jax.ops.runtime import PAGED_BLOCK_TOKENS, Ops
 
@@ -53,9 +53,27 @@ def empty_pool(pages: int, kv_heads: int, page_size: int, head_dim: int, dtype,
     return jnp.zeros((pages, kv_heads, page_size, head_dim), storage_dtype(dtype, ops))
 
 
+def storage_dtype(dtype, ops: Ops) -> jnp.dtype:
+    """The dtype a pool of ``dtype`` keys and values is stored in."""
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.uint16) if dtype == jnp.bfloat16 and ops.cpu else dtype
+
+
 def value_dtype(pool: jax.Array) -> jnp.dtype:
     """The dtype of a pool's values as numbers (bf16 for a uint16 pool)."""
     return jnp.dtype(jnp.bfloat16) if pool.dtype == jnp.uint16 else pool.dtype
+
+
+def read(a: jax.Array) -> jax.Array:
+    """Stored keys or values as numbers (bf16 back from their 16-bit patterns)."""
+    return jax.lax.bitcast_convert_type(a, jnp.bfloat16) if a.dtype == jnp.uint16 else a
+
+
+def to_storage(x: jax.Array, stored: jax.Array) -> jax.Array:
+    """``x`` in the storage dtype of the pool ``stored``."""
+    if stored.dtype == jnp.uint16:
+        return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16)
+    return x.astype(stored.dtype)
 
 
 # -- writes ------------------------------------------------------------------------------------

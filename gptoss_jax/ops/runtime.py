@@ -42,7 +42,7 @@ CPU_GEMV_MAX_ROWS = {"avx512_bf16": 8, "avx512": 4, "avx2": 4}
 # prefills) XLA's expand-then-GEMM is faster.
 CPU_GEMV_MAX_ROWS_PER_EXPERT = 4
 CPU_KERNEL_MAX_ROWS_PER_EXPERT = 32
-# decode_attention (AVX-512): query heads per KV head and head width it takes.
+# paged_decode_attention (AVX-512): query heads per KV head and head width it takes.
 CPU_ATTENTION_MAX_GROUP, CPU_ATTENTION_MAX_HEAD_DIM = 16, 128
 # Keys per step of the XLA paged attention's online softmax (``ops.paged_kv``).
 PAGED_BLOCK_TOKENS = 256
@@ -127,13 +127,6 @@ class Ops:
                 and jnp.dtype(dtype) == jnp.bfloat16
                 and pairs <= CPU_GEMV_MAX_ROWS_PER_EXPERT * num_experts)
 
-    def decode_attention_kernel(self, group: int, head_dim: int, cache_dtype) -> bool:
-        """Whether one query position per row attends in the CPU kernel (a cache of bf16 keys
-        and values stored as 16-bit patterns, as on CPU)."""
-        return (self.cpu and "decode_attention" in self.cpu_kernels
-                and jnp.dtype(cache_dtype) == jnp.uint16 and group <= CPU_ATTENTION_MAX_GROUP
-                and head_dim <= CPU_ATTENTION_MAX_HEAD_DIM)
-
     def paged_decode_kernel(self, group: int, head_dim: int, pool_dtype) -> bool:
         """Whether one query position per row attends through page tables in the CPU kernel
         (``paged_decode_attention``: pools of bf16 stored as 16-bit patterns, as on CPU)."""
@@ -156,13 +149,6 @@ class Ops:
             unembed = (f"cpu_kernel:bf16_gemv{branch} (<= {CPU_GEMV_MAX_ROWS[self.cpu_isa]} bf16 "
                        f"rows, argmax fused) / {unembed}")
         attention = "xla" + (" (bf16 query rows padded to 8)" if cpu else "")
-        if cpu and "decode_attention" in k:
-            attention = f"cpu_kernel:decode_attention (one query position, bf16 cache) / {attention}"
-        if cpu:
-            cache = ("bf16 stored as uint16 bit patterns; decode writes in place "
-                     "(dynamic-update-slice loop); fresh prefill writes by padding")
-        else:
-            cache = "stored in its dtype; decode writes by scatter; fresh prefill writes by padding"
         gather = "xla gather (T*k <= e" + ("; f32 matvecs)" if cpu and self.xla_dtype is None
                                           else ")")
         loop = "xla tiled loop" + (f" ({self.xla_dtype})" if self.xla_dtype else "")
@@ -198,7 +184,7 @@ class Ops:
         writes = ("in-place page updates (dynamic-update-slice loop)" if cpu else "scatter") + \
             ("; bf16 stored as uint16 bit patterns" if cpu else "")
         return {"platform": self.platform, "projection": proj, "unembedding": unembed,
-                "attention": attention, "kv_cache": cache, "paged_attention": paged,
+                "attention": attention, "paged_attention": paged,
                 "paged_kv_writes": writes, "experts": experts}
 
 

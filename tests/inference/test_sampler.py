@@ -20,7 +20,7 @@ def prompts(tiny_config):
 
 @pytest.fixture(scope="module")
 def greedy(tiny_model_f32, prompts, tiny_config):
-    new = 3 * tiny_config.sliding_window + 4  # well past the ring buffer's wrap-around
+    new = 3 * tiny_config.sliding_window + 4  # sliding layers well past their window
     return generate(tiny_model_f32, prompts, max_new_tokens=new, temperature=0.0,
                     stop_tokens=(), decode_text=False)
 

@@ -12,7 +12,7 @@ import pytest
 
 import cpu_kernels
 from gptoss_jax.ops import paged_kv
-from gptoss_jax.ops.kv_cache import storage_dtype, to_storage
+from gptoss_jax.ops.paged_kv import storage_dtype, to_storage
 from gptoss_jax.ops.runtime import Ops, resolve
 from pallas_kernels import backend_available
 from pallas_kernels import paged_attention as pa

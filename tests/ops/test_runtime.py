@@ -12,8 +12,8 @@ from gptoss_jax.ops import runtime
 from gptoss_jax.ops.runtime import Ops, resolve
 from pallas_kernels import backend_available
 
-OPS = ("platform", "projection", "unembedding", "attention", "kv_cache", "paged_attention",
-       "paged_kv_writes", "experts")
+OPS = ("platform", "projection", "unembedding", "attention", "paged_attention", "paged_kv_writes",
+       "experts")
 
 
 def test_portable_default_has_no_platform_habit():
@@ -22,7 +22,7 @@ def test_portable_default_has_no_platform_habit():
     table = ops.table()
     assert tuple(table) == OPS
     assert table["projection"] == table["attention"] == "xla"
-    assert "scatter" in table["kv_cache"] and "uint16" not in table["kv_cache"]
+    assert table["paged_kv_writes"] == "scatter"
 
 
 def test_cpu_without_kernels_is_the_xla_fallback():
@@ -30,7 +30,7 @@ def test_cpu_without_kernels_is_the_xla_fallback():
     assert ops.cpu and ops.cpu_kernels == frozenset() and ops.experts == "xla"
     table = ops.table()
     assert "cpu_kernel" not in " ".join(table.values())
-    assert "padded to 8" in table["projection"] and "uint16" in table["kv_cache"]
+    assert "padded to 8" in table["projection"] and "uint16" in table["paged_kv_writes"]
     assert "f32 matvecs" in table["experts"]
 
 
@@ -43,7 +43,7 @@ def test_cpu_with_kernels():
     table = ops.table()
     assert table["projection"].startswith(f"cpu_kernel:bf16_vecmat[{ops.cpu_isa}]")
     assert table["unembedding"].startswith(f"cpu_kernel:bf16_gemv[{ops.cpu_isa}]")
-    assert table["attention"].startswith("cpu_kernel:decode_attention")
+    assert table["attention"] == "xla (bf16 query rows padded to 8)"  # within a chunk, no cache
     assert ops.paged_attention == "cpu_kernel"
     assert table["paged_attention"].startswith("cpu_kernel:paged_decode_attention")
     assert ops.paged_decode_kernel(16, 128, jnp.uint16)

@@ -194,13 +194,6 @@ def test_rules_table_drives_param_shardings():
     with pytest.raises(meshes.ShardingError, match="not divisible"):
         rules.logical_spec(("experts",), mesh, (6,))
     assert rules.logical_spec(("batch", None), mesh, (3, 5), strict=False) == P(None, None)
-
-
-def test_cache_shardings():
-    trivial = jax.make_mesh((1, 1, 1), meshes.AXES, axis_types=(AxisType.Auto,) * 3)
-    caches = sharding.cache_shardings(CONFIG, trivial, batch=2, max_len=32)
-    assert len(caches) == CONFIG.num_hidden_layers
-    assert all(c.k.spec == P(None, None, None, None) for c in caches)  # trivial mesh: replicated
     abstract = AbstractMesh((2, 1, 2), meshes.AXES, axis_types=(AxisType.Auto,) * 3)
     spec = rules.logical_spec(("batch", None, "kv_heads", None), abstract, (4, 5, 2, 10))
     assert spec == P("data", None, "tensor", None)
