@@ -25,24 +25,7 @@ import time
 import numpy as np
 import pytest
 
-import gptoss_jax
-from convert.random_weights import random_getter
-from convert.writer import write_checkpoint
-from gptoss_jax.model.config import GptOssConfig
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-# 8 experts (expert=8/4/2), 6 q heads over 2 kv heads and vocab 1024 (tensor=2), window 5 on
-# layer 0 (sliding), layer 1 full; every other dimension distinct.
-CONFIG = GptOssConfig(
-    vocab_size=1024, hidden_size=96, intermediate_size=64, num_hidden_layers=2,
-    num_attention_heads=6, num_key_value_heads=2, head_dim=10, num_local_experts=8,
-    num_experts_per_tok=4, sliding_window=5, rope_theta=1000.0, rope_factor=4.0,
-    original_max_position_embeddings=13, max_position_embeddings=128,
-    eos_token_id=1000, pad_token_id=1001,
-)
-PROMPTS = [[5, 17, 33, 101, 7, 640, 12, 9, 900, 3, 77], [240, 3, 9], [1, 2, 3, 4, 5, 6, 7, 8]]
-NEW = 6
+from tests.cli.conftest import MESH_CONFIG, MESH_NEW, MESH_PROMPTS, ROOT
 
 MESHES = ["expert=8", "expert=4,tensor=2", "data=2,expert=2,tensor=2"]
 
@@ -64,34 +47,19 @@ def _cli(module: str, args: list[str], mesh: str | None, timeout=300, extra_env=
                           text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("mesh_cli") / "ckpt")
-    write_checkpoint(random_getter(CONFIG, seed=8), CONFIG, folder, progress=False)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def single(ckpt):
-    """Greedy tokens of each prompt alone on one device (no stop tokens)."""
-    model = gptoss_jax.load(ckpt, dtype="float32", progress=False)
-    return [gptoss_jax.generate(model, [p], max_new_tokens=NEW, temperature=0.0, stop_tokens=(),
-                                decode_text=False)[0].tokens for p in PROMPTS]
-
-
 # -- generate ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("mesh", MESHES)
-def test_generate_cli(ckpt, single, mesh):
-    proc = _cli("gptoss_jax.generate", ["--checkpoint", ckpt, "--prompt-ids",
-                                        ",".join(map(str, PROMPTS[0])), "--raw", "--json",
-                                        "--temperature", "0", "--max-new-tokens", str(NEW),
+def test_generate_cli(mesh_ckpt, mesh_single, mesh):
+    proc = _cli("gptoss_jax.generate", ["--checkpoint", mesh_ckpt, "--prompt-ids",
+                                        ",".join(map(str, MESH_PROMPTS[0])), "--raw", "--json",
+                                        "--temperature", "0", "--max-new-tokens", str(MESH_NEW),
                                         "--dtype", "float32"], mesh)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
     # the CLI stops at the config's eos; the single-device run does not
-    want = single[0]
-    if CONFIG.eos_token_id in want:
-        want = want[:want.index(CONFIG.eos_token_id) + 1]
+    want = mesh_single[0]
+    if MESH_CONFIG.eos_token_id in want:
+        want = want[:want.index(MESH_CONFIG.eos_token_id) + 1]
     assert out["tokens"] == want
 
 
@@ -135,28 +103,29 @@ class _Server:
 
 
 @pytest.mark.parametrize("mesh", MESHES)
-def test_serve_cli(ckpt, single, mesh):
+def test_serve_cli(mesh_ckpt, mesh_single, mesh):
     httpx = pytest.importorskip("httpx")
     from gptoss_jax.chat.tokenizer import load_tokenizer
 
     tok = load_tokenizer(None)
-    want = [b"".join(tok.decode_bytes([t]) for t in s).decode("utf-8", "replace") for s in single]
-    server = _Server(ckpt, mesh)
+    want = [b"".join(tok.decode_bytes([t]) for t in s).decode("utf-8", "replace")
+            for s in mesh_single]
+    server = _Server(mesh_ckpt, mesh)
     try:
         server.wait_ready(httpx)
 
         def complete(prompt):
             r = httpx.post(server.url + "/v1/completions", timeout=300, json={
-                "model": "ckpt", "prompt": prompt, "max_tokens": NEW, "temperature": 0})
+                "model": "ckpt", "prompt": prompt, "max_tokens": MESH_NEW, "temperature": 0})
             return r.status_code, r.json()
 
-        first = complete(PROMPTS[0])  # batch 1
-        with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:  # batch 3
-            results = list(pool.map(complete, PROMPTS))
+        first = complete(MESH_PROMPTS[0])  # batch 1
+        with concurrent.futures.ThreadPoolExecutor(len(MESH_PROMPTS)) as pool:  # batch 3
+            results = list(pool.map(complete, MESH_PROMPTS))
         for (code, body), text in zip([first] + results, want[:1] + want):
             assert code == 200, body
             assert body["choices"][0]["text"] == text
-            assert body["usage"]["completion_tokens"] == NEW
+            assert body["usage"]["completion_tokens"] == MESH_NEW
     finally:
         server.close()
 
@@ -188,14 +157,14 @@ def _finetune(ckpt, data, out, mesh):
 
 
 @pytest.fixture(scope="module")
-def finetune_runs(ckpt, train_data, tmp_path_factory):
+def finetune_runs(mesh_ckpt, train_data, tmp_path_factory):
     """``finetune_runs(mesh)``: (losses, adapter, step compiles) of one CLI run, run once."""
     runs = {}
 
     def run(mesh):
         if mesh not in runs:
             out = str(tmp_path_factory.mktemp("ft") / "run")
-            runs[mesh] = _finetune(ckpt, train_data, out, mesh)
+            runs[mesh] = _finetune(mesh_ckpt, train_data, out, mesh)
         return runs[mesh]
     return run
 

@@ -28,24 +28,8 @@ import time
 
 import pytest
 
-import gptoss_jax
-from convert.random_weights import random_getter
-from convert.writer import write_checkpoint
-from gptoss_jax.model.config import GptOssConfig
+from tests.cli.conftest import MESH_CONFIG, MESH_NEW, MESH_PROMPTS, ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-# 8 experts (expert=4 and expert=2 split them), 6 q heads over 2 kv heads and vocab 1024
-# (tensor=2); layer 0 sliding (window 5), layer 1 full; other dimensions distinct.
-CONFIG = GptOssConfig(
-    vocab_size=1024, hidden_size=96, intermediate_size=64, num_hidden_layers=2,
-    num_attention_heads=6, num_key_value_heads=2, head_dim=10, num_local_experts=8,
-    num_experts_per_tok=4, sliding_window=5, rope_theta=1000.0, rope_factor=4.0,
-    original_max_position_embeddings=13, max_position_embeddings=128,
-    eos_token_id=1000, pad_token_id=1001,
-)
-PROMPTS = [[5, 17, 33, 101, 7, 640, 12, 9, 900, 3, 77], [240, 3, 9], [1, 2, 3, 4, 5, 6, 7, 8]]
-NEW = 6
 START_S = 300  # loading + compiling on a busy 2-core machine
 
 pytestmark = pytest.mark.slow  # each test starts two JAX processes (~30-90 s)
@@ -128,23 +112,9 @@ class _Pair:
                 pass
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("multihost_cli") / "ckpt")
-    write_checkpoint(random_getter(CONFIG, seed=21), CONFIG, folder, progress=False)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def single(ckpt):
-    """Greedy tokens of each prompt alone, one process on one device (no stop tokens)."""
-    model = gptoss_jax.load(ckpt, dtype="float32", progress=False)
-    return [gptoss_jax.generate(model, [p], max_new_tokens=NEW, temperature=0.0, stop_tokens=(),
-                                decode_text=False)[0].tokens for p in PROMPTS]
-
-
 def _until_eos(tokens: list[int]) -> list[int]:
-    return tokens[:tokens.index(CONFIG.eos_token_id) + 1] if CONFIG.eos_token_id in tokens else tokens
+    eos = MESH_CONFIG.eos_token_id
+    return tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
 
 
 def _start_server(ckpt: str, mesh: str, step_timeout: float) -> tuple[_Pair, int]:
@@ -179,7 +149,8 @@ def _assert_unavailable(client, pair: _Pair, exit_within: float) -> None:
 
     t0 = time.monotonic()
     with pytest.raises(openai.APIStatusError) as info:
-        client.completions.create(model="ckpt", prompt=PROMPTS[1], max_tokens=NEW, temperature=0)
+        client.completions.create(model="ckpt", prompt=MESH_PROMPTS[1], max_tokens=MESH_NEW,
+                                  temperature=0)
     assert info.value.status_code == 503, info.value
     error = info.value.response.json()["error"]
     assert set(error) >= {"message", "type", "param", "code"} and error["type"] == "server_error"
@@ -190,12 +161,12 @@ def _assert_unavailable(client, pair: _Pair, exit_within: float) -> None:
     assert code != 0, pair.log(0)
 
 
-def test_serve_two_processes_then_follower_killed(ckpt, single):
+def test_serve_two_processes_then_follower_killed(mesh_ckpt, mesh_single):
     from gptoss_jax.chat.tokenizer import load_tokenizer
 
     tok = load_tokenizer(None)
-    want = [b"".join(tok.decode_bytes([t]) for t in s).decode("utf-8", "replace") for s in single]
-    pair, port = _start_server(ckpt, "expert=2,tensor=2", step_timeout=30)
+    want = [b"".join(tok.decode_bytes([t]) for t in s).decode("utf-8", "replace") for s in mesh_single]
+    pair, port = _start_server(mesh_ckpt, "expert=2,tensor=2", step_timeout=30)
     try:
         _wait_ready(pair.url, pair)
         assert port in _listening_ports(pair.procs[0].pid)
@@ -204,13 +175,13 @@ def test_serve_two_processes_then_follower_killed(ckpt, single):
         client = _client(pair.url, timeout=START_S)
 
         def complete(prompt):
-            r = client.completions.create(model="ckpt", prompt=prompt, max_tokens=NEW, temperature=0)
+            r = client.completions.create(model="ckpt", prompt=prompt, max_tokens=MESH_NEW, temperature=0)
             return r.choices[0].text, r.usage.completion_tokens
 
-        first = complete(PROMPTS[0])  # batch 1
-        with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:  # batch 3
-            results = list(pool.map(complete, PROMPTS))
-        assert [first] + results == [(w, NEW) for w in want[:1] + want]
+        first = complete(MESH_PROMPTS[0])  # batch 1
+        with concurrent.futures.ThreadPoolExecutor(len(MESH_PROMPTS)) as pool:  # batch 3
+            results = list(pool.map(complete, MESH_PROMPTS))
+        assert [first] + results == [(w, MESH_NEW) for w in want[:1] + want]
 
         pair.procs[1].kill()
         pair.procs[1].wait(30)
@@ -219,25 +190,26 @@ def test_serve_two_processes_then_follower_killed(ckpt, single):
         pair.kill()
 
 
-def test_serve_follower_hangs(ckpt, single):
+def test_serve_follower_hangs(mesh_ckpt, mesh_single):
     """A follower that stops answering (not dead: its sockets stay open) cannot hang a request:
     the step watchdog fails it with a 503 after ``--step-timeout`` and the leader exits."""
-    pair, _ = _start_server(ckpt, "expert=4", step_timeout=5)
+    pair, _ = _start_server(mesh_ckpt, "expert=4", step_timeout=5)
     try:
         _wait_ready(pair.url, pair)
         client = _client(pair.url, timeout=START_S)
-        r = client.completions.create(model="ckpt", prompt=PROMPTS[0], max_tokens=NEW, temperature=0)
-        assert r.usage.completion_tokens == NEW  # both processes compiled and ran the steps
+        r = client.completions.create(model="ckpt", prompt=MESH_PROMPTS[0], max_tokens=MESH_NEW,
+                                      temperature=0)
+        assert r.usage.completion_tokens == MESH_NEW  # both processes compiled and ran the steps
         os.kill(pair.procs[1].pid, signal.SIGSTOP)
         _assert_unavailable(client, pair, exit_within=60)
     finally:
         pair.kill()
 
 
-def test_generate_two_processes(ckpt, single):
+def test_generate_two_processes(mesh_ckpt, mesh_single):
     pair = _Pair("gptoss_jax.generate", [
-        "--checkpoint", ckpt, "--prompt-ids", ",".join(map(str, PROMPTS[0])), "--raw", "--json",
-        "--temperature", "0", "--max-new-tokens", str(NEW), "--dtype", "float32",
+        "--checkpoint", mesh_ckpt, "--prompt-ids", ",".join(map(str, MESH_PROMPTS[0])), "--raw",
+        "--json", "--temperature", "0", "--max-new-tokens", str(MESH_NEW), "--dtype", "float32",
         "--mesh", "expert=4"])
     try:
         for p in pair.procs:  # stdout is one small JSON object: the pipe cannot fill
@@ -247,5 +219,5 @@ def test_generate_two_processes(ckpt, single):
         pair.kill()
     for i, p in enumerate(pair.procs):
         assert p.returncode == 0, f"process {i}:\n{pair.log(i)}"
-    assert json.loads(outs[0])["tokens"] == _until_eos(single[0])
+    assert json.loads(outs[0])["tokens"] == _until_eos(mesh_single[0])
     assert outs[1] == ""  # the follower prints nothing

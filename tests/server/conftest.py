@@ -1,18 +1,23 @@
 """Server-test fixtures: scripted checkpoints whose greedy reply is known (``tests/scripted``),
-transformers loading a checkpoint as the independent reference, and a server around an engine."""
+transformers loading a checkpoint as the independent reference, a server around an engine, and
+what the tool-loop tests serve their tools from (a browser folder, an MCP server)."""
 
 from __future__ import annotations
 
 import contextlib
+import pathlib
+import time
 import types
 
 import httpx
 import openai
 import pytest
+from mcp.server.fastmcp import FastMCP
 
 from gptoss_jax.chat.tokenizer import load_tokenizer
 
 from tests.scripted import make_scripted_checkpoint
+from tests.tools.conftest import ThreadServer
 
 REPLY_TEXT = "Hello world, this is fine."
 
@@ -80,8 +85,6 @@ def serving(engine, *, model_name="tiny-chat", store=None, **app_kw):
 def settled(s, timeout: float = 30.0) -> dict:
     """The server's stats once no request runs or waits in the engine (its pages released:
     none in use beyond the null page) (fails after ``timeout``)."""
-    import time
-
     deadline = time.time() + timeout
     while True:
         st = s.stats()
@@ -91,3 +94,60 @@ def settled(s, timeout: float = 30.0) -> dict:
             return st
         assert time.time() < deadline, st
         time.sleep(0.05)
+
+
+# -- the tool loop's tools -----------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def browser_docs(tmp_path_factory) -> pathlib.Path:
+    """A folder for the ``local:`` browser: a page on BM25 (its lines 2-3 cited by number) and
+    one on cats."""
+    folder = tmp_path_factory.mktemp("docs")
+    (folder / "bm25.md").write_text("# BM25 ranking\n\nBM25 is a ranking function.\nIt weighs term frequency\n"
+                                    "and inverse document frequency.\n")
+    (folder / "cats.txt").write_text("Cats sleep a lot.\n")
+    return folder
+
+
+def calc_server() -> FastMCP:
+    """An MCP server ``calc`` with two tools, ``add`` and ``mul``."""
+    server = FastMCP(name="calc", instructions="Exact arithmetic.")
+
+    @server.tool(description="Add two integers.")
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    @server.tool(description="Multiply two integers.")
+    def mul(a: int, b: int) -> int:
+        return a * b
+
+    return server
+
+
+@pytest.fixture(scope="session")
+def calc_mcp():
+    """The url of :func:`calc_server` over streamable HTTP on a local port."""
+    server = ThreadServer(calc_server().streamable_http_app())
+    yield f"{server.url}/mcp"
+    server.stop()
+
+
+def processes_with(marker: str) -> list[int]:
+    """Pids of the processes with ``marker`` in their command line (a test's sandboxed code)."""
+    found = []
+    for proc in pathlib.Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker.encode() in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+        except OSError:
+            pass
+    return found
+
+
+def wait_for(check, timeout: float = 20.0) -> bool:
+    """Whether ``check()`` came true within ``timeout`` seconds (polled)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.02)
+    return False

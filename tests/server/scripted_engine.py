@@ -16,6 +16,7 @@ what each job carried.
 
 from __future__ import annotations
 
+import re
 import time
 import types
 from collections.abc import Callable
@@ -23,6 +24,17 @@ from collections.abc import Callable
 from gptoss_jax.chat.encoding import ENDOFTEXT, harmony_encoding
 from gptoss_jax.chat.tokenizer import load_tokenizer
 from gptoss_jax.inference.engine import StepEvent
+
+_TOOL_MESSAGE = re.compile(r"<\|start\|>(\S+) to=assistant<\|channel\|>\w+<\|message\|>(.*?)<\|end\|>", re.S)
+
+
+def last_turn(prompt: str) -> tuple[str, str | None, str]:
+    """What a script reads off a prompt: the last user message, and the last tool message after
+    it (its author and text; None and "" when there is none)."""
+    user_at = prompt.rfind("<|start|>user<|message|>")
+    user = prompt[user_at:].split("<|message|>", 1)[1].split("<|end|>", 1)[0]
+    tools = _TOOL_MESSAGE.findall(prompt[user_at:])
+    return (user, *tools[-1]) if tools else (user, None, "")
 
 
 class _Seq:

@@ -14,45 +14,30 @@ entries are the final model call's, their token strings make its text, top-1 is 
 from __future__ import annotations
 
 import concurrent.futures
-import pathlib
-import re
 import time
-import types
 import uuid
 
-import httpx
 import numpy as np
-import openai
 import pytest
 from openai.types.responses import ResponseCodeInterpreterToolCall, ResponseFunctionWebSearch
 
 from gptoss_jax.chat.tokenizer import load_tokenizer
 from gptoss_jax.inference.logprobs import RowLogprob
-from gptoss_jax.server import Scheduler, create_app
-from gptoss_jax.server.background import BackgroundServer
 from gptoss_jax.server.response_store import ACTIVE
 from gptoss_jax.tools import build_tools
 
-from tests.server.scripted_engine import ScriptedEngine
+from tests.server.conftest import processes_with, serving, wait_for
+from tests.server.scripted_engine import ScriptedEngine, last_turn
 
 CODE_INTERPRETER = {"type": "code_interpreter", "container": {"type": "auto"}}
 WEB = {"type": "web_search_preview"}
 MARKER = f"marker-{uuid.uuid4().hex}"
 ANSWER = "BM25 ranks documents by term frequency."
 LONG = " la" * 200
-_TOOL = re.compile(r"<\|start\|>(\S+) to=assistant<\|channel\|>\w+<\|message\|>(.*?)<\|end\|>", re.S)
-
-
-def turn(prompt: str) -> tuple[str, str | None]:
-    """The last user message, and the author of the last tool message after it."""
-    user_at = prompt.rfind("<|start|>user<|message|>")
-    user = prompt[user_at:].split("<|message|>", 1)[1].split("<|end|>", 1)[0]
-    tools = _TOOL.findall(prompt[user_at:])
-    return user, tools[-1][0] if tools else None
 
 
 def script(prompt: str) -> str:
-    user, tool = turn(prompt)
+    user, tool, _ = last_turn(prompt)
     if user.startswith("SEARCH"):  # search, open the first hit, answer
         if tool is None:
             return ('<|channel|>analysis<|message|>Look it up.<|end|><|start|>assistant<|channel|>analysis'
@@ -106,22 +91,10 @@ class LogprobEngine(ScriptedEngine):
 
 
 @pytest.fixture(scope="module")
-def docs(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("docs")
-    (folder / "bm25.md").write_text("# BM25 ranking\n\nBM25 is a ranking function.\nIt weighs term frequency\n")
-    (folder / "cats.txt").write_text("Cats sleep a lot.\n")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def served(docs):
-    engine = LogprobEngine(script, max_batch=1, step_seconds=0.002)
-    toolbox = build_tools(browser=f"local:{docs}", python="subprocess")
-    server = BackgroundServer(create_app(Scheduler(engine), load_tokenizer(), model_name="m",
-                                         toolbox=toolbox)).start()
-    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=60)
-    yield types.SimpleNamespace(url=server.url, engine=engine, client=client)
-    server.stop()
+def served(browser_docs):
+    toolbox = build_tools(browser=f"local:{browser_docs}", python="subprocess")
+    with serving(LogprobEngine(script, max_batch=1, step_seconds=0.002), model_name="m", toolbox=toolbox) as s:
+        yield s
 
 
 @pytest.fixture
@@ -131,37 +104,13 @@ def slow(served):
     served.engine.step_seconds = 0.002
 
 
-def _stats(served) -> dict:
-    return httpx.get(served.url + "/v1/stats", timeout=30).json()
-
-
 def _idle(served) -> bool:
-    st = _stats(served)
+    st = served.stats()
     return st["active"] == 0 and st["waiting"] == 0 and not served.engine.seqs
 
 
-def _wait_for(check, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.02)
-    return False
-
-
-def _sandboxes_with_marker() -> list[int]:
-    found = []
-    for proc in pathlib.Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and MARKER.encode() in (proc / "cmdline").read_bytes():
-                found.append(int(proc.name))
-        except OSError:
-            pass
-    return found
-
-
 @pytest.mark.slow
-def test_background_loop_polls_to_completed(served, slow, docs):
+def test_background_loop_polls_to_completed(served, slow, browser_docs):
     r = served.client.responses.create(model="m", input="SEARCH bm25", tools=[WEB], background=True)
     assert r.status == "queued" and r.background is True and r.output == []
     polls = []
@@ -172,7 +121,7 @@ def test_background_loop_polls_to_completed(served, slow, docs):
     assert [o.type for o in got.output] == ["reasoning", "web_search_call", "web_search_call", "message"]
     search, opened = got.output[1], got.output[2]
     assert isinstance(search, ResponseFunctionWebSearch) and search.action.query == "bm25 ranking"
-    assert opened.action.type == "open_page" and opened.action.url == (docs / "bm25.md").resolve().as_uri()
+    assert opened.action.type == "open_page" and opened.action.url == (browser_docs / "bm25.md").resolve().as_uri()
     assert got.output_text == ANSWER
     # each poll shows the items so far: a prefix of the final output, items done in full
     final_types = [o.type for o in got.output]
@@ -191,7 +140,7 @@ def test_background_loop_polls_to_completed(served, slow, docs):
 def test_background_code_interpreter_items(served):
     r = served.client.responses.create(model="m", input="PY", tools=[CODE_INTERPRETER], background=True,
                                        include=["code_interpreter_call.outputs"])
-    assert _wait_for(lambda: served.client.responses.retrieve(r.id).status not in ACTIVE)
+    assert wait_for(lambda: served.client.responses.retrieve(r.id).status not in ACTIVE)
     got = served.client.responses.retrieve(r.id)
     assert got.status == "completed" and [o.type for o in got.output] == ["code_interpreter_call", "message"]
     call = got.output[0]
@@ -204,30 +153,30 @@ def test_background_code_interpreter_items(served):
 @pytest.mark.slow
 def test_cancel_while_python_runs_kills_it(served):
     r = served.client.responses.create(model="m", input="SLEEP", tools=[CODE_INTERPRETER], background=True)
-    assert _wait_for(lambda: bool(_sandboxes_with_marker()))
+    assert wait_for(lambda: bool(processes_with(MARKER)))
     running = served.client.responses.retrieve(r.id)
     assert running.status == "in_progress" and running.output[0].status == "interpreting"
     cancelled = served.client.responses.cancel(r.id)
     assert cancelled.status == "cancelled"
-    assert _wait_for(lambda: not _sandboxes_with_marker(), timeout=10)  # killed, not left to time out
+    assert wait_for(lambda: not processes_with(MARKER), timeout=10)  # killed, not left to time out
     got = served.client.responses.retrieve(r.id)
     assert got.status == "cancelled" and [(o.type, o.status) for o in got.output] == [
         ("code_interpreter_call", "incomplete")]
     assert served.client.responses.cancel(r.id).status == "cancelled"
-    assert _wait_for(lambda: _idle(served))
+    assert wait_for(lambda: _idle(served))
     assert served.client.responses.create(model="m", input="hello").output_text == "Hello."
 
 
 @pytest.mark.slow
 def test_cancel_mid_answer_frees_the_slot(served, slow):
-    before = _stats(served)
+    before = served.stats()
     r = served.client.responses.create(model="m", input="PYLONG", tools=[CODE_INTERPRETER], background=True)
 
     def answering():
         out = served.client.responses.retrieve(r.id).output
         return len(out) == 2 and out[1].type == "message"
 
-    assert _wait_for(answering)  # the python call ran; the model writes its (long) answer
+    assert wait_for(answering)  # the python call ran; the model writes its (long) answer
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(served.client.responses.create, model="m", input="next")  # the one slot is taken
         time.sleep(0.3)
@@ -238,8 +187,8 @@ def test_cancel_mid_answer_frees_the_slot(served, slow):
     assert got.status == "cancelled" and [o.type for o in got.output] == ["code_interpreter_call", "message"]
     written = len(load_tokenizer().encode(LONG, allow_special=False))
     assert got.usage.output_tokens < written
-    assert _wait_for(lambda: _idle(served))
-    assert _stats(served)["requests_cancelled"] == before["requests_cancelled"] + 1
+    assert wait_for(lambda: _idle(served))
+    assert served.stats()["requests_cancelled"] == before["requests_cancelled"] + 1
 
 
 @pytest.mark.slow

@@ -15,21 +15,16 @@ type; bad hosted tool choices are a 400."""
 from __future__ import annotations
 
 import json
-import types
 
 import jsonschema
 import openai
 import pydantic
 import pytest
 
-from gptoss_jax.chat.tokenizer import load_tokenizer
-from gptoss_jax.server import Scheduler, create_app
-from gptoss_jax.server.background import BackgroundServer
 from gptoss_jax.tools import build_tools
 
-from tests.server.scripted_engine import ScriptedEngine
-from tests.server.test_tool_loop_flows import calc_server, turn
-from tests.tools.conftest import ThreadServer
+from tests.server.conftest import serving
+from tests.server.scripted_engine import ScriptedEngine, last_turn
 
 CODE_INTERPRETER = {"type": "code_interpreter", "container": {"type": "auto"}}
 WEB_SEARCH = {"type": "web_search_preview"}
@@ -50,7 +45,7 @@ def _call(recipient: str, args: str, channel: str = "commentary") -> str:
 
 
 def script(prompt: str) -> str:
-    user, tool, result = turn(prompt)
+    user, tool, result = last_turn(prompt)
     word = user.split()[0]
     if word == "SEARCH":
         if tool is None:
@@ -75,17 +70,11 @@ def script(prompt: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    docs = tmp_path_factory.mktemp("docs")
-    (docs / "bm25.md").write_text("# BM25\n\nBM25 is a ranking function.\n")
-    calc = ThreadServer(calc_server().streamable_http_app())
-    toolbox = build_tools(browser=f"local:{docs}", python="subprocess", tool_servers=[f"{calc.url}/mcp"])
-    engine = ScriptedEngine(script)
-    server = BackgroundServer(create_app(Scheduler(engine), load_tokenizer(), model_name="m", toolbox=toolbox)).start()
-    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=60)
-    yield types.SimpleNamespace(engine=engine, client=client, calc=f"{calc.url}/mcp")
-    server.stop()
-    calc.stop()
+def served(browser_docs, calc_mcp):
+    toolbox = build_tools(browser=f"local:{browser_docs}", python="subprocess", tool_servers=[calc_mcp])
+    with serving(ScriptedEngine(script), model_name="m", toolbox=toolbox) as s:
+        s.calc = calc_mcp
+        yield s
 
 
 def _mcp(calc: str, **kw) -> dict:

@@ -9,45 +9,28 @@ a client that goes away while code runs (job and sandbox stopped); a jupyter ker
 from __future__ import annotations
 
 import json
-import pathlib
-import re
 import socket
-import time
-import types
 import uuid
 
 import httpx
 import openai
 import pytest
-from mcp.server.fastmcp import FastMCP
 from openai.types.responses import ResponseFunctionToolCall, ResponseFunctionWebSearch, ResponseOutputMessage
 from openai.types.responses.response_output_item import McpListTools
 
-from gptoss_jax.chat.tokenizer import load_tokenizer
-from gptoss_jax.server import Scheduler, create_app
-from gptoss_jax.server.background import BackgroundServer
 from gptoss_jax.tools import build_tools
 
-from tests.server.scripted_engine import ScriptedEngine
-from tests.tools.conftest import ThreadServer
+from tests.server.conftest import processes_with, serving, wait_for
+from tests.server.scripted_engine import ScriptedEngine, last_turn
 
 CODE_INTERPRETER = {"type": "code_interpreter", "container": {"type": "auto"}}
 WEATHER = {"type": "function", "name": "get_weather", "description": "Weather in a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 MARKER = f"marker-{uuid.uuid4().hex}"
-_TOOL = re.compile(r"<\|start\|>(\S+) to=assistant<\|channel\|>\w+<\|message\|>(.*?)<\|end\|>", re.S)
-
-
-def turn(prompt: str) -> tuple[str, str | None, str]:
-    """The last user message, and the last tool message after it (author, text)."""
-    user_at = prompt.rfind("<|start|>user<|message|>")
-    user = prompt[user_at:].split("<|message|>", 1)[1].split("<|end|>", 1)[0]
-    tools = _TOOL.findall(prompt[user_at:])
-    return (user, *tools[-1]) if tools else (user, None, "")
 
 
 def script(prompt: str) -> str:
-    user, tool, result = turn(prompt)
+    user, tool, result = last_turn(prompt)
     if user.startswith("CITE"):
         if tool is None:
             return ("<|channel|>analysis<|message|>Search first.<|end|><|start|>assistant<|channel|>analysis"
@@ -81,58 +64,20 @@ def script(prompt: str) -> str:
     return "<|channel|>final<|message|>Hello.<|return|>"
 
 
-def calc_server() -> FastMCP:
-    server = FastMCP(name="calc", instructions="Exact arithmetic.")
-
-    @server.tool(description="Add two integers.")
-    def add(a: int, b: int) -> int:
-        return a + b
-
-    @server.tool(description="Multiply two integers.")
-    def mul(a: int, b: int) -> int:
-        return a * b
-
-    return server
-
-
-def _serve(toolbox, **engine_kw):
-    engine = ScriptedEngine(script, **engine_kw)
-    server = BackgroundServer(create_app(Scheduler(engine), load_tokenizer(), model_name="m", toolbox=toolbox)).start()
-    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=60)
-    return server, types.SimpleNamespace(url=server.url, engine=engine, client=client, toolbox=toolbox)
-
-
 @pytest.fixture(scope="module")
-def docs(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("docs")
-    (folder / "bm25.md").write_text("# BM25 ranking\n\nBM25 is a ranking function.\nIt weighs term frequency\n"
-                                    "and inverse document frequency.\n")
-    (folder / "cats.txt").write_text("Cats sleep a lot.\n")
-    return folder
+def served(browser_docs, calc_mcp):
+    toolbox = build_tools(browser=f"local:{browser_docs}", python="subprocess", tool_servers=[calc_mcp])
+    with serving(ScriptedEngine(script, step_seconds=0.002), model_name="m", toolbox=toolbox) as s:
+        yield s
 
 
-@pytest.fixture(scope="module")
-def calc():
-    server = ThreadServer(calc_server().streamable_http_app())
-    yield f"{server.url}/mcp"
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def served(docs, calc):
-    toolbox = build_tools(browser=f"local:{docs}", python="subprocess", tool_servers=[calc])
-    server, s = _serve(toolbox, step_seconds=0.002)
-    yield s
-    server.stop()
-
-
-def test_search_open_and_cited_answer(served, docs):
+def test_search_open_and_cited_answer(served, browser_docs):
     r = served.client.responses.create(model="m", input="CITE please", tools=[{"type": "web_search_preview"}])
     assert r.status == "completed"
     assert [o.type for o in r.output] == ["reasoning", "web_search_call", "web_search_call", "message"]
     search, opened, answer = r.output[1], r.output[2], r.output[3]
     assert isinstance(search, ResponseFunctionWebSearch) and search.action.query == "bm25 ranking"
-    page = (docs / "bm25.md").resolve().as_uri()
+    page = (browser_docs / "bm25.md").resolve().as_uri()
     assert opened.action.type == "open_page" and opened.action.url == page
     assert isinstance(answer, ResponseOutputMessage)
     text = answer.content[0]
@@ -161,7 +106,7 @@ def test_malformed_arguments_reach_the_model(served):
     assert r.status == "completed" and r.output_text == "The search failed."
     call = r.output[0]
     assert call.type == "web_search_call" and call.status == "failed" and call.action.type == "search"
-    _, author, seen = turn(served.engine.prompt_texts(start)[1])
+    _, author, seen = last_turn(served.engine.prompt_texts(start)[1])
     assert author == "browser.search" and "Invalid JSON arguments" in seen
 
 
@@ -197,8 +142,8 @@ def test_builtin_call_then_client_function(served):
     assert e.value.param == "input[1].type" and "previous_response_id" in e.value.message
 
 
-def test_mcp_server_tools(served, calc):
-    tool = {"type": "mcp", "server_label": "calc", "server_url": calc, "require_approval": "never",
+def test_mcp_server_tools(served, calc_mcp):
+    tool = {"type": "mcp", "server_label": "calc", "server_url": calc_mcp, "require_approval": "never",
             "allowed_tools": ["add"]}
     start = len(served.engine.prompts)
     r = served.client.responses.create(model="m", input="MCP add", tools=[tool])
@@ -243,27 +188,6 @@ def test_mcp_server_tools(served, calc):
         assert e.value.param == param
 
 
-def _sandboxes_with_marker() -> list[int]:
-    """Processes running the sleeping code of this module (its marker in their command line)."""
-    found = []
-    for proc in pathlib.Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and MARKER.encode() in (proc / "cmdline").read_bytes():
-                found.append(int(proc.name))
-        except OSError:
-            pass
-    return found
-
-
-def _wait_for(check, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("stream", [True, False])
 def test_client_going_away_stops_the_loop(served, stream):
@@ -274,7 +198,7 @@ def test_client_going_away_stops_the_loop(served, stream):
             for line in lines:
                 if "response.code_interpreter_call.interpreting" in line:
                     break
-            assert _wait_for(lambda: bool(_sandboxes_with_marker()))
+            assert wait_for(lambda: bool(processes_with(MARKER)))
             resp.close()
     else:  # a plain request on a raw socket, closed once the code runs
         data = json.dumps(body).encode()
@@ -282,23 +206,20 @@ def test_client_going_away_stops_the_loop(served, stream):
         with socket.create_connection((host, int(port))) as sock:
             sock.sendall(b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                          b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
-            assert _wait_for(lambda: bool(_sandboxes_with_marker()))
-    assert _wait_for(lambda: not _sandboxes_with_marker())  # the sandbox was killed, not left to time out
-    assert _wait_for(lambda: httpx.get(served.url + "/v1/stats").json()["active"] == 0)
+            assert wait_for(lambda: bool(processes_with(MARKER)))
+    assert wait_for(lambda: not processes_with(MARKER))  # the sandbox was killed, not left to time out
+    assert wait_for(lambda: httpx.get(served.url + "/v1/stats").json()["active"] == 0)
     assert served.client.responses.create(model="m", input="hello").output_text == "Hello."
 
 
 @pytest.mark.slow
 def test_jupyter_kernel_lives_along_a_chain():
     pytest.importorskip("ipykernel")
-    server, s = _serve(build_tools(python="jupyter"))
-    try:
+    with serving(ScriptedEngine(script), model_name="m", toolbox=build_tools(python="jupyter")) as s:
         include = ["code_interpreter_call.outputs"]
         r1 = s.client.responses.create(model="m", input="SET", tools=[CODE_INTERPRETER])
         r2 = s.client.responses.create(model="m", input="GET", tools=[CODE_INTERPRETER], include=include,
                                        previous_response_id=r1.id)
         alone = s.client.responses.create(model="m", input="GET", tools=[CODE_INTERPRETER], include=include)
-    finally:
-        server.stop()
     assert r2.output[0].outputs[0].logs == "42" and r2.output[0].container_id == r1.output[0].container_id
     assert "NameError" in alone.output[0].outputs[0].logs and alone.output[0].container_id != r1.output[0].container_id
