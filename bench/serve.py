@@ -1,16 +1,19 @@
 """Benchmark of the OpenAI-compatible server and its paged KV cache (issue 17). Prints one JSON
 object with three sections (``--sections``):
 
-* ``levels``: throughput and latency under concurrency. The server runs in-process on
-  127.0.0.1 (a real uvicorn, the same scheduler and engine as ``python -m gptoss_jax.serve``);
-  per level (after an unmeasured pass on other prompts, which compiles its step shapes), that
-  many streaming clients (the official ``openai`` client, one thread each) send
+* ``levels``: throughput and latency under concurrency. The server is ``python -m
+  gptoss_jax.serve`` in a subprocess on a free 127.0.0.1 port (its own interpreter: the clients'
+  threads here do not share its GIL), started for the ``levels`` and ``second_turn`` sections,
+  waited for until ``/health`` answers (warmed up) and terminated at the end, an error or a
+  SIGTERM included; per level (after an unmeasured pass on other prompts, which compiles its step
+  shapes), that many streaming clients (the official ``openai`` client, one thread each) send
   ``--requests`` raw completions each: a shared ``--system-tokens`` prefix (a harmony system
   prompt's stand-in, served from the prefix cache after the first request) plus
   ``--prompt-tokens`` distinct tokens, ``--max-tokens`` new tokens, greedy. Reported:
   requests/s, output tokens/s, TTFT and latency p50/p99, the decode batch sizes the server ran,
   the prompt tokens served from the cache; and, unless ``--skip-direct``, the engine driven
-  directly on the same prompts (no HTTP), so HTTP + scheduling overhead reads off as a ratio.
+  directly on the same prompts in this process once the server is gone (no HTTP), so HTTP +
+  scheduling overhead reads off as a ratio.
 * ``second_turn``: a ``--conversation-tokens`` conversation's second turn (the first turn's
   prompt + its reply + ``--turn-tokens`` new tokens) against a cold prompt of the same length:
   TTFT of each (median of ``--turn-repeats``, after one unmeasured round), their ratio (the
@@ -35,13 +38,16 @@ import concurrent.futures
 import json
 import os
 import platform
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 SECTIONS = ("levels", "second_turn", "kv_memory")
 
@@ -183,7 +189,8 @@ def direct(engine, prompts, c: int, max_tokens: int) -> dict:
             "requests_per_s": round(len(batch) / wall, 3)}
 
 
-def levels_section(args, url, name, tokens: Tokens, engine_for) -> list[dict]:
+def levels_section(args, url, name, tokens: Tokens) -> tuple[list[dict], list[list[int]]]:
+    """The levels through the server, and the prompts they sent (for :func:`direct_section`)."""
     import httpx
 
     system = tokens(args.system_tokens)
@@ -201,13 +208,15 @@ def levels_section(args, url, name, tokens: Tokens, engine_for) -> list[dict]:
         level["decode_batch_sizes"] = {k: v - before.get(k, 0) for k, v in after.items()
                                        if v - before.get(k, 0)}
         levels.append(level)
-    if not args.skip_direct:
-        engine = engine_for()
-        for level in levels:
-            level["engine_only"] = direct(engine, prompts, level["concurrency"], args.max_tokens)
-            level["server_over_engine_tokens_per_s"] = round(
-                level["output_tokens_per_s"] / level["engine_only"]["output_tokens_per_s"], 3)
-    return levels
+    return levels, prompts
+
+
+def direct_section(levels: list[dict], prompts, engine, max_tokens: int) -> None:
+    """Each level's engine-only figures (``direct``) and the server's share of them, in place."""
+    for level in levels:
+        level["engine_only"] = direct(engine, prompts, level["concurrency"], max_tokens)
+        level["server_over_engine_tokens_per_s"] = round(
+            level["output_tokens_per_s"] / level["engine_only"]["output_tokens_per_s"], 3)
 
 
 def second_turn_section(args, url, name, tokens: Tokens, tokenizer) -> dict:
@@ -270,55 +279,135 @@ def kv_memory_section(args, model, tokens: Tokens) -> dict:
             "preemptions": engine.preemptions}
 
 
+class ServerProcess:
+    """``python -m gptoss_jax.serve`` on a free port in a subprocess of this tree, its output in
+    ``log``: ``with ServerProcess(...) as server:`` waits until it listens and ``/health`` says it
+    warmed up, and stops it on the way out (SIGTERM, then SIGKILL), whatever happened."""
+
+    def __init__(self, args: list[str], log: Path, timeout: float = 1800.0):
+        self.argv = [sys.executable, "-m", "gptoss_jax.serve", *args, "--host", "127.0.0.1",
+                     "--port", "0", "--log-level", "warning"]
+        self.log, self.timeout, self.proc, self.url = log, timeout, None, None
+
+    def __enter__(self) -> ServerProcess:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
+        try:
+            self._wait()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _wait(self) -> None:
+        import httpx
+
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with status {self.proc.returncode}:\n"
+                                   f"{self.tail()}")
+            if self.url is None:  # its one line once listening: "serving NAME on http://H:P ..."
+                for line in self.log.read_text(errors="replace").splitlines():
+                    if line.startswith("serving ") and " on http://" in line:
+                        self.url = line.split(" on ", 1)[1].split()[0]
+            if self.url is not None:
+                try:
+                    if httpx.get(self.url + "/health", timeout=10).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+            time.sleep(0.2)
+        raise RuntimeError(f"the server was not ready within {self.timeout:g} s:\n{self.tail()}")
+
+    def stats(self) -> dict:
+        import httpx
+
+        return httpx.get(self.url + "/v1/stats", timeout=60).json()
+
+    def tail(self, chars: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-chars:]
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()  # uvicorn shuts down gracefully on SIGTERM
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _exit_on_sigterm(signo, frame):
+    # SIGTERM (timeout(1), a job scheduler) unwinds like an error, so the server is stopped too
+    raise SystemExit(128 + signo)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     import jax
 
     import gptoss_jax
     from gptoss_jax.chat.tokenizer import load_tokenizer
+    from gptoss_jax.checkpoint.load import resolve_checkpoint
     from gptoss_jax.inference.engine import Engine
-    from gptoss_jax.server import Scheduler, create_app
-    from gptoss_jax.server.background import BackgroundServer
+    from gptoss_jax.model.config import GptOssConfig
 
-    tmp = None
-    ckpt = args.checkpoint
-    if ckpt is None:
-        from convert.random_weights import random_getter
-        from convert.writer import write_checkpoint
-        from gptoss_jax.model.config import PRESETS
+    with tempfile.TemporaryDirectory(prefix="gptoss-bench-") as tmp:
+        ckpt = args.checkpoint
+        if ckpt is None:
+            from convert.random_weights import random_getter
+            from convert.writer import write_checkpoint
+            from gptoss_jax.model.config import PRESETS
 
-        tmp = tempfile.TemporaryDirectory(prefix="gptoss-bench-")
-        ckpt = os.path.join(tmp.name, args.config)
-        write_checkpoint(random_getter(PRESETS[args.config], seed=0), PRESETS[args.config], ckpt,
-                         "hf_mxfp4", progress=False)
-    model = gptoss_jax.load(ckpt, dtype=args.dtype, progress=False)
-    tokens = Tokens(model.config.vocab_size)
-    tokenizer = load_tokenizer(ckpt if os.path.isfile(os.path.join(str(ckpt), "tokenizer.json")) else None)
-    max_batch = max(args.concurrency)
+            ckpt = os.path.join(tmp, args.config)
+            write_checkpoint(random_getter(PRESETS[args.config], seed=0), PRESETS[args.config],
+                             ckpt, "hf_mxfp4", progress=False)
+        folder = resolve_checkpoint(ckpt)
+        config = GptOssConfig.from_json(os.path.join(folder, "config.json"))
+        tokens = Tokens(config.vocab_size)
+        tokenizer = load_tokenizer(folder if os.path.isfile(os.path.join(folder, "tokenizer.json"))
+                                   else None)
+        max_batch = max(args.concurrency)
 
-    def engine_for():
-        return Engine(model, max_batch=max_batch, max_len=args.max_context,
-                      kv_cache_tokens=args.kv_cache_tokens, max_prefill_rows=args.max_prefill_batch)
-
-    result: dict = {}
-    if {"levels", "second_turn"} & set(args.sections):
-        name = "bench-model"
-        scheduler = Scheduler(engine_for(), warmup_lengths=(args.system_tokens + args.prompt_tokens,))
-        server = BackgroundServer(create_app(scheduler, tokenizer, model_name=name)).start()
-        try:
-            if "levels" in args.sections:
-                result["levels"] = levels_section(args, server.url, name, tokens, engine_for)
-            if "second_turn" in args.sections:
-                result["second_turn"] = second_turn_section(args, server.url, name, tokens, tokenizer)
-            stats = scheduler.stats()
-            result["server"] = {"compile_s": stats["compile_s"], "busy_s": stats["busy_s"],
-                                "mean_decode_batch": stats["mean_decode_batch"],
-                                "engine": stats["engine"]}
-        finally:
-            server.stop()
-    if "kv_memory" in args.sections:
-        result["kv_memory"] = kv_memory_section(args, model, tokens)
-    c = model.config
+        result: dict = {}
+        levels, prompts = None, None
+        if {"levels", "second_turn"} & set(args.sections):
+            name = "bench-model"
+            serve_args = ["--checkpoint", ckpt, "--dtype", args.dtype, "--model-name", name,
+                          "--max-batch", str(max_batch), "--max-context", str(args.max_context),
+                          "--kv-cache-tokens", str(args.kv_cache_tokens),
+                          "--max-prefill-batch", str(args.max_prefill_batch),
+                          "--warmup", str(args.system_tokens + args.prompt_tokens)]
+            with ServerProcess(serve_args, Path(tmp, "server.log")) as server:
+                if "levels" in args.sections:
+                    levels, prompts = levels_section(args, server.url, name, tokens)
+                    result["levels"] = levels
+                if "second_turn" in args.sections:
+                    result["second_turn"] = second_turn_section(args, server.url, name, tokens,
+                                                                tokenizer)
+                stats = server.stats()
+                result["server"] = {"compile_s": stats["compile_s"], "busy_s": stats["busy_s"],
+                                    "mean_decode_batch": stats["mean_decode_batch"],
+                                    "engine": stats["engine"]}
+        need_model = (levels is not None and not args.skip_direct) or "kv_memory" in args.sections
+        model = gptoss_jax.load(ckpt, dtype=args.dtype, progress=False) if need_model else None
+        if levels is not None and not args.skip_direct:
+            engine = Engine(model, max_batch=max_batch, max_len=args.max_context,
+                            kv_cache_tokens=args.kv_cache_tokens,
+                            max_prefill_rows=args.max_prefill_batch)
+            direct_section(levels, prompts, engine, args.max_tokens)
+        if "kv_memory" in args.sections:
+            result["kv_memory"] = kv_memory_section(args, model, tokens)
+    c = config
     print(json.dumps({
         "benchmark": "serve",
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
@@ -333,8 +422,6 @@ def main(argv=None) -> int:
                    "requests_per_client": args.requests, "endpoint": "/v1/completions (streaming)"},
         **result,
     }, indent=1))
-    if tmp is not None:
-        tmp.cleanup()
     return 0
 
 
