@@ -31,11 +31,13 @@ _OFF_VALUES = {
 }
 
 
-def check_extra(body, allowed_ignored: tuple[str, ...] = ()) -> None:
-    """Unknown request fields are an error, as with OpenAI (not silently ignored)."""
+def check_extra(body, allowed_ignored: tuple[str, ...] = (), *, at: str = "") -> None:
+    """Unknown request fields are an error, as with OpenAI (not silently ignored). ``at``: the
+    path of a nested object (``reasoning``), which the parameter's name starts with."""
     for key in (body.model_extra or {}):
         if key not in allowed_ignored:
-            raise APIError(f"Unrecognized request argument supplied: {key}", param=key,
+            name = f"{at}.{key}" if at else key
+            raise APIError(f"Unrecognized request argument supplied: {name}", param=name,
                            code="unknown_parameter")
 
 
@@ -57,7 +59,7 @@ def check_stream_options(req) -> None:
         raise APIError("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                        param="stream_options", code="invalid_value")
     if hasattr(req.stream_options, "model_extra"):
-        check_extra(req.stream_options)
+        check_extra(req.stream_options, at="stream_options")
 
 
 def model_of(st: ServerState, model: str | None) -> str:

@@ -64,9 +64,10 @@ router = APIRouter()
 def _check(req: ResponsesRequest) -> None:
     params.check_extra(req)
     params.check_stream_options(req)
-    if req.reasoning is not None:
-        params.check_extra(req.reasoning)
-    builtin_tools.check_include([i for i in req.include or [] if i != request_sampling.LOGPROBS_INCLUDE])
+    for at in ("reasoning", "text"):
+        if getattr(req, at) is not None:
+            params.check_extra(getattr(req, at), at=at)
+    builtin_tools.check_include(req.include, also=(request_sampling.LOGPROBS_INCLUDE,))
     if req.max_tool_calls is not None and req.max_tool_calls < 1:
         raise APIError(f"Invalid 'max_tool_calls': must be >= 1, got {req.max_tool_calls}",
                        param="max_tool_calls", code="invalid_value")

@@ -75,8 +75,26 @@ class _Completion(_Generation):
 
 class ReasoningParam(_Body):
     effort: Any = None  # low | medium | high (checked by the route: a clear message)
-    summary: Any = None  # accepted and ignored: the raw reasoning is returned instead
-    generate_summary: Any = None
+    # accepted, echoed and otherwise ignored: the raw reasoning is returned instead of a summary
+    summary: Literal["auto", "concise", "detailed"] | None = None
+    generate_summary: Literal["auto", "concise", "detailed"] | None = None  # deprecated name of summary
+
+
+class ChatReasoningParam(_Body):
+    """Chat completions' ``reasoning`` (OpenRouter's convention, which OpenAI's gpt-oss guide
+    asks Chat Completions servers to follow): ``effort`` (as ``reasoning_effort``) and
+    ``exclude`` (true: the reply carries no ``reasoning``; the model still reasons)."""
+
+    effort: Any = None
+    exclude: StrictBool | None = None
+
+
+class TextParam(_Body):
+    """The Responses API's ``text``: the output ``format`` (read by ``params.request_constraint``)
+    and ``verbosity`` (accepted and echoed; this model has no verbosity control)."""
+
+    format: dict[str, Any] | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
 
 
 class ResponsesRequest(_Generation):
@@ -95,7 +113,7 @@ class ResponsesRequest(_Generation):
     store: StrictBool | None = None
     previous_response_id: StrictStr | None = None
     metadata: dict[str, StrictStr] | None = None
-    text: dict[str, Any] | None = None
+    text: TextParam | None = None
     truncation: Literal["auto", "disabled"] | None = None
     include: list[StrictStr] | None = None  # "message.output_text.logprobs"
     top_logprobs: StrictInt | None = TopLogprobs
@@ -105,6 +123,7 @@ class ResponsesRequest(_Generation):
     # accepted and ignored
     safety_identifier: StrictStr | None = None
     prompt_cache_key: StrictStr | None = None
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
     service_tier: StrictStr | None = None
     # part of OpenAI's API, not supported here (400 when set to anything but the default)
     conversation: Any = None
@@ -122,6 +141,8 @@ class ChatCompletionRequest(_Completion):
     tool_choice: Any = None
     parallel_tool_calls: StrictBool | None = None
     reasoning_effort: Any = None
+    reasoning: ChatReasoningParam | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None  # accepted and ignored
     response_format: dict[str, Any] | None = None
     json_whitespace: JsonWhitespace = None  # this server's extra (module docstring)
     # accepted and ignored
@@ -130,6 +151,7 @@ class ChatCompletionRequest(_Completion):
     service_tier: StrictStr | None = None
     safety_identifier: StrictStr | None = None
     prompt_cache_key: StrictStr | None = None
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
     logprobs: StrictBool | None = None
     top_logprobs: StrictInt | None = TopLogprobs  # needs logprobs: true
     # not supported (400 unless at the default)
