@@ -1,0 +1,213 @@
+"""The server's objects and errors against OpenAI's API reference, where an earlier audit found
+them apart: a scripted engine (``tests/server/scripted_engine.py``) answers each prompt with a
+known harmony reply, the official ``openai`` client and raw HTTP (where the client hides the
+detail) read it, and every expectation comes from the reference, not from our own output:
+
+* Chat Completions' reasoning follows OpenAI's gpt-oss guide ("How to handle the raw chain of
+  thought"): a ``reasoning`` property on the message and on stream deltas, left out with
+  ``reasoning: {"exclude": true}``; ``reasoning.effort`` sets the effort.
+* OpenAI's OpenAPI schema (openai/openai-openapi): a chat message always has ``refusal``
+  (null) and has ``tool_calls`` only as an array; a response's ``usage`` and ``user`` are an
+  object and a string, never null.
+* ``stream_options.include_usage``: every chunk carries ``usage``, null on all but the last one,
+  whose ``choices`` are empty (chat and text completions).
+* Responses ``text.verbosity`` and ``reasoning.summary`` are enums, echoed on the response;
+  unknown fields inside ``text`` / ``reasoning`` are errors naming them; ``include`` values are
+  checked one by one (``include[i]``); the request's ``service_tier``, ``prompt_cache_key``,
+  ``prompt_cache_retention`` and ``safety_identifier`` come back on the response.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from gptoss_jax.chat.tokenizer import load_tokenizer
+from gptoss_jax.server import Scheduler, create_app
+from gptoss_jax.server.background import BackgroundServer
+
+from tests.server.scripted_engine import ScriptedEngine
+
+THOUGHT, ANSWER = "Let me think.", "Hi there!"
+WEATHER = '{"city":"Paris"}'
+CHAT_TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+def script(prompt: str) -> str:
+    user = prompt.rsplit("<|start|>user<|message|>", 1)[-1]
+    if user.startswith("CALL") and "<|start|>functions.get_weather" not in user:
+        return (f"<|channel|>analysis<|message|>{THOUGHT}<|end|><|start|>assistant<|channel|>commentary "
+                f"to=functions.get_weather <|constrain|>json<|message|>{WEATHER}<|call|>")
+    return (f"<|channel|>analysis<|message|>{THOUGHT}<|end|><|start|>assistant<|channel|>final"
+            f"<|message|>{ANSWER}<|return|>")
+
+
+@pytest.fixture(scope="module")
+def served():
+    engine = ScriptedEngine(script)
+    server = BackgroundServer(create_app(Scheduler(engine), load_tokenizer(), model_name="m")).start()
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=60)
+    try:
+        yield type("Served", (), {"url": server.url, "client": client, "engine": engine})
+    finally:
+        server.stop()
+
+
+def _chunks(url: str, body: dict) -> list[dict]:
+    """The JSON chunks of a server-sent event stream (up to ``[DONE]``, which must end it)."""
+    out, done = [], False
+    with httpx.stream("POST", url, json=body, timeout=60) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line == "data: [DONE]":
+                done = True
+            elif line.startswith("data: "):
+                assert not done
+                out.append(json.loads(line[len("data: "):]))
+    assert done
+    return out
+
+
+USER = [{"role": "user", "content": "Say hi"}]
+
+
+# -- chat completions: reasoning (OpenAI's gpt-oss raw chain-of-thought guide) ----------------------
+
+def test_chat_reasoning_is_a_reasoning_property_of_message_and_delta(served):
+    r = served.client.chat.completions.create(model="m", messages=USER)
+    message = r.choices[0].message
+    assert message.content == ANSWER
+    assert message.reasoning == THOUGHT  # an extra field: the client keeps it
+    assert message.reasoning_content == THOUGHT  # the older name, kept for older clients
+
+    deltas = [c.choices[0].delta for c in served.client.chat.completions.create(model="m", messages=USER, stream=True)
+              if c.choices]
+    assert "".join(getattr(d, "reasoning", None) or "" for d in deltas) == THOUGHT
+    assert "".join(d.content or "" for d in deltas) == ANSWER
+
+
+def test_chat_reasoning_exclude_leaves_it_out(served):
+    r = served.client.chat.completions.create(model="m", messages=USER, extra_body={"reasoning": {"exclude": True}})
+    message = r.choices[0].message
+    assert message.content == ANSWER and getattr(message, "reasoning", None) is None
+    chunks = _chunks(f"{served.url}/v1/chat/completions",
+                     {"messages": USER, "stream": True, "reasoning": {"exclude": True}})
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert not any(d.get("reasoning") or d.get("reasoning_content") for d in deltas)
+    assert "".join(d.get("content") or "" for d in deltas) == ANSWER
+
+
+def test_chat_reasoning_effort_and_bad_reasoning_fields(served):
+    start = len(served.engine.prompts)
+    served.client.chat.completions.create(model="m", messages=USER, extra_body={"reasoning": {"effort": "low"}})
+    assert "Reasoning: low" in served.engine.prompt_texts(start)[0]
+    for reasoning, param in (({"effort": "extreme"}, "reasoning.effort"), ({"max_tokens": 5}, "reasoning.max_tokens"),
+                             ({"exclude": "yes"}, "reasoning.exclude")):
+        with pytest.raises(openai.BadRequestError) as e:
+            served.client.chat.completions.create(model="m", messages=USER, extra_body={"reasoning": reasoning})
+        assert e.value.body["param"] == param
+
+
+def test_previous_reasoning_goes_back_as_reasoning(served):
+    """The guide: on later turns the server receives the previous reasoning as ``reasoning``
+    (kept before a tool call's result, as harmony keeps the analysis until a final message)."""
+    start = len(served.engine.prompts)
+    messages = [{"role": "user", "content": "CALL it"},
+                {"role": "assistant", "content": None, "reasoning": "I need the weather tool.",
+                 "tool_calls": [{"id": "call_1", "type": "function",
+                                 "function": {"name": "get_weather", "arguments": WEATHER}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    r = served.client.chat.completions.create(model="m", messages=messages, tools=CHAT_TOOLS)
+    assert r.choices[0].message.content == ANSWER
+    assert "<|channel|>analysis<|message|>I need the weather tool.<|end|>" in served.engine.prompt_texts(start)[0]
+
+
+# -- chat completions: the message object as OpenAI's OpenAPI schema types it ------------------------
+
+def test_chat_message_has_refusal_and_tool_calls_only_as_array(served):
+    body = httpx.post(f"{served.url}/v1/chat/completions", json={"messages": USER}, timeout=60).json()
+    message = body["choices"][0]["message"]
+    assert message["role"] == "assistant" and message["content"] == ANSWER
+    assert "refusal" in message and message["refusal"] is None  # required, nullable
+    assert "tool_calls" not in message  # an array when present, never null
+
+    body = httpx.post(f"{served.url}/v1/chat/completions",
+                      json={"messages": [{"role": "user", "content": "CALL it"}], "tools": CHAT_TOOLS}, timeout=60).json()
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    (call,) = choice["message"]["tool_calls"]
+    assert call["type"] == "function" and call["id"].startswith("call")
+    assert call["function"] == {"name": "get_weather", "arguments": WEATHER}
+
+
+# -- stream_options.include_usage (chat and text completions) ---------------------------------------
+
+@pytest.mark.parametrize("route,body", [
+    ("chat/completions", {"messages": USER}),
+    ("completions", {"prompt": "Once upon a time", "max_tokens": 4}),
+])
+def test_include_usage_is_null_on_every_chunk_but_the_last(served, route, body):
+    chunks = _chunks(f"{served.url}/v1/{route}", {**body, "stream": True, "stream_options": {"include_usage": True}})
+    *rest, last = chunks
+    assert rest and all("usage" in c and c["usage"] is None for c in rest)
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] > 0
+    assert last["usage"]["total_tokens"] == last["usage"]["prompt_tokens"] + last["usage"]["completion_tokens"]
+    # without include_usage no chunk has usage
+    chunks = _chunks(f"{served.url}/v1/{route}", {**body, "stream": True})
+    assert all(c.get("usage") is None for c in chunks) and all(c["choices"] for c in chunks)
+
+
+# -- responses: text.verbosity, reasoning.summary, include, echoed fields ------------------------------
+
+def test_responses_echo_text_verbosity_reasoning_summary_and_request_fields(served):
+    r = served.client.responses.create(model="m", input="Say hi")
+    assert r.text.verbosity == "medium" and r.reasoning.summary is None  # the defaults
+    assert r.output_text == ANSWER
+    r = served.client.responses.create(
+        model="m", input="Say hi", text={"verbosity": "low"}, reasoning={"effort": "high", "summary": "auto"},
+        service_tier="auto", prompt_cache_key="key-1", prompt_cache_retention="24h", safety_identifier="user-7")
+    assert r.status == "completed" and r.text.verbosity == "low" and r.text.format.type == "text"
+    assert (r.reasoning.effort, r.reasoning.summary) == ("high", "auto")
+    assert (r.prompt_cache_key, r.prompt_cache_retention, r.safety_identifier) == ("key-1", "24h", "user-7")
+    assert r.service_tier in ("auto", "default", "flex", "scale", "priority")
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"text": {"verbosity": "loud"}}, "text.verbosity"),
+    ({"text": {"formats": {"type": "text"}}}, "text.formats"),
+    ({"reasoning": {"summary": "everything"}}, "reasoning.summary"),
+    ({"reasoning": {"effort": "low", "budget": 3}}, "reasoning.budget"),
+    ({"prompt_cache_retention": "forever"}, "prompt_cache_retention"),
+])
+def test_responses_bad_nested_fields_are_400_naming_them(served, extra, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        served.client.responses.create(model="m", input="Say hi", extra_body=extra)
+    assert e.value.status_code == 400
+    err = e.value.body
+    assert err["param"] == param and err["type"] == "invalid_request_error" and param in err["message"]
+
+
+def test_include_values_checked_one_by_one(served):
+    with pytest.raises(openai.BadRequestError) as e:  # one of OpenAI's values, not supported here
+        served.client.responses.create(model="m", input="Say hi",
+                                       include=["message.output_text.logprobs", "reasoning.encrypted_content"])
+    assert (e.value.body["param"], e.value.body["code"]) == ("include[1]", "unsupported_value")
+    with pytest.raises(openai.BadRequestError) as e:  # no such value in OpenAI's API
+        served.client.responses.create(model="m", input="Say hi", extra_body={"include": ["output.everything"]})
+    assert (e.value.body["param"], e.value.body["code"]) == ("include[0]", "invalid_value")
+
+
+def test_response_usage_and_user_absent_rather_than_null(served):
+    body = httpx.post(f"{served.url}/v1/responses", json={"input": "Say hi"}, timeout=60).json()
+    assert body["status"] == "completed" and "user" not in body
+    usage = body["usage"]
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
+    assert usage["output_tokens_details"]["reasoning_tokens"] > 0
+    body = httpx.post(f"{served.url}/v1/responses", json={"input": "Say hi", "user": "u-1"}, timeout=60).json()
+    assert body["user"] == "u-1"
+    queued = httpx.post(f"{served.url}/v1/responses", json={"input": "Say hi", "background": True}, timeout=60).json()
+    assert queued["status"] == "queued" and "usage" not in queued and queued["output"] == []
