@@ -2,7 +2,7 @@
 
 Unknown fields, parameters of OpenAI's API that this server does not implement (audio,
 predictions, ``echo``...: a 400 naming them unless they are at their "off" value),
-``stream_options`` without ``stream``, the model (a blank or missing one is the served model;
+``stream_options`` without ``stream``, ``metadata`` limits, the model (a blank or missing one is the served model;
 aliases), the new-token budget against the context, reasoning effort, and the output
 constraint (format, tools, tool choice). The sampling parameters (penalties, ``logit_bias``,
 ``seed``, ``n``, ``stop``, logprobs, vLLM's extras) are read in
@@ -41,11 +41,31 @@ def check_extra(body, allowed_ignored: tuple[str, ...] = (), *, at: str = "") ->
                            code="unknown_parameter")
 
 
+def check_metadata(metadata: Mapping[str, str] | None) -> None:
+    """``metadata``: at most 16 pairs, keys up to 64 characters, values up to 512 (OpenAI's
+    limits; the values' type is checked by the schema)."""
+    if metadata is None:
+        return
+    if len(metadata) > 16:
+        raise APIError(f"Invalid 'metadata': too many properties. Expected an object with at most 16 "
+                       f"properties, but got an object with {len(metadata)} properties instead.",
+                       param="metadata", code="object_above_max_properties")
+    for key, value in metadata.items():
+        if len(key) > 64:
+            raise APIError(f"Invalid 'metadata': key {key[:64]!r}... is {len(key)} characters long; at most 64 "
+                           f"are allowed.", param="metadata", code="invalid_value")
+        if len(value) > 512:
+            raise APIError(f"Invalid 'metadata.{key}': string too long. Expected a string with maximum length "
+                           f"512, but got a string with length {len(value)} instead.", param=f"metadata.{key}",
+                           code="string_above_max_length")
+
+
 def check_completion_params(req) -> None:
-    """The fields shared by chat and text completions: unknown ones, ``stream_options``, and
-    the parameters this server does not implement."""
+    """The fields shared by chat and text completions: unknown ones, ``stream_options``,
+    ``metadata``, and the parameters this server does not implement."""
     check_extra(req)
     check_stream_options(req)
+    check_metadata(getattr(req, "metadata", None))
     for name, off in _OFF_VALUES.items():
         if name in type(req).model_fields and getattr(req, name) not in off:
             raise unsupported(name)

@@ -183,7 +183,7 @@ class ResponseRun:
         """A background response cancelled before it finished (its output so far is kept; a
         built-in call it was running is ``incomplete``)."""
         if self.status in ("queued", "in_progress"):
-            self.tracker.end("stop")
+            self.tracker.end("cancelled")  # the item being written stays "incomplete"
             if self.tracker.pending_call is not None:
                 self.tracker.abandon(self.tracker.pending_call)
             self.status = "cancelled"

@@ -64,6 +64,7 @@ router = APIRouter()
 def _check(req: ResponsesRequest) -> None:
     params.check_extra(req)
     params.check_stream_options(req)
+    params.check_metadata(req.metadata)
     for at in ("reasoning", "text"):
         if getattr(req, at) is not None:
             params.check_extra(getattr(req, at), at=at)

@@ -11,6 +11,8 @@ detail) read it, and every expectation comes from the reference, not from our ow
   object and a string, never null.
 * ``stream_options.include_usage``: every chunk carries ``usage``, null on all but the last one,
   whose ``choices`` are empty (chat and text completions).
+* A cancelled background response keeps what it wrote, the item it was writing ``incomplete``;
+  cancelling again returns the same object.
 * Responses ``text.verbosity`` and ``reasoning.summary`` are enums, echoed on the response;
   unknown fields inside ``text`` / ``reasoning`` are errors naming them; ``include`` values are
   checked one by one (``include[i]``); the request's ``service_tier``, ``prompt_cache_key``,
@@ -20,6 +22,7 @@ detail) read it, and every expectation comes from the reference, not from our ow
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import openai
@@ -39,6 +42,8 @@ CHAT_TOOLS = [{"type": "function", "function": {"name": "get_weather", "paramete
 
 def script(prompt: str) -> str:
     user = prompt.rsplit("<|start|>user<|message|>", 1)[-1]
+    if user.startswith("SING"):
+        return "<|channel|>final<|message|>" + " la" * 400 + "<|return|>"
     if user.startswith("CALL") and "<|start|>functions.get_weather" not in user:
         return (f"<|channel|>analysis<|message|>{THOUGHT}<|end|><|start|>assistant<|channel|>commentary "
                 f"to=functions.get_weather <|constrain|>json<|message|>{WEATHER}<|call|>")
@@ -49,6 +54,18 @@ def script(prompt: str) -> str:
 @pytest.fixture(scope="module")
 def served():
     engine = ScriptedEngine(script)
+    server = BackgroundServer(create_app(Scheduler(engine), load_tokenizer(), model_name="m")).start()
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=60)
+    try:
+        yield type("Served", (), {"url": server.url, "client": client, "engine": engine})
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def slow():
+    """The same replies, one token every 10 ms (a cancel lands mid-generation)."""
+    engine = ScriptedEngine(script, step_seconds=0.01)
     server = BackgroundServer(create_app(Scheduler(engine), load_tokenizer(), model_name="m")).start()
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=60)
     try:
@@ -211,3 +228,44 @@ def test_response_usage_and_user_absent_rather_than_null(served):
     assert body["user"] == "u-1"
     queued = httpx.post(f"{served.url}/v1/responses", json={"input": "Say hi", "background": True}, timeout=60).json()
     assert queued["status"] == "queued" and "usage" not in queued and queued["output"] == []
+
+
+def test_cancelled_response_keeps_its_output_with_the_cut_item_incomplete(slow):
+    rid = slow.client.responses.create(model="m", input="SING", background=True).id
+    deadline = time.time() + 30
+    while not (got := slow.client.responses.retrieve(rid)).output:  # polled: the message being written
+        assert got.status in ("queued", "in_progress") and time.time() < deadline
+        time.sleep(0.02)
+    assert got.status == "in_progress" and got.output[0].status == "in_progress"
+    time.sleep(0.1)
+    cancelled = slow.client.responses.cancel(rid)
+    assert cancelled.status == "cancelled" and cancelled.error is None and cancelled.completed_at is None
+    (message,) = cancelled.output
+    assert message.type == "message" and message.status == "incomplete"  # cut by the cancel
+    assert message.content[0].text.startswith(" la la") and len(message.content[0].text) < 3 * 400
+    again = slow.client.responses.cancel(rid)  # cancelling twice: the same final object
+    assert again.status == "cancelled" and again.output[0].content[0].text == message.content[0].text
+    assert slow.client.responses.retrieve(rid).model_dump() == again.model_dump()
+
+
+@pytest.mark.parametrize("route,body,param", [
+    ("responses", {"input": "Say hi", "metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
+    ("responses", {"input": "Say hi", "metadata": {"k": "v" * 513}}, "metadata.k"),
+    ("chat/completions", {"messages": USER, "metadata": {"k" * 65: "v"}}, "metadata"),
+    ("chat/completions", {"messages": [{"role": "user"}]}, "messages[0].content"),
+    ("chat/completions", {"messages": [*USER, {"role": "assistant"}]}, "messages[1].content"),
+])
+def test_reference_limits_are_400_naming_the_parameter(served, route, body, param):
+    """OpenAI's limits: ``metadata`` has at most 16 pairs, keys of up to 64 characters, values
+    of up to 512; a message's ``content`` is required (an assistant's only without tool calls)."""
+    r = httpx.post(f"{served.url}/v1/{route}", json=body, timeout=60)
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] == param and err["type"] == "invalid_request_error"
+    assert set(err) == {"message", "type", "param", "code"}
+    ok = {**body, "metadata": {f"k{i}": "v" * 512 for i in range(16)}} if "metadata" in body else None
+    if ok is not None:  # at the limits: accepted, and echoed on a response
+        got = httpx.post(f"{served.url}/v1/{route}", json=ok, timeout=60)
+        assert got.status_code == 200
+        if route == "responses":
+            assert got.json()["metadata"] == ok["metadata"]
