@@ -6,9 +6,9 @@ The messages are rendered with harmony and each choice's reply parsed as it is g
 OpenAI's gpt-oss guide "How to handle the raw chain of thought" asks Chat Completions servers to
 follow, as vLLM does; ``reasoning_content``, the older name, carries the same text), tool calls
 -> ``tool_calls`` in the OpenAI format (``type: "function"``, or ``"custom"`` with the raw
-``input`` for custom tools). The request's ``reasoning: {"exclude": true}`` leaves the
-reasoning out of the reply (the model still reasons); ``reasoning.effort`` is an alias of
-``reasoning_effort``. ``finish_reason``: ``tool_calls`` when the reply calls a tool,
+``input`` for custom tools). The request's ``reasoning: {"exclude": true}`` (or vLLM's
+``include_reasoning: false``) leaves the reasoning out of the reply (the model still reasons);
+``reasoning.effort`` is an alias of ``reasoning_effort``. ``finish_reason``: ``tool_calls`` when the reply calls a tool,
 ``length`` when the token budget cut it, else ``stop`` (a stop string, or malformed output
 ending the reply with what was parsed).
 
@@ -93,7 +93,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
         params.check_extra(req.reasoning, at="reasoning")
     messages = inputs.chat_messages(req.messages)
     effort = _effort(req)
-    show_reasoning = not (req.reasoning is not None and req.reasoning.exclude)
+    show_reasoning = not ((req.reasoning is not None and req.reasoning.exclude) or req.include_reasoning is False)
     tools = inputs.function_tools(req.tools)
     rc = params.request_constraint(req, "chat")
     prompt = inputs.render(messages, reasoning_effort=effort,

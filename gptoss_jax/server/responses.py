@@ -166,7 +166,7 @@ async def create_response(req: ResponsesRequest, request: Request):
     conversation = lambda: _after(run, messages, call_names)
 
     def save() -> None:
-        if req.store is not False and run.status in ("completed", "incomplete"):
+        if req.store is not False and run.status in stored.FINISHED:
             st.store.put(stored.record(run.json(), items, *conversation()))
 
     if req.background:
@@ -181,6 +181,7 @@ async def create_response(req: ResponsesRequest, request: Request):
         await generation.collect(job, consumer, request, st.scheduler)
     except ConstraintFailed as e:
         run.fail(f"Generation failed: {e}")
+        save()
         return JSONResponse(run.json())
     run.cached_tokens = generation.cached_tokens([job])
     run.complete()
@@ -220,6 +221,7 @@ async def _stream(run: ResponseRun, job: Job, consumer, st: ServerState, save):
         for s in ev.ops(run.fail(f"Generation failed: {e}")):
             yield s
         yield ev.event("error", code="server_error", message=run.error["message"], param=None)
+        save()
         yield ev.response("response.failed")
         return
     run.cached_tokens = generation.cached_tokens([job])

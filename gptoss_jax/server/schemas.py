@@ -142,6 +142,7 @@ class ChatCompletionRequest(_Completion):
     parallel_tool_calls: StrictBool | None = None
     reasoning_effort: Any = None
     reasoning: ChatReasoningParam | None = None
+    include_reasoning: StrictBool | None = None  # vLLM's extra: false = reasoning.exclude
     verbosity: Literal["low", "medium", "high"] | None = None  # accepted and ignored
     response_format: dict[str, Any] | None = None
     json_whitespace: JsonWhitespace = None  # this server's extra (module docstring)

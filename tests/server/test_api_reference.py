@@ -107,12 +107,12 @@ def test_chat_reasoning_is_a_reasoning_property_of_message_and_delta(served):
     assert "".join(d.content or "" for d in deltas) == ANSWER
 
 
-def test_chat_reasoning_exclude_leaves_it_out(served):
-    r = served.client.chat.completions.create(model="m", messages=USER, extra_body={"reasoning": {"exclude": True}})
+@pytest.mark.parametrize("extra", [{"reasoning": {"exclude": True}}, {"include_reasoning": False}])
+def test_chat_reasoning_exclude_leaves_it_out(served, extra):
+    r = served.client.chat.completions.create(model="m", messages=USER, extra_body=extra)
     message = r.choices[0].message
     assert message.content == ANSWER and getattr(message, "reasoning", None) is None
-    chunks = _chunks(f"{served.url}/v1/chat/completions",
-                     {"messages": USER, "stream": True, "reasoning": {"exclude": True}})
+    chunks = _chunks(f"{served.url}/v1/chat/completions", {"messages": USER, "stream": True, **extra})
     deltas = [c["choices"][0]["delta"] for c in chunks]
     assert not any(d.get("reasoning") or d.get("reasoning_content") for d in deltas)
     assert "".join(d.get("content") or "" for d in deltas) == ANSWER
@@ -152,8 +152,8 @@ def test_chat_message_has_refusal_and_tool_calls_only_as_array(served):
     assert "refusal" in message and message["refusal"] is None  # required, nullable
     assert "tool_calls" not in message  # an array when present, never null
 
-    body = httpx.post(f"{served.url}/v1/chat/completions",
-                      json={"messages": [{"role": "user", "content": "CALL it"}], "tools": CHAT_TOOLS}, timeout=60).json()
+    call = {"messages": [{"role": "user", "content": "CALL it"}], "tools": CHAT_TOOLS}
+    body = httpx.post(f"{served.url}/v1/chat/completions", json=call, timeout=60).json()
     choice = body["choices"][0]
     assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
     (call,) = choice["message"]["tool_calls"]
@@ -269,3 +269,37 @@ def test_reference_limits_are_400_naming_the_parameter(served, route, body, para
         assert got.status_code == 200
         if route == "responses":
             assert got.json()["metadata"] == ok["metadata"]
+
+
+# A schema the scripted reply cannot follow: the constraint dead-ends, the response fails.
+NUMBER = {"type": "json_schema", "name": "n", "strict": True,
+          "schema": {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+                     "additionalProperties": False}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_failed_response_is_stored_with_its_error(served, stream):
+    """OpenAI keeps a failed response (``store`` defaults to true): GET returns it, status
+    ``failed`` with its ``error``; a stream ends with ``error`` then ``response.failed``."""
+    body = {"input": "Say hi", "text": {"format": NUMBER}}
+    if stream:
+        events = _sse_events(f"{served.url}/v1/responses", {**body, "stream": True})
+        assert [e["type"] for e in events[-2:]] == ["error", "response.failed"]
+        assert [e["sequence_number"] for e in events] == list(range(len(events)))
+        failed = events[-1]["response"]
+    else:
+        failed = httpx.post(f"{served.url}/v1/responses", json=body, timeout=60).json()
+    assert failed["status"] == "failed" and failed["error"]["code"] == "server_error" and failed["error"]["message"]
+    got = served.client.responses.retrieve(failed["id"])
+    assert got.status == "failed" and got.error.code == "server_error"
+    assert got.error.message == failed["error"]["message"]
+    with pytest.raises(openai.NotFoundError):  # store: false keeps nothing, failed or not
+        failed = httpx.post(f"{served.url}/v1/responses", json={**body, "store": False}, timeout=60).json()
+        served.client.responses.retrieve(failed["id"])
+
+
+def _sse_events(url: str, body: dict) -> list[dict]:
+    """The data of each server-sent event of a Responses stream (which has no ``[DONE]``)."""
+    with httpx.stream("POST", url, json=body, timeout=60) as r:
+        assert r.status_code == 200
+        return [json.loads(line[len("data: "):]) for line in r.iter_lines() if line.startswith("data: ")]

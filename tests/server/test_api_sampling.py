@@ -203,7 +203,7 @@ BAD = [  # (path, body, param)
     ("/v1/chat/completions", {**CHAT, "frequency_penalty": -3}, "frequency_penalty"),
     ("/v1/chat/completions", {**CHAT, "seed": "x"}, "seed"),
     ("/v1/chat/completions", {**CHAT, "stream_options": {"include_usage": True}}, "stream_options"),
-    ("/v1/chat/completions", {**CHAT, "stream": True, "stream_options": {"bogus": 1}}, "bogus"),
+    ("/v1/chat/completions", {**CHAT, "stream": True, "stream_options": {"bogus": 1}}, "stream_options.bogus"),
     ("/v1/chat/completions", {**CHAT, "top_k": -2}, "top_k"),
     ("/v1/chat/completions", {**CHAT, "min_p": 1.5}, "min_p"),
     ("/v1/chat/completions", {**CHAT, "repetition_penalty": 0}, "repetition_penalty"),
