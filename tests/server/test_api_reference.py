@@ -303,3 +303,16 @@ def _sse_events(url: str, body: dict) -> list[dict]:
     with httpx.stream("POST", url, json=body, timeout=60) as r:
         assert r.status_code == 200
         return [json.loads(line[len("data: "):]) for line in r.iter_lines() if line.startswith("data: ")]
+
+
+def test_models_list_and_retrieve(served):
+    page = httpx.get(f"{served.url}/v1/models", timeout=60).json()
+    assert page["object"] == "list" and [m["id"] for m in page["data"]] == ["m"]
+    (card,) = page["data"]
+    assert card["object"] == "model" and isinstance(card["created"], int) and isinstance(card["owned_by"], str)
+    assert card["max_model_len"] == served.engine.max_len  # vLLM's field for the context length
+    got = served.client.models.retrieve("m")
+    assert (got.id, got.object, got.created, got.owned_by) == ("m", "model", card["created"], card["owned_by"])
+    with pytest.raises(openai.NotFoundError) as e:
+        served.client.models.retrieve("gpt-4o")
+    assert (e.value.body["param"], e.value.body["code"]) == ("model", "model_not_found")
