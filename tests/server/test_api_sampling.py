@@ -216,7 +216,7 @@ BAD = [  # (path, body, param)
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"1.5": 2}}, "logit_bias"),
     ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
     ("/v1/responses", {"input": "hi", "top_logprobs": 21}, "top_logprobs"),
-    ("/v1/responses", {"input": "hi", "include": ["message.output_text.logprobs", "nope"]}, "include"),
+    ("/v1/responses", {"input": "hi", "include": ["message.output_text.logprobs", "nope"]}, "include[1]"),
     ("/v1/responses", {"input": "hi", "stream_options": {"include_obfuscation": False}}, "stream_options"),
     ("/v1/responses", {"input": "hi", "max_tool_calls": 0}, "max_tool_calls"),
     ("/v1/responses", {"input": "hi", "reasoning_effort": "max"}, "reasoning_effort"),
