@@ -210,9 +210,6 @@ class ResponseRun:
         full, the one being written as ``in_progress`` without its content yet."""
         req = self.req
         done = self.status not in ("queued", "in_progress")
-        # OpenAI's schema types ``usage`` and ``user`` as an object and a string (not nullable):
-        # absent until there is one
-        optional = {"usage": self.usage() if done else None, "user": req.user}
         return {
             "id": self.id, "object": "response", "created_at": self.created_at,
             "background": req.background is True,
@@ -232,10 +229,13 @@ class ResponseRun:
             "text": {"format": (req.text and req.text.format) or {"type": "text"},
                      "verbosity": (req.text and req.text.verbosity) or "medium"},
             "tool_choice": req.tool_choice or "auto", "tools": self.tools,
-            "truncation": req.truncation or "disabled", "metadata": req.metadata or {},
-            **{k: v for k, v in optional.items() if v is not None},
-            # echoed as given (no service tiers here; prompt caching is automatic)
-            "service_tier": req.service_tier or "default", "prompt_cache_key": req.prompt_cache_key,
+            # null until there is usage, and without a user (as OpenAI's API answers, though
+            # its OpenAPI schema types them as an object and a string)
+            "truncation": req.truncation or "disabled", "usage": self.usage() if done else None,
+            "user": req.user, "metadata": req.metadata or {},
+            # echoed (one tier here: "auto" is served as "default"; prompt caching is automatic)
+            "service_tier": req.service_tier if req.service_tier not in (None, "auto") else "default",
+            "prompt_cache_key": req.prompt_cache_key,
             "prompt_cache_retention": req.prompt_cache_retention, "safety_identifier": req.safety_identifier,
         }
 
