@@ -149,9 +149,10 @@ class ChatChoice:
         thinking = t.texts("reasoning") if show_reasoning else []
         calls = [call_json(i, i.text) for i in t.tool_calls]
         reasoning = "\n".join(thinking) if thinking else None
-        # OpenAI's schema: ``refusal`` always there (null), ``tool_calls`` only when there are some
+        # as OpenAI's reference shows it: ``refusal`` always there (null), ``annotations`` (none
+        # here), ``tool_calls`` only when there are some
         return {"role": "assistant", "content": "".join(self.content) if self.has_message else None,
-                "refusal": None, "reasoning": reasoning, "reasoning_content": reasoning,
+                "refusal": None, "annotations": [], "reasoning": reasoning, "reasoning_content": reasoning,
                 **({"tool_calls": calls} if calls else {})}
 
 

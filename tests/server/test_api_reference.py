@@ -149,7 +149,7 @@ def test_chat_message_has_refusal_and_tool_calls_only_as_array(served):
     body = httpx.post(f"{served.url}/v1/chat/completions", json={"messages": USER}, timeout=60).json()
     message = body["choices"][0]["message"]
     assert message["role"] == "assistant" and message["content"] == ANSWER
-    assert "refusal" in message and message["refusal"] is None  # required, nullable
+    assert "refusal" in message and message["refusal"] is None and message["annotations"] == []  # required, nullable
     assert "tool_calls" not in message  # an array when present, never null
 
     call = {"messages": [{"role": "user", "content": "CALL it"}], "tools": CHAT_TOOLS}
