@@ -61,6 +61,12 @@ class StreamOptions(_Body):
     include_obfuscation: StrictBool | None = None  # accepted and ignored (no obfuscation)
 
 
+class ResponseStreamOptions(_Body):
+    """The Responses API's ``stream_options`` (no ``include_usage``: the final event carries it)."""
+
+    include_obfuscation: StrictBool | None = None  # accepted and ignored (no obfuscation)
+
+
 class _Completion(_Generation):
     """Fields shared by chat and text completions."""
 
@@ -109,7 +115,7 @@ class ResponsesRequest(_Generation):
     tool_choice: Any = None  # checked by params.request_constraint
     parallel_tool_calls: StrictBool | None = None
     json_whitespace: JsonWhitespace = None  # this server's extra (module docstring)
-    stream_options: dict[str, Any] | None = None
+    stream_options: ResponseStreamOptions | None = None
     store: StrictBool | None = None
     previous_response_id: StrictStr | None = None
     metadata: dict[str, StrictStr] | None = None
