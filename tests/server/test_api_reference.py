@@ -319,3 +319,28 @@ def test_models_list_and_retrieve(served):
     with pytest.raises(openai.NotFoundError) as e:
         served.client.models.retrieve("gpt-4o")
     assert (e.value.body["param"], e.value.body["code"]) == ("model", "model_not_found")
+
+
+@pytest.mark.parametrize("route,body,param,code", [
+    ("responses", {"input": "hi", "temperature": 3}, "temperature", "decimal_above_max_value"),
+    ("responses", {"input": "hi", "top_logprobs": 21}, "top_logprobs", "integer_above_max_value"),
+    ("chat/completions", {"messages": USER, "n": 0}, "n", "integer_below_min_value"),
+    ("chat/completions", {"messages": USER, "presence_penalty": -2.5}, "presence_penalty", "decimal_below_min_value"),
+    ("chat/completions", {"messages": USER, "max_tokens": 2.5}, "max_tokens", "invalid_type"),
+    ("responses", {"input": "hi", "stream": "yes"}, "stream", "invalid_type"),
+    ("responses", {"input": "hi", "text": {"verbosity": "loud"}}, "text.verbosity", "invalid_value"),
+    ("chat/completions", {"messages": USER}, None, None),  # the control: accepted
+])
+def test_validation_error_codes(served, route, body, param, code):
+    """The ``code`` of a field's error as OpenAI's API gives it: the wrong type is
+    ``invalid_type``, a number out of range ``integer_above_max_value`` / ``decimal_below_min_value``
+    and so on (by the field's type), a value not among those allowed ``invalid_value``."""
+    r = httpx.post(f"{served.url}/v1/{route}", json={**body, **({"max_tokens": 4} if param is None else {})},
+                   timeout=60)
+    if param is None:
+        assert r.status_code == 200
+        return
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert (err["param"], err["code"], err["type"]) == (param, code, "invalid_request_error")
+    assert param in err["message"]
