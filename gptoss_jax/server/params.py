@@ -109,8 +109,8 @@ def token_budget(st: ServerState, prompt_len: int, requested: int | None, param:
     if requested is None:
         return ctx - prompt_len
     if requested < 1:
-        raise APIError(f"Invalid {param!r}: must be >= 1, got {requested}", param=param,
-                       code="invalid_value")
+        raise APIError(f"Invalid {param!r}: integer below minimum value. Expected a value >= 1, but got "
+                       f"{requested} instead.", param=param, code="integer_below_min_value")
     if prompt_len + requested > ctx:
         raise APIError(f"{param!r} of {requested} plus the input of {prompt_len} tokens exceeds "
                        f"this server's context of {ctx} tokens (at most {ctx - prompt_len} "

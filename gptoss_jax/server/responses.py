@@ -70,8 +70,8 @@ def _check(req: ResponsesRequest) -> None:
             params.check_extra(getattr(req, at), at=at)
     builtin_tools.check_include(req.include, also=(request_sampling.LOGPROBS_INCLUDE,))
     if req.max_tool_calls is not None and req.max_tool_calls < 1:
-        raise APIError(f"Invalid 'max_tool_calls': must be >= 1, got {req.max_tool_calls}",
-                       param="max_tool_calls", code="invalid_value")
+        raise APIError(f"Invalid 'max_tool_calls': integer below minimum value. Expected a value >= 1, but "
+                       f"got {req.max_tool_calls} instead.", param="max_tool_calls", code="integer_below_min_value")
     if req.background and req.store is False:
         raise APIError("Background responses are kept in the store: 'background' needs 'store' to be true",
                        param="store", code="invalid_value")

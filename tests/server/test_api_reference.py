@@ -327,6 +327,10 @@ def test_models_list_and_retrieve(served):
     ("chat/completions", {"messages": USER, "n": 0}, "n", "integer_below_min_value"),
     ("chat/completions", {"messages": USER, "presence_penalty": -2.5}, "presence_penalty", "decimal_below_min_value"),
     ("chat/completions", {"messages": USER, "max_tokens": 2.5}, "max_tokens", "invalid_type"),
+    ("chat/completions", {"messages": USER, "max_completion_tokens": 0}, "max_completion_tokens",
+     "integer_below_min_value"),
+    ("responses", {"input": "hi", "max_output_tokens": 0}, "max_output_tokens", "integer_below_min_value"),
+    ("responses", {"input": "hi", "max_tool_calls": 0}, "max_tool_calls", "integer_below_min_value"),
     ("responses", {"input": "hi", "stream": "yes"}, "stream", "invalid_type"),
     ("responses", {"input": "hi", "text": {"verbosity": "loud"}}, "text.verbosity", "invalid_value"),
     ("chat/completions", {"messages": USER}, None, None),  # the control: accepted
