@@ -61,7 +61,8 @@ from gptoss_jax.tools import Toolbox
 router = APIRouter()
 
 
-def _check(req: ResponsesRequest) -> None:
+def check(req: ResponsesRequest) -> None:
+    """The request's fields that no later step reads (a 400 naming a bad one)."""
     params.check_extra(req)
     params.check_stream_options(req)
     params.check_metadata(req.metadata)
@@ -131,6 +132,24 @@ def _prompt(st: ServerState, req: ResponsesRequest, messages: list[Message], **o
     return prompt
 
 
+def request_prompt(st: ServerState, req: ResponsesRequest) -> list[int]:
+    """The prompt ``POST /v1/responses`` runs for ``req`` (its first model call, with built-in
+    tools), for ``POST /v1/responses/input_tokens``."""
+    messages, _ = _conversation(st, req)
+    effort = _effort(req)
+    requested = builtin_tools.request_tools(req.tools, st.toolbox)
+    tools = inputs.function_tools(requested.functions)
+    toolbox = requested.toolbox(st.toolbox) if requested.namespaces else None
+    rc = params.request_constraint(req, "responses",
+                                   builtin_tools=requested.recipients(toolbox) if toolbox else None)
+    if toolbox is not None and rc.tool_choice != "none":
+        conversation = inputs.conversation(messages, reasoning_effort=effort, instructions=req.instructions,
+                                           tools=tools, tool_namespaces=toolbox.configs())
+        return tool_loop.prompt_of(conversation, rc.developer_section)
+    return _prompt(st, req, messages, reasoning_effort=effort, tools=[] if rc.tool_choice == "none" else tools,
+                   response_format=rc.developer_section)
+
+
 def _after(run: ResponseRun, messages: list[Message], call_names: dict[str, str]):
     """The conversation and call names once ``run`` has replied."""
     reply = run.tracker.message()
@@ -141,7 +160,7 @@ def _after(run: ResponseRun, messages: list[Message], call_names: dict[str, str]
 @router.post("/v1/responses", responses={**STREAMING, **errors(400, 404, 409, 500, 503)})
 async def create_response(req: ResponsesRequest, request: Request):
     st = state(request)
-    _check(req)
+    check(req)
     model = params.model_of(st, req.model)
     messages, call_names = _conversation(st, req)
     effort = _effort(req)

@@ -136,6 +136,28 @@ class ResponsesRequest(_Generation):
     prompt: Any = None
 
 
+class InputTokensRequest(_Body):
+    """``POST /v1/responses/input_tokens``: the fields of a Responses request that shape its
+    input (OpenAI's TokenCountsBody); the count is that of the prompt ``POST /v1/responses``
+    would run."""
+
+    model_config = _config({"model": "", "input": "Hello", "instructions": "Be brief."})
+
+    model: StrictStr | None = None
+    input: StrictStr | list[Any] | None = None
+    instructions: StrictStr | None = None
+    previous_response_id: StrictStr | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: StrictBool | None = None
+    text: TextParam | None = None
+    reasoning: ReasoningParam | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    # part of OpenAI's API, not supported here (400 when set)
+    conversation: Any = None
+    personality: Any = None
+
+
 class ChatCompletionRequest(_Completion):
     model_config = _config({"messages": [{"role": "user", "content": "Hello"}], "max_completion_tokens": 16,
                             "n": 2, "logprobs": True, "top_logprobs": 2, "stop": ["\n\n"], "seed": 7})

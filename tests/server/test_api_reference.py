@@ -11,6 +11,7 @@ detail) read it, and every expectation comes from the reference, not from our ow
   until there is one, as the API answers (the schema is looser than the API there).
 * ``stream_options.include_usage``: every chunk carries ``usage``, null on all but the last one,
   whose ``choices`` are empty (chat and text completions).
+* ``POST /v1/responses/input_tokens`` counts the input a response to the same fields would have.
 * A cancelled background response keeps what it wrote, the item it was writing ``incomplete``;
   cancelling again returns the same object.
 * Responses ``text.verbosity`` and ``reasoning.summary`` are enums, echoed on the response;
@@ -348,3 +349,42 @@ def test_validation_error_codes(served, route, body, param, code):
     err = r.json()["error"]
     assert (err["param"], err["code"], err["type"]) == (param, code, "invalid_request_error")
     assert param in err["message"]
+
+
+# -- POST /v1/responses/input_tokens -------------------------------------------------------------
+
+RESP_TOOLS = [{"type": "function", "name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}]
+
+
+@pytest.mark.parametrize("fields", [
+    {"input": "Say hi"},
+    {"input": [{"role": "user", "content": [{"type": "input_text", "text": "Say hi"}]}], "instructions": "Be brief.",
+     "reasoning": {"effort": "low"}},
+    {"input": "Say hi", "tools": RESP_TOOLS, "tool_choice": "auto"},
+    {"input": "Say hi", "text": {"format": {"type": "json_schema", "name": "o", "schema": {"type": "object"}}}},
+])
+def test_input_tokens_counts_the_prompt_a_response_would_run(served, fields):
+    """``client.responses.input_tokens.count`` answers ``{"object": "response.input_tokens",
+    "input_tokens": N}``; N is the input a response to the same fields reports in its usage."""
+    before = len(served.engine.prompts)
+    count = served.client.responses.input_tokens.count(model="m", **fields)
+    assert count.object == "response.input_tokens"
+    assert len(served.engine.prompts) == before  # counting generated nothing
+    created = httpx.post(f"{served.url}/v1/responses", json={**fields, "max_output_tokens": 1}, timeout=60).json()
+    assert count.input_tokens == created["usage"]["input_tokens"] == len(served.engine.prompts[-1])
+
+
+def test_input_tokens_with_previous_response_and_bad_requests(served):
+    first = served.client.responses.create(model="m", input="Say hi")
+    count = served.client.responses.input_tokens.count(model="m", previous_response_id=first.id, input="And again")
+    then = served.client.responses.create(model="m", previous_response_id=first.id, input="And again",
+                                          max_output_tokens=1)
+    assert count.input_tokens == then.usage.input_tokens > first.usage.input_tokens
+    for body, status, param in (({"previous_response_id": "resp_nope", "input": "x"}, 404, "previous_response_id"),
+                                ({"model": "nope", "input": "x"}, 404, "model"),
+                                ({"input": "x", "personality": "friendly"}, 400, "personality"),
+                                ({"input": "x", "max_output_tokens": 5}, 400, "max_output_tokens"),
+                                ({}, 400, "input")):
+        r = httpx.post(f"{served.url}/v1/responses/input_tokens", json=body, timeout=60)
+        assert (r.status_code, r.json()["error"]["param"]) == (status, param), body
