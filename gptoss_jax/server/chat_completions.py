@@ -22,7 +22,7 @@ grammars, ``tool_choice`` (including ``{"type": "function", "function": {"name"}
 bad ones are a 400 before anything runs; every choice follows them). A constraint that
 dead-ends mid-generation is a generation error, as vLLM reports its ``error`` finish reason: a
 plain request gets a 500 ``server_error`` naming the dead end, a stream an error chunk after the
-deltas so far (and no ``[DONE]``); the server and the other requests carry on.
+deltas so far (then ``[DONE]``, as vLLM ends it); the server and the other requests carry on.
 """
 
 from __future__ import annotations

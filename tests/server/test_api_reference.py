@@ -388,3 +388,18 @@ def test_input_tokens_with_previous_response_and_bad_requests(served):
                                 ({}, 400, "input")):
         r = httpx.post(f"{served.url}/v1/responses/input_tokens", json=body, timeout=60)
         assert (r.status_code, r.json()["error"]["param"]) == (status, param), body
+
+
+def test_chat_stream_failure_is_an_error_chunk_then_done(served):
+    """A generation that fails mid-stream (the scripted reply cannot follow the schema) sends
+    OpenAI's error object as a chunk, then ``[DONE]`` as vLLM does; the client raises it."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "n", "strict": True, "schema": NUMBER["schema"]}}
+    with httpx.stream("POST", f"{served.url}/v1/chat/completions",
+                      json={"messages": USER, "stream": True, "response_format": fmt}, timeout=60) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    err = json.loads(lines[-2][len("data: "):])["error"]
+    assert err["type"] == "server_error" and err["message"] and set(err) == {"message", "type", "param", "code"}
+    with pytest.raises(openai.APIError):
+        for _ in served.client.chat.completions.create(model="m", messages=USER, stream=True, response_format=fmt):
+            pass
