@@ -2,7 +2,8 @@
 
 ``create_app(scheduler, tokenizer, model_name=...)`` builds the app around a running-or-not
 :class:`~gptoss_jax.server.scheduler.Scheduler` (the app's lifespan starts and stops it).
-Routes, one module each: :mod:`.responses` (``POST /v1/responses``), :mod:`.response_routes`
+Routes, one module each: :mod:`.responses` (``POST /v1/responses``), :mod:`.input_tokens`
+(``POST /v1/responses/input_tokens``: a request's input token count), :mod:`.response_routes`
 (retrieve, delete, input items, cancel, stream resumption), :mod:`.chat_completions`,
 :mod:`.completions` (raw text continuation, no chat format), :mod:`.models` (``/v1/models``,
 ``/health``, ``/v1/stats``); and ``/openapi.json`` (:mod:`.openapi`: every status code a route
@@ -22,7 +23,16 @@ from collections.abc import Sequence
 from fastapi import FastAPI
 
 from gptoss_jax.chat.tokenizer import Tokenizer
-from gptoss_jax.server import chat_completions, completions, errors, models, openapi, response_routes, responses
+from gptoss_jax.server import (
+    chat_completions,
+    completions,
+    errors,
+    input_tokens,
+    models,
+    openapi,
+    response_routes,
+    responses,
+)
 from gptoss_jax.server.auth import APIKeyMiddleware
 from gptoss_jax.server.response_store import MemoryResponseStore, ResponseStore
 from gptoss_jax.server.scheduler import Scheduler
@@ -54,7 +64,7 @@ def create_app(scheduler: Scheduler, tokenizer: Tokenizer, *, model_name: str | 
                                    toolbox=toolbox)
     errors.install(app)
     app.add_middleware(APIKeyMiddleware, api_key=api_key)
-    for module in (models, responses, response_routes, chat_completions, completions):
+    for module in (models, responses, input_tokens, response_routes, chat_completions, completions):
         app.include_router(module.router)
     openapi.install(app, api_key=api_key is not None)
     return app

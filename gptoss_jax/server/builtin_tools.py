@@ -37,6 +37,12 @@ WEB_SEARCH_TYPES = ("web_search_preview", "web_search_preview_2025_03_11", "web_
                     "browser_search")
 BUILTIN_TYPES = (*WEB_SEARCH_TYPES, "code_interpreter", "mcp")
 INCLUDES = ("code_interpreter_call.outputs", "web_search_call.action.sources")
+# The values OpenAI's API defines for ``include`` (its ResponseIncludable), to tell a value this
+# server does not support from one that does not exist.
+_OPENAI_INCLUDES = frozenset({
+    "file_search_call.results", "web_search_call.results", "web_search_call.action.sources",
+    "message.input_image.image_url", "computer_call_output.output.image_url", "code_interpreter_call.outputs",
+    "reasoning.encrypted_content", "message.output_text.logprobs"})
 _WEB_SEARCH_HINTS = ("search_context_size", "user_location", "external_web_access")
 
 
@@ -172,10 +178,17 @@ def request_tools(tools: Sequence[Any] | None, server: Toolbox | None, param: st
     return out
 
 
-def check_include(include: Sequence[str] | None) -> list[str]:
-    """The ``include`` values this server supports; others are a 400."""
-    for value in include or ():
-        if value not in INCLUDES:
-            raise unsupported("include", f"'include' value {value!r} is not supported (supported: "
-                                         f"{', '.join(INCLUDES)})")
+def check_include(include: Sequence[str] | None, also: Sequence[str] = ()) -> list[str]:
+    """The ``include`` values this server supports (the built-in tools' and ``also``); others
+    (``reasoning.encrypted_content``: reasoning is returned in the clear) are a 400."""
+    supported = (*INCLUDES, *also)
+    for i, value in enumerate(include or ()):
+        if value in supported:
+            continue
+        listed = ", ".join(repr(v) for v in supported)
+        if value in _OPENAI_INCLUDES:
+            raise APIError(f"Unsupported value for 'include': {value!r} is not supported by this server. "
+                           f"Supported values are: {listed}.", param=f"include[{i}]", code="unsupported_value")
+        raise APIError(f"Invalid value: {value!r}. Supported values are: {listed}.", param=f"include[{i}]",
+                       code="invalid_value")
     return list(include or ())

@@ -2,9 +2,13 @@
 
 The messages are rendered with harmony and each choice's reply parsed as it is generated
 (:class:`~gptoss_jax.server.choices.ChatChoice`): the final channel (and commentary preambles) ->
-``content``, analysis -> ``reasoning_content`` (on the message, and on stream deltas), tool calls
+``content``, analysis -> ``reasoning`` (on the message, and on stream deltas: the convention
+OpenAI's gpt-oss guide "How to handle the raw chain of thought" asks Chat Completions servers to
+follow, as vLLM does; ``reasoning_content``, the older name, carries the same text), tool calls
 -> ``tool_calls`` in the OpenAI format (``type: "function"``, or ``"custom"`` with the raw
-``input`` for custom tools). ``finish_reason``: ``tool_calls`` when the reply calls a tool,
+``input`` for custom tools). The request's ``reasoning: {"exclude": true}`` (or vLLM's
+``include_reasoning: false``) leaves the reasoning out of the reply (the model still reasons);
+``reasoning.effort`` is an alias of ``reasoning_effort``. ``finish_reason``: ``tool_calls`` when the reply calls a tool,
 ``length`` when the token budget cut it, else ``stop`` (a stop string, or malformed output
 ending the reply with what was parsed).
 
@@ -18,7 +22,7 @@ grammars, ``tool_choice`` (including ``{"type": "function", "function": {"name"}
 bad ones are a 400 before anything runs; every choice follows them). A constraint that
 dead-ends mid-generation is a generation error, as vLLM reports its ``error`` finish reason: a
 plain request gets a 500 ``server_error`` naming the dead end, a stream an error chunk after the
-deltas so far (and no ``[DONE]``); the server and the other requests carry on.
+deltas so far (then ``[DONE]``, as vLLM ends it); the server and the other requests carry on.
 """
 
 from __future__ import annotations
@@ -41,7 +45,17 @@ from gptoss_jax.server.state import state
 
 router = APIRouter()
 
-_DELTA_FIELD = {"message": "content", "reasoning": "reasoning_content"}
+_REASONING_FIELDS = ("reasoning", "reasoning_content")  # the guide's name, and the older one
+
+
+def _delta(kind: str, text: str) -> dict:
+    return {"content": text} if kind == "message" else dict.fromkeys(_REASONING_FIELDS, text)
+
+
+def _effort(req: ChatCompletionRequest) -> str:
+    if req.reasoning is not None and req.reasoning.effort is not None:
+        return params.effort_of(req.reasoning.effort, "reasoning.effort")
+    return params.effort_of(req.reasoning_effort, "reasoning_effort")
 
 
 class _Completion:
@@ -50,6 +64,7 @@ class _Completion:
     def __init__(self, model: str, prompt_len: int, choices: list[ChatChoice]):
         self.model, self.prompt_len, self.choices = model, prompt_len, choices
         self.id, self.created = new_id("chatcmpl", sep="-"), int(time.time())
+        self.include_usage = False  # stream_options.include_usage: every chunk has "usage" (null but the last)
 
     def usage(self) -> dict:
         trackers = [c.tracker for c in self.choices]
@@ -62,8 +77,9 @@ class _Completion:
                 "choices": choices, **extra}
 
     def chunk(self, choice: ChatChoice, delta: dict, finish: str | None = None, logprobs=None) -> str:
+        extra = {"usage": None} if self.include_usage else {}
         return sse(self.body("chat.completion.chunk", [{"index": choice.index, "delta": delta,
-                                                        "finish_reason": finish, "logprobs": logprobs}]))
+                                                        "finish_reason": finish, "logprobs": logprobs}], **extra))
 
 
 @router.post("/v1/chat/completions", responses={**STREAMING, **errors(400, 404, 500, 503)})
@@ -73,8 +89,11 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     model = params.model_of(st, req.model)
     if req.modalities not in (None, ["text"]):
         raise unsupported("modalities", "only text output is supported")
+    if req.reasoning is not None:
+        params.check_extra(req.reasoning, at="reasoning")
     messages = inputs.chat_messages(req.messages)
-    effort = params.effort_of(req.reasoning_effort, "reasoning_effort")
+    effort = _effort(req)
+    show_reasoning = not ((req.reasoning is not None and req.reasoning.exclude) or req.include_reasoning is False)
     tools = inputs.function_tools(req.tools)
     rc = params.request_constraint(req, "chat")
     prompt = inputs.render(messages, reasoning_effort=effort,
@@ -93,15 +112,15 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
                    tracker=ReplyTracker(custom_tools=rc.custom_tools))
         for i, job in enumerate(jobs)])
     if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return SSEResponse(generation.with_done(_stream(out, st.scheduler, include_usage)),
+        out.include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return SSEResponse(generation.with_done(_stream(out, st.scheduler, show_reasoning)),
                            on_close=lambda: [st.scheduler.cancel(j) for j in jobs])
     try:
         await generation.collect_all([(c.job, c) for c in out.choices], request, st.scheduler)
     except ConstraintFailed as e:
         raise APIError(f"Generation failed: {e}", status=500, type="server_error",
                        code="server_error") from None
-    body = [{"index": c.index, "message": c.message(), "finish_reason": c.finish_reason,
+    body = [{"index": c.index, "message": c.message(show_reasoning), "finish_reason": c.finish_reason,
              "logprobs": c.logprobs_json()} for c in out.choices]
     return JSONResponse(out.body("chat.completion", body, usage=out.usage()))
 
@@ -109,8 +128,8 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
 class _ChoiceStream:
     """One choice's reply ops -> chunks."""
 
-    def __init__(self, out: _Completion, choice: ChatChoice):
-        self.out, self.choice = out, choice
+    def __init__(self, out: _Completion, choice: ChatChoice, show_reasoning: bool = True):
+        self.out, self.choice, self.show_reasoning = out, choice, show_reasoning
         self.calls = 0
         self.reasoning = False  # a reasoning item was streamed (the next one is joined by a newline)
 
@@ -125,14 +144,16 @@ class _ChoiceStream:
                               else ("function", "arguments"))
                 return out.chunk(choice, {"tool_calls": [{"index": self.calls - 1, field: {key: op.text}}]})
             return None
+        if item.kind == "reasoning" and not self.show_reasoning:
+            return None
         if item.kind == "reasoning" and op.kind == "open":
             joined, self.reasoning = self.reasoning, True
-            return out.chunk(choice, {"reasoning_content": "\n"}) if joined else None
+            return out.chunk(choice, _delta("reasoning", "\n")) if joined else None
         if op.kind == "delta":
             logprobs = None
             if item.kind == "message":
                 logprobs = choice.logprobs_json(choice.take_logprobs())
-            return out.chunk(choice, {_DELTA_FIELD[item.kind]: op.text}, logprobs=logprobs)
+            return out.chunk(choice, _delta(item.kind, op.text), logprobs=logprobs)
         return None
 
     def finish(self) -> str:
@@ -148,8 +169,8 @@ async def _ops(choice: ChatChoice, scheduler):
     yield None
 
 
-async def _stream(out: _Completion, scheduler, include_usage: bool):
-    streams = [_ChoiceStream(out, c) for c in out.choices]
+async def _stream(out: _Completion, scheduler, show_reasoning: bool = True):
+    streams = [_ChoiceStream(out, c, show_reasoning) for c in out.choices]
     for c in out.choices:
         yield out.chunk(c, {"role": "assistant", "content": ""})
     async for i, ops in generation.merge([_ops(c, scheduler) for c in out.choices]):
@@ -160,5 +181,5 @@ async def _stream(out: _Completion, scheduler, include_usage: bool):
             s = streams[i].render(op)
             if s is not None:
                 yield s
-    if include_usage:
+    if out.include_usage:
         yield sse(out.body("chat.completion.chunk", [], usage=out.usage()))

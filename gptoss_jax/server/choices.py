@@ -142,13 +142,18 @@ class ChatChoice:
         return {"content": chat_logprobs_json(self.logprobs.entries if entries is None else entries),
                 "refusal": None}
 
-    def message(self) -> dict:
+    def message(self, show_reasoning: bool = True) -> dict:
+        """The choice's message; its reasoning as ``reasoning`` and, by its older name,
+        ``reasoning_content`` (none when ``show_reasoning`` is false)."""
         t = self.tracker
-        thinking = t.texts("reasoning")
+        thinking = t.texts("reasoning") if show_reasoning else []
         calls = [call_json(i, i.text) for i in t.tool_calls]
+        reasoning = "\n".join(thinking) if thinking else None
+        # as OpenAI's reference shows it: ``refusal`` always there (null), ``annotations`` (none
+        # here), ``tool_calls`` only when there are some
         return {"role": "assistant", "content": "".join(self.content) if self.has_message else None,
-                "reasoning_content": "\n".join(thinking) if thinking else None,
-                "tool_calls": calls or None}
+                "refusal": None, "annotations": [], "reasoning": reasoning, "reasoning_content": reasoning,
+                **({"tool_calls": calls} if calls else {})}
 
 
 class TextChoice:

@@ -66,18 +66,20 @@ async def completions(req: CompletionRequest, request: Request):
         text.offset += sum(len(e.token) for e in entries)
         return out
 
+    # stream_options.include_usage: every chunk has "usage", null but in the last (OpenAI's reference)
+    include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
+
     def body(text: TextChoice, delta: str, finish: str | None, entries) -> dict:
         return {"id": cid, "object": "text_completion", "created": created, "model": model,
                 "choices": [{"index": text.index, "text": delta, "finish_reason": finish,
-                             "logprobs": logprobs(text, entries)}]}
+                             "logprobs": logprobs(text, entries)}],
+                **({"usage": None} if include_usage else {})}
 
     def usage() -> dict:
         return generation.completion_usage(len(prompt), sum(t.count for t in texts),
                                            cached_tokens=generation.cached_tokens(jobs))
 
     if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
         async def events():
             merged = generation.merge([generation.stream(t.job, t, st.scheduler) for t in texts])
             async for i, chunks in merged:

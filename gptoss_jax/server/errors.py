@@ -5,7 +5,9 @@ Every error the server returns has the shape the official clients parse::
     {"error": {"message": str, "type": str, "param": str | None, "code": str | None}}
 
 Client mistakes are 4xx ``invalid_request_error`` s (``param`` names the offending field, with
-list indices: ``input[2].content``); anything unexpected is a 500 ``server_error`` whose message
+list indices: ``input[2].content``; ``code`` as OpenAI's API gives it for a field of the wrong
+type or out of range: ``invalid_type``, ``integer_above_max_value``...); anything unexpected is a
+500 ``server_error`` whose message
 hides the traceback (it goes to the log); an engine that is not running is a 503.
 """
 
@@ -64,6 +66,35 @@ def param_path(loc) -> str | None:
     return out or None
 
 
+# pydantic's bound errors -> (which side, the ctx key of the bound)
+_BOUNDS = {"greater_than_equal": ("below_min", "ge", ">="), "greater_than": ("below_min", "gt", ">"),
+           "less_than_equal": ("above_max", "le", "<="), "less_than": ("above_max", "lt", "<")}
+
+
+def _field_error(param: str, error: dict) -> APIError:
+    """One field's validation error, with the ``code`` OpenAI's API gives it: ``invalid_type``
+    (a string where a number belongs...), ``integer_below_min_value`` /
+    ``decimal_above_max_value`` ... (a number out of range), ``string_above_max_length``, else
+    ``invalid_value`` (a value not among those allowed)."""
+    kind, ctx, given = error.get("type", ""), error.get("ctx") or {}, error.get("input")
+    if kind in _BOUNDS:
+        side, key, op = _BOUNDS[kind]
+        bound = ctx.get(key)
+        number = "decimal" if isinstance(bound, float) else "integer"  # the field's type, as the bound's
+        shown = f"{bound:g}" if isinstance(bound, float) else bound
+        return APIError(f"Invalid {param!r}: {number} {side.replace('_', ' ')}imum value. Expected a value "
+                        f"{op} {shown}, but got {given!r} instead.", param=param, code=f"{number}_{side}_value")
+    if kind == "string_too_long":
+        return APIError(f"Invalid {param!r}: string too long. Expected a string with maximum length "
+                        f"{ctx.get('max_length')}, but got a string with length {len(str(given))} instead.",
+                        param=param, code="string_above_max_length")
+    if kind.endswith("_type") or kind.endswith("_parsing") or kind == "int_from_float":
+        return APIError(f"Invalid type for {param!r}: {error.get('msg', 'wrong type')}", param=param,
+                        code="invalid_type")
+    return APIError(f"Invalid value for {param!r}: {error.get('msg', 'invalid')}", param=param,
+                    code="invalid_value")
+
+
 def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     first = errors[0] if errors else {}
@@ -79,7 +110,7 @@ def _validation_error(request: Request, exc: RequestValidationError) -> JSONResp
         hint = "" if "json" in ctype else f" (send it as Content-Type: application/json, not {ctype or 'nothing'})"
         message = f"The request body must be a JSON object{hint}"
     else:
-        message = f"Invalid value for {param!r}: {first.get('msg', 'invalid')}"
+        return _field_error(param, first).response()
     return APIError(message, param=param, code="invalid_value" if first.get("type") != "missing"
                     else "missing_required_parameter").response()
 

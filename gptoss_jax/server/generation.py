@@ -241,12 +241,12 @@ def sse(data: dict, event: str | None = None) -> str:
 
 async def with_done(events: AsyncIterator[str]) -> AsyncIterator[str]:
     """The chat / completions streaming convention: ``data: [DONE]`` at the end; an engine
-    failure becomes an error chunk instead."""
+    failure becomes an error chunk (OpenAI's error object) before it, as vLLM streams one (the
+    openai client raises it as an ``APIError``)."""
     try:
         async for s in events:
             yield s
     except EngineError as e:
         yield sse({"error": {"message": f"Generation failed: {e}", "type": "server_error",
                              "param": None, "code": "server_error"}})
-        return
     yield "data: [DONE]\n\n"

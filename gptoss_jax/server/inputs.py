@@ -209,6 +209,10 @@ def chat_messages(messages: Sequence[Any]) -> list[Message]:
         if role not in ROLES:
             raise APIError(f"Invalid value for {p + '.role'!r}: {role!r}", param=f"{p}.role",
                            code="invalid_value")
+        if m.get("content") is None and not (role == "assistant" and (m.get("tool_calls") or m.get("function_call"))):
+            # OpenAI's reference: content is required, but for an assistant message with tool calls
+            raise APIError(f"Missing required parameter: {p + '.content'!r}.", param=f"{p}.content",
+                           code="missing_required_parameter")
         d = {"role": role, "content": _text(m.get("content"), f"{p}.content")}
         if role == "assistant":
             for key in ("reasoning_content", "reasoning", "thinking"):

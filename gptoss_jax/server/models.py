@@ -19,8 +19,10 @@ router = APIRouter()
 
 
 def _model_card(st: ServerState, name: str) -> dict:
+    """OpenAI's model object (``id``, ``object``, ``created``, ``owned_by``) with the context
+    length, under our name and vLLM's (``max_model_len``, which clients of vLLM read)."""
     return {"id": name, "object": "model", "created": st.created, "owned_by": "gptoss_jax",
-            "max_context": st.context}
+            "max_context": st.context, "max_model_len": st.context}
 
 
 @router.get("/health", responses=errors(503))

@@ -2,7 +2,7 @@
 
 Unknown fields, parameters of OpenAI's API that this server does not implement (audio,
 predictions, ``echo``...: a 400 naming them unless they are at their "off" value),
-``stream_options`` without ``stream``, the model (a blank or missing one is the served model;
+``stream_options`` without ``stream``, ``metadata`` limits, the model (a blank or missing one is the served model;
 aliases), the new-token budget against the context, reasoning effort, and the output
 constraint (format, tools, tool choice). The sampling parameters (penalties, ``logit_bias``,
 ``seed``, ``n``, ``stop``, logprobs, vLLM's extras) are read in
@@ -31,19 +31,41 @@ _OFF_VALUES = {
 }
 
 
-def check_extra(body, allowed_ignored: tuple[str, ...] = ()) -> None:
-    """Unknown request fields are an error, as with OpenAI (not silently ignored)."""
+def check_extra(body, allowed_ignored: tuple[str, ...] = (), *, at: str = "") -> None:
+    """Unknown request fields are an error, as with OpenAI (not silently ignored). ``at``: the
+    path of a nested object (``reasoning``), which the parameter's name starts with."""
     for key in (body.model_extra or {}):
         if key not in allowed_ignored:
-            raise APIError(f"Unrecognized request argument supplied: {key}", param=key,
+            name = f"{at}.{key}" if at else key
+            raise APIError(f"Unrecognized request argument supplied: {name}", param=name,
                            code="unknown_parameter")
 
 
+def check_metadata(metadata: Mapping[str, str] | None) -> None:
+    """``metadata``: at most 16 pairs, keys up to 64 characters, values up to 512 (OpenAI's
+    limits; the values' type is checked by the schema)."""
+    if metadata is None:
+        return
+    if len(metadata) > 16:
+        raise APIError(f"Invalid 'metadata': too many properties. Expected an object with at most 16 "
+                       f"properties, but got an object with {len(metadata)} properties instead.",
+                       param="metadata", code="object_above_max_properties")
+    for key, value in metadata.items():
+        if len(key) > 64:
+            raise APIError(f"Invalid 'metadata': key {key[:64]!r}... is {len(key)} characters long; at most 64 "
+                           f"are allowed.", param="metadata", code="invalid_value")
+        if len(value) > 512:
+            raise APIError(f"Invalid 'metadata.{key}': string too long. Expected a string with maximum length "
+                           f"512, but got a string with length {len(value)} instead.", param=f"metadata.{key}",
+                           code="string_above_max_length")
+
+
 def check_completion_params(req) -> None:
-    """The fields shared by chat and text completions: unknown ones, ``stream_options``, and
-    the parameters this server does not implement."""
+    """The fields shared by chat and text completions: unknown ones, ``stream_options``,
+    ``metadata``, and the parameters this server does not implement."""
     check_extra(req)
     check_stream_options(req)
+    check_metadata(getattr(req, "metadata", None))
     for name, off in _OFF_VALUES.items():
         if name in type(req).model_fields and getattr(req, name) not in off:
             raise unsupported(name)
@@ -57,7 +79,7 @@ def check_stream_options(req) -> None:
         raise APIError("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                        param="stream_options", code="invalid_value")
     if hasattr(req.stream_options, "model_extra"):
-        check_extra(req.stream_options)
+        check_extra(req.stream_options, at="stream_options")
 
 
 def model_of(st: ServerState, model: str | None) -> str:
@@ -87,8 +109,8 @@ def token_budget(st: ServerState, prompt_len: int, requested: int | None, param:
     if requested is None:
         return ctx - prompt_len
     if requested < 1:
-        raise APIError(f"Invalid {param!r}: must be >= 1, got {requested}", param=param,
-                       code="invalid_value")
+        raise APIError(f"Invalid {param!r}: integer below minimum value. Expected a value >= 1, but got "
+                       f"{requested} instead.", param=param, code="integer_below_min_value")
     if prompt_len + requested > ctx:
         raise APIError(f"{param!r} of {requested} plus the input of {prompt_len} tokens exceeds "
                        f"this server's context of {ctx} tokens (at most {ctx - prompt_len} "

@@ -116,7 +116,7 @@ class ReplyTracker:
         self.reasoning_tokens = 0  # tokens generated while a reasoning item was open
         self.done = False  # the parse ended (stop token, malformed output, or end())
         self.error: str | None = None
-        self.finish_reason: str | None = None  # set by end(): "stop" | "length"
+        self.finish_reason: str | None = None  # set by end(): "stop" | "length" | "error" | "cancelled"
         self.cut = False  # the token budget ended the reply before it finished
 
     @property
@@ -135,15 +135,16 @@ class ReplyTracker:
         return ops
 
     def end(self, finish: str = "stop") -> list[Op]:
-        """The generation ended ("stop" | "length" | "error": it failed); close what is open,
-        marking the open item incomplete when it was cut. No-op when ended."""
+        """The generation ended ("stop" | "length" | "error": it failed | "cancelled"); close
+        what is open, marking the open item incomplete when it was cut (budget, failure or
+        cancellation). No-op when ended."""
         if self.finish_reason is not None:
             return []
         self.finish_reason = finish
         self.cut = finish == "length" and not self.done
         if self.done:
             return []
-        if (self.cut or finish == "error") and self.current is not None:
+        if (self.cut or finish in ("error", "cancelled")) and self.current is not None:
             self.current.status = "incomplete"
         return self._ops(self._stream.finish())
 

@@ -120,6 +120,13 @@ def item_json(item: Item, done: bool, *, include: frozenset[str] = frozenset(), 
             "arguments": item.text if done else "", "status": status}
 
 
+def _summary(req: ResponsesRequest) -> str | None:
+    """The reasoning summary the request asked for, echoed (none is generated: the reasoning
+    items carry the raw reasoning as ``content``)."""
+    r = req.reasoning
+    return None if r is None else (r.summary or r.generate_summary)
+
+
 def _shown(item: Item) -> str:
     return item.display if item.display is not None else item.text
 
@@ -176,7 +183,7 @@ class ResponseRun:
         """A background response cancelled before it finished (its output so far is kept; a
         built-in call it was running is ``incomplete``)."""
         if self.status in ("queued", "in_progress"):
-            self.tracker.end("stop")
+            self.tracker.end("cancelled")  # the item being written stays "incomplete"
             if self.tracker.pending_call is not None:
                 self.tracker.abandon(self.tracker.pending_call)
             self.status = "cancelled"
@@ -214,15 +221,22 @@ class ResponseRun:
             "output": [self.item(i, i.closed) for i in self.tracker.items] if done or so_far else [],
             "parallel_tool_calls": req.parallel_tool_calls if req.parallel_tool_calls is not None else True,
             "previous_response_id": req.previous_response_id,
-            "reasoning": {"effort": self.effort, "summary": None},
+            "reasoning": {"effort": self.effort, "summary": _summary(req)},
             "store": req.store is not False,
             "temperature": 1.0 if req.temperature is None else req.temperature,
             "top_p": 1.0 if req.top_p is None else req.top_p,
             "top_logprobs": req.top_logprobs or 0,
-            "text": {"format": (req.text or {}).get("format") or {"type": "text"}},
+            "text": {"format": (req.text and req.text.format) or {"type": "text"},
+                     "verbosity": (req.text and req.text.verbosity) or "medium"},
             "tool_choice": req.tool_choice or "auto", "tools": self.tools,
+            # null until there is usage, and without a user (as OpenAI's API answers, though
+            # its OpenAPI schema types them as an object and a string)
             "truncation": req.truncation or "disabled", "usage": self.usage() if done else None,
             "user": req.user, "metadata": req.metadata or {},
+            # echoed (one tier here: "auto" is served as "default"; prompt caching is automatic)
+            "service_tier": req.service_tier if req.service_tier not in (None, "auto") else "default",
+            "prompt_cache_key": req.prompt_cache_key,
+            "prompt_cache_retention": req.prompt_cache_retention, "safety_identifier": req.safety_identifier,
         }
 
 

@@ -61,15 +61,18 @@ from gptoss_jax.tools import Toolbox
 router = APIRouter()
 
 
-def _check(req: ResponsesRequest) -> None:
+def check(req: ResponsesRequest) -> None:
+    """The request's fields that no later step reads (a 400 naming a bad one)."""
     params.check_extra(req)
     params.check_stream_options(req)
-    if req.reasoning is not None:
-        params.check_extra(req.reasoning)
-    builtin_tools.check_include([i for i in req.include or [] if i != request_sampling.LOGPROBS_INCLUDE])
+    params.check_metadata(req.metadata)
+    for at in ("reasoning", "text"):
+        if getattr(req, at) is not None:
+            params.check_extra(getattr(req, at), at=at)
+    builtin_tools.check_include(req.include, also=(request_sampling.LOGPROBS_INCLUDE,))
     if req.max_tool_calls is not None and req.max_tool_calls < 1:
-        raise APIError(f"Invalid 'max_tool_calls': must be >= 1, got {req.max_tool_calls}",
-                       param="max_tool_calls", code="invalid_value")
+        raise APIError(f"Invalid 'max_tool_calls': integer below minimum value. Expected a value >= 1, but "
+                       f"got {req.max_tool_calls} instead.", param="max_tool_calls", code="integer_below_min_value")
     if req.background and req.store is False:
         raise APIError("Background responses are kept in the store: 'background' needs 'store' to be true",
                        param="store", code="invalid_value")
@@ -129,6 +132,24 @@ def _prompt(st: ServerState, req: ResponsesRequest, messages: list[Message], **o
     return prompt
 
 
+def request_prompt(st: ServerState, req: ResponsesRequest) -> list[int]:
+    """The prompt ``POST /v1/responses`` runs for ``req`` (its first model call, with built-in
+    tools), for ``POST /v1/responses/input_tokens``."""
+    messages, _ = _conversation(st, req)
+    effort = _effort(req)
+    requested = builtin_tools.request_tools(req.tools, st.toolbox)
+    tools = inputs.function_tools(requested.functions)
+    toolbox = requested.toolbox(st.toolbox) if requested.namespaces else None
+    rc = params.request_constraint(req, "responses",
+                                   builtin_tools=requested.recipients(toolbox) if toolbox else None)
+    if toolbox is not None and rc.tool_choice != "none":
+        conversation = inputs.conversation(messages, reasoning_effort=effort, instructions=req.instructions,
+                                           tools=tools, tool_namespaces=toolbox.configs())
+        return tool_loop.prompt_of(conversation, rc.developer_section)
+    return _prompt(st, req, messages, reasoning_effort=effort, tools=[] if rc.tool_choice == "none" else tools,
+                   response_format=rc.developer_section)
+
+
 def _after(run: ResponseRun, messages: list[Message], call_names: dict[str, str]):
     """The conversation and call names once ``run`` has replied."""
     reply = run.tracker.message()
@@ -139,7 +160,7 @@ def _after(run: ResponseRun, messages: list[Message], call_names: dict[str, str]
 @router.post("/v1/responses", responses={**STREAMING, **errors(400, 404, 409, 500, 503)})
 async def create_response(req: ResponsesRequest, request: Request):
     st = state(request)
-    _check(req)
+    check(req)
     model = params.model_of(st, req.model)
     messages, call_names = _conversation(st, req)
     effort = _effort(req)
@@ -164,7 +185,7 @@ async def create_response(req: ResponsesRequest, request: Request):
     conversation = lambda: _after(run, messages, call_names)
 
     def save() -> None:
-        if req.store is not False and run.status in ("completed", "incomplete"):
+        if req.store is not False and run.status in stored.FINISHED:
             st.store.put(stored.record(run.json(), items, *conversation()))
 
     if req.background:
@@ -179,6 +200,7 @@ async def create_response(req: ResponsesRequest, request: Request):
         await generation.collect(job, consumer, request, st.scheduler)
     except ConstraintFailed as e:
         run.fail(f"Generation failed: {e}")
+        save()
         return JSONResponse(run.json())
     run.cached_tokens = generation.cached_tokens([job])
     run.complete()
@@ -218,6 +240,7 @@ async def _stream(run: ResponseRun, job: Job, consumer, st: ServerState, save):
         for s in ev.ops(run.fail(f"Generation failed: {e}")):
             yield s
         yield ev.event("error", code="server_error", message=run.error["message"], param=None)
+        save()
         yield ev.response("response.failed")
         return
     run.cached_tokens = generation.cached_tokens([job])

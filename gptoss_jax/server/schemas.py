@@ -61,6 +61,12 @@ class StreamOptions(_Body):
     include_obfuscation: StrictBool | None = None  # accepted and ignored (no obfuscation)
 
 
+class ResponseStreamOptions(_Body):
+    """The Responses API's ``stream_options`` (no ``include_usage``: the final event carries it)."""
+
+    include_obfuscation: StrictBool | None = None  # accepted and ignored (no obfuscation)
+
+
 class _Completion(_Generation):
     """Fields shared by chat and text completions."""
 
@@ -75,8 +81,26 @@ class _Completion(_Generation):
 
 class ReasoningParam(_Body):
     effort: Any = None  # low | medium | high (checked by the route: a clear message)
-    summary: Any = None  # accepted and ignored: the raw reasoning is returned instead
-    generate_summary: Any = None
+    # accepted, echoed and otherwise ignored: the raw reasoning is returned instead of a summary
+    summary: Literal["auto", "concise", "detailed"] | None = None
+    generate_summary: Literal["auto", "concise", "detailed"] | None = None  # deprecated name of summary
+
+
+class ChatReasoningParam(_Body):
+    """Chat completions' ``reasoning`` (OpenRouter's convention, which OpenAI's gpt-oss guide
+    asks Chat Completions servers to follow): ``effort`` (as ``reasoning_effort``) and
+    ``exclude`` (true: the reply carries no ``reasoning``; the model still reasons)."""
+
+    effort: Any = None
+    exclude: StrictBool | None = None
+
+
+class TextParam(_Body):
+    """The Responses API's ``text``: the output ``format`` (read by ``params.request_constraint``)
+    and ``verbosity`` (accepted and echoed; this model has no verbosity control)."""
+
+    format: dict[str, Any] | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
 
 
 class ResponsesRequest(_Generation):
@@ -91,11 +115,11 @@ class ResponsesRequest(_Generation):
     tool_choice: Any = None  # checked by params.request_constraint
     parallel_tool_calls: StrictBool | None = None
     json_whitespace: JsonWhitespace = None  # this server's extra (module docstring)
-    stream_options: dict[str, Any] | None = None
+    stream_options: ResponseStreamOptions | None = None
     store: StrictBool | None = None
     previous_response_id: StrictStr | None = None
     metadata: dict[str, StrictStr] | None = None
-    text: dict[str, Any] | None = None
+    text: TextParam | None = None
     truncation: Literal["auto", "disabled"] | None = None
     include: list[StrictStr] | None = None  # "message.output_text.logprobs"
     top_logprobs: StrictInt | None = TopLogprobs
@@ -105,10 +129,33 @@ class ResponsesRequest(_Generation):
     # accepted and ignored
     safety_identifier: StrictStr | None = None
     prompt_cache_key: StrictStr | None = None
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
     service_tier: StrictStr | None = None
     # part of OpenAI's API, not supported here (400 when set to anything but the default)
     conversation: Any = None
     prompt: Any = None
+
+
+class InputTokensRequest(_Body):
+    """``POST /v1/responses/input_tokens``: the fields of a Responses request that shape its
+    input (OpenAI's TokenCountsBody); the count is that of the prompt ``POST /v1/responses``
+    would run."""
+
+    model_config = _config({"model": "", "input": "Hello", "instructions": "Be brief."})
+
+    model: StrictStr | None = None
+    input: StrictStr | list[Any] | None = None
+    instructions: StrictStr | None = None
+    previous_response_id: StrictStr | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: StrictBool | None = None
+    text: TextParam | None = None
+    reasoning: ReasoningParam | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    # part of OpenAI's API, not supported here (400 when set)
+    conversation: Any = None
+    personality: Any = None
 
 
 class ChatCompletionRequest(_Completion):
@@ -122,6 +169,9 @@ class ChatCompletionRequest(_Completion):
     tool_choice: Any = None
     parallel_tool_calls: StrictBool | None = None
     reasoning_effort: Any = None
+    reasoning: ChatReasoningParam | None = None
+    include_reasoning: StrictBool | None = None  # vLLM's extra: false = reasoning.exclude
+    verbosity: Literal["low", "medium", "high"] | None = None  # accepted and ignored
     response_format: dict[str, Any] | None = None
     json_whitespace: JsonWhitespace = None  # this server's extra (module docstring)
     # accepted and ignored
@@ -130,6 +180,7 @@ class ChatCompletionRequest(_Completion):
     service_tier: StrictStr | None = None
     safety_identifier: StrictStr | None = None
     prompt_cache_key: StrictStr | None = None
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
     logprobs: StrictBool | None = None
     top_logprobs: StrictInt | None = TopLogprobs  # needs logprobs: true
     # not supported (400 unless at the default)

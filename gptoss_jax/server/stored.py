@@ -25,6 +25,11 @@ from gptoss_jax.chat.messages import Message, ToolCall
 from gptoss_jax.server.reply import new_id
 from gptoss_jax.server.response_store import StoredResponse
 
+#: The statuses a response is stored with once it has ended (with ``store``; OpenAI keeps
+#: failed responses too, so their ``error`` can be read back). A cancelled one is a background
+#: response, stored from the start.
+FINISHED = ("completed", "incomplete", "failed")
+
 _ID_PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
 
 

@@ -230,7 +230,7 @@ def _conversation_after(run: ResponseRun, looped: LoopedResponse, messages: list
 
 def _save(st: ServerState, run: ResponseRun, looped: LoopedResponse, messages: list[Message],
           call_names: dict[str, str]) -> None:
-    if run.req.store is False or run.status not in ("completed", "incomplete"):
+    if run.req.store is False or run.status not in stored.FINISHED:
         return
     st.store.put(stored.record(run.json(), stored.input_items(run.req.input),
                                *_conversation_after(run, looped, messages, call_names)))
@@ -268,6 +268,7 @@ async def _stream(looped: LoopedResponse, save) -> AsyncIterator[str]:
         for s in ev.ops(run.fail(f"Generation failed: {e}")):
             yield s
         yield ev.event("error", code="server_error", message=run.error["message"], param=None)
+        save()
         yield ev.response("response.failed")
         return
     finally:

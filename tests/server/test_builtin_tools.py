@@ -69,6 +69,10 @@ def test_web_search_filters_are_refused(tmp_path):
 
 def test_include():
     assert check_include(["code_interpreter_call.outputs", "web_search_call.action.sources"])
-    with pytest.raises(APIError) as e:
-        check_include(["reasoning.encrypted_content"])
-    assert e.value.param == "include"
+    with pytest.raises(APIError) as e:  # one of OpenAI's values that this server does not support
+        check_include(["code_interpreter_call.outputs", "reasoning.encrypted_content"])
+    assert (e.value.param, e.value.code) == ("include[1]", "unsupported_value")
+    with pytest.raises(APIError) as e:  # no such value in OpenAI's API
+        check_include(["bogus"])
+    assert (e.value.param, e.value.code) == ("include[0]", "invalid_value")
+    assert check_include(["message.output_text.logprobs"], also=["message.output_text.logprobs"])

@@ -172,7 +172,7 @@ BAD = [  # (path, body (dict or raw bytes), status, param)
     ("/v1/responses", {"input": "hi", "tools": [{"type": "web_search"}]}, 400, "tools[0].type"),
     ("/v1/responses", {"input": "hi", "tools": [{"type": "function"}]}, 400, "tools[0].name"),
     ("/v1/responses", {"input": "hi", "top_logprobs": 21}, 400, "top_logprobs"),
-    ("/v1/responses", {"input": "hi", "include": ["reasoning.encrypted_content"]}, 400, "include"),
+    ("/v1/responses", {"input": "hi", "include": ["reasoning.encrypted_content"]}, 400, "include[0]"),
     ("/v1/responses", {"input": "hi", "background": True, "store": False}, 400, "store"),
     ("/v1/responses", {"input": "hi", "text": {"format": {"type": "json_schema", "name": "x",
                                                           "schema": {"type": "strin"}}}},
