@@ -63,6 +63,9 @@ KERNELS = {
         ("decode_attention", "GptossDecodeAttention",
          ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma")),
     )},
+    # bf16_gemv's library's handler with a token bitmask (constrained decoding)
+    "bf16_gemv_masked": Kernel("bf16_gemv.cc", "GptossBf16GemvMasked", ("avx2", "fma"),
+                               ("-mno-avx512f",), name="bf16_gemv_masked"),
     # the same library's handler for a paged KV pool read through page tables
     "paged_decode_attention": Kernel("decode_attention.cc", "GptossPagedDecodeAttention",
                                      ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"),

@@ -34,14 +34,14 @@ Its parts, one concern each:
   sequence may carry a compiled constraint (``submit(..., constraint=)``). A step with a row
   that samples under one takes ``inputs["mask"]``, the token bitmask int32 ``[rows, ceil(vocab
   / 32)]`` (fixed shape per step shape: no recompile per request; free and idle rows all ones),
-  applied in the compiled sampler before temperature, filters and argmax; steps without
-  constrained rows take no mask. On one host a constrained step runs in two calls (the forward
-  pass dispatched, the host's llguidance matchers filling the mask while the device runs it,
-  then the sampling: ``engine_steps``); a multi-host leader fills the mask first and sends it
-  with the other inputs. Prefill's sampling chunk is masked the same way. A sequence whose
-  constraint dead-ends ends with finish reason ``"error"`` (its event has no token and says
-  why); the others carry on. Matchers follow the slots: preemption releases one and
-  re-admission rebuilds it from the output so far.
+  applied in the unembedding (the CPU kernel's pass; else XLA's) before temperature, filters
+  and argmax; steps without constrained rows take no mask. On one host a constrained step runs
+  in two calls (the layers dispatched, the host's llguidance matchers filling the mask while
+  the device runs them, then the masked unembedding and the sampling: ``engine_steps``); a
+  multi-host leader fills the mask first and sends it with the other inputs. Prefill's
+  sampling chunk is masked the same way. A sequence whose constraint dead-ends ends with finish
+  reason ``"error"`` (its event has no token and says why); the others carry on. Matchers
+  follow the slots: preemption releases one and re-admission rebuilds it from the output so far.
 
 Not thread-safe: one driver at a time (the server's scheduler thread, or ``api.generate``).
 """
@@ -489,8 +489,8 @@ class Engine:
         ``fill`` (constrained rows) returns its mask."""
         mode = self._mode(reqs)
         if fill is not None and self.channel is None:
-            self.state, logits, placed = self.executables.forward(self.state, inputs)
-            return self.executables.sample(logits, placed, fill(), mode)  # fill() overlaps
+            self.state, last, placed = self.executables.forward(self.state, inputs)
+            return self.executables.sample(last, placed, fill(), mode)  # fill() overlaps
         if fill is not None:  # multi-host: the followers get the mask with the other inputs
             inputs["mask"] = fill()
         if self.channel is None:

@@ -154,7 +154,7 @@ class Ops:
         unembed = "xla" + pad
         if self._dispatched("bf16_gemv"):
             unembed = (f"cpu_kernel:bf16_gemv{branch} (<= {CPU_GEMV_MAX_ROWS[self.cpu_isa]} bf16 "
-                       f"rows, argmax fused) / {unembed}")
+                       f"rows, argmax and token mask fused) / {unembed}")
         attention = "xla" + (" (bf16 query rows padded to 8)" if cpu else "")
         if cpu and "decode_attention" in k:
             attention = f"cpu_kernel:decode_attention (one query position, bf16 cache) / {attention}"
