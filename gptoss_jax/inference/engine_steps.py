@@ -20,8 +20,9 @@ place. The parts are separate functions so that each can grow on its own:
 A constrained step (Structured Outputs: ``inputs["mask"]``, the token bitmask the host's
 llguidance matchers fill) masks in the unembedding (:func:`unembed_rows`: on CPU the
 unembedding kernel writes -inf for disallowed tokens and takes the argmax of the allowed ones
-in its one pass over the logits; elsewhere XLA masks after it). On one host it runs in two
-calls, :func:`forward_half` (the layers, to each row's last hidden state) then
+in its one pass over the logits; elsewhere XLA masks after it). Where the engine overlaps
+the host's mask fill with the device (``Engine.overlap_fill``: one host, an accelerator) it
+runs in two calls, :func:`forward_half` (the layers, to each row's last hidden state) then
 :func:`sample_half` (the masked unembedding and the sampling; :meth:`Executables.forward` /
 :meth:`Executables.sample`): the layers are dispatched first and run on the device while the
 host fills the mask, so the mask costs no sequential time unless it is slower than the layers,
