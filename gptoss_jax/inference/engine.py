@@ -188,8 +188,8 @@ class Engine:
         # layers, where the device is not this host's CPU; on XLA:CPU the "device" is the
         # host's own cores, which the layers keep busy, so the fill runs first (uncontended,
         # several times faster than beside the layers) and the step is one call (bench/
-        # constraints.py at batch 8: +1.5% against +11% split). Multi-host: one call (the
-        # leader sends the mask with the inputs).
+        # constraints.py on a 2-core EPYC, batch 8: +2-5% against +11% split). Multi-host: one
+        # call (the leader sends the mask with the inputs).
         self.overlap_fill = channel is None and not model.runtime.ops.cpu
         self.seqs: dict[int, Generation] = {}  # submitted and not finished
         self.batch_sizes: list[int] = []  # sequences per decode step (for reports)
