@@ -27,9 +27,10 @@ Prints one JSON object: machine (CPU model, cores), versions, and
   the final channel themselves (``...<|start|>assistant<|channel|>final<|message|>``), so every
   step masks the nested schema's JSON, not free reasoning. Reported per batch: ``free_ms``,
   ``constrained_ms``, ``overhead`` (constrained / free - 1), ``fill_ms`` (host mask time per
-  step, which the engine runs while the device computes the forward pass) and ``exposed_ms``
-  (constrained - free: the part of the mask work, the split step and the mask upload that
-  the overlap did not hide). The target is an overhead of at most 10% at batch 8.
+  step: on an accelerator the engine runs it while the device computes the layers; on XLA:CPU,
+  whose device is the host's own cores, before the step, ``Engine.overlap_fill``) and
+  ``exposed_ms`` (constrained - free: the mask work, the mask upload and the masked
+  unembedding, less what an overlap hid). The target is an overhead of at most 10% at batch 8.
 """
 
 from __future__ import annotations

@@ -10,6 +10,12 @@ branch the CPU supports can be forced (tests run each one).
 
 :func:`stream_read` reads a byte buffer with the same slicing and prefetch and nothing else: the
 read bandwidth the kernel is measured against.
+
+With a ``mask`` (int32 ``[M, ceil(V / 32)]``, llguidance's token bitmask: bit ``j`` of word
+``i`` allows token ``32 i + j``) the kernel writes ``-inf`` for the tokens a row's mask
+disallows and takes the argmax of the allowed ones, each slice masked while it is in L1: a
+constrained decode step's unembedding, mask and greedy token in one pass. A row whose mask
+allows nothing (all words zero) is left unmasked, as ``gptoss_jax``'s XLA masking leaves it.
 """
 
 from __future__ import annotations
@@ -31,26 +37,47 @@ def _settings(branch, prefetch, nta, rows) -> dict:
             "nta": bool(tuned.nta if nta is None else nta)}
 
 
-def bf16_gemv(x: jax.Array, w: jax.Array, *, branch: str | None = None,
-              prefetch: int | None = None, nta: bool | None = None) -> tuple[jax.Array, jax.Array]:
+def bf16_gemv(x: jax.Array, w: jax.Array, *, mask: jax.Array | None = None,
+              branch: str | None = None, prefetch: int | None = None,
+              nta: bool | None = None) -> tuple[jax.Array, jax.Array]:
     """``(x @ w.T, argmax)``: f32 logits ``[M, V]`` and int32 ``[M]`` for rows ``x`` ``[M, D]``
-    (taken as bf16) and a bf16 ``w`` ``[V, D]``. ``branch`` (a :data:`cpu_kernels.isa.BRANCHES`
-    name), ``prefetch`` (bytes ahead, 0 = none) and ``nta`` default to this CPU's
-    (:func:`cpu_kernels.isa.best`, :func:`cpu_kernels.isa.stream_tuning`)."""
+    (taken as bf16) and a bf16 ``w`` ``[V, D]``; with ``mask`` (int32 ``[M, ceil(V / 32)]``)
+    the logits of disallowed tokens are ``-inf`` and the argmax is among the allowed ones.
+    ``branch`` (a :data:`cpu_kernels.isa.BRANCHES` name), ``prefetch`` (bytes ahead, 0 = none)
+    and ``nta`` default to this CPU's (:func:`cpu_kernels.isa.best`,
+    :func:`cpu_kernels.isa.stream_tuning`)."""
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1] or w.dtype != jnp.bfloat16:
         raise ValueError(f"bf16_gemv takes x [M, D] and a bf16 w [V, D], got x {x.shape} and w "
                          f"{w.shape} {w.dtype}")
     m, v = x.shape[0], w.shape[0]
-    call = jax.ffi.ffi_call(target("bf16_gemv"),
-                            (jax.ShapeDtypeStruct((m, v), jnp.float32),
-                             jax.ShapeDtypeStruct((m,), jnp.int32)))
-    return tuple(call(x.astype(jnp.bfloat16), w, **_settings(branch, prefetch, nta, m)))
+    out = (jax.ShapeDtypeStruct((m, v), jnp.float32), jax.ShapeDtypeStruct((m,), jnp.int32))
+    settings = _settings(branch, prefetch, nta, m)
+    if mask is None:
+        return tuple(jax.ffi.ffi_call(target("bf16_gemv"), out)(x.astype(jnp.bfloat16), w,
+                                                                **settings))
+    if mask.shape != (m, _mask_words(v)) or mask.dtype != jnp.int32:
+        raise ValueError(f"bf16_gemv's mask is int32 [M, ceil(V / 32)] = [{m}, {_mask_words(v)}], "
+                         f"got {mask.dtype} {mask.shape}")
+    call = jax.ffi.ffi_call(target("bf16_gemv_masked"), out)
+    return tuple(call(x.astype(jnp.bfloat16), w, mask, **settings))
 
 
-def bf16_gemv_reference(x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Plain jnp: ``(x @ w.T, argmax)`` in f32 with x rounded to bf16 first, as the kernel."""
+def _mask_words(v: int) -> int:
+    """Words of a token bitmask row over ``v`` tokens: ``ceil(v / 32)``."""
+    return -(-v // 32)
+
+
+def bf16_gemv_reference(x: jax.Array, w: jax.Array,
+                        mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Plain jnp: ``(x @ w.T, argmax)`` in f32 with x rounded to bf16 first, as the kernel;
+    ``mask`` as :func:`bf16_gemv`'s."""
     logits = jnp.einsum("md,vd->mv", x.astype(jnp.bfloat16).astype(jnp.float32),
                         w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    if mask is not None:
+        token = jnp.arange(w.shape[0])
+        allowed = (mask[:, token // 32] >> (token % 32)) & 1 != 0  # [M, V]
+        allowed |= jnp.all(mask == 0, axis=-1, keepdims=True)  # nothing allowed: unmasked
+        logits = jnp.where(allowed, logits, -jnp.inf)
     return logits, jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 

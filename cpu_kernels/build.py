@@ -61,6 +61,9 @@ KERNELS = {
         ("expert_mlp", "GptossExpertMlp", ("avx2", "fma")),
         ("stream_read", "GptossStreamRead", ("avx2", "fma")),
     )},
+    # bf16_gemv's library's handler with a token bitmask (constrained decoding)
+    "bf16_gemv_masked": Kernel("bf16_gemv.cc", "GptossBf16GemvMasked", ("avx2", "fma"),
+                               ("-mno-avx512f",), name="bf16_gemv_masked"),
     # decode attention through page tables into a pool of pages (AVX-512)
     "paged_decode_attention": Kernel("decode_attention.cc", "GptossPagedDecodeAttention",
                                      ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"),

@@ -20,6 +20,12 @@
 //   AVX2          as AVX-512, 8 lanes
 // stream_read.cc reads a buffer with the same slicing and prefetch and nothing else: the
 // bandwidth bound this kernel is measured against.
+//
+// GptossBf16GemvMasked takes a token bitmask as well (int32 [M, ceil(V / 32)], llguidance's
+// layout: bit j of word i allows token 32 i + j): disallowed logits are written as -inf and
+// the argmax is of the allowed ones, each slice masked while its logits are in L1 (constrained
+// decoding without a second pass over the logits). A row whose mask allows nothing is left
+// unmasked, as the engine's XLA path (apply_token_mask) leaves it.
 
 #include <immintrin.h>
 
@@ -53,7 +59,19 @@ struct Problem {
   int64_t m, d, v;
   int64_t prefetch;  // bytes ahead
   float* logits;     // [m, v]
+  // [m] each row's mask (ceil(v / 32) words; nullptr: the row is unmasked), or nullptr: no masks
+  const uint32_t* const* masks = nullptr;
 };
+
+// Bits [t, t + count) of a mask row (count <= 16), bit k of the result = token t + k. The next
+// word is read only when the run crosses into it, i.e. when it holds tokens below v.
+inline uint32_t MaskBits(const uint32_t* mask, int64_t t, int count) {
+  const int64_t word = t >> 5;
+  const int shift = static_cast<int>(t & 31);
+  uint64_t bits = mask[word] >> shift;
+  if (shift + count > 32) bits |= static_cast<uint64_t>(mask[word + 1]) << (32 - shift);
+  return static_cast<uint32_t>(bits) & ((1u << count) - 1);
+}
 
 }  // namespace
 
@@ -219,6 +237,18 @@ void Slice(const Problem& p, const float* xs, int64_t v0, int64_t v1, float* log
   for (int r = 0; r < R; ++r) best[r] = Argmax(logits + r * p.v + v0, v1 - v0, v0);
 }
 
+// Logits p[0, n) of tokens base.. set to -inf where `mask` disallows them; their first maximum.
+inline Best MaskedArgmax(float* p, int64_t n, int64_t base, const uint32_t* mask) {
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t i = 0; i < n; i += 16) {
+    const int count = static_cast<int>(std::min<int64_t>(16, n - i));
+    const __mmask16 live = static_cast<__mmask16>((1u << count) - 1);
+    const __mmask16 allowed = static_cast<__mmask16>(MaskBits(mask, base + i, count));
+    _mm512_mask_storeu_ps(p + i, live & ~allowed, neg_inf);
+  }
+  return Argmax(p, n, base);
+}
+
 }  // namespace gptoss_cpu::isa_avx512
 #pragma GCC pop_options
 
@@ -281,6 +311,23 @@ void Slice(const Problem& p, const float* xs, int64_t v0, int64_t v1, float* log
   for (int r = 0; r < R; ++r) best[r] = Argmax(logits + r * p.v + v0, v1 - v0, v0);
 }
 
+// As isa_avx512::MaskedArgmax, 8 lanes.
+inline Best MaskedArgmax(float* p, int64_t n, int64_t base, const uint32_t* mask) {
+  const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i bits = _mm256_set1_epi32(static_cast<int32_t>(MaskBits(mask, base + i, 8)));
+    const __m256i banned =  // all ones in the lanes whose bit is clear
+        _mm256_cmpeq_epi32(_mm256_and_si256(bits, lane_bit), _mm256_setzero_si256());
+    _mm256_maskstore_ps(p + i, banned, neg_inf);
+  }
+  for (; i < n; ++i) {
+    if (!MaskBits(mask, base + i, 1)) p[i] = -std::numeric_limits<float>::infinity();
+  }
+  return Argmax(p, n, base);
+}
+
 }  // namespace gptoss_cpu::isa_avx2
 #pragma GCC pop_options
 
@@ -313,6 +360,7 @@ void Pass(ffi::ThreadPool& pool, const Problem& p, int64_t isa, int64_t r0, Best
   std::vector<Best> best(slices * R);
   const uint16_t* x = p.x + r0 * p.d;
   float* logits = p.logits + r0 * p.v;
+  const uint32_t* const* masks = p.masks == nullptr ? nullptr : p.masks + r0;
   std::vector<float> xs;
   if (R <= 4 && isa == gptoss_cpu::kAvx512) xs = SplitX(x, R, p.d, 32);
   if (R <= 4 && isa == gptoss_cpu::kAvx2) xs = SplitX(x, R, p.d, 16);
@@ -332,6 +380,14 @@ void Pass(ffi::ThreadPool& pool, const Problem& p, int64_t isa, int64_t r0, Best
         default:
           gptoss_cpu::isa_avx2::Slice<R, P>(p, xs.data(), v0, v1, logits, b);
       }
+    }
+    // masked rows: the slice's logits (still in L1) masked and their argmax taken again
+    for (int r = 0; masks != nullptr && r < R; ++r) {
+      if (masks[r] == nullptr) continue;
+      float* row = logits + r * p.v + v0;
+      b[r] = isa == gptoss_cpu::kAvx2
+                 ? gptoss_cpu::isa_avx2::MaskedArgmax(row, v1 - v0, v0, masks[r])
+                 : gptoss_cpu::isa_avx512::MaskedArgmax(row, v1 - v0, v0, masks[r]);
     }
   });
   for (int r = 0; r < R; ++r) {
@@ -356,9 +412,10 @@ void Rows(ffi::ThreadPool& pool, const Problem& p, int64_t isa, int64_t r0, int6
   }
 }
 
-ffi::Error Bf16GemvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
-                        ffi::ResultBuffer<ffi::F32> logits, ffi::ResultBuffer<ffi::S32> argmax,
-                        int64_t isa, int64_t prefetch, bool nta) {
+// `mask`: int32 [M, W] or nullptr.
+ffi::Error Run(ffi::ThreadPool& pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
+               const ffi::Buffer<ffi::S32>* mask, ffi::ResultBuffer<ffi::F32>& logits,
+               ffi::ResultBuffer<ffi::S32>& argmax, int64_t isa, int64_t prefetch, bool nta) {
   const auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1] || xd[1] < 1 || wd[0] < 1 ||
       wd[0] > INT32_MAX) {
@@ -371,6 +428,21 @@ ffi::Error Bf16GemvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buf
   Problem p{reinterpret_cast<const uint16_t*>(x.untyped_data()),
             reinterpret_cast<const uint16_t*>(w.untyped_data()),
             xd[0], xd[1], wd[0], std::max<int64_t>(prefetch, 0), logits->typed_data()};
+  std::vector<const uint32_t*> rows;  // each row's mask; nullptr where it allows nothing
+  if (mask != nullptr) {
+    const auto md = mask->dimensions();
+    const int64_t words = (p.v + 31) / 32;
+    if (md.size() != 2 || md[0] != p.m || md[1] != words) {
+      return ffi::Error::InvalidArgument("bf16_gemv: expected a mask [M, ceil(V / 32)]");
+    }
+    const uint32_t* bits = reinterpret_cast<const uint32_t*>(mask->untyped_data());
+    for (int64_t r = 0; r < p.m; ++r) {
+      const uint32_t* row = bits + r * words;
+      rows.push_back(std::any_of(row, row + words, [](uint32_t b) { return b != 0; }) ? row
+                                                                                     : nullptr);
+    }
+    p.masks = rows.data();
+  }
   int32_t* am = argmax->typed_data();
   const int64_t per_pass = isa == gptoss_cpu::kAvx512Bf16 ? kMaxRows : 4;
   for (int64_t r0 = 0; r0 < p.m; r0 += per_pass) {
@@ -388,6 +460,20 @@ ffi::Error Bf16GemvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buf
   return ffi::Error::Success();
 }
 
+ffi::Error Bf16GemvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
+                        ffi::ResultBuffer<ffi::F32> logits, ffi::ResultBuffer<ffi::S32> argmax,
+                        int64_t isa, int64_t prefetch, bool nta) {
+  return Run(pool, x, w, nullptr, logits, argmax, isa, prefetch, nta);
+}
+
+ffi::Error Bf16GemvMaskedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
+                              ffi::Buffer<ffi::BF16> w, ffi::Buffer<ffi::S32> mask,
+                              ffi::ResultBuffer<ffi::F32> logits,
+                              ffi::ResultBuffer<ffi::S32> argmax, int64_t isa, int64_t prefetch,
+                              bool nta) {
+  return Run(pool, x, w, &mask, logits, argmax, isa, prefetch, nta);
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossBf16Gemv, Bf16GemvImpl,
@@ -395,6 +481,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossBf16Gemv, Bf16GemvImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()  // x [M, D]
                                   .Arg<ffi::Buffer<ffi::BF16>>()  // w [V, D]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // logits [M, V]
+                                  .Ret<ffi::Buffer<ffi::S32>>()   // argmax [M]
+                                  .Attr<int64_t>("isa")
+                                  .Attr<int64_t>("prefetch")
+                                  .Attr<bool>("nta"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossBf16GemvMasked, Bf16GemvMaskedImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // x [M, D]
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // w [V, D]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // mask [M, ceil(V / 32)]
                                   .Ret<ffi::Buffer<ffi::F32>>()   // logits [M, V]
                                   .Ret<ffi::Buffer<ffi::S32>>()   // argmax [M]
                                   .Attr<int64_t>("isa")

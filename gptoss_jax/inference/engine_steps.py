@@ -18,10 +18,15 @@ place. The parts are separate functions so that each can grow on its own:
   their place and compiles to exactly the step without logprobs.
 
 A constrained step (Structured Outputs: ``inputs["mask"]``, the token bitmask the host's
-llguidance matchers fill) can run in two calls, :func:`forward_half` then :func:`sample_rows`
-(:meth:`Executables.forward` / :meth:`Executables.sample`): the forward pass is dispatched
-first and runs on the device while the host fills the mask, so the mask costs no sequential
-time unless it is slower than the forward pass. Both halves are the same code as :func:`step`.
+llguidance matchers fill) masks in the unembedding (:func:`unembed_rows`: on CPU the
+unembedding kernel writes -inf for disallowed tokens and takes the argmax of the allowed ones
+in its one pass over the logits; elsewhere XLA masks after it). Where the engine overlaps
+the host's mask fill with the device (``Engine.overlap_fill``: one host, an accelerator) it
+runs in two calls, :func:`forward_half` (the layers, to each row's last hidden state) then
+:func:`sample_half` (the masked unembedding and the sampling; :meth:`Executables.forward` /
+:meth:`Executables.sample`): the layers are dispatched first and run on the device while the
+host fills the mask, so the mask costs no sequential time unless it is slower than the layers,
+and is in place before the unembedding starts. Both halves are the same code as :func:`step`.
 """
 
 from __future__ import annotations
@@ -32,7 +37,6 @@ import jax
 import jax.numpy as jnp
 
 from gptoss_jax.inference import engine_state
-from gptoss_jax.inference.constraints.mask import apply_token_mask
 from gptoss_jax.inference.engine_state import EngineState
 from gptoss_jax.inference.sampler_state import from_inputs
 from gptoss_jax.inference.sampling import SampleMode, sample_step
@@ -40,16 +44,29 @@ from gptoss_jax.model import transformer as M
 from gptoss_jax.model.kv_cache import PagedCache
 
 
-def forward_rows(params, state: EngineState, inputs: dict, config, runtime):
-    """Logits ``[rows, v]`` at each row's ``last`` token, their argmax ``[rows]`` where the
-    unembedding took it in the same pass (the CPU kernel; else None), and the state with the
-    rows' keys and values written into their pages."""
+def hidden_rows(params, state: EngineState, inputs: dict, config, runtime):
+    """The final-normed hidden state ``[rows, d]`` at each row's ``last`` token, and the state
+    with the rows' keys and values written into their pages."""
     cache = PagedCache(state.k, state.v, inputs["tables"])
     x, cache = M.hidden_states(params, inputs["tokens"], inputs["pos"], config, cache=cache,
                                rt=runtime)
     last = jnp.take_along_axis(x, inputs["last"][:, None, None], axis=1)[:, 0]  # [rows, d]
-    logits, greedy = M.unembed_greedy(params, last, runtime)
-    return logits, greedy, EngineState(cache.k, cache.v)
+    return last, EngineState(cache.k, cache.v)
+
+
+def unembed_rows(params, last, inputs: dict, runtime):
+    """Logits ``[rows, v]`` of ``last`` ``[rows, d]``, under ``inputs["mask"]`` where the step
+    has one (disallowed tokens -inf), and their argmax ``[rows]`` where the unembedding took it
+    in the same pass (the CPU kernel; else None)."""
+    return M.unembed_greedy(params, last, runtime, mask=inputs.get("mask"))
+
+
+def forward_rows(params, state: EngineState, inputs: dict, config, runtime):
+    """Logits ``[rows, v]`` at each row's ``last`` token (masked as :func:`unembed_rows`), their
+    argmax ``[rows]`` where the unembedding took it (else None), and the new state."""
+    last, state = hidden_rows(params, state, inputs, config, runtime)
+    logits, greedy = unembed_rows(params, last, inputs, runtime)
+    return logits, greedy, state
 
 
 def row_keys(seed_lo, seed_hi, step):
@@ -63,11 +80,11 @@ def row_keys(seed_lo, seed_hi, step):
 
 
 def sample_rows(logits, inputs: dict, mode: SampleMode, greedy=None):
-    """The sampling call site: one token per row from its settings (``mode`` static); returns
-    the tokens and their ``StepLogprobs`` (None unless ``mode.logprobs``)."""
+    """The sampling call site: one token per row from its settings (``mode`` static), of
+    ``logits`` already masked where the step is constrained (logprobs are the masked
+    distribution's); returns the tokens and their ``StepLogprobs`` (None unless
+    ``mode.logprobs``)."""
     keys = row_keys(inputs["seed_lo"], inputs["seed_hi"], inputs["step"])
-    if "mask" in inputs:  # a constrained step: the argmax must be of the allowed tokens
-        logits, greedy = apply_token_mask(logits, inputs["mask"]), None
     rows = from_inputs(inputs, logits.shape[-1], history=mode.history)
     return sample_step(logits, rows, mode, keys=keys, greedy=greedy)
 
@@ -81,9 +98,17 @@ def step(params, state: EngineState, inputs: dict, config, runtime, mode: Sample
 
 
 def forward_half(params, state: EngineState, inputs: dict, config, runtime):
-    """``(state, logits)``: the first half of a split step (sampling waits for the mask)."""
-    logits, _, state = forward_rows(params, state, inputs, config, runtime)
-    return state, logits
+    """``(state, last [rows, d])``: the first half of a split step, the layers (the unembedding
+    waits for the mask)."""
+    last, state = hidden_rows(params, state, inputs, config, runtime)
+    return state, last
+
+
+def sample_half(params, last, inputs: dict, runtime, mode: SampleMode):
+    """``(tokens, logprobs)``: the second half, the masked unembedding of ``last`` and the
+    sampling."""
+    logits, greedy = unembed_rows(params, last, inputs, runtime)
+    return sample_rows(logits, inputs, mode, greedy)
 
 
 def _signature(tree) -> tuple:
@@ -152,41 +177,44 @@ class Executables:
 
         def build():
             ins, outs = engine_state.step_shardings(self.model.params, state, abstract, self.mesh)
-            kw = {} if ins is None else {"in_shardings": ins, "out_shardings": outs[:2]}  # (state, logits)
+            kw = {} if ins is None else {"in_shardings": ins, "out_shardings": outs[:2]}  # (state, last)
             fn = jax.jit(forward_half, static_argnums=(3, 4), donate_argnums=(1,), **kw)
             return fn.lower(self.model.params, state, abstract, self.model.config,
                             self.model.runtime).compile()
         return self._split(("forward",) + self.key(state, inputs, None), build)
 
-    def sample_exe(self, logits, inputs: dict, mode: SampleMode):
-        """The compiled :func:`sample_rows` for ``logits`` (or its shape) and these inputs."""
+    def sample_exe(self, last, inputs: dict, mode: SampleMode):
+        """The compiled :func:`sample_half` for ``last`` (or its shape) and these inputs."""
         abstract = {n: jax.ShapeDtypeStruct(a.shape, a.dtype) for n, a in inputs.items()}
-        logits = jax.ShapeDtypeStruct(logits.shape, logits.dtype)
+        last = jax.ShapeDtypeStruct(last.shape, last.dtype)
 
         def build():
             kw = {}
             if self.mesh is not None:
                 rep = engine_state.replicated(self.mesh)
-                kw = {"in_shardings": (rep, engine_state.input_shardings(abstract, self.mesh)),
+                params_s = jax.tree.map(lambda a: a.sharding, self.model.params)
+                kw = {"in_shardings": (params_s, rep,
+                                       engine_state.input_shardings(abstract, self.mesh)),
                       "out_shardings": rep}
-            fn = jax.jit(sample_rows, static_argnums=(2,), **kw)
-            return fn.lower(logits, abstract, mode).compile()
-        key = ("sample", self._model_key, (logits.shape, logits.dtype),
+            fn = jax.jit(sample_half, static_argnums=(3, 4), **kw)
+            return fn.lower(self.model.params, last, abstract, self.model.runtime, mode).compile()
+        key = ("sample", self._model_key, (last.shape, last.dtype),
                tuple((n, a.shape, a.dtype) for n, a in sorted(inputs.items())), mode)
         return self._split(key, build)
 
     def forward(self, state: EngineState, inputs: dict):
-        """Dispatch the forward half on host ``inputs`` (no mask): ``(state, logits, placed
+        """Dispatch the forward half on host ``inputs`` (no mask): ``(state, last, placed
         inputs)``, device arrays the device is still computing."""
         placed = engine_state.place_inputs(inputs, self.mesh)
-        state, logits = self.forward_exe(state, inputs)(self.model.params, state, placed)
-        return state, logits, placed
+        state, last = self.forward_exe(state, inputs)(self.model.params, state, placed)
+        return state, last, placed
 
-    def sample(self, logits, placed: dict, mask, mode: SampleMode):
-        """The sampling half under the host's ``mask`` (numpy ``[rows, words]``): tokens and
+    def sample(self, last, placed: dict, mask, mode: SampleMode):
+        """The second half under the host's ``mask`` (numpy ``[rows, words]``): tokens and
         logprobs (None unless ``mode.logprobs``) as numpy."""
         inputs = dict(placed, mask=engine_state.place_inputs({"mask": mask}, self.mesh)["mask"])
-        return jax.device_get(self.sample_exe(logits, inputs, mode)(logits, inputs))
+        exe = self.sample_exe(last, inputs, mode)
+        return jax.device_get(exe(self.model.params, last, inputs))
 
 
 CACHE_SIZE = 64

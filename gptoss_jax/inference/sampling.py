@@ -6,7 +6,8 @@ batch (:class:`SampleMode`) switch off the work no row needs, so an unused featu
 nothing. The pipeline (:func:`sample_step`), in order:
 
 1. ``constrain``: the hook for constrained decoding (a grammar's token mask, e.g.
-   ``gptoss_jax.inference.constraints.mask.apply_token_mask``), applied to the model's logits.
+   ``gptoss_jax.ops.token_mask.apply_token_mask``), applied to the model's logits (the
+   engine masks in the unembedding instead, and passes the masked logits).
    The processors of step 3 keep ``-inf`` at ``-inf``, so masking here samples exactly as
    masking after penalties and bias would; it comes first so that logprobs see it, as vLLM's
    grammar bitmask (applied to the logits before its sampler) does.

@@ -107,11 +107,13 @@ def unembed(params: dict, x: jax.Array, rt: Runtime = Runtime()) -> jax.Array:
         return projection.unembed(x, params["unembed"], rt.ops)
 
 
-def unembed_greedy(params: dict, x: jax.Array, rt: Runtime = Runtime()):
+def unembed_greedy(params: dict, x: jax.Array, rt: Runtime = Runtime(), mask=None):
     """(logits ``[n, v]`` f32, greedy token ``[n]`` int32 or None) for rows ``x`` ``[n, d]``, for
-    sampling: on CPU the unembedding kernel takes the argmax in the same pass (None elsewhere)."""
+    sampling: on CPU the unembedding kernel takes the argmax in the same pass (None elsewhere).
+    ``mask``: a token bitmask int32 ``[n, ceil(v / 32)]`` (disallowed logits -inf, the argmax
+    among the allowed; ``ops.projection.unembed_greedy``)."""
     with jax.named_scope("unembed"):
-        return projection.unembed_greedy(x, params["unembed"], rt.ops)
+        return projection.unembed_greedy(x, params["unembed"], rt.ops, mask)
 
 
 def positions_from_lengths(tokens: jax.Array, lengths: jax.Array | None) -> jax.Array:

@@ -17,7 +17,8 @@ XLA:CPU's habits (``Ops.cpu``), each measured on the bench config and gpt-oss-20
   ``bf16_gemv`` for weights stored ``[out, in]`` (the unembedding: XLA's fused f32
   vector-matrix loop for one row runs on one core, half the bandwidth on most Intel parts;
   its 8-row GEMM is compute-bound). :func:`unembed_greedy` also returns the kernel's argmax,
-  taken in the same pass.
+  taken in the same pass, and applies a constrained step's token mask (in the kernel's pass,
+  else by XLA after the unembedding).
 
 The kernels' gradients are XLA's (training rarely has so few rows).
 """
@@ -31,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 import cpu_kernels
+from gptoss_jax.ops import token_mask
 from gptoss_jax.ops.runtime import CPU_MIN_ROWS, Ops
 
 
@@ -107,14 +109,25 @@ def unembed(x: jax.Array, w: jax.Array, ops: Ops) -> jax.Array:
     return project("rd,vd->rv", x, w.astype(x.dtype), ops)
 
 
-def unembed_greedy(x: jax.Array, w: jax.Array, ops: Ops) -> tuple[jax.Array, jax.Array | None]:
+def unembed_greedy(x: jax.Array, w: jax.Array, ops: Ops,
+                   mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
     """(logits ``[n, v]`` f32, argmax ``[n]`` int32 or None) for rows ``x`` ``[n, d]``, for
     sampling (no gradient): the CPU kernel takes the argmax (first index of the maximum) in the
-    pass that makes the logits; elsewhere it is None and the caller takes it."""
+    pass that makes the logits; elsewhere it is None and the caller takes it.
+
+    ``mask`` (int32 ``[n, words]``, a token bitmask: ``token_mask``): the logits of disallowed
+    tokens are -inf (a row allowing nothing stays unmasked) and the argmax is among the allowed
+    ones; the CPU kernel masks each slice of logits while it is in cache (``words = ceil(v /
+    32)``), elsewhere ``token_mask.apply_token_mask`` follows the unembedding."""
     w = w.astype(x.dtype)
-    if ops.projection_kernel("rk,nk->rn", x.shape[0], x.dtype) == "bf16_gemv":
+    kernel = ops.projection_kernel("rk,nk->rn", x.shape[0], x.dtype) == "bf16_gemv"
+    if kernel and mask is None:
         return cpu_kernels.bf16_gemv(x, w, branch=ops.cpu_isa)
-    return unembed(x, w, ops), None
+    if (kernel and "bf16_gemv_masked" in ops.cpu_kernels
+            and mask.shape[-1] == token_mask.mask_words(w.shape[0])):
+        return cpu_kernels.bf16_gemv(x, w, mask=mask, branch=ops.cpu_isa)
+    logits = unembed(x, w, ops)
+    return (logits if mask is None else token_mask.apply_token_mask(logits, mask)), None
 
 
 def batched_matmul(eq: str, a: jax.Array, b: jax.Array, ops: Ops) -> jax.Array:

@@ -147,7 +147,7 @@ class Ops:
         unembed = "xla" + pad
         if self._dispatched("bf16_gemv"):
             unembed = (f"cpu_kernel:bf16_gemv{branch} (<= {CPU_GEMV_MAX_ROWS[self.cpu_isa]} bf16 "
-                       f"rows, argmax fused) / {unembed}")
+                       f"rows, argmax and token mask fused) / {unembed}")
         attention = "xla" + (" (bf16 query rows padded to 8)" if cpu else "")
         gather = "xla gather (T*k <= e" + ("; f32 matvecs)" if cpu and self.xla_dtype is None
                                           else ")")

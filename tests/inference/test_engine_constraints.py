@@ -1,5 +1,7 @@
-"""The paged engine with constraints: constrained and free sequences in one batch, prefill's
-first token constrained (a prompt prefilled in several chunks too), a dead end failing one
+"""The paged engine with constraints: greedy constrained decoding is the argmax of the
+unconstrained model's logits under llguidance's own mask (through the masked CPU unembedding
+kernel and through XLA's masking, in one call and split), constrained and free sequences in one
+batch, prefill's first token constrained (a prompt prefilled in several chunks too), a dead end failing one
 sequence while the others carry on, prompts that open the answer themselves, preemption
 (matchers rebuilt from the output, never advanced twice), and no recompilation per request
 (backend compiles counted through ``jax.monitoring``). Outputs are checked with openai-harmony,
@@ -11,8 +13,11 @@ import json
 import re
 
 import jax
+import jax.numpy as jnp
 import jsonschema
 import llguidance
+import llguidance.numpy as lln
+import numpy as np
 import openai_harmony as oh
 import pytest
 
@@ -28,6 +33,8 @@ from gptoss_jax.inference.constraints import (
 )
 from gptoss_jax.inference.engine import Engine
 from gptoss_jax.inference.sampling import SamplingParams
+from gptoss_jax.inference.slot_constraints import turn_prefix
+from gptoss_jax.model import transformer as M
 
 PERSON = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 10},
@@ -207,3 +214,43 @@ def test_no_recompile_per_request(engine, chat_prompt):
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])  # the masked CPU kernel / XLA's mask
+@pytest.mark.parametrize("overlap", [False, True], ids=["fill-first", "split"])
+def test_greedy_constrained_decode_is_the_masked_argmax(tiny_chat_ckpt, dtype, overlap):
+    """A random model (distinct logits) decodes greedily under a JSON schema, the final channel
+    opened by the prompt so every step is masked, beside a free row. Reference: the whole
+    sequence through the model's dense forward pass (no engine, no cache), each position's
+    logits masked by llguidance's numpy helper from a matcher of its own, then numpy's argmax."""
+    model = gptoss_jax.load(tiny_chat_ckpt, dtype=dtype, progress=False)
+    engine = Engine(model, max_batch=2, max_len=128)
+    engine.overlap_fill = overlap  # on CPU the split step is otherwise never taken
+    if dtype == "bfloat16":
+        assert model.runtime.ops.projection_kernel("rk,nk->rn", 2, jnp.bfloat16) == "bf16_gemv"
+    prompt = harmony.render_prompt([{"role": "user", "content": "JSON"}])
+    prompt += load_tokenizer().encode("<|channel|>final<|message|>", allow_special=True)
+    constraint = generate_constraint(FLAG)
+    greedy = SamplingParams(temperature=0.0)
+    done = run(engine, [prompt, prompt], [constraint, None], [greedy, greedy], budget=24)
+    tokens, finish, error = done[0]
+    assert finish == "stop" and error is None and tokens[-1] == harmony.RETURN
+    jsonschema.validate(json.loads(load_tokenizer().decode(tokens[:-1])), FLAG)
+
+    seq = jnp.asarray([prompt + tokens[:-1]], jnp.int32)
+    logits = np.asarray(M.forward(model.params, seq, model.config, rt=model.runtime)[0], np.float32)
+    matcher = constraint.matcher()
+    assert matcher.consume_tokens(turn_prefix(prompt))
+    mask = lln.allocate_token_bitmask(1, llg_tokenizer().vocab_size)
+    tol = 0.05 if dtype == "bfloat16" else 1e-4  # the engine's paged path vs the dense one
+    exact = 0
+    for i, token in enumerate(tokens):
+        lln.fill_next_token_bitmask(matcher, mask)
+        row = logits[len(prompt) - 1 + i].copy()[None, :mask.shape[1] * 32]
+        lln.apply_token_bitmask_inplace(row, mask)
+        scale = max(1.0, float(np.max(np.abs(row[np.isfinite(row)]))))
+        assert np.isfinite(row[0, token]) and row[0, token] >= row.max() - tol * scale, i
+        exact += token == int(np.argmax(row))
+        assert matcher.consume_token(token)
+    assert exact >= len(tokens) - 1  # ties within rounding aside, the very same tokens

@@ -157,3 +157,112 @@ def test_branch_choice_from_flags():
     assert isa.supported(sapphire) == ("avx512_bf16", "avx512", "avx2")
     assert isa.best((skylake | {"avx512_bf16"}) - {"avx512vl"}) == "avx2"  # BF16 needs all of 512
     assert [isa.index(b) for b in isa.BRANCHES] == [0, 1, 2]
+
+
+# -- the masked handler (constrained decoding): a token bitmask in llguidance's layout ------------
+
+def bitmask(allowed: np.ndarray) -> np.ndarray:
+    """int32 [M, ceil(V / 32)] from bool [M, V]: bit j of word i allows token 32 i + j."""
+    m, v = allowed.shape
+    padded = np.zeros((m, -(-v // 32) * 32), bool)
+    padded[:, :v] = allowed
+    return np.packbits(padded, axis=-1, bitorder="little").view("<i4").astype(np.int32)
+
+
+def masked_reference(x, w, allowed):
+    """numpy: logits with -inf where disallowed (a row allowing nothing unmasked) and the first
+    index of the maximum among the allowed."""
+    logits, _ = reference(x, w)
+    keep = allowed | ~allowed.any(axis=-1, keepdims=True)
+    logits = np.where(keep, logits, -np.inf)
+    return logits, np.argmax(logits, axis=-1)
+
+
+def run_masked(x, w, mask, **kw):
+    f = jax.jit(lambda x, w, mask: bf16_gemv(x, w, mask=mask, **kw))
+    logits, arg = f(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16), jnp.asarray(mask))
+    return np.asarray(logits), np.asarray(arg)
+
+
+needs_masked = pytest.mark.skipif(not cpu_kernels.available("bf16_gemv_masked"),
+                                  reason="bf16_gemv_masked needs x86-64 Linux with AVX2 and a compiler")
+
+
+@needs_masked
+@pytest.mark.parametrize("branch", branch_params())
+@pytest.mark.parametrize("m,v,d", [
+    (1, 211, 96),     # V not a multiple of 32, nor of either SIMD width
+    (3, 1003, 33),    # a ragged D, a last mask word with 11 live bits
+    (5, 77, 40),      # two passes of 4 + 1 rows, or one of 5 (AVX-512 BF16)
+    (8, 3001, 64),    # batched decode: one pass of 8, several slices of V (tasks)
+    (11, 50, 17),     # 8 + 3 rows
+    (2, 1, 16),       # V of one token
+])
+def test_masked_values_and_argmax_match_numpy(branch, m, v, d):
+    rng = np.random.default_rng(m * 5 + v + d)
+    x, w = rng.standard_normal((m, d)), rng.standard_normal((v, d))
+    allowed = rng.random((m, v)) < 0.3  # random rows ...
+    allowed[0] = True  # ... all allowed
+    if m > 1:
+        allowed[1] = False  # nothing allowed: unmasked
+    if m > 2:
+        allowed[2] = False
+        allowed[2, v - 1] = True  # one token, the last (in the mask's last, partial word)
+    if m > 3:
+        allowed[3] = False
+        allowed[3, v // 2] = True  # one token inside
+    logits, arg = run_masked(x, w, bitmask(allowed), branch=branch)
+    ref, ref_arg = masked_reference(x, w, allowed)
+    assert logits.shape == (m, v) and logits.dtype == np.float32 and arg.dtype == np.int32
+    np.testing.assert_array_equal(np.isneginf(logits), np.isneginf(ref))  # exactly the banned
+    live = np.isfinite(ref)
+    np.testing.assert_allclose(logits[live], ref[live], rtol=1e-5, atol=1e-5 * np.sqrt(d))
+    np.testing.assert_array_equal(arg, np.argmax(logits, axis=-1))  # first maximum, allowed only
+    assert np.all(np.take_along_axis(allowed | ~allowed.any(-1, keepdims=True), arg[:, None], 1))
+    assert np.all(ref[np.arange(m), arg] >= ref[np.arange(m), ref_arg] - 1e-4 * np.sqrt(d))
+    if m > 2:
+        assert arg[2] == v - 1
+    if m > 3:
+        assert arg[3] == v // 2
+
+
+@needs_masked
+@pytest.mark.parametrize("branch", branch_params())
+def test_masked_argmax_takes_the_first_allowed_maximum(branch):
+    # equal maxima at 100, 2500 and 4999 (different groups and tasks): with 100 banned the first
+    # allowed one wins; bits past V in the last word change nothing
+    rng = np.random.default_rng(6)
+    d, v = 64, 5000
+    x = np.abs(bf16(rng.standard_normal((1, d)))) + 0.5
+    w = bf16(rng.uniform(-1, 0.1, (v, d)))
+    w[[100, 2500, 4999]] = 1.0
+    allowed = np.ones((2, v), bool)
+    allowed[:, 100] = False
+    allowed[1, 2500] = False
+    mask = bitmask(allowed)
+    mask[:, -1] |= np.int32(-(1 << (v % 32)))  # the padding bits set
+    assert run_masked(np.repeat(x, 2, 0), w, mask, branch=branch)[1].tolist() == [2500, 4999]
+    # an allowed NaN wins, as in numpy's argmax; a banned one is masked away
+    w_nan = w.copy()
+    w_nan[50, 3] = np.nan
+    assert run_masked(x, w_nan, mask[:1], branch=branch)[1].tolist() == [50]
+    allowed[0, 50] = False
+    assert run_masked(x, w_nan, bitmask(allowed[:1]), branch=branch)[1].tolist() == [2500]
+
+
+@needs_masked
+def test_masked_matches_the_reference_and_rejects_a_bad_mask():
+    rng = np.random.default_rng(7)
+    x, w = rng.standard_normal((3, 40)), rng.standard_normal((90, 40))
+    allowed = rng.random((3, 90)) < 0.5
+    allowed[1] = False
+    mask = jnp.asarray(bitmask(allowed))
+    got, got_arg = bf16_gemv_reference(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.bfloat16), mask)
+    ref, ref_arg = masked_reference(x, w, allowed)
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(got_arg), ref_arg)
+    xb, wb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"mask is int32 \[M, ceil\(V / 32\)\] = \[3, 3\]"):
+        bf16_gemv(xb, wb, mask=mask[:, :2])
+    with pytest.raises(ValueError, match="mask is int32"):
+        bf16_gemv(xb, wb, mask=mask.astype(jnp.uint32))

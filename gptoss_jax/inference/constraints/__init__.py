@@ -23,13 +23,15 @@ Engine integration (how a decode loop uses this; see ``batch`` for the per-slot 
   ``batch.release(slot)``. The mask for a fresh matcher is known before prefill, so prefill's
   first token is sampled under ``batch.fill()`` too.
 * The decode step takes ``mask`` int32 ``[slots, ceil(vocab / 32)]`` (fixed shape; all ones for
-  free and idle slots, so one executable serves every mix) and applies
-  ``apply_token_mask(logits, mask)`` before the sampler's temperature and filters.
-* Overlap: split the step into the forward pass (tokens -> logits, the expensive part) and
-  the masked sampling. Dispatch the forward for step t+1 as soon as step t's tokens exist on
-  the device; while it runs, the host reads step t's tokens, ``consume``s them and ``fill``s
-  (the GIL is released); then dispatch the sampling with that mask. With no constrained slot
-  the mask is a constant all-ones device array (no copy per step).
+  free and idle slots, so one executable serves every mix) and applies it in the unembedding,
+  before the sampler's temperature and filters: the CPU unembedding kernel writes -inf for
+  disallowed tokens and takes the argmax of the allowed ones in its one pass; elsewhere
+  ``apply_token_mask(logits, mask)`` follows the unembedding (``ops.projection.unembed_greedy``).
+* Overlap (``Engine.overlap_fill``, on an accelerator): split the step after the layers.
+  Dispatch the layers; while they run, the host ``fill``s (the GIL is released); then dispatch
+  the masked unembedding and the sampling. On XLA:CPU the device is the host's own cores, busy
+  with the layers, so the fill runs first and the step is one call. A step without a
+  constrained row takes no mask.
 * After each step: ``consume(slot, token)``; a slot whose ``state`` is ``FAILED`` ends with an
   error status (``error(slot)``) and its token is dropped; ``DONE`` means the turn's stop token
   was just consumed (the engine stops there anyway). ``rollback(slot, k)`` undoes tokens.

@@ -7,7 +7,8 @@
 2. ``fill()`` writes the next mask for every slot: constrained rows in parallel on llguidance's
    thread pool (``fill_next_token_bitmask_par``; the GIL is released, so the call can run on a
    host thread while the device computes the step's logits), free rows all ones;
-3. the mask goes to the device, which applies it in the sampler (``mask.apply_token_mask``).
+3. the mask goes to the device, which applies it in the unembedding (the CPU kernel's pass,
+   else ``mask.apply_token_mask``), before the sampler.
 
 Slot states: ``FREE`` (no constraint), ``ACTIVE``, ``DONE`` (the grammar is complete: the turn
 ended at its stop token) and ``FAILED`` (a dead end, no token allowed, or a token the grammar

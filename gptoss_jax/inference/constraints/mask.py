@@ -1,49 +1,19 @@
-"""Token bitmasks: llguidance's layout, expanded on the device inside the jitted sampler.
+"""Token bitmasks: llguidance's layout, int32 ``[rows, ceil(vocab / 32)]`` (token ``t`` allowed
+when bit ``t & 31`` of word ``t >> 5`` is set; all ones allows everything). The engine passes a
+mask of fixed shape every step, so no request ever triggers a recompile.
 
-A mask is int32 ``[rows, ceil(vocab / 32)]``; token ``t`` is allowed in a row when bit
-``t & 31`` of word ``t >> 5`` is set (llguidance's layout, little-endian bit order within a
-word). All ones (-1) allows everything. The engine passes a mask of fixed shape every step, so
-no request ever triggers a recompile.
+The device side (``apply_token_mask``, ``allowed_bits``, ``mask_words``) lives in
+``gptoss_jax.ops.token_mask``, next to the unembedding that applies it (the CPU kernel masks in
+its own pass); it is re-exported here. The host helpers below read one row.
 """
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-BITS = 32
+from gptoss_jax.ops.token_mask import BITS, allowed_bits, apply_token_mask, mask_words
 
-
-def mask_words(vocab_size: int) -> int:
-    """Words per mask row: ``ceil(vocab_size / 32)``."""
-    return -(-vocab_size // BITS)
-
-
-def allowed_bits(mask: jax.Array, vocab_size: int) -> jax.Array:
-    """bool ``[rows, vocab_size]`` from an int32 ``[rows, words]`` mask (ids past the mask's
-    ``32 * words`` are not allowed)."""
-    rows, words = mask.shape
-    shifts = jnp.arange(BITS, dtype=jnp.int32)
-    bits = ((mask[:, :, None] >> shifts) & 1).reshape(rows, words * BITS) != 0  # [rows, 32w]
-    if words * BITS >= vocab_size:
-        return bits[:, :vocab_size]
-    return jnp.pad(bits, ((0, 0), (0, vocab_size - words * BITS)))
-
-
-def apply_token_mask(logits: jax.Array, mask: jax.Array) -> jax.Array:
-    """``logits`` [rows, vocab] with disallowed tokens set to -inf (jittable, fixed shapes).
-
-    Apply it before temperature and the top-k / top-p / min-p filters, so they act on the
-    allowed tokens only, and before greedy argmax. A row with no allowed token (a constraint
-    that dead-ended; the host ends that sequence and discards its token) is left unmasked so
-    the sampler still returns a finite draw instead of NaNs. (That test reads the mask's words,
-    32 times fewer than its bits, so the expansion fuses into the ``where``: no pass over
-    ``[rows, vocab]`` besides it.)
-    """
-    allowed = allowed_bits(mask, logits.shape[-1])
-    allowed |= ~jnp.any(mask != 0, axis=-1, keepdims=True)
-    return jnp.where(allowed, logits, jnp.asarray(-jnp.inf, logits.dtype))
+__all__ = ["BITS", "allowed_bits", "allowed_tokens", "apply_token_mask", "is_allowed", "mask_words"]
 
 
 def allowed_tokens(row: np.ndarray) -> np.ndarray:
