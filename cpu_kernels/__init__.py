@@ -3,10 +3,6 @@ plain-jnp reference. Not Pallas, and no gptoss_jax imports.
 
 * :func:`grouped_matmul` (``src/mxfp4_grouped.cc``): rows sorted by expert times packed MXFP4
   experts, each block decoded in registers (:mod:`cpu_kernels.mxfp4_grouped`).
-* :func:`bf16_matvec` (``src/bf16_matvec.cc``): ``x @ w`` for up to 8 rows, ``w`` bf16 ``[K, N]``
-  (decode's attention projections).
-* :func:`bf16_rows` (``src/bf16_rows.cc``): ``x @ w.T`` for a few rows, ``w`` bf16 ``[V, D]``
-  (batched decode's unembedding).
 
 ISA-dispatched kernels (``src/simd.h``: AVX-512 BF16 / AVX-512 / AVX2 branches in one library,
 the branch an argument, default :func:`cpu_kernels.isa.best`):
@@ -32,8 +28,6 @@ discovery, CPU flag detection and build cache.
 
 from cpu_kernels import isa
 from cpu_kernels.bf16_gemv import bf16_gemv, bf16_gemv_reference, stream_read
-from cpu_kernels.bf16_matvec import MATVEC_MAX_ROWS, bf16_matvec, bf16_matvec_reference
-from cpu_kernels.bf16_rows import bf16_rows, bf16_rows_reference
 from cpu_kernels.bf16_vecmat import bf16_vecmat, bf16_vecmat_reference
 from cpu_kernels.build import KERNELS, available, probe, unavailable_reason
 from cpu_kernels.decode_attention import paged_decode_attention, paged_decode_attention_reference
@@ -43,14 +37,9 @@ from cpu_kernels.mxfp4_grouped import grouped_matmul, grouped_matmul_reference
 
 __all__ = [
     "KERNELS",
-    "MATVEC_MAX_ROWS",
     "available",
     "bf16_gemv",
     "bf16_gemv_reference",
-    "bf16_matvec",
-    "bf16_matvec_reference",
-    "bf16_rows",
-    "bf16_rows_reference",
     "bf16_vecmat",
     "bf16_vecmat_reference",
     "expert_mlp",

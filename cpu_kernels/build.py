@@ -48,9 +48,6 @@ class Kernel:
 KERNELS = {
     "mxfp4_grouped": Kernel("mxfp4_grouped.cc", "GptossMxfp4Grouped",
                             ("avx512f", "avx512bw", "fma")),
-    "bf16_matvec": Kernel("bf16_matvec.cc", "GptossBf16Matvec", ("avx512f", "avx512bw", "fma")),
-    "bf16_rows": Kernel("bf16_rows.cc", "GptossBf16Rows", ("avx512f", "avx512bw", "avx512_bf16"),
-                        ("-mavx512bf16",)),
     # ISA-dispatched (src/simd.h): every branch in one library built for baseline x86-64 + AVX2
     # (-mno-avx512f undoes the AVX-512 default; the AVX-512 branches carry target pragmas), the
     # branch passed by the caller (cpu_kernels.isa)

@@ -93,7 +93,7 @@ class Stream:
 # more. NTA: the stream is read once, so it should not evict what the next step reads again.
 # Five to eight rows a pass (batched decode) run longer per byte, and want the stream further
 # ahead: 201088 x 512 at 8 rows, both cores, best of 15 on a busy machine: no prefetch 21.2 ms,
-# 4 KB 10.5, 16-32 KB T0 8.3 (bf16_rows, 32 rows = 32 KB T0: 8.9); NTA at 16-32 KB 9.6-9.8.
+# 4 KB 10.5, 16-32 KB T0 8.3; NTA at 16-32 KB 9.6-9.8.
 # Intel: not measured here (no Intel machine available to this work); it gets the same distances
 # with the temporal hint, the conservative choice. Re-measure with bench/cpu_stream.py --sweep.
 _STREAM = {

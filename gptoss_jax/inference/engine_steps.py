@@ -35,9 +35,10 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gptoss_jax.inference import engine_state
-from gptoss_jax.inference.engine_state import EngineState
+from gptoss_jax.inference.engine_state import EngineState, Layout, pack, unpack
 from gptoss_jax.inference.sampler_state import from_inputs
 from gptoss_jax.inference.sampling import SampleMode, sample_step
 from gptoss_jax.model import transformer as M
@@ -89,24 +90,28 @@ def sample_rows(logits, inputs: dict, mode: SampleMode, greedy=None):
     return sample_step(logits, rows, mode, keys=keys, greedy=greedy)
 
 
-def step(params, state: EngineState, inputs: dict, config, runtime, mode: SampleMode):
+def step(params, state: EngineState, packed: dict, config, runtime, mode: SampleMode,
+         layout: Layout):
     """``(state, tokens [rows], logprobs)``: the rows through the model, then a token for each
-    (``logprobs``: ``StepLogprobs``, or None unless ``mode.logprobs``)."""
+    (``logprobs``: ``StepLogprobs``, or None unless ``mode.logprobs``). ``packed``: the inputs
+    as ``engine_state.pack`` lays them out (``layout``, static)."""
+    inputs = unpack(packed, layout)
     logits, greedy, state = forward_rows(params, state, inputs, config, runtime)
     tokens, logprobs = sample_rows(logits, inputs, mode, greedy)
     return state, tokens, logprobs
 
 
-def forward_half(params, state: EngineState, inputs: dict, config, runtime):
+def forward_half(params, state: EngineState, packed: dict, config, runtime, layout: Layout):
     """``(state, last [rows, d])``: the first half of a split step, the layers (the unembedding
     waits for the mask)."""
-    last, state = hidden_rows(params, state, inputs, config, runtime)
+    last, state = hidden_rows(params, state, unpack(packed, layout), config, runtime)
     return state, last
 
 
-def sample_half(params, last, inputs: dict, runtime, mode: SampleMode):
+def sample_half(params, last, packed: dict, runtime, mode: SampleMode, layout: Layout):
     """``(tokens, logprobs)``: the second half, the masked unembedding of ``last`` and the
-    sampling."""
+    sampling, on the packed inputs and the mask."""
+    inputs = unpack(packed, layout)
     logits, greedy = unembed_rows(params, last, inputs, runtime)
     return sample_rows(logits, inputs, mode, greedy)
 
@@ -117,9 +122,32 @@ def _signature(tree) -> tuple:
     return treedef, tuple((a.shape, a.dtype, getattr(a, "sharding", None)) for a in leaves)
 
 
+class _Token:
+    """A key part hashed once: the model's signature (its 150-odd parameter shardings) would
+    otherwise be hashed again at every step's lookup."""
+    __slots__ = ("value", "_hash")
+
+    def __init__(self, value):
+        self.value, self._hash = value, hash(value)
+
+    def __hash__(self):
+        return self._hash
+
+    def __eq__(self, other):
+        return self is other or (isinstance(other, _Token) and self._hash == other._hash
+                                 and self.value == other.value)
+
+
+def _abstract(packed: dict) -> dict:
+    return {n: jax.ShapeDtypeStruct(a.shape, a.dtype) for n, a in packed.items()}
+
+
 class Executables:
     """Steps compiled ahead of time, one per (rows, T, sample mode), with the engine state's
     shardings as their input and output shardings (``engine_state.step_shardings``).
+
+    The methods take the step inputs by name (``engine_state.STEP_INPUT_AXES``, host arrays)
+    and pack them (``engine_state.pack``) for the compiled step, which unpacks them.
 
     Compiled steps are shared by every engine of the same model, mesh and pool shape (a
     process-wide LRU of :data:`CACHE_SIZE`), so ``gptoss_jax.generate`` called again does not
@@ -127,68 +155,88 @@ class Executables:
 
     def __init__(self, model, mesh):
         self.model, self.mesh = model, mesh
-        self._model_key = (model.config, model.runtime, _signature(model.params))
+        # the mesh decides the state's shardings (``engine_state.state_shardings``), so the
+        # state's part of a key is its shapes and dtypes alone
+        self._model_key = _Token((model.config, model.runtime, _signature(model.params), mesh))
         self.compile_s = 0.0  # time spent compiling so far (reported apart from run time)
+
+    def _state_key(self, state: EngineState) -> tuple:
+        return tuple((a.shape, a.dtype.name) for a in (*state.k, *state.v))
 
     def key(self, state: EngineState, inputs: dict, mode: SampleMode) -> tuple:
         """What a compiled step is looked up by."""
-        return (self._model_key, _signature(state),
-                tuple((n, a.shape, a.dtype) for n, a in sorted(inputs.items())), mode)
+        layout, _ = pack({n: a for n, a in inputs.items() if n != "mask"})
+        mask = inputs.get("mask")
+        return self._key(state, layout, None if mask is None else np.shape(mask), mode)
 
-    def get(self, state: EngineState, inputs: dict, mode: SampleMode):
-        key = self.key(state, inputs, mode)
+    def _key(self, state, layout: Layout, mask_shape, mode) -> tuple:
+        return (self._model_key, self._state_key(state), layout, mask_shape, mode)
+
+    def _cached(self, key: tuple, build):
         exe = _COMPILED.pop(key, None)
         if exe is None:
             t0 = time.perf_counter()
-            abstract = {n: jax.ShapeDtypeStruct(a.shape, a.dtype) for n, a in inputs.items()}
-            ins, outs = engine_state.step_shardings(self.model.params, state, abstract, self.mesh)
-            kw = {} if ins is None else {"in_shardings": ins, "out_shardings": outs}
-            fn = jax.jit(step, static_argnums=(3, 4, 5), donate_argnums=(1,), **kw)
-            exe = fn.lower(self.model.params, state, abstract, self.model.config,
-                           self.model.runtime, mode).compile()
+            exe = build()
             self.compile_s += time.perf_counter() - t0
         _COMPILED[key] = exe  # most recently used last
         while len(_COMPILED) > CACHE_SIZE:
             _COMPILED.pop(next(iter(_COMPILED)))
         return exe
 
+    def _step_exe(self, state: EngineState, layout: Layout, packed: dict, mode: SampleMode):
+        def build():
+            abstract = _abstract(packed)
+            ins, outs = engine_state.step_shardings(self.model.params, state, abstract, self.mesh)
+            kw = {} if ins is None else {"in_shardings": ins, "out_shardings": outs}
+            fn = jax.jit(step, static_argnums=(3, 4, 5, 6), donate_argnums=(1,), **kw)
+            return fn.lower(self.model.params, state, abstract, self.model.config,
+                            self.model.runtime, mode, layout).compile()
+        mask = packed.get("mask")
+        return self._cached(self._key(state, layout, None if mask is None else mask.shape, mode),
+                            build)
+
+    @staticmethod
+    def _pack(inputs: dict) -> tuple[Layout, dict]:
+        layout, packed = pack({n: a for n, a in inputs.items() if n != "mask"})
+        if "mask" in inputs:
+            packed["mask"] = np.asarray(inputs["mask"])
+        return layout, packed
+
+    def get(self, state: EngineState, inputs: dict, mode: SampleMode):
+        """The compiled step for these named (host) inputs."""
+        layout, packed = self._pack(inputs)
+        return self._step_exe(state, layout, packed, mode)
+
     def run(self, state: EngineState, inputs: dict, mode: SampleMode):
         """``(state, tokens, logprobs)`` of one step on host ``inputs`` (numpy); tokens and
         logprobs (None unless ``mode.logprobs``: only then are they copied) as numpy."""
-        exe = self.get(state, inputs, mode)
-        state, tokens, lp = exe(self.model.params, state, engine_state.place_inputs(inputs, self.mesh))
+        layout, packed = self._pack(inputs)
+        exe = self._step_exe(state, layout, packed, mode)
+        state, tokens, lp = exe(self.model.params, state,
+                                engine_state.place_inputs(packed, self.mesh))
         return state, jax.device_get(tokens), None if lp is None else jax.device_get(lp)
 
     # -- a split step: the forward dispatched, the host fills the mask, then the sampling ------
-    def _split(self, key: tuple, build):
-        exe = _COMPILED.pop(key, None)
-        if exe is None:
-            t0 = time.perf_counter()
-            exe = build()
-            self.compile_s += time.perf_counter() - t0
-        _COMPILED[key] = exe
-        while len(_COMPILED) > CACHE_SIZE:
-            _COMPILED.pop(next(iter(_COMPILED)))
-        return exe
-
-    def forward_exe(self, state: EngineState, inputs: dict):
-        """The compiled :func:`forward_half` for these (host or abstract) inputs."""
-        abstract = {n: jax.ShapeDtypeStruct(a.shape, a.dtype) for n, a in inputs.items()}
-
+    def _forward_exe(self, state: EngineState, layout: Layout, packed: dict):
         def build():
+            abstract = _abstract(packed)
             ins, outs = engine_state.step_shardings(self.model.params, state, abstract, self.mesh)
             kw = {} if ins is None else {"in_shardings": ins, "out_shardings": outs[:2]}  # (state, last)
-            fn = jax.jit(forward_half, static_argnums=(3, 4), donate_argnums=(1,), **kw)
+            fn = jax.jit(forward_half, static_argnums=(3, 4, 5), donate_argnums=(1,), **kw)
             return fn.lower(self.model.params, state, abstract, self.model.config,
-                            self.model.runtime).compile()
-        return self._split(("forward",) + self.key(state, inputs, None), build)
+                            self.model.runtime, layout).compile()
+        return self._cached(("forward",) + self._key(state, layout, None, None), build)
 
-    def sample_exe(self, last, inputs: dict, mode: SampleMode):
-        """The compiled :func:`sample_half` for ``last`` (or its shape) and these inputs."""
-        abstract = {n: jax.ShapeDtypeStruct(a.shape, a.dtype) for n, a in inputs.items()}
+    def forward_exe(self, state: EngineState, inputs: dict):
+        """The compiled :func:`forward_half` for these named (host or abstract) inputs."""
+        layout, packed = self._pack(_host(inputs))
+        return self._forward_exe(state, layout, packed)
+
+    def _sample_exe(self, last, layout: Layout, packed: dict, mode: SampleMode):
         last = jax.ShapeDtypeStruct(last.shape, last.dtype)
 
         def build():
+            abstract = _abstract(packed)
             kw = {}
             if self.mesh is not None:
                 rep = engine_state.replicated(self.mesh)
@@ -196,25 +244,42 @@ class Executables:
                 kw = {"in_shardings": (params_s, rep,
                                        engine_state.input_shardings(abstract, self.mesh)),
                       "out_shardings": rep}
-            fn = jax.jit(sample_half, static_argnums=(3, 4), **kw)
-            return fn.lower(self.model.params, last, abstract, self.model.runtime, mode).compile()
-        key = ("sample", self._model_key, (last.shape, last.dtype),
-               tuple((n, a.shape, a.dtype) for n, a in sorted(inputs.items())), mode)
-        return self._split(key, build)
+            fn = jax.jit(sample_half, static_argnums=(3, 4, 5), **kw)
+            return fn.lower(self.model.params, last, abstract, self.model.runtime, mode,
+                            layout).compile()
+        key = ("sample", self._model_key, (last.shape, last.dtype), layout,
+               packed["mask"].shape if "mask" in packed else None, mode)
+        return self._cached(key, build)
+
+    def sample_exe(self, last, inputs: dict, mode: SampleMode):
+        """The compiled :func:`sample_half` for ``last`` (or its shape) and these named inputs
+        (the mask among them)."""
+        layout, packed = self._pack(_host(inputs))
+        return self._sample_exe(last, layout, packed, mode)
 
     def forward(self, state: EngineState, inputs: dict):
         """Dispatch the forward half on host ``inputs`` (no mask): ``(state, last, placed
-        inputs)``, device arrays the device is still computing."""
-        placed = engine_state.place_inputs(inputs, self.mesh)
-        state, last = self.forward_exe(state, inputs)(self.model.params, state, placed)
-        return state, last, placed
+        inputs)``, device arrays the device is still computing (the placed inputs opaque: for
+        :meth:`sample`)."""
+        layout, packed = self._pack(inputs)
+        placed = engine_state.place_inputs(packed, self.mesh)
+        state, last = self._forward_exe(state, layout, packed)(self.model.params, state, placed)
+        return state, last, (layout, placed)
 
-    def sample(self, last, placed: dict, mask, mode: SampleMode):
+    def sample(self, last, placed, mask, mode: SampleMode):
         """The second half under the host's ``mask`` (numpy ``[rows, words]``): tokens and
         logprobs (None unless ``mode.logprobs``) as numpy."""
+        layout, placed = placed
         inputs = dict(placed, mask=engine_state.place_inputs({"mask": mask}, self.mesh)["mask"])
-        exe = self.sample_exe(last, inputs, mode)
+        exe = self._sample_exe(last, layout, inputs, mode)
         return jax.device_get(exe(self.model.params, last, inputs))
+
+
+def _host(inputs: dict) -> dict:
+    """Named inputs as arrays of their shapes (shape structs become zeros: only their shapes
+    and dtypes matter to a compile)."""
+    return {n: np.zeros(a.shape, a.dtype) if isinstance(a, jax.ShapeDtypeStruct) else a
+            for n, a in inputs.items()}
 
 
 CACHE_SIZE = 64

@@ -67,56 +67,6 @@ def test_grouped_kernel_matches_numpy(split_order):
     np.testing.assert_array_equal(np.asarray(got)[-3:], 0.0)
 
 
-def matvec_case(rows):
-    rng = np.random.default_rng(rows)
-    k, n = 112, 16 * 16 * 2 + 16 * 3 + 5  # full 256-column slices, single vectors, a scalar tail
-    w = jnp.asarray(rng.standard_normal((k, n)), jnp.bfloat16)
-    x = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
-    return x, w, np.asarray(x, np.float64) @ np.asarray(w, np.float64)
-
-
-@pytest.mark.parametrize("rows", [1, 3, 8])
-def test_matvec_reference_matches_numpy(rows):
-    x, w, want = matvec_case(rows)
-    close(cpu_kernels.bf16_matvec_reference(x, w), want)
-
-
-@needs("bf16_matvec")
-@pytest.mark.parametrize("rows", [1, 3, 8])
-def test_matvec_kernel_matches_numpy(rows):
-    x, w, want = matvec_case(rows)
-    got = jax.jit(cpu_kernels.bf16_matvec)(x, w)
-    assert got.shape == want.shape and got.dtype == jnp.float32
-    close(got, want)
-    with pytest.raises(ValueError, match="rows"):
-        cpu_kernels.bf16_matvec(jnp.zeros((9, x.shape[1])), w)
-
-
-def rows_case(rows):
-    rng = np.random.default_rng(20 + rows)
-    v, d = 1031, 96  # V odd (a lone last weight row), not a multiple of the 512-row slices
-    w = jnp.asarray(rng.standard_normal((v, d)), jnp.bfloat16)
-    x = jnp.asarray(rng.standard_normal((rows, d)), jnp.bfloat16)
-    return x, w, np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
-
-
-@pytest.mark.parametrize("rows", [1, 5, 8, 11])
-def test_rows_reference_matches_numpy(rows):
-    x, w, want = rows_case(rows)
-    close(cpu_kernels.bf16_rows_reference(x, w), want)
-
-
-@needs("bf16_rows")
-@pytest.mark.parametrize("rows", [1, 5, 8, 11])  # 11: a full pass of 8, then 3
-def test_rows_kernel_matches_numpy(rows):
-    x, w, want = rows_case(rows)
-    got = jax.jit(cpu_kernels.bf16_rows)(x, w)
-    assert got.shape == want.shape and got.dtype == jnp.float32
-    close(got, want)
-    with pytest.raises(ValueError, match="multiple of 32"):
-        cpu_kernels.bf16_rows(x[:, :80], w[:, :80])
-
-
 def test_probe_answers_for_every_kernel():
     """probe() resolves every kernel once; a kernel is available exactly when this CPU has its
     instructions and a compiler is there (this test's own reading of both)."""
@@ -139,6 +89,7 @@ def test_probe_answers_for_every_kernel():
 # AVX-512 the ISA-dispatched kernels still run, on their AVX2 branch.
 FALLBACK_SCRIPT = textwrap.dedent("""
     import json, sys
+    import jax.numpy as jnp
     import numpy as np
     import cpu_kernels
     from cpu_kernels import build, isa
@@ -146,23 +97,28 @@ FALLBACK_SCRIPT = textwrap.dedent("""
         build.cpu_flags = lambda: {"sse2", "avx", "avx2", "fma", "f16c"}
     if sys.argv[1] == "no-avx2":
         build.cpu_flags = lambda: {"sse2", "avx"}
-    from tests.kernels.test_cpu_kernels import grouped_case, matvec_case, rows_case
+    from tests.kernels.test_cpu_kernels import grouped_case
     out = {"probe": cpu_kernels.probe(), "branch": isa.best(),
            "reasons": {n: cpu_kernels.unavailable_reason(n) for n in cpu_kernels.KERNELS}}
     x, blocks, scales, gs, want = grouped_case()
     got = cpu_kernels.grouped_matmul_reference(x, blocks, scales, gs)
     out["grouped_err"] = float(np.max(np.abs(np.asarray(got) - want)) / np.abs(want).max())
-    x, w, want = matvec_case(3)
-    got = cpu_kernels.bf16_matvec_reference(x, w)
-    out["matvec_err"] = float(np.max(np.abs(np.asarray(got) - want)) / np.abs(want).max())
-    x, w, want = rows_case(5)
-    got = cpu_kernels.bf16_rows_reference(x, w)
+    rng = np.random.default_rng(3)  # bf16 operands, a float64 product as the answer
+    x = jnp.asarray(rng.standard_normal((3, 112)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((112, 85)), jnp.bfloat16)
+    want = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+    got = cpu_kernels.bf16_vecmat_reference(x, w)
+    out["vecmat_err"] = float(np.max(np.abs(np.asarray(got) - want)) / np.abs(want).max())
+    x = jnp.asarray(rng.standard_normal((5, 96)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((1031, 96)), jnp.bfloat16)
+    want = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
+    got = cpu_kernels.bf16_gemv_reference(x, w)[0]
     out["rows_err"] = float(np.max(np.abs(np.asarray(got) - want)) / np.abs(want).max())
     if out["probe"]["bf16_gemv"]:
         got = np.asarray(cpu_kernels.bf16_gemv(x, w)[0])
         out["gemv_err"] = float(np.max(np.abs(got - want)) / np.abs(want).max())
     try:
-        cpu_kernels.bf16_rows(x, w)
+        cpu_kernels.grouped_matmul(*grouped_case()[:4])
     except RuntimeError as e:
         out["refusal"] = str(e)
     print(json.dumps(out))
@@ -185,7 +141,7 @@ def test_xla_fallback_when_kernels_cannot_run(how, reason):
     off = AVX512 if how == "no-avx512" else set(cpu_kernels.KERNELS)
     assert {n for n, ok in out["probe"].items() if not ok} == off
     assert all(reason in out["reasons"][n] for n in off), out["reasons"]
-    assert max(out["grouped_err"], out["matvec_err"], out["rows_err"]) < 1e-5
+    assert max(out["grouped_err"], out["vecmat_err"], out["rows_err"]) < 1e-5
     assert "not available here" in out["refusal"] and reason in out["refusal"]
     if how == "no-avx512":  # the dispatched kernels run their AVX2 branch
         assert out["branch"] == "avx2" and out["gemv_err"] < 1e-5
