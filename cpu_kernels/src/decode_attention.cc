@@ -7,14 +7,13 @@
 //              m = max(max_j s[g, j], sink[g]);  p rounded to bf16, as the XLA path does
 //   out[g]   = sum_j p[g, j] v[j]
 //
-// Two handlers: GptossDecodeAttention reads a dense cache stored [b, kv_heads, slots, h] as bf16
-// bit patterns (uint16), the layout XLA's decode reads too, each slot with its position;
-// GptossPagedDecodeAttention reads a pool of pages [pages, kv_heads, page_size, h] through each
-// row's page table, only the positions its query sees (0 .. q_pos, or the window's), so a short
-// context reads only its own pages. Each (row, kv head) is one task that reads its keys and
-// values once (XLA pads the query heads to 8 rows and runs two batched matmuls plus the masked
-// softmax as separate passes). Scores for 16 keys are summed together (simd.h: Sum16). AVX-512
-// only (the BF16 branch adds nothing here); on other CPUs the XLA path runs.
+// GptossPagedDecodeAttention reads a pool of pages [pages, kv_heads, page_size, h] (bf16 bit
+// patterns, uint16) through each row's page table, only the positions its query sees (0 .. q_pos,
+// or the window's), so a short context reads only its own pages. Each (row, kv head) is one task
+// that reads its keys and values once (XLA pads the query heads to 8 rows and runs two batched
+// matmuls plus the masked softmax as separate passes). Scores for 16 keys are summed together
+// (simd.h: Sum16). AVX-512 only (the BF16 branch adds nothing here); on other CPUs the XLA
+// path runs.
 
 #include <immintrin.h>
 
@@ -74,26 +73,14 @@ inline __m512 RoundBf16(__m512 x) {
 
 struct Problem {
   const uint16_t* q;  // [b, kh, g, h] bf16
-  const uint16_t* k;  // dense: [b, kh, s, h] bf16 bits; paged: the pool [pages, kh, s, h]
+  const uint16_t* k;  // the pool [pages, kh, s, h], bf16 bits
   const uint16_t* v;
   const int32_t* q_pos;  // [b]
-  const int32_t* k_pos;  // dense: [b, s]; paged: unused (a key's position is its slot)
-  const int32_t* table;  // paged: [b, cols] page ids; dense: unused
+  const int32_t* table;  // [b, cols] page ids
   const float* sinks;    // [kh, g]
   int64_t b, kh, g, s, h, window;
   float* out;  // [b, kh, g, h]
-  int64_t pages = 0, cols = 0;  // paged: pool pages and table columns (s: the page size)
-};
-
-// A task's keys in the dense cache: slot j of the row's [s, h] block, at position k_pos[j].
-struct DenseKeys {
-  const int32_t* pos;
-  int64_t n, h;
-  int64_t count() const { return n; }
-  __m512i Positions(int64_t j0, __mmask16 keys) const {
-    return _mm512_maskz_loadu_epi32(keys, pos + j0);
-  }
-  int64_t Offset(int64_t j) const { return j * h; }
+  int64_t pages = 0, cols = 0;  // pool pages and table columns (s: the page size)
 };
 
 // A task's keys through a page table: key j is position first + j (those the query sees:
@@ -115,7 +102,7 @@ struct PagedKeys {
 constexpr int kMaxG = 16;     // query heads per KV head
 constexpr int kMaxPieces = 8;  // h <= 128
 
-// One (row, kv head) over its keys ``keys_at`` (DenseKeys or PagedKeys; kc/vc: where key offset
+// One (row, kv head) over its keys ``keys_at`` (PagedKeys; kc/vc: where key offset
 // 0 is); P = pieces of 16 in h (static, so a key's pieces and the value accumulators stay in
 // registers).
 template <int P, class Keys>
@@ -215,15 +202,6 @@ void Task(const Problem& p, int64_t row, int64_t head, const Keys& keys_at, cons
   }
 }
 
-// The dense cache's task: the row's slots [s, h] of this head, positions from k_pos.
-template <int P>
-void DenseTask(const Problem& p, int64_t row, int64_t head, std::vector<float>& scores,
-               std::vector<int64_t>&) {
-  const int64_t base = (row * p.kh + head) * p.s * p.h;
-  Task<P>(p, row, head, DenseKeys{p.k_pos + row * p.s, p.s, p.h}, p.k + base, p.v + base,
-          scores);
-}
-
 // The paged task: the positions the row's query sees, through its table.
 template <int P>
 void PagedTask(const Problem& p, int64_t row, int64_t head, std::vector<float>& scores,
@@ -275,9 +253,6 @@ void RunTasks(ffi::ThreadPool& pool, const Problem& p, const TaskFn (&kinds)[kMa
   }
 }
 
-constexpr TaskFn kDense[kMaxPieces + 1] = {nullptr, DenseTask<1>, DenseTask<2>, DenseTask<3>,
-                                           DenseTask<4>, DenseTask<5>, DenseTask<6>,
-                                           DenseTask<7>, DenseTask<8>};
 constexpr TaskFn kPaged[kMaxPieces + 1] = {nullptr, PagedTask<1>, PagedTask<2>, PagedTask<3>,
                                            PagedTask<4>, PagedTask<5>, PagedTask<6>,
                                            PagedTask<7>, PagedTask<8>};
@@ -301,7 +276,7 @@ ffi::Error PagedDecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16>
     return ffi::Error::InvalidArgument("paged_decode_attention: this CPU lacks AVX-512");
   }
   Problem p{reinterpret_cast<const uint16_t*>(q.untyped_data()), k_pool.typed_data(),
-            v_pool.typed_data(), q_pos.typed_data(), nullptr, table.typed_data(),
+            v_pool.typed_data(), q_pos.typed_data(), table.typed_data(),
             sinks.typed_data(), qd[0], qd[1], qd[2], kd[2], qd[3], window, out->typed_data()};
   p.pages = kd[0];
   p.cols = td[1];
