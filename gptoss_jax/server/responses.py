@@ -38,6 +38,8 @@ generated (``params.request_constraint``).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
@@ -132,22 +134,48 @@ def _prompt(st: ServerState, req: ResponsesRequest, messages: list[Message], **o
     return prompt
 
 
-def request_prompt(st: ServerState, req: ResponsesRequest) -> list[int]:
-    """The prompt ``POST /v1/responses`` runs for ``req`` (its first model call, with built-in
-    tools), for ``POST /v1/responses/input_tokens``."""
-    messages, _ = _conversation(st, req)
-    effort = _effort(req)
+class _Plan(NamedTuple):
+    """What a Responses request asks for, worked out once for both routes that need it."""
+    messages: list
+    call_names: dict
+    effort: str | None
+    requested: object  # builtin_tools.request_tools' answer
+    tools: list
+    toolbox: object  # the request's built-in toolbox, None without built-in tools
+    rc: object  # params.request_constraint's answer
+
+    @property
+    def tool_loop(self) -> bool:
+        return self.toolbox is not None and self.rc.tool_choice != "none"
+
+
+def _plan(st: ServerState, req: ResponsesRequest) -> _Plan:
+    messages, call_names = _conversation(st, req)
     requested = builtin_tools.request_tools(req.tools, st.toolbox)
-    tools = inputs.function_tools(requested.functions)
     toolbox = requested.toolbox(st.toolbox) if requested.namespaces else None
     rc = params.request_constraint(req, "responses",
                                    builtin_tools=requested.recipients(toolbox) if toolbox else None)
-    if toolbox is not None and rc.tool_choice != "none":
-        conversation = inputs.conversation(messages, reasoning_effort=effort, instructions=req.instructions,
-                                           tools=tools, tool_namespaces=toolbox.configs())
-        return tool_loop.prompt_of(conversation, rc.developer_section)
-    return _prompt(st, req, messages, reasoning_effort=effort, tools=[] if rc.tool_choice == "none" else tools,
-                   response_format=rc.developer_section)
+    return _Plan(messages, call_names, _effort(req), requested,
+                 inputs.function_tools(requested.functions), toolbox, rc)
+
+
+def _plain_prompt(st: ServerState, req: ResponsesRequest, plan: _Plan) -> list[int]:
+    """The prompt of a request answered without the built-in tool loop."""
+    return _prompt(st, req, plan.messages, reasoning_effort=plan.effort,
+                   tools=[] if plan.rc.tool_choice == "none" else plan.tools,
+                   response_format=plan.rc.developer_section)
+
+
+def request_prompt(st: ServerState, req: ResponsesRequest) -> list[int]:
+    """The prompt ``POST /v1/responses`` runs for ``req`` (its first model call, with built-in
+    tools), for ``POST /v1/responses/input_tokens``."""
+    plan = _plan(st, req)
+    if plan.tool_loop:
+        conversation = inputs.conversation(plan.messages, reasoning_effort=plan.effort,
+                                           instructions=req.instructions, tools=plan.tools,
+                                           tool_namespaces=plan.toolbox.configs())
+        return tool_loop.prompt_of(conversation, plan.rc.developer_section)
+    return _plain_prompt(st, req, plan)
 
 
 def _after(run: ResponseRun, messages: list[Message], call_names: dict[str, str]):
@@ -162,18 +190,13 @@ async def create_response(req: ResponsesRequest, request: Request):
     st = state(request)
     check(req)
     model = params.model_of(st, req.model)
-    messages, call_names = _conversation(st, req)
-    effort = _effort(req)
-    requested = builtin_tools.request_tools(req.tools, st.toolbox)
-    tools = inputs.function_tools(requested.functions)
-    toolbox = requested.toolbox(st.toolbox) if requested.namespaces else None
-    rc = params.request_constraint(req, "responses",
-                                   builtin_tools=requested.recipients(toolbox) if toolbox else None)
-    if toolbox is not None and rc.tool_choice != "none":
-        return await _with_builtin_tools(st, req, request, messages, call_names, effort, requested, toolbox,
-                                         rc, model)
-    prompt = _prompt(st, req, messages, reasoning_effort=effort,
-                     tools=[] if rc.tool_choice == "none" else tools, response_format=rc.developer_section)
+    plan = _plan(st, req)
+    messages, call_names, effort, requested, rc = (plan.messages, plan.call_names, plan.effort,
+                                                   plan.requested, plan.rc)
+    if plan.tool_loop:
+        return await _with_builtin_tools(st, req, request, messages, call_names, effort, requested,
+                                         plan.toolbox, rc, model)
+    prompt = _plain_prompt(st, req, plan)
     max_new = params.token_budget(st, len(prompt), req.max_output_tokens, "max_output_tokens", "input")
     k = request_sampling.response_logprobs(req.include, req.top_logprobs)
     sampling = request_sampling.sampling(st, req, max_new_tokens=max_new, logprobs=k)

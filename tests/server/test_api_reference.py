@@ -29,10 +29,7 @@ import httpx
 import openai
 import pytest
 
-from gptoss_jax.chat.tokenizer import load_tokenizer
-from gptoss_jax.server import Scheduler, create_app
-from gptoss_jax.server.background import BackgroundServer
-
+from tests.server.conftest import serving
 from tests.server.scripted_engine import ScriptedEngine
 
 THOUGHT, ANSWER = "Let me think.", "Hi there!"
@@ -54,25 +51,15 @@ def script(prompt: str) -> str:
 
 @pytest.fixture(scope="module")
 def served():
-    engine = ScriptedEngine(script)
-    server = BackgroundServer(create_app(Scheduler(engine), load_tokenizer(), model_name="m")).start()
-    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=60)
-    try:
-        yield type("Served", (), {"url": server.url, "client": client, "engine": engine})
-    finally:
-        server.stop()
+    with serving(ScriptedEngine(script), model_name="m") as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
 def slow():
     """The same replies, one token every 10 ms (a cancel lands mid-generation)."""
-    engine = ScriptedEngine(script, step_seconds=0.01)
-    server = BackgroundServer(create_app(Scheduler(engine), load_tokenizer(), model_name="m")).start()
-    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=60)
-    try:
-        yield type("Served", (), {"url": server.url, "client": client, "engine": engine})
-    finally:
-        server.stop()
+    with serving(ScriptedEngine(script, step_seconds=0.01), model_name="m") as s:
+        yield s
 
 
 def _chunks(url: str, body: dict) -> list[dict]:
