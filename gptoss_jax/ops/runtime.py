@@ -30,12 +30,12 @@ PAGED_ATTENTION_IMPLS = ("auto", "xla", "pallas", "cpu_kernel")
 
 # XLA:CPU runs a bf16 dot with fewer rows than this on a slow scalar path: such rows are padded.
 CPU_MIN_ROWS = 8
-# bf16_vecmat (weights [in, out], the attention projections) up to this many rows on each
-# branch (one pass over the weight: 8 rows on AVX-512 BF16, 4 on the others); beyond, XLA's
-# padded GEMM. At 8 rows on the AVX-512 BF16 branch (Zen 5, us per product, best of 15):
-# 20b q 539 vs XLA 1337, k/v 73 vs 91, o 779 vs 1340; bench q/o 13.7 vs 13.3-20.7, k/v 6.4 vs
-# 5.8 (128 KB, one thread).
-CPU_VECMAT_MAX_ROWS = {"avx512_bf16": 8, "avx512": 4, "avx2": 4}
+# bf16_vecmat (weights [in, out], the attention projections) up to this many rows; beyond,
+# XLA's padded GEMM. The kernel takes 8 rows a pass on AVX-512 BF16, but at 8 rows the bench
+# config's small weights (128-512 KB) decode slower through it (Zen 5: 16.6 and 19.2 ms a step
+# against 15.1 and 18.4 with XLA's), while 20b's (2.9-23 MB) run 1.2-2.5x faster than XLA's
+# in isolation; a rule by weight size is left until a 20b decode measures it.
+CPU_VECMAT_MAX_ROWS = 4
 # bf16_gemv (weights [out, in], the unembedding) up to this many rows on each branch: the
 # AVX-512 BF16 branch reads the weight once for 8 rows, the others once per 4.
 CPU_GEMV_MAX_ROWS = {"avx512_bf16": 8, "avx512": 4, "avx2": 4}
@@ -102,8 +102,8 @@ class Ops:
         (``"rk,nk->rn"``, weights [out, in]), or None (XLA)."""
         if jnp.dtype(dtype) != jnp.bfloat16:
             return None
-        if (spec == "rk,kn->rn" and self._dispatched("bf16_vecmat")
-                and rows <= CPU_VECMAT_MAX_ROWS[self.cpu_isa]):
+        if (spec == "rk,kn->rn" and rows <= CPU_VECMAT_MAX_ROWS
+                and self._dispatched("bf16_vecmat")):
             return "bf16_vecmat"
         if (spec == "rk,nk->rn" and self._dispatched("bf16_gemv")
                 and rows <= CPU_GEMV_MAX_ROWS[self.cpu_isa]):
@@ -139,14 +139,14 @@ class Ops:
 
     def table(self) -> dict[str, str]:
         """Op -> what runs it, e.g. ``{"projection": "cpu_kernel:bf16_vecmat[avx512_bf16]
-        (<= 8 rows) / xla"}``."""
+        (<= 4 rows) / xla"}``."""
         k, cpu = self.cpu_kernels, self.cpu
         branch = f"[{self.cpu_isa}]"
         pad = " (bf16 rows padded to 8)" if cpu else ""
         proj = "xla" + pad
         if self._dispatched("bf16_vecmat"):
             proj = (f"cpu_kernel:bf16_vecmat{branch} (bf16 weight [in, out], "
-                    f"<= {CPU_VECMAT_MAX_ROWS[self.cpu_isa]} rows) / {proj}")
+                    f"<= {CPU_VECMAT_MAX_ROWS} rows) / {proj}")
         unembed = "xla" + pad
         if self._dispatched("bf16_gemv"):
             unembed = (f"cpu_kernel:bf16_gemv{branch} (<= {CPU_GEMV_MAX_ROWS[self.cpu_isa]} bf16 "
