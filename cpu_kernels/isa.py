@@ -93,9 +93,9 @@ class Stream:
 # more. NTA: the stream is read once, so it should not evict what the next step reads again.
 # Five to eight rows a pass (batched decode; bf16_gemv's blocked pass, whose distance is whole
 # row pairs of its block-major stream order): 201088 x 512 at 8 rows, both cores, best of 10-25
-# rounds (a C++ harness round-robin over the settings, the machine shared): NTA 8 KB 31.6-40
-# GB/s against 28.4-34.7 for the T0 32 KB the row-by-row pass had used (its best); NTA 4-16 KB
-# within noise of each other, T0 and T1/T2 hints and a second, far prefetch below NTA; a
+# rounds of a C++ harness taking the settings in turn (the machine shared), four runs: NTA 8 KB
+# 31.6-39.0 GB/s against 28.4-35.9 for the T0 32 KB of the earlier row-by-row pass; NTA 4-16
+# KB within noise of each other; T0, T1/T2 hints and a second, far prefetch below NTA; a
 # prefetch every other line (the rest left to the hardware prefetchers) halves the rate.
 # Intel: not measured here (no Intel machine available to this work); it gets the same distances
 # with the temporal hint, the conservative choice. Re-measure with bench/cpu_stream.py --sweep.
