@@ -3,13 +3,15 @@
     python bench/cpu_stream.py                       # unembedding shapes of the bench config and 20b
     python bench/cpu_stream.py --sweep               # + every branch x prefetch distance x hint
     python bench/cpu_stream.py --shapes 201088x2880  # one shape (V x D)
+    python bench/cpu_stream.py --rows 1,8            # bf16_gemv at 1 and 8 rows of x
 
 Prints one JSON object: the CPU (model, vendor, flags that matter, the branch picked), then per
 shape the best-of-N time of ``stream_read`` over the weight's bytes (the bound: same slices,
-same threads, nothing but loads), of ``bf16_gemv`` at one row (logits + argmax), and of XLA's
-one-row path that the model used before (a fused f32 vector-matrix loop), each as GB/s and as a
-fraction of the read bound. The kernel is timed in isolation, best of ``--repeats`` calls, so a
-busy machine shows as spread, not as a slower best.
+same threads, nothing but loads), of ``bf16_gemv`` at each of ``--rows`` rows of x (logits +
+argmax; default one row), and of XLA's one-row path that the model used before (a fused f32
+vector-matrix loop), each as GB/s of weight read and as a fraction of the read bound. The
+kernel is timed in isolation, best of ``--repeats`` calls, so a busy machine shows as spread,
+not as a slower best.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", help="comma-separated VxD (default: the bench config's and 20b's "
                    "unembedding)")
+    p.add_argument("--rows", default="1",
+                   help="comma-separated row counts of x to time bf16_gemv at (default 1)")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--sweep", action="store_true",
                    help="time every branch x prefetch distance x hint, not only the defaults")
@@ -69,11 +73,12 @@ def main(argv=None):
         sys.exit("bf16_gemv is not available on this machine")
     shapes = ({s: tuple(int(n) for n in s.split("x")) for s in a.shapes.split(",")}
               if a.shapes else SHAPES)
+    row_counts = [int(r) for r in a.rows.split(",")]
     tuned = isa.stream_tuning()
     out = {"bench": "cpu_stream", "cpu": cpu_model(), "vendor": isa.vendor(),
            "cores": os.cpu_count(), "branches": list(isa.supported()), "branch": isa.best(),
            "tuning": {"prefetch": tuned.prefetch, "nta": tuned.nta}, "jax": jax.__version__,
-           "repeats": a.repeats, "shapes": {}}
+           "repeats": a.repeats, "rows": row_counts, "shapes": {}}
     rng = np.random.default_rng(0)
     for name, (v, d) in shapes.items():
         w = jnp.asarray(rng.standard_normal((v, d), np.float32), jnp.bfloat16)
@@ -84,7 +89,13 @@ def main(argv=None):
         read = jax.jit(lambda b: stream_read(b, prefetch=tuned.prefetch, nta=tuned.nta))
         res["stream_read_gbs"] = nbytes / best_of(read, (raw,), a.repeats) / 1e9
         gemv = jax.jit(lambda x, w: bf16_gemv(x, w))
-        res["bf16_gemv_gbs"] = nbytes / best_of(gemv, (x, w), a.repeats) / 1e9
+        res["bf16_gemv_rows"] = {}
+        for m in row_counts:
+            xm = jnp.asarray(rng.standard_normal((m, d), np.float32), jnp.bfloat16)
+            gbs = nbytes / best_of(gemv, (xm, w), a.repeats) / 1e9
+            res["bf16_gemv_rows"][m] = {"gbs": gbs, "fraction_of_read": gbs / res["stream_read_gbs"]}
+        res["bf16_gemv_gbs"] = (res["bf16_gemv_rows"][1]["gbs"] if 1 in row_counts
+                                else nbytes / best_of(gemv, (x, w), a.repeats) / 1e9)
         xla = jax.jit(lambda x, w: x.astype(jnp.float32) @ w.T.astype(jnp.float32))
         res["xla_gbs"] = nbytes / best_of(xla, (x, w), a.repeats) / 1e9
         res["bf16_gemv_fraction_of_read"] = res["bf16_gemv_gbs"] / res["stream_read_gbs"]

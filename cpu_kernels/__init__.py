@@ -10,8 +10,8 @@ the branch an argument, default :func:`cpu_kernels.isa.best`):
 * :func:`bf16_gemv`: ``(x @ w.T, argmax)`` for 1-8 rows, ``w`` bf16 ``[V, D]`` (the
   unembedding, the greedy token in the same pass; with ``mask=``, a token bitmask, the
   disallowed logits -inf and the argmax of the allowed ones: constrained decoding);
-* :func:`bf16_vecmat`: ``x @ w`` for 1-4 rows, ``w`` bf16 ``[K, N]`` (the attention
-  projections), streamed in panels of whole rows;
+* :func:`bf16_vecmat`: ``x @ w`` for 1-8 rows a pass (AVX-512 BF16; 4 on the others), ``w``
+  bf16 ``[K, N]`` (the attention projections), streamed in panels of whole rows;
 * :func:`mxfp4_gemv`: bf16 rows sorted by expert times packed MXFP4 experts, a few rows per
   expert (decode);
 * :func:`expert_mlp`: a decode step's whole expert MLP (both matmuls, biases, SwiGLU, routing

@@ -1,11 +1,11 @@
 """``x @ w`` for one to a few bf16 rows against a bf16 ``w`` stored ``[K, N]``
 (``src/bf16_vecmat.cc``): decode's attention projections.
 
-``w`` is streamed once, in panels of whole rows (a sequential stream, which the hardware
-prefetchers of every CPU follow) shared by the calling thread and XLA's pool, each summing into
-its own partial row; the AVX-512 BF16 branch interleaves two rows into bf16 pairs and multiplies
-them with the pair ``(x[k], x[k+1])`` by ``vdpbf16ps``, the others widen bf16 by a shift and a
-mask (:mod:`cpu_kernels.isa`).
+``w`` is streamed once per pass of up to 8 rows (AVX-512 BF16; 4 on the others), in panels of
+whole rows (a sequential stream, which the hardware prefetchers of every CPU follow) shared by
+the calling thread and XLA's pool, each summing into its own partial row; the AVX-512 BF16
+branch interleaves two rows into bf16 pairs and multiplies them with the pair ``(x[k], x[k+1])``
+by ``vdpbf16ps``, the others widen bf16 by a shift and a mask (:mod:`cpu_kernels.isa`).
 """
 
 from __future__ import annotations

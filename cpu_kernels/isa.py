@@ -91,13 +91,16 @@ class Stream:
 # D=512 24.7 -> 30.5 (T0) / 32.6 (NTA), read ~38; D=2880 29.2 -> 36.8 (T0) / 38.9 (NTA), read
 # ~40; AVX2 branch D=512 31.4 -> 35.8 (T0). Distances of 256 B - 2 KB gained less, 16 KB no
 # more. NTA: the stream is read once, so it should not evict what the next step reads again.
-# Five to eight rows a pass (batched decode) run longer per byte, and want the stream further
-# ahead: 201088 x 512 at 8 rows, both cores, best of 15 on a busy machine: no prefetch 21.2 ms,
-# 4 KB 10.5, 16-32 KB T0 8.3; NTA at 16-32 KB 9.6-9.8.
+# Five to eight rows a pass (batched decode; bf16_gemv's blocked pass, whose distance is whole
+# row pairs of its block-major stream order): 201088 x 512 at 8 rows, both cores, best of 10-25
+# rounds of a C++ harness taking the settings in turn (the machine shared), four runs: NTA 8 KB
+# 31.6-39.0 GB/s against 28.4-35.9 for the T0 32 KB of the earlier row-by-row pass; NTA 4-16
+# KB within noise of each other; T0, T1/T2 hints and a second, far prefetch below NTA; a
+# prefetch every other line (the rest left to the hardware prefetchers) halves the rate.
 # Intel: not measured here (no Intel machine available to this work); it gets the same distances
 # with the temporal hint, the conservative choice. Re-measure with bench/cpu_stream.py --sweep.
 _STREAM = {
-    "AuthenticAMD": (Stream(prefetch=8192, nta=True), Stream(prefetch=32768, nta=False)),
+    "AuthenticAMD": (Stream(prefetch=8192, nta=True), Stream(prefetch=8192, nta=True)),
 }
 _DEFAULT_STREAM = (Stream(prefetch=8192, nta=False), Stream(prefetch=32768, nta=False))
 

@@ -4,11 +4,11 @@
 //
 // Batch-1 decode reads ~90% of its bytes here on a small model (and a third on gpt-oss-20b), so
 // this is a streaming kernel: each weight row is read once per pass (up to 8 rows of x on the
-// AVX-512 BF16 branch, each x load feeding two weight rows from 5 rows on; 4 on the others),
-// slices of V are
-// shared between the caller and XLA's pool (XLA's own fused loop runs on one core, which is half
-// the memory bandwidth on most Intel parts), and the argmax is taken from each slice's logits
-// while they are still in L1, so the 0.8 MB of logits are not read again by a later reduction.
+// AVX-512 BF16 branch, where 5-8 rows read an interleaved copy of x in blocks of D that stay in
+// L1 (SliceBlocked); 4 on the others), slices of V are shared between the caller and XLA's pool
+// (XLA's own fused loop runs on one core, which is half the memory bandwidth on most Intel
+// parts), and the argmax is taken from each slice's logits while they are still in L1, so the
+// 0.8 MB of logits are not read again by a later reduction.
 //
 // Three branches (simd.h), picked by the caller from the CPU's features; each may software-
 // prefetch the stream `prefetch` bytes ahead (0 = rely on the hardware prefetchers), with a
@@ -139,47 +139,71 @@ void Slice(const Problem& p, const uint16_t* x, int64_t v0, int64_t v1, float* l
     best[r] = isa_avx512::Argmax(logits + r * p.v + v0, v1 - v0, v0);
 }
 
-// Five to eight rows of x: each x load feeds two weight rows (16 accumulators), as the dot
-// products, not the weight stream, would bound a row-by-row walk.
+// Five to eight rows of x. Each x load feeds two weight rows (16 accumulators in registers, as
+// the dot products, not the weight stream, would bound a row-by-row walk), and x is read from
+// `xi`, its copy interleaved per 32-element chunk ([chunks, R, 32], zero-padded, 64-byte
+// aligned: InterleaveX), so one step's x loads are R whole adjacent lines. Long rows are walked
+// in blocks of kBlockChunks chunks (the 16-row group's accumulators kept in L1 between blocks),
+// so the x a block reads (R KB for R rows) stays in L1 instead of streaming from L2 with the weight
+// (gpt-oss-20b's D = 2880 is 45 KB of x at 8 rows). The stream order is block-major within a
+// group (rows g..g+15 of block 0, then of block 1, ...), and the prefetch runs `lead` row pairs
+// ahead in that order (p.prefetch bytes of the stream, whole pairs), not a fixed distance
+// along one row.
+constexpr int64_t kBlockChunks = 16;  // 512 elements: 1 KB of a weight row, R KB of x
+
 template <int R, Prefetch P>
-void SlicePairs(const Problem& p, const uint16_t* x, int64_t v0, int64_t v1, float* logits,
-                Best* best) {
-  const int64_t d = p.d, full = d / 32 * 32;
-  const __mmask32 tail = static_cast<__mmask32>((1ull << (d - full)) - 1);
+void SliceBlocked(const Problem& p, const uint16_t* xi, int64_t v0, int64_t v1, float* logits,
+                  Best* best) {
+  const int64_t d = p.d, chunks = (d + 31) / 32, full = d / 32;
+  const __mmask32 tail = static_cast<__mmask32>((1ull << (d - full * 32)) - 1);
+  const int64_t blocks = (chunks + kBlockChunks - 1) / kBlockChunks;
+  const int64_t pair_bytes = 2 * 2 * std::min<int64_t>(d, kBlockChunks * 32);
+  const int64_t lead = std::max<int64_t>(1, p.prefetch / pair_bytes), steps = 8 * blocks;
+  alignas(64) __m512 acc[R][16];
   for (int64_t g = v0; g < v1; g += 16) {
     const int rows = static_cast<int>(std::min<int64_t>(16, v1 - g));
-    __m512 acc[R][16];
-    for (int j = 0; j < 16; j += 2) {
-      __m512 a0[R], a1[R];
-      for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
-      if (j < rows) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t c0 = b * kBlockChunks, c1 = std::min(chunks, c0 + kBlockChunks);
+      for (int j = 0; j < rows; j += 2) {
+        __m512 a0[R], a1[R];
+        for (int r = 0; r < R; ++r) {
+          a0[r] = b == 0 ? _mm512_setzero_ps() : acc[r][j];
+          a1[r] = b == 0 ? _mm512_setzero_ps() : acc[r][j + 1];
+        }
         const uint16_t* w0 = p.w + (g + j) * d;
-        const uint16_t* w1 = j + 1 < rows ? w0 + d : nullptr;  // a lone last row: zeros
-        const char* ahead = reinterpret_cast<const char*>(w0) + p.prefetch;
-        int64_t k = 0;
-        for (; k < full; k += 32) {
-          Fetch<P>(ahead + 2 * k);
-          Fetch<P>(ahead + 2 * (k + d));
-          const __m512bh b0 = Load32(w0 + k);
-          const __m512bh b1 = w1 ? Load32(w1 + k) : reinterpret_cast<__m512bh>(_mm512_setzero_si512());
+        const uint16_t* w1 = j + 1 < rows ? w0 + d : w0;  // a lone last row: its lanes unused
+        // the pair `lead` steps ahead in stream order (past v1 or w's end: prefetches never fault)
+        const int64_t ahead = b * 8 + j / 2 + lead;
+        const int64_t row = g + 16 * (ahead / steps) + 2 * (ahead % 8);
+        const char* f0 = reinterpret_cast<const char*>(
+            p.w + row * d + (ahead % steps) / 8 * kBlockChunks * 32);
+        const char* f1 = f0 + 2 * d;
+        int64_t c = c0;
+        for (; c < std::min(c1, full); ++c) {
+          Fetch<P>(f0 + 64 * (c - c0));
+          Fetch<P>(f1 + 64 * (c - c0));
+          const __m512bh b0 = Load32(w0 + 32 * c), b1 = Load32(w1 + 32 * c);
+          const uint16_t* xc = xi + c * R * 32;
           for (int r = 0; r < R; ++r) {
-            const __m512bh xv = Load32(x + r * d + k);
+            const __m512bh xv = Load32(xc + 32 * r);
             a0[r] = _mm512_dpbf16_ps(a0[r], xv, b0);
             a1[r] = _mm512_dpbf16_ps(a1[r], xv, b1);
           }
         }
-        if (tail) {
-          const __m512bh b0 = Load32(w0 + k, tail);
-          const __m512bh b1 =
-              w1 ? Load32(w1 + k, tail) : reinterpret_cast<__m512bh>(_mm512_setzero_si512());
+        if (c < c1) {  // the ragged last chunk (d % 32 elements; x is zero past d)
+          const __m512bh b0 = Load32(w0 + 32 * c, tail), b1 = Load32(w1 + 32 * c, tail);
+          const uint16_t* xc = xi + c * R * 32;
           for (int r = 0; r < R; ++r) {
-            const __m512bh xv = Load32(x + r * d + k, tail);
+            const __m512bh xv = Load32(xc + 32 * r);
             a0[r] = _mm512_dpbf16_ps(a0[r], xv, b0);
             a1[r] = _mm512_dpbf16_ps(a1[r], xv, b1);
           }
         }
+        for (int r = 0; r < R; ++r) acc[r][j] = a0[r], acc[r][j + 1] = a1[r];
       }
-      for (int r = 0; r < R; ++r) acc[r][j] = a0[r], acc[r][j + 1] = a1[r];
+    }
+    for (int r = 0; r < R; ++r) {  // a short last group: the lanes past it summed from zeros
+      for (int j = (rows + 1) / 2 * 2; j < 16; ++j) acc[r][j] = _mm512_setzero_ps();
     }
     const __mmask16 live = static_cast<__mmask16>((1u << rows) - 1);
     for (int r = 0; r < R; ++r)
@@ -350,6 +374,19 @@ std::vector<float> SplitX(const uint16_t* x, int64_t rows, int64_t d, int64_t wi
   return xs;
 }
 
+// x [rows, d] as [ceil(d / 32), rows, 32], zero-padded, in `buf`, 64-byte aligned: the layout
+// the 5-8-row pass reads (isa_avx512bf16::SliceBlocked).
+const uint16_t* InterleaveX(const uint16_t* x, int64_t rows, int64_t d,
+                            std::vector<uint16_t>& buf) {
+  const int64_t chunks = (d + 31) / 32;
+  buf.assign(chunks * rows * 32 + 32, 0);  // + 32: room to align to 64 bytes
+  uint16_t* xi = buf.data() + (-reinterpret_cast<uintptr_t>(buf.data()) / 2 & 31);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t k = 0; k < d; ++k) xi[(k / 32 * rows + r) * 32 + k % 32] = x[r * d + k];
+  }
+  return xi;
+}
+
 // Runs rows [r0, r0 + R) of x over all of w with branch `isa`, one task a slice of V; returns
 // the best of each slice, [slices, R].
 template <int R, Prefetch P>
@@ -362,13 +399,16 @@ void Pass(ffi::ThreadPool& pool, const Problem& p, int64_t isa, int64_t r0, Best
   float* logits = p.logits + r0 * p.v;
   const uint32_t* const* masks = p.masks == nullptr ? nullptr : p.masks + r0;
   std::vector<float> xs;
+  std::vector<uint16_t> xi_buf;
+  const uint16_t* xi = nullptr;
+  if (R > 4) xi = InterleaveX(x, R, p.d, xi_buf);
   if (R <= 4 && isa == gptoss_cpu::kAvx512) xs = SplitX(x, R, p.d, 32);
   if (R <= 4 && isa == gptoss_cpu::kAvx2) xs = SplitX(x, R, p.d, 16);
   gptoss_cpu::ParallelFor(pool, slices, [&](int64_t i) {
     const int64_t v0 = i * slice, v1 = std::min(p.v, v0 + slice);
     Best* b = best.data() + i * R;
     if constexpr (R > 4) {  // only the BF16 branch takes more than four rows a pass
-      gptoss_cpu::isa_avx512bf16::SlicePairs<R, P>(p, x, v0, v1, logits, b);
+      gptoss_cpu::isa_avx512bf16::SliceBlocked<R, P>(p, xi, v0, v1, logits, b);
     } else {
       switch (isa) {
         case gptoss_cpu::kAvx512Bf16:

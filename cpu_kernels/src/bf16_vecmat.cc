@@ -1,5 +1,6 @@
-// out[m, n] = sum_k x[m, k] * w[k, n] for one to four rows x (bf16 [M, K]) and a bf16 matrix w
-// stored [K, N] (decode's attention projections), f32 out, as an XLA FFI handler.
+// out[m, n] = sum_k x[m, k] * w[k, n] for a few rows x (bf16 [M, K]; up to eight a pass over w on
+// the AVX-512 BF16 branch, four on the others) and a bf16 matrix w stored [K, N] (decode's
+// attention projections), f32 out, as an XLA FFI handler.
 //
 // Memory-bound matrix-vector products. w is read in panels of whole rows, so the stream is
 // sequential: within a panel, groups of 16 rows are walked one column chunk at a time (16
@@ -32,7 +33,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kMaxRows = 4;      // rows of x a pass
+constexpr int kMaxRows = 8;      // rows of x a pass on the AVX-512 BF16 branch (4 on the others)
 constexpr int kGroupRows = 16;   // rows of w walked together (streams)
 constexpr int64_t kPanelBytes = 1 << 20;
 constexpr int64_t kInlineBytes = 256 << 10;  // below this, one thread does it all
@@ -45,8 +46,11 @@ struct Problem {
   int64_t pieces;  // ceil(n / width)
 };
 
-// Pieces of a chunk: accumulators for R rows of x in 16 vector registers (two per piece).
-constexpr int ChunkPieces(int rows) { return rows == 1 ? 8 : (rows == 2 ? 4 : 2); }
+// Pieces of a chunk: accumulators for R rows of x in 16 vector registers (two per piece; from 5
+// rows on, AVX-512 BF16 only, one piece and 2 R registers).
+constexpr int ChunkPieces(int rows) {
+  return rows == 1 ? 8 : (rows == 2 ? 4 : (rows <= 4 ? 2 : 1));
+}
 constexpr int Avx2ChunkPieces(int rows) {  // 12 of 16 ymm registers
   return rows == 1 ? 6 : (rows == 2 ? 3 : (rows == 3 ? 2 : 1));
 }
@@ -327,6 +331,9 @@ namespace {
 
 template <int R>
 void RunPanel(int64_t isa, const Problem& p, int64_t r0, int64_t k0, int64_t k1, float* part) {
+  if constexpr (R > 4) {  // only the BF16 branch takes more than four rows a pass
+    return gptoss_cpu::isa_avx512bf16::Panel<R>(p, r0, k0, k1, part);
+  }
   switch (isa) {
     case gptoss_cpu::kAvx512Bf16:
       return gptoss_cpu::isa_avx512bf16::Panel<R>(p, r0, k0, k1, part);
@@ -393,12 +400,17 @@ ffi::Error Bf16VecmatImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
                   reinterpret_cast<const uint16_t*>(w.untyped_data()),
                   xd[0], xd[1], wd[1], width, (wd[1] + width - 1) / width};
   float* o = out->typed_data();
-  for (int64_t r0 = 0; r0 < p.m; r0 += kMaxRows) {
-    switch (std::min<int64_t>(kMaxRows, p.m - r0)) {
+  const int64_t per_pass = isa == gptoss_cpu::kAvx512Bf16 ? kMaxRows : 4;
+  for (int64_t r0 = 0; r0 < p.m; r0 += per_pass) {
+    switch (std::min<int64_t>(per_pass, p.m - r0)) {
       case 1: Pass<1>(pool, isa, p, r0, o); break;
       case 2: Pass<2>(pool, isa, p, r0, o); break;
       case 3: Pass<3>(pool, isa, p, r0, o); break;
-      default: Pass<4>(pool, isa, p, r0, o);
+      case 4: Pass<4>(pool, isa, p, r0, o); break;
+      case 5: Pass<5>(pool, isa, p, r0, o); break;
+      case 6: Pass<6>(pool, isa, p, r0, o); break;
+      case 7: Pass<7>(pool, isa, p, r0, o); break;
+      default: Pass<8>(pool, isa, p, r0, o);
     }
   }
   return ffi::Error::Success();

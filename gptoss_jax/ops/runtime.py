@@ -31,7 +31,10 @@ PAGED_ATTENTION_IMPLS = ("auto", "xla", "pallas", "cpu_kernel")
 # XLA:CPU runs a bf16 dot with fewer rows than this on a slow scalar path: such rows are padded.
 CPU_MIN_ROWS = 8
 # bf16_vecmat (weights [in, out], the attention projections) up to this many rows; beyond,
-# XLA's padded GEMM.
+# XLA's padded GEMM. The kernel takes 8 rows a pass on AVX-512 BF16, but at 8 rows the bench
+# config's small weights (128-512 KB) decode slower through it (Zen 5: 16.6 and 19.2 ms a step
+# against 15.1 and 18.4 with XLA's), while 20b's (2.9-23 MB) run 1.2-2.5x faster than XLA's
+# in isolation; a rule by weight size is left until a 20b decode measures it.
 CPU_VECMAT_MAX_ROWS = 4
 # bf16_gemv (weights [out, in], the unembedding) up to this many rows on each branch: the
 # AVX-512 BF16 branch reads the weight once for 8 rows, the others once per 4.

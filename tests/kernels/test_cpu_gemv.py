@@ -69,6 +69,28 @@ def test_values_and_argmax_match_numpy(branch, m, v, d, prefetch, nta):
 
 @needs_kernel
 @pytest.mark.parametrize("branch", branch_params())
+@pytest.mark.parametrize("m", range(1, 9))
+@pytest.mark.parametrize("v,d,prefetch", [
+    (45, 1100, 8192),   # groups of 16, 16, 13 rows (an odd last one); D: 2 blocks of 512 and a
+                        # block of 76 = 2 chunks + 12 elements; prefetch past the end of w
+    (333, 2880, 4096),  # gpt-oss-20b's width: 5 whole blocks and one of 20 chunks
+    (40, 512, 512),     # one block, a prefetch shorter than a pair of rows
+])
+def test_every_row_count_matches_numpy(branch, m, v, d, prefetch):
+    # one pass per row count (1-8 rows on AVX-512 BF16, which walks 5-8 in blocks of D; 1-4, then
+    # 4 + the rest, on the others), on the block and group tails
+    rng = np.random.default_rng(m * 11 + v + d)
+    x, w = rng.standard_normal((m, d)), rng.standard_normal((v, d))
+    for nta in (False, True):
+        logits, arg = run(x, w, branch=branch, prefetch=prefetch, nta=nta)
+        ref, ref_arg = reference(x, w)
+        np.testing.assert_allclose(logits, ref, rtol=1e-5, atol=1e-5 * np.sqrt(d))
+        np.testing.assert_array_equal(arg, np.argmax(logits, axis=-1))
+        assert np.all(ref[np.arange(m), arg] >= ref[np.arange(m), ref_arg] - 1e-4 * np.sqrt(d))
+
+
+@needs_kernel
+@pytest.mark.parametrize("branch", branch_params())
 def test_argmax_takes_the_first_of_equal_maxima(branch):
     # the maximum at rows 100, 2500 and 4999: in different groups and different tasks (a slice
     # of V holds 2048 rows of width 64)
@@ -195,6 +217,8 @@ needs_masked = pytest.mark.skipif(not cpu_kernels.available("bf16_gemv_masked"),
     (3, 1003, 33),    # a ragged D, a last mask word with 11 live bits
     (5, 77, 40),      # two passes of 4 + 1 rows, or one of 5 (AVX-512 BF16)
     (8, 3001, 64),    # batched decode: one pass of 8, several slices of V (tasks)
+    (6, 45, 1100),    # 6 rows walked in blocks of D, an odd last group of rows
+    (7, 70, 2880),    # gpt-oss-20b's width
     (11, 50, 17),     # 8 + 3 rows
     (2, 1, 16),       # V of one token
 ])

@@ -50,6 +50,24 @@ def test_matches_numpy(branch, m, k, n):
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.sqrt(k))
 
 
+@needs_kernel
+@pytest.mark.parametrize("branch", branch_params())
+@pytest.mark.parametrize("m", range(1, 10))
+@pytest.mark.parametrize("k,n", [
+    (45, 70),      # groups of 16, 16, 13 rows of w (an odd last one), a ragged last piece
+    (512, 128),    # the bench config's k/v projection
+    (300, 1030),   # several panels of w on the pool (past the single-thread size)
+])
+def test_every_row_count_matches_numpy(branch, m, k, n):
+    # one pass per row count up to 8 on AVX-512 BF16 (4 on the others), then 8 + 1 (4 + 4 + 1)
+    rng = np.random.default_rng(m * 17 + k + n)
+    x, w = rng.standard_normal((m, k)), rng.standard_normal((k, n))
+    out = np.asarray(jax.jit(lambda x, w: bf16_vecmat(x, w, branch=branch))(
+        jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)))
+    ref = bf16(x).astype(np.float64) @ bf16(w).astype(np.float64)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.sqrt(k))
+
+
 def test_reference_matches_numpy():
     rng = np.random.default_rng(5)
     x, w = rng.standard_normal((3, 40)), rng.standard_normal((40, 70))
