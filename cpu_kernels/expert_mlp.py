@@ -2,9 +2,10 @@
 ``y[t] = sum_j w[t, j] (W_down[e] swiglu(W_gate_up[e] x[t] + b_gate_up[e]) + b_down[e])``,
 ``e = idx[t, j]``, for a few bf16 tokens.
 
-The (token, slot) pairs are grouped by expert inside the kernel and the four phases (gate_up,
-bias + SwiGLU, down, the weighted sum in slot order) run on the caller and XLA's pool, instead
-of the twenty-odd XLA ops of the sorted path. The SwiGLU is gpt-oss's clamped one, its output
+The (token, slot) pairs are grouped by expert inside the kernel; gate_up (each task finishing
+its slice with the bias and the SwiGLU) and down run as one task list on the caller and XLA's
+pool, a down task waiting only for its own expert's gate_up, then the weighted sum in slot
+order, instead of the twenty-odd XLA ops of the sorted path. The SwiGLU is gpt-oss's clamped one, its output
 rounded to bf16 (as the XLA path casts it); the matmuls are ``mxfp4_gemv``'s inner loops on the
 instruction-set branch given (:mod:`cpu_kernels.isa`).
 """
