@@ -6,9 +6,10 @@
 // streams, each moving forward a chunk at a time, which every CPU's stream prefetchers follow;
 // a column slice down all rows instead is a page-sized stride that some do not), a narrow w
 // (the k and v projections) in one chunk, row after row, and the next group's lines are
-// prefetched while a group is summed. Up to kInlineBytes of w the caller does it all; above,
-// the caller and XLA's pool threads take panels from a shared counter. Each panel sums into
-// its own f32 row of partial sums, added in panel order at the end (the same bits either way).
+// prefetched while a group is summed. Up to kInlineBytes of w (parallel_for.h) the caller does
+// it all; above, the caller and XLA's pool threads take panels from a shared counter. Each panel
+// sums into its own f32 row of partial sums, added in panel order at the end (the same bits
+// either way).
 // The instruction-set branches (simd.h):
 //   AVX-512 BF16  two rows' 32-column pieces interleaved into bf16 pairs (vpunpck{l,h}wd) and
 //                 multiplied with the broadcast pair (x[k], x[k+1]) by vdpbf16ps: 4 instructions
@@ -37,10 +38,6 @@ constexpr int kMaxRows = 4;      // rows of x a pass
 constexpr int kGroupRows = 16;   // rows of w walked together (streams)
 constexpr int64_t kPanelBytes = 1 << 20;
 constexpr int64_t kMinPanels = 8;  // enough for a late helper to still find work
-// Up to this many weight bytes the caller does it all: a pool thread's wake-up and the hand-off
-// cost more than half of a 256 KB read (measured on a 2-core EPYC: k/v [512, 128] at 5.5 us
-// inline; q [512, 512] 17 us inline, 10-14 us on two threads when the helper wakes in time).
-constexpr int64_t kInlineBytes = 256 << 10;
 
 struct Problem {
   const uint16_t* x;  // [m, k] bf16
@@ -408,7 +405,7 @@ void Pass(ffi::ThreadPool& pool, int64_t isa, const Problem& p, int64_t r0, floa
   auto panel = [&](int64_t t) {
     RunPanel<R>(isa, p, r0, t * rows, std::min(p.k, (t + 1) * rows), part.get() + t * step);
   };
-  if (bytes <= kInlineBytes) {
+  if (bytes <= gptoss_cpu::kInlineBytes) {  // the caller alone
     for (int64_t t = 0; t < panels; ++t) panel(t);
   } else {
     gptoss_cpu::ParallelFor(pool, panels, panel);
