@@ -197,8 +197,12 @@ void Chunk(const Problem& p, const __m512 (*xv)[kGroupRows], int64_t g, int64_t 
       ev[r][a] = _mm512_loadu_ps(part + r * stride + (c + a) * 32);
       od[r][a] = _mm512_loadu_ps(part + r * stride + (c + a) * 32 + 16);
     }
+  const bool fetch = g1 + kGroupRows <= p.k;  // as the BF16 branch
   for (int64_t i = g; i < g1; ++i) {
     const uint16_t* row = p.w + i * n + c * 32;
+    if (fetch)
+      for (int a = 0; a < NA; ++a)
+        _mm_prefetch(reinterpret_cast<const char*>(row + kGroupRows * n + 32 * a), _MM_HINT_T0);
     for (int a = 0; a < NA; ++a) {
       const __m512i wv = a == NA - 1 ? _mm512_maskz_loadu_epi16(tail, row + 32 * a)
                                      : _mm512_loadu_si512(row + 32 * a);
@@ -285,8 +289,12 @@ void Chunk(const Problem& p, const __m256 (*xv)[kGroupRows], int64_t g, int64_t 
       ev[r][a] = _mm256_loadu_ps(part + r * stride + (c + a) * 16);
       od[r][a] = _mm256_loadu_ps(part + r * stride + (c + a) * 16 + 8);
     }
+  const bool fetch = g1 + kGroupRows <= p.k;  // as the BF16 branch (a line: 2 pieces)
   for (int64_t i = g; i < g1; ++i) {
     const uint16_t* row = p.w + i * n + c * 16;
+    if (fetch)
+      for (int a = 0; a < NA; a += 2)
+        _mm_prefetch(reinterpret_cast<const char*>(row + kGroupRows * n + 16 * a), _MM_HINT_T0);
     for (int a = 0; a < NA; ++a) {
       const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 16 * a));
       const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(wv, 16));

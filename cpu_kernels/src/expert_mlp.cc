@@ -142,11 +142,8 @@ struct Rows {
   std::vector<uint16_t> xp;
   std::vector<float> xs;
   void Size(int64_t isa, int64_t m, int64_t k) {
-    if (isa == gptoss_cpu::kAvx512Bf16) {
-      xp.resize(m * k);
-    } else {
-      xs.resize(m * k);
-    }
+    xp.resize(isa == gptoss_cpu::kAvx512Bf16 ? m * k : 0);
+    xs.resize(isa == gptoss_cpu::kAvx512Bf16 ? 0 : m * k);
   }
   // elements [i0, i1) of row r (of k), given in natural order in v
   void Put(int64_t r, int64_t k, int64_t i0, int64_t i1, const uint16_t* v) {
@@ -160,6 +157,18 @@ struct Rows {
   }
   const uint16_t* Xp(int64_t off) const { return xp.empty() ? nullptr : xp.data() + off; }
   const float* Xs(int64_t off) const { return xs.empty() ? nullptr : xs.data() + off; }
+};
+
+// A call's working memory, kept by each calling thread from call to call (resized, never freed):
+// a decode step calls the kernel once a layer, and the allocations were a few us a call.
+struct Scratch {
+  std::vector<Pair> pairs;
+  std::vector<Chunk> chunks;
+  Rows in, act;
+  std::vector<float> h, o;
+  std::vector<int64_t> where;
+  std::unique_ptr<std::atomic<int64_t>[]> ready;
+  int64_t ready_n = 0;
 };
 
 // One pass of a chunk's rows over output rows [n0, n1) of its expert's weight, into out.
@@ -208,13 +217,16 @@ ffi::Error ExpertMlpImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Bu
   float* out = y->typed_data();
 
   // pairs sorted by expert (stable: slot order within an expert), in chunks of <= 4
-  std::vector<Pair> pairs;
+  thread_local Scratch scratch;
+  std::vector<Pair>& pairs = scratch.pairs;
+  pairs.clear();
   for (int64_t e = 0; e < e_n; ++e)
     for (int64_t t = 0; t < t_n; ++t)
       for (int64_t j = 0; j < k_n; ++j)
         if (ids[t * k_n + j] == e) pairs.push_back({t, j, e});
   const int64_t p_n = static_cast<int64_t>(pairs.size());
-  std::vector<Chunk> chunks;
+  std::vector<Chunk>& chunks = scratch.chunks;
+  chunks.clear();
   for (int64_t p = 0; p < p_n;) {
     int64_t q = p;
     while (q < p_n && pairs[q].expert == pairs[p].expert && q - p < mxfp4::kMaxRows) ++q;
@@ -232,15 +244,22 @@ ffi::Error ExpertMlpImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Bu
   // (spinning) until its chunk's gate_up slices are all done; tasks are taken in order, so by the
   // time one is taken every gate_up task has been, and the wait is at most the tail of the
   // chunk's last slices, not a barrier across all experts.
-  Rows in;  // gate_up: the pairs' tokens
+  Rows& in = scratch.in;  // gate_up: the pairs' tokens
   in.Size(isa, p_n, d);
   for (int64_t p = 0; p < p_n; ++p) in.Put(p, d, 0, d, xs + pairs[p].token * d);
   const int64_t c_n = static_cast<int64_t>(chunks.size());
   const int64_t gu_slices = (f2 + slice - 1) / slice, dn_slices = (d + slice - 1) / slice;
-  std::vector<float> h(p_n * f2), o(p_n * d);
-  Rows act;  // down: the SwiGLU of each pair, bf16
+  std::vector<float>& h = scratch.h;  // h and o: every element written before it is read
+  std::vector<float>& o = scratch.o;
+  h.resize(p_n * f2);
+  o.resize(p_n * d);
+  Rows& act = scratch.act;  // down: the SwiGLU of each pair, bf16
   act.Size(isa, p_n, f);
-  std::unique_ptr<std::atomic<int64_t>[]> ready(new std::atomic<int64_t>[c_n]);
+  if (scratch.ready_n < c_n) {
+    scratch.ready.reset(new std::atomic<int64_t>[c_n]);
+    scratch.ready_n = c_n;
+  }
+  std::atomic<int64_t>* ready = scratch.ready.get();
   for (int64_t c = 0; c < c_n; ++c) ready[c].store(0, std::memory_order_relaxed);
   const int64_t gu_tasks = c_n * gu_slices;
   gptoss_cpu::ParallelFor(pool, gu_tasks + c_n * dn_slices, [&](int64_t i) {
@@ -269,7 +288,8 @@ ffi::Error ExpertMlpImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Bu
     RowsTask(isa, c, act, f, dn_blocks.typed_data(), dn_scales.typed_data(), d, n0, n1, o.data());
   });
 
-  std::vector<int64_t> where(t_n * k_n, -1);  // sorted index of each (token, slot)
+  std::vector<int64_t>& where = scratch.where;  // sorted index of each (token, slot)
+  where.assign(t_n * k_n, -1);
   for (int64_t p = 0; p < p_n; ++p) where[pairs[p].token * k_n + pairs[p].slot] = p;
   for (int64_t t = 0; t < t_n; ++t)  // in slot order, as the XLA path sums
     for (int64_t j = 0; j < k_n; ++j)

@@ -71,13 +71,13 @@ inline std::vector<float> SplitRows(const uint16_t* x, int64_t m, int64_t k) {
 }
 
 // Where element i of a row of k goes in quad layout, the AVX-512 BF16 branch's: per four blocks
-// (128 elements) four vectors of 32 words, word w of vector o holding element 32 * (w / 8) +
-// 4 * (w % 8) + o (the nibble o of code word w); a last 1-3 blocks likewise, in four vectors of
-// 8 words a block. The row keeps its length k.
+// (128 elements) four vectors of 32 words, word w of vector o holding element 4w + o (the
+// nibble o of code word w: the elements are dealt out four ways); a last 1-3 blocks likewise,
+// in four vectors of 8 words a block. The row keeps its length k.
 inline int64_t QuadIndex(int64_t i, int64_t k) {
   const int64_t q = i / 128, within = i % 128, full = k / 128;
   const int64_t words = q < full ? 32 : (k - 128 * full) / 4;  // words of each vector
-  return q * 128 + (within % 4) * words + within / 32 * 8 + within % 32 / 4;
+  return q * 128 + (within % 4) * words + within / 4;
 }
 
 inline std::vector<uint16_t> QuadRows(const uint16_t* x, int64_t m, int64_t k) {
