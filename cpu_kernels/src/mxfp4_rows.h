@@ -146,7 +146,16 @@ void Mxfp4Rows(const uint16_t* xq, int64_t k, const Expert& e, int64_t n0, int64
   const __m512i table = _mm512_load_si512(table_words);
   const __m512i quarters = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
   const int64_t kb = e.kb, full = kb / 4, rest = kb - 4 * full;
-  std::vector<float> sc(4 * full + 4, 0.0f);  // the last quad's missing scales stay 0
+  // the row's scales (the last quad's missing ones stay 0), on the stack up to K = 8192
+  float sc_stack[260] = {};
+  std::vector<float> sc_heap(4 * full + 4 > 260 ? 4 * full + 4 : 0, 0.0f);
+  float* const sc = sc_heap.empty() ? sc_stack : sc_heap.data();
+  // the task's first kAheadRows rows at once (the loop below fetches a row kAheadRows on)
+  for (int64_t r = n0; r < std::min(n1, n0 + kAheadRows); ++r) {
+    const char* row = reinterpret_cast<const char*>(e.blocks + r * kb * kBlockBytes);
+    for (int64_t off = 0; off < kb * kBlockBytes; off += 64) _mm_prefetch(row + off, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(e.scales + r * kb), _MM_HINT_T0);
+  }
   // the ragged quad: its code bytes, and the words of each of its x vectors
   const __mmask64 rest_bytes = rest == 0 ? 0 : (~0ull >> (64 - 16 * rest));
   const __mmask32 rest_words = rest == 0 ? 0 : static_cast<__mmask32>((1u << (8 * rest)) - 1);
@@ -159,10 +168,12 @@ void Mxfp4Rows(const uint16_t* xq, int64_t k, const Expert& e, int64_t n0, int64
       const uint8_t* b = e.blocks + (g + j) * kb * kBlockBytes;
       if (g + j + kAheadRows < n1) {  // the row kAheadRows on: in flight while these are summed
         const char* ahead = reinterpret_cast<const char*>(b + kAheadRows * kb * kBlockBytes);
-        for (int64_t off = 0; off < kb * kBlockBytes; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(e.scales + (g + j + kAheadRows) * kb), _MM_HINT_T0);
+        for (int64_t off = 0; off < kb * kBlockBytes; off += 64)
+          _mm_prefetch(ahead + off, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(e.scales + (g + j + kAheadRows) * kb),
+                     _MM_HINT_T0);
       }
-      isa_avx512::RowScales(e.scales + (g + j) * kb, kb, sc.data());
+      isa_avx512::RowScales(e.scales + (g + j) * kb, kb, sc);
       __m512 a[R][C];
       for (int r = 0; r < R; ++r)
         for (int c = 0; c < C; ++c) a[r][c] = _mm512_setzero_ps();
@@ -178,7 +189,7 @@ void Mxfp4Rows(const uint16_t* xq, int64_t k, const Expert& e, int64_t n0, int64
         const __m512bh w3 = reinterpret_cast<__m512bh>(
             _mm512_permutexvar_epi16(_mm512_srli_epi16(w, 12), table));
         const __m512 s =
-            _mm512_permutexvar_ps(quarters, _mm512_castps128_ps512(_mm_loadu_ps(sc.data() + 4 * q)));
+            _mm512_permutexvar_ps(quarters, _mm512_castps128_ps512(_mm_loadu_ps(sc + 4 * q)));
         for (int r = 0; r < R; ++r) {
           const uint16_t* xr = xq + r * k + q * 128;
           __m512i xv[4];
