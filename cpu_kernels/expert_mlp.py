@@ -2,9 +2,10 @@
 ``y[t] = sum_j w[t, j] (W_down[e] swiglu(W_gate_up[e] x[t] + b_gate_up[e]) + b_down[e])``,
 ``e = idx[t, j]``, for a few bf16 tokens.
 
-The (token, slot) pairs are grouped by expert inside the kernel and the four phases (gate_up,
-bias + SwiGLU, down, the weighted sum in slot order) run on the caller and XLA's pool, instead
-of the twenty-odd XLA ops of the sorted path. The SwiGLU is gpt-oss's clamped one, its output
+The (token, slot) pairs are grouped by expert inside the kernel; gate_up (each task finishing
+its slice with the bias and the SwiGLU) and down run as one task list on the caller and XLA's
+pool, a down task waiting only for its own expert's gate_up, then the weighted sum in slot
+order, instead of the twenty-odd XLA ops of the sorted path. The SwiGLU is gpt-oss's clamped one, its output
 rounded to bf16 (as the XLA path casts it); the matmuls are ``mxfp4_gemv``'s inner loops on the
 instruction-set branch given (:mod:`cpu_kernels.isa`).
 """
@@ -21,16 +22,30 @@ from pallas_kernels import mxfp4
 
 __all__ = ["expert_mlp", "expert_mlp_reference"]
 
-SLICE_ROWS = 128  # output rows per task
+SLICE_ROWS = 128  # the fewest output rows per task
+# weight bytes per task at least: on the bench config (D = F = 512, 272 B a row) 128-row tasks
+# cost ~52 us a batch-1 call, 480-row ones ~45 (2-core EPYC), the start of each task's stream
+# paid 4x less often; gpt-oss-20b's rows (1.5 KB) keep 128
+TASK_BYTES = 128 << 10
+
+
+def slice_rows_for(k: int) -> int:
+    """Output rows per task for a weight of ``k`` inputs a row: ``TASK_BYTES`` of it, in whole
+    groups of 16 rows, at least ``SLICE_ROWS``."""
+    row_bytes = k // 32 * 17
+    return max(SLICE_ROWS, TASK_BYTES // row_bytes // 16 * 16)
 
 
 def expert_mlp(x, idx, weights, gate_up_blocks, gate_up_scales, gate_up_bias, down_blocks,
                down_scales, down_bias, *, limit: float, alpha: float,
-               branch: str | None = None, slice_rows: int = SLICE_ROWS) -> jax.Array:
+               branch: str | None = None, slice_rows: int | None = None) -> jax.Array:
     """f32 ``[T, D]`` (see the module doc) for ``x`` ``[T, D]`` (taken as bf16), expert ids
     ``idx`` ``[T, K]`` (ids outside ``[0, E)`` count for nothing) and routing ``weights``
     ``[T, K]``; packed ``gate_up`` ``[E, 2F, D/32, 16]`` / ``[E, 2F, D/32]`` (gate even rows, up
-    odd), ``down`` ``[E, D, F/32, 16]`` / ``[E, D, F/32]``, bf16 biases ``[E, 2F]``, ``[E, D]``."""
+    odd), ``down`` ``[E, D, F/32, 16]`` / ``[E, D, F/32]``, bf16 biases ``[E, 2F]``, ``[E, D]``.
+    ``slice_rows``: output rows per task (default :func:`slice_rows_for` the wider of D, F)."""
+    if slice_rows is None:
+        slice_rows = slice_rows_for(max(x.shape[1], down_blocks.shape[2] * 32))
     call = jax.ffi.ffi_call(target("expert_mlp"), jax.ShapeDtypeStruct(x.shape, jnp.float32))
     return call(x.astype(jnp.bfloat16), idx.astype(jnp.int32), weights.astype(jnp.float32),
                 gate_up_blocks, gate_up_scales, gate_up_bias.astype(jnp.bfloat16), down_blocks,

@@ -3,7 +3,8 @@ their natural order, sorted by expert, a few per expert (one at batch-1 decode).
 
 Each expert's weight is streamed once per four of its rows, its blocks decoded in registers with
 the fewest instructions the CPU's branch allows (:mod:`cpu_kernels.isa`; the AVX-512 BF16 one
-turns a byte of codes into a bf16 pair with one permute and multiplies with ``vdpbf16ps``).
+turns four blocks' codes into 128 bf16 values with four permutes and multiplies with
+``vdpbf16ps``).
 Products of bf16 rows and e2m1 weights are exact in f32, so every branch matches an f32
 reference up to the order of the sums.
 """

@@ -5,10 +5,13 @@
 // Memory-bound matrix-vector products. w is read in panels of whole rows, so the stream is
 // sequential: within a panel, groups of 16 rows are walked one column chunk at a time (16
 // streams, each moving forward a chunk at a time, which every CPU's stream prefetchers follow;
-// a column slice down all rows instead is a page-sized stride that some do not). Each
-// participant (the caller and XLA's pool threads) takes panels from a shared counter and sums
-// them into its own f32 row of partial sums; the few partial rows are added at the end. The
-// instruction-set branches (simd.h):
+// a column slice down all rows instead is a page-sized stride that some do not), a narrow w
+// (the k and v projections) in one chunk, row after row, and the next group's lines are
+// prefetched while a group is summed. Up to kInlineBytes of w (parallel_for.h) the caller does
+// it all; above, the caller and XLA's pool threads take panels from a shared counter. Each panel
+// sums into its own f32 row of partial sums, added in panel order at the end (the same bits
+// either way).
+// The instruction-set branches (simd.h):
 //   AVX-512 BF16  two rows' 32-column pieces interleaved into bf16 pairs (vpunpck{l,h}wd) and
 //                 multiplied with the broadcast pair (x[k], x[k+1]) by vdpbf16ps: 4 instructions
 //                 for 64 weights
@@ -20,7 +23,6 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -36,7 +38,7 @@ namespace {
 constexpr int kMaxRows = 8;      // rows of x a pass on the AVX-512 BF16 branch (4 on the others)
 constexpr int kGroupRows = 16;   // rows of w walked together (streams)
 constexpr int64_t kPanelBytes = 1 << 20;
-constexpr int64_t kInlineBytes = 256 << 10;  // below this, one thread does it all
+constexpr int64_t kMinPanels = 8;  // enough for a late helper to still find work
 
 struct Problem {
   const uint16_t* x;  // [m, k] bf16
@@ -79,9 +81,17 @@ void Chunk(const Problem& p, const __m512bh (*xv)[kGroupRows / 2], int64_t g, in
   auto load = [&](const uint16_t* q, int a) {
     return a == NA - 1 ? _mm512_maskz_loadu_epi16(tail, q + 32 * a) : _mm512_loadu_si512(q + 32 * a);
   };
+  // the same columns of the next group's rows, a group ahead: the lines are in flight while
+  // this group is summed, so a cold w is not read one memory latency a pass
+  const bool fetch = g1 + kGroupRows <= p.k;
   int64_t i = g;
   for (; i + 2 <= g1; i += 2) {
     const uint16_t* w0 = p.w + i * n + c * 32;
+    if (fetch)
+      for (int a = 0; a < NA; ++a) {
+        _mm_prefetch(reinterpret_cast<const char*>(w0 + kGroupRows * n + 32 * a), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w0 + (kGroupRows + 1) * n + 32 * a), _MM_HINT_T0);
+      }
     for (int a = 0; a < NA; ++a) {
       const __m512i v0 = load(w0, a), v1 = load(w0 + n, a);
       const __m512bh pl = reinterpret_cast<__m512bh>(_mm512_unpacklo_epi16(v0, v1));
@@ -111,6 +121,18 @@ void Chunk(const Problem& p, const __m512bh (*xv)[kGroupRows / 2], int64_t g, in
     }
 }
 
+// The last `left` (< NA) pieces from piece c as one Chunk, so that a narrow w (fewer columns than
+// a chunk: the k and v projections) is still walked row after row, one sequential stream, not
+// once per piece down the rows (a stride each pass of which waits a memory latency).
+template <int R, int NA, typename X>
+void Rest(const Problem& p, const X* xv, int64_t g, int64_t g1, int64_t c, int64_t left,
+          __mmask32 ragged, float* part) {
+  if constexpr (NA > 0) {
+    if (left == NA) return Chunk<R, NA>(p, xv, g, g1, c, ragged, part);
+    return Rest<R, NA - 1>(p, xv, g, g1, c, left, ragged, part);
+  }
+}
+
 // Rows [k0, k1) of w times rows [r0, r0 + R) of x, added to part: groups of 16 rows walked a
 // chunk of pieces at a time.
 template <int R>
@@ -132,7 +154,7 @@ void Panel(const Problem& p, int64_t r0, int64_t k0, int64_t k1, float* part) {
     int64_t c = 0;
     for (; c + A <= p.pieces; c += A)
       Chunk<R, A>(p, xv, g, g1, c, c + A == p.pieces ? ragged : ~0u, part);
-    for (; c < p.pieces; ++c) Chunk<R, 1>(p, xv, g, g1, c, c + 1 == p.pieces ? ragged : ~0u, part);
+    if (c < p.pieces) Rest<R, A - 1>(p, xv, g, g1, c, p.pieces - c, ragged, part);
   }
 }
 
@@ -179,8 +201,12 @@ void Chunk(const Problem& p, const __m512 (*xv)[kGroupRows], int64_t g, int64_t 
       ev[r][a] = _mm512_loadu_ps(part + r * stride + (c + a) * 32);
       od[r][a] = _mm512_loadu_ps(part + r * stride + (c + a) * 32 + 16);
     }
+  const bool fetch = g1 + kGroupRows <= p.k;  // as the BF16 branch
   for (int64_t i = g; i < g1; ++i) {
     const uint16_t* row = p.w + i * n + c * 32;
+    if (fetch)
+      for (int a = 0; a < NA; ++a)
+        _mm_prefetch(reinterpret_cast<const char*>(row + kGroupRows * n + 32 * a), _MM_HINT_T0);
     for (int a = 0; a < NA; ++a) {
       const __m512i wv = a == NA - 1 ? _mm512_maskz_loadu_epi16(tail, row + 32 * a)
                                      : _mm512_loadu_si512(row + 32 * a);
@@ -199,6 +225,15 @@ void Chunk(const Problem& p, const __m512 (*xv)[kGroupRows], int64_t g, int64_t 
     }
 }
 
+template <int R, int NA, typename X>
+void Rest(const Problem& p, const X* xv, int64_t g, int64_t g1, int64_t c, int64_t left,
+          __mmask32 ragged, float* part) {
+  if constexpr (NA > 0) {
+    if (left == NA) return Chunk<R, NA>(p, xv, g, g1, c, ragged, part);
+    return Rest<R, NA - 1>(p, xv, g, g1, c, left, ragged, part);
+  }
+}
+
 template <int R>
 void Panel(const Problem& p, int64_t r0, int64_t k0, int64_t k1, float* part) {
   constexpr int A = ChunkPieces(R);
@@ -212,7 +247,7 @@ void Panel(const Problem& p, int64_t r0, int64_t k0, int64_t k1, float* part) {
     int64_t c = 0;
     for (; c + A <= p.pieces; c += A)
       Chunk<R, A>(p, xv, g, g1, c, c + A == p.pieces ? ragged : ~0u, part);
-    for (; c < p.pieces; ++c) Chunk<R, 1>(p, xv, g, g1, c, c + 1 == p.pieces ? ragged : ~0u, part);
+    if (c < p.pieces) Rest<R, A - 1>(p, xv, g, g1, c, p.pieces - c, ragged, part);
   }
 }
 
@@ -258,8 +293,12 @@ void Chunk(const Problem& p, const __m256 (*xv)[kGroupRows], int64_t g, int64_t 
       ev[r][a] = _mm256_loadu_ps(part + r * stride + (c + a) * 16);
       od[r][a] = _mm256_loadu_ps(part + r * stride + (c + a) * 16 + 8);
     }
+  const bool fetch = g1 + kGroupRows <= p.k;  // as the BF16 branch (a line: 2 pieces)
   for (int64_t i = g; i < g1; ++i) {
     const uint16_t* row = p.w + i * n + c * 16;
+    if (fetch)
+      for (int a = 0; a < NA; a += 2)
+        _mm_prefetch(reinterpret_cast<const char*>(row + kGroupRows * n + 16 * a), _MM_HINT_T0);
     for (int a = 0; a < NA; ++a) {
       const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 16 * a));
       const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(wv, 16));
@@ -277,6 +316,15 @@ void Chunk(const Problem& p, const __m256 (*xv)[kGroupRows], int64_t g, int64_t 
     }
 }
 
+template <int R, int NA>
+void Rest(const Problem& p, const __m256 (*xv)[kGroupRows], int64_t g, int64_t g1, int64_t c,
+          int64_t left, float* part) {
+  if constexpr (NA > 0) {
+    if (left == NA) return Chunk<R, NA>(p, xv, g, g1, c, part);
+    return Rest<R, NA - 1>(p, xv, g, g1, c, left, part);
+  }
+}
+
 template <int R>
 void Panel(const Problem& p, int64_t r0, int64_t k0, int64_t k1, float* part) {
   constexpr int A = Avx2ChunkPieces(R);
@@ -288,7 +336,7 @@ void Panel(const Problem& p, int64_t r0, int64_t k0, int64_t k1, float* part) {
       for (int64_t i = g; i < g1; ++i) xv[r][i - g] = _mm256_set1_ps(Bf16ToF32(p.x[(r0 + r) * k + i]));
     int64_t c = 0;
     for (; c + A <= full; c += A) Chunk<R, A>(p, xv, g, g1, c, part);
-    for (; c < full; ++c) Chunk<R, 1>(p, xv, g, g1, c, part);
+    if (c < full) Rest<R, A - 1>(p, xv, g, g1, c, full - c, part);
     for (int r = 0; r < R; ++r)  // the ragged piece
       for (int64_t col = full * 16; col < n; ++col) {
         float s = part[r * stride + col];
@@ -356,31 +404,29 @@ void RunReduce(int64_t isa, const float* part, int64_t count, int64_t step, int6
   }
 }
 
-// Rows [r0, r0 + R) of x: panels of w shared out to the participants, then the reduction.
+// Rows [r0, r0 + R) of x: panels of w, each summed into its own partial row, then the partial
+// rows added in panel order. The panels depend on the shape alone, so the result is the same
+// bits whichever thread takes which panel, and whether the call runs inline or on the pool.
 template <int R>
 void Pass(ffi::ThreadPool& pool, int64_t isa, const Problem& p, int64_t r0, float* out) {
   const int64_t row_bytes = 2 * p.n, bytes = row_bytes * p.k;
-  const int64_t threads = bytes <= kInlineBytes ? 1 : pool.num_threads() + 1;
-  // panels of whole row groups, ~kPanelBytes each, at least 4 per participant when w allows
+  // panels of whole row groups, ~kPanelBytes each, at least kMinPanels when w allows
   int64_t rows = std::max<int64_t>(kGroupRows, kPanelBytes / row_bytes);
-  rows = std::min(rows, (p.k + 4 * threads - 1) / (4 * threads));
+  rows = std::min(rows, (p.k + kMinPanels - 1) / kMinPanels);
   rows = std::max<int64_t>(kGroupRows, (rows + kGroupRows - 1) / kGroupRows * kGroupRows);
   const int64_t panels = (p.k + rows - 1) / rows;
-  const int64_t workers = std::min(threads, panels);
   const int64_t stride = p.pieces * p.width, step = R * stride;  // floats of a partial row
-  std::unique_ptr<float[]> part(new float[workers * step]());
-  std::atomic<int64_t> next{0};
-  auto worker = [&](int64_t wi) {
-    for (int64_t t = next.fetch_add(1); t < panels; t = next.fetch_add(1))
-      RunPanel<R>(isa, p, r0, t * rows, std::min(p.k, (t + 1) * rows), part.get() + wi * step);
+  std::unique_ptr<float[]> part(new float[panels * step]());
+  auto panel = [&](int64_t t) {
+    RunPanel<R>(isa, p, r0, t * rows, std::min(p.k, (t + 1) * rows), part.get() + t * step);
   };
-  if (workers == 1) {
-    worker(0);
+  if (bytes <= gptoss_cpu::kInlineBytes) {  // the caller alone
+    for (int64_t t = 0; t < panels; ++t) panel(t);
   } else {
-    gptoss_cpu::ParallelFor(pool, workers, worker);
+    gptoss_cpu::ParallelFor(pool, panels, panel);
   }
   for (int r = 0; r < R; ++r)
-    RunReduce(isa, part.get() + r * stride, workers, step, 0, p.pieces, p.n, out + (r0 + r) * p.n);
+    RunReduce(isa, part.get() + r * stride, panels, step, 0, p.pieces, p.n, out + (r0 + r) * p.n);
 }
 
 ffi::Error Bf16VecmatImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,

@@ -246,8 +246,13 @@ void RunTasks(ffi::ThreadPool& pool, const Problem& p, const TaskFn (&kinds)[kMa
     task(p, t / p.kh, t % p.kh, scores, offsets);
   };
   const int64_t tasks = p.b * p.kh;
-  if (tasks == 1) {
-    body(0);
+  int64_t bytes = 0;  // keys and values read (decode at batch 1 and a short context: a few KB)
+  for (int64_t row = 0; row < p.b; ++row) {
+    const int64_t qp = p.q_pos[row];
+    if (qp >= 0) bytes += (p.window > 0 ? std::min(qp + 1, p.window) : qp + 1) * p.kh * p.h * 4;
+  }
+  if (tasks == 1 || bytes <= gptoss_cpu::kInlineBytes) {
+    for (int64_t t = 0; t < tasks; ++t) body(t);
   } else {
     gptoss_cpu::ParallelFor(pool, tasks, body);
   }

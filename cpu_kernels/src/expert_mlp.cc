@@ -8,16 +8,21 @@
 // rows, runs the two grouped matmuls with the biases, the SwiGLU, the routing weights and the
 // sum over slots as some twenty separate ops a layer; on the bench config those cost about as
 // much as the matmuls themselves. Here the pairs are grouped by expert on the host side of the
-// call, and four phases run on the caller and XLA's pool: gate_up (mxfp4_rows.h, per (expert,
-// slice of 2F)), bias + SwiGLU per pair, down (per (expert, slice of D)), and the weighted sum
-// per token in slot order. Ids outside [0, E) (expert-parallel padding) belong to no expert.
+// call, and one ParallelFor on the caller and XLA's pool runs gate_up (mxfp4_rows.h, per
+// (expert, slice of 2F)), each task ending with its slice's bias + SwiGLU, then down (per
+// (expert, slice of D)), a down task waiting only for its own expert's gate_up slices rather
+// than for a barrier across all experts; the weighted sum per token in slot order follows on
+// the caller. Ids outside [0, E) (expert-parallel padding) belong to no expert.
 
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "mxfp4_rows.h"
@@ -131,35 +136,54 @@ struct Chunk {  // up to kMaxRows pairs of one expert: sorted pairs [p0, p0 + ro
   int64_t p0, rows, expert;
 };
 
-// The rows of a phase's input in every layout a branch takes (natural, paired, split).
+// The rows of a phase's input in the layout of the branch: quad (AVX-512 BF16) or split (the
+// others), mxfp4_rows.h.
 struct Rows {
-  std::vector<uint16_t> x, xp;
+  std::vector<uint16_t> xp;
   std::vector<float> xs;
-  void Lay(int64_t isa, int64_t m, int64_t k) {
-    if (isa == gptoss_cpu::kAvx512Bf16) {
-      xp = mxfp4::PairRows(x.data(), m, k);
+  void Size(int64_t isa, int64_t m, int64_t k) {
+    xp.resize(isa == gptoss_cpu::kAvx512Bf16 ? m * k : 0);
+    xs.resize(isa == gptoss_cpu::kAvx512Bf16 ? 0 : m * k);
+  }
+  // elements [i0, i1) of row r (of k), given in natural order in v
+  void Put(int64_t r, int64_t k, int64_t i0, int64_t i1, const uint16_t* v) {
+    if (!xp.empty()) {
+      uint16_t* row = xp.data() + r * k;
+      int64_t i = i0;
+      for (; i % 128 != 0 && i < i1; ++i) row[mxfp4::QuadIndex(i, k)] = v[i - i0];
+      for (; i + 128 <= i1 && i + 128 <= k / 128 * 128; i += 128)  // whole quads: a 4-way deal
+        for (int o = 0; o < 4; ++o)
+          for (int w = 0; w < 32; ++w) row[i + 32 * o + w] = v[i - i0 + 4 * w + o];
+      for (; i < i1; ++i) row[mxfp4::QuadIndex(i, k)] = v[i - i0];
     } else {
-      xs = mxfp4::SplitRows(x.data(), m, k);
+      for (int64_t i = i0; i < i1; ++i)
+        xs[r * k + i / mxfp4::kBlock * mxfp4::kBlock + (i % 2) * 16 + (i % mxfp4::kBlock) / 2] =
+            gptoss_cpu::Bf16ToF32(v[i - i0]);
     }
   }
   const uint16_t* Xp(int64_t off) const { return xp.empty() ? nullptr : xp.data() + off; }
   const float* Xs(int64_t off) const { return xs.empty() ? nullptr : xs.data() + off; }
 };
 
-// out[p, n] for the sorted pairs: every chunk against its expert's weight, in tasks (chunk,
-// slice of N).
-void Grouped(ffi::ThreadPool& pool, int64_t isa, const std::vector<Chunk>& chunks,
-             const Rows& in, int64_t k, const uint8_t* blocks, const uint8_t* scales, int64_t n,
-             int64_t slice, float* out) {
-  const int64_t kb = k / mxfp4::kBlock, slices = (n + slice - 1) / slice;
-  gptoss_cpu::ParallelFor(pool, static_cast<int64_t>(chunks.size()) * slices, [&](int64_t i) {
-    const Chunk& c = chunks[i / slices];
-    const int64_t n0 = i % slices * slice, n1 = std::min(n, n0 + slice), off = c.p0 * k;
-    const mxfp4::Expert e{blocks + c.expert * n * kb * mxfp4::kBlockBytes,
-                          scales + c.expert * n * kb, n, kb};
-    mxfp4::RunRowsN(c.rows, isa, in.x.data() + off, in.Xp(off), in.Xs(off), k, e, n0, n1,
-                    out + c.p0 * n, n);
-  });
+// A call's working memory, kept by each calling thread from call to call (resized, never freed):
+// a decode step calls the kernel once a layer, and the allocations were a few us a call.
+struct Scratch {
+  std::vector<Pair> pairs;
+  std::vector<Chunk> chunks;
+  Rows in, act;
+  std::vector<float> h, o;
+  std::vector<int64_t> where;
+  std::unique_ptr<std::atomic<int64_t>[]> ready;
+  int64_t ready_n = 0;
+};
+
+// One pass of a chunk's rows over output rows [n0, n1) of its expert's weight, into out.
+void RowsTask(int64_t isa, const Chunk& c, const Rows& in, int64_t k, const uint8_t* blocks,
+              const uint8_t* scales, int64_t n, int64_t n0, int64_t n1, float* out) {
+  const int64_t kb = k / mxfp4::kBlock, off = c.p0 * k;
+  const mxfp4::Expert e{blocks + c.expert * n * kb * mxfp4::kBlockBytes, scales + c.expert * n * kb,
+                        n, kb};
+  mxfp4::RunRowsN(c.rows, isa, in.Xp(off), in.Xs(off), k, e, n0, n1, out + c.p0 * n, n);
 }
 
 bool Dims(ffi::Span<const int64_t> got, std::initializer_list<int64_t> want) {
@@ -199,13 +223,16 @@ ffi::Error ExpertMlpImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Bu
   float* out = y->typed_data();
 
   // pairs sorted by expert (stable: slot order within an expert), in chunks of <= 4
-  std::vector<Pair> pairs;
+  thread_local Scratch scratch;
+  std::vector<Pair>& pairs = scratch.pairs;
+  pairs.clear();
   for (int64_t e = 0; e < e_n; ++e)
     for (int64_t t = 0; t < t_n; ++t)
       for (int64_t j = 0; j < k_n; ++j)
         if (ids[t * k_n + j] == e) pairs.push_back({t, j, e});
   const int64_t p_n = static_cast<int64_t>(pairs.size());
-  std::vector<Chunk> chunks;
+  std::vector<Chunk>& chunks = scratch.chunks;
+  chunks.clear();
   for (int64_t p = 0; p < p_n;) {
     int64_t q = p;
     while (q < p_n && pairs[q].expert == pairs[p].expert && q - p < mxfp4::kMaxRows) ++q;
@@ -214,28 +241,61 @@ ffi::Error ExpertMlpImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Bu
   }
   std::fill(out, out + t_n * d, 0.0f);
   if (p_n == 0) return ffi::Error::Success();
-  const int64_t slice = std::max<int64_t>(16, slice_rows / 16 * 16);
+  // rows per task: a multiple of 16 (whole row groups, and whole (gate, up) pairs)
+  const int64_t slice = std::min<int64_t>(1024, std::max<int64_t>(16, slice_rows / 16 * 16));
 
-  Rows in;  // gate_up: the pairs' tokens
-  in.x.resize(p_n * d);
-  for (int64_t p = 0; p < p_n; ++p)
-    std::memcpy(in.x.data() + p * d, xs + pairs[p].token * d, 2 * d);
-  in.Lay(isa, p_n, d);
-  std::vector<float> h(p_n * f2);
-  Grouped(pool, isa, chunks, in, d, gu_blocks.typed_data(), gu_scales.typed_data(), f2, slice,
-          h.data());
-
-  Rows act;  // down: the SwiGLU of each pair, bf16
-  act.x.resize(p_n * f);
-  gptoss_cpu::ParallelFor(pool, p_n, [&](int64_t p) {
-    SwigluRow(h.data() + p * f2, gub + pairs[p].expert * f2, f, limit, alpha, act.x.data() + p * f);
+  // One ParallelFor over two runs of tasks: gate_up per (chunk, slice of 2F), each finishing its
+  // slice with the bias and the SwiGLU (its rows are whole (gate, up) pairs) and writing the
+  // activations in the down pass's layouts; then down per (chunk, slice of D). A down task waits
+  // (spinning) until its chunk's gate_up slices are all done; tasks are taken in order, so by the
+  // time one is taken every gate_up task has been, and the wait is at most the tail of the
+  // chunk's last slices, not a barrier across all experts.
+  Rows& in = scratch.in;  // gate_up: the pairs' tokens
+  in.Size(isa, p_n, d);
+  for (int64_t p = 0; p < p_n; ++p) in.Put(p, d, 0, d, xs + pairs[p].token * d);
+  const int64_t c_n = static_cast<int64_t>(chunks.size());
+  const int64_t gu_slices = (f2 + slice - 1) / slice, dn_slices = (d + slice - 1) / slice;
+  std::vector<float>& h = scratch.h;  // h and o: every element written before it is read
+  std::vector<float>& o = scratch.o;
+  h.resize(p_n * f2);
+  o.resize(p_n * d);
+  Rows& act = scratch.act;  // down: the SwiGLU of each pair, bf16
+  act.Size(isa, p_n, f);
+  if (scratch.ready_n < c_n) {
+    scratch.ready.reset(new std::atomic<int64_t>[c_n]);
+    scratch.ready_n = c_n;
+  }
+  std::atomic<int64_t>* ready = scratch.ready.get();
+  for (int64_t c = 0; c < c_n; ++c) ready[c].store(0, std::memory_order_relaxed);
+  const int64_t gu_tasks = c_n * gu_slices;
+  gptoss_cpu::ParallelFor(pool, gu_tasks + c_n * dn_slices, [&](int64_t i) {
+    if (i < gu_tasks) {
+      const Chunk& c = chunks[i / gu_slices];
+      const int64_t n0 = i % gu_slices * slice, n1 = std::min(f2, n0 + slice);
+      RowsTask(isa, c, in, d, gu_blocks.typed_data(), gu_scales.typed_data(), f2, n0, n1, h.data());
+      uint16_t a[512];  // the slice's activations (n1 - n0 <= 2 * 512 rows: slice is capped)
+      for (int64_t p = c.p0; p < c.p0 + c.rows; ++p) {
+        SwigluRow(h.data() + p * f2 + n0, gub + c.expert * f2 + n0, (n1 - n0) / 2, limit, alpha, a);
+        act.Put(p, f, n0 / 2, n1 / 2, a);
+      }
+      ready[i / gu_slices].fetch_add(1, std::memory_order_release);
+      return;
+    }
+    const int64_t j = i - gu_tasks;
+    const Chunk& c = chunks[j / dn_slices];
+    for (int spins = 0; ready[j / dn_slices].load(std::memory_order_acquire) < gu_slices; ++spins) {
+      if (spins < 64) {
+        _mm_pause();
+      } else {
+        std::this_thread::yield();
+      }
+    }
+    const int64_t n0 = j % dn_slices * slice, n1 = std::min(d, n0 + slice);
+    RowsTask(isa, c, act, f, dn_blocks.typed_data(), dn_scales.typed_data(), d, n0, n1, o.data());
   });
-  act.Lay(isa, p_n, f);
-  std::vector<float> o(p_n * d);
-  Grouped(pool, isa, chunks, act, f, dn_blocks.typed_data(), dn_scales.typed_data(), d, slice,
-          o.data());
 
-  std::vector<int64_t> where(t_n * k_n, -1);  // sorted index of each (token, slot)
+  std::vector<int64_t>& where = scratch.where;  // sorted index of each (token, slot)
+  where.assign(t_n * k_n, -1);
   for (int64_t p = 0; p < p_n; ++p) where[pairs[p].token * k_n + pairs[p].slot] = p;
   for (int64_t t = 0; t < t_n; ++t)  // in slot order, as the XLA path sums
     for (int64_t j = 0; j < k_n; ++j)

@@ -5,8 +5,8 @@
 // for bf16 rows in their natural order and few rows per expert (decode: one at batch 1). Each
 // weight row is streamed once per pass of up to four rows of its expert, its 32-element blocks
 // decoded in registers (mxfp4_rows.h: the per-branch inner loops); rows past sum(group_sizes)
-// come out as zeros. At one row a step is bound by the instructions per block, not by the bytes
-// (17 a block). Tasks (expert, slice of N) are shared between the caller and XLA's pool.
+// come out as zeros. At one row a core is bound by the instructions per block more than by the
+// bytes (17 a block). Tasks (expert, slice of N) are shared between the caller and XLA's pool.
 
 #include <algorithm>
 #include <cstdint>
@@ -71,7 +71,7 @@ ffi::Error Mxfp4GemvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> lhs,
   std::vector<float> xs;
   std::vector<uint16_t> xp;
   if (isa == gptoss_cpu::kAvx512Bf16) {
-    xp = mxfp4::PairRows(x, row, k);
+    xp = mxfp4::QuadRows(x, row, k);
   } else {
     xs = mxfp4::SplitRows(x, row, k);
   }
@@ -81,7 +81,7 @@ ffi::Error Mxfp4GemvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> lhs,
     const mxfp4::Expert e{blocks.typed_data() + t.expert * n * kb * kBlockBytes,
                    scales.typed_data() + t.expert * n * kb, n, kb};
     const int64_t r = t.row0 * k;
-    mxfp4::RunRowsN(t.rows, isa, x + r, xp.data() + (xp.empty() ? 0 : r),
+    mxfp4::RunRowsN(t.rows, isa, xp.data() + (xp.empty() ? 0 : r),
                     xs.data() + (xs.empty() ? 0 : r), k, e, t.n0, t.n1, o + t.row0 * n, n);
   });
   return ffi::Error::Success();

@@ -12,7 +12,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import cpu_kernels  # noqa: E402
 from cpu_kernels import isa  # noqa: E402
-from cpu_kernels.expert_mlp import expert_mlp, expert_mlp_reference  # noqa: E402
+from cpu_kernels.expert_mlp import expert_mlp, expert_mlp_reference, slice_rows_for  # noqa: E402
 
 E2M1 = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6])
 LIMIT, ALPHA = 7.0, 1.702
@@ -110,3 +110,20 @@ def test_no_pair_in_any_expert_gives_zeros():
     args = list(case(2, 2, 4, 64, 96, seed=2))
     args[1] = np.full((2, 2), 4, np.int32)  # every id past the experts
     assert np.all(run(tuple(args)) == 0)
+
+
+def test_task_rows_follow_the_weight_bytes():
+    assert slice_rows_for(512) == 480  # the bench config: 272 B a row, 128 KB a task
+    assert slice_rows_for(2880) == 128  # gpt-oss-20b: 1.5 KB a row, the floor
+    assert slice_rows_for(64) % 16 == 0
+
+
+@needs_kernel
+@pytest.mark.parametrize("branch", branch_params())
+def test_default_tasks_match_numpy(branch):
+    # 480-row tasks: gate_up's 1024 rows end in a short one, down's 512 too
+    args = case(2, 4, 16, 512, 512, seed=11)
+    x, idx, w, gb, gs, gub, db, ds, dnb = args
+    ref = numpy_mlp(x, idx, w, dequantize(gb, gs), gub, dequantize(db, ds), dnb)
+    out = run(args, branch=branch)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=2e-3 * np.abs(ref).max())

@@ -50,12 +50,14 @@ def case(e, n, k, group_sizes, extra_rows, seed):
 @needs_kernel
 @pytest.mark.parametrize("branch", branch_params())
 @pytest.mark.parametrize("e,n,k,group_sizes,extra_rows", [
-    (3, 40, 64, [1, 0, 2], 0),         # one pair of blocks, an empty expert
-    (4, 77, 96, [5, 1, 0, 3], 2),      # 3 blocks (a pair + a lone one), 5 rows = 4 + 1 passes,
+    (3, 40, 64, [1, 0, 2], 0),         # two blocks (a short quad), an empty expert
+    (4, 77, 96, [5, 1, 0, 3], 2),      # 3 blocks (a short quad), 5 rows = 4 + 1 passes,
                                        # N past a group of 16, rows in no group
     (2, 16, 32, [0, 1], 0),            # one block, one group of rows exactly
     (5, 300, 2880, [0, 1, 0, 0, 1], 0),  # gpt-oss-20b's K, several tasks an expert
     (6, 45, 160, [2, 2, 2, 2, 2, 2], 1),  # two rows in every expert
+    (3, 50, 224, [4, 3, 2], 0),        # 7 blocks (a quad + 3), passes of 4, 3 and 2 rows
+    (2, 33, 128, [1, 4], 0),           # one quad of blocks exactly
 ])
 def test_matches_numpy(branch, e, n, k, group_sizes, extra_rows):
     lhs, blocks, scales, gs, ref = case(e, n, k, group_sizes, extra_rows, seed=n + k)

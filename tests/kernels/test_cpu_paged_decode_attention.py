@@ -76,6 +76,8 @@ def case(lengths, kh, g, h, size, cols, seed):
 @needs_kernel
 @pytest.mark.parametrize("lengths,kh,g,h,size,cols,window", [
     ((513,), 2, 4, 64, 16, 40, None),              # the bench config, a full layer, one row
+                                                   # (262 KB of keys and values: on the pool)
+    ((512,), 2, 4, 64, 16, 40, None),              # 256 KB: the caller alone
     ((513,), 2, 4, 64, 16, 40, 128),               # ... a sliding layer
     ((37, 1, -1, 16, 90), 2, 3, 10, 16, 7, 5),     # ragged rows, a padding row, tiny heads
     ((131, 70, 250), 8, 8, 64, 32, 9, 128),        # gpt-oss-20b's heads, the window mid-page

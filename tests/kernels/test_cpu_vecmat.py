@@ -39,6 +39,14 @@ def bf16(a) -> np.ndarray:
     (1, 2880, 4096),   # gpt-oss-20b's q projection: many panels on the pool
     (1, 1, 1),
     (2, 300, 17),      # N under one AVX2 piece
+    (1, 512, 128),     # k/v at batch 1: 4 pieces, under one chunk (walked as one)
+    (1, 48, 224),      # 7 pieces: one chunk of 7 for one row
+    (2, 40, 224),      # two rows: a chunk of 4, then the 3 left as one
+    (3, 70, 130),      # 5 pieces, the last ragged: chunks of 2, 2, 1
+    (1, 256, 512),     # 256 KB, the most the caller does alone
+    (1, 257, 512),     # a row over: on the pool (and an odd last row)
+    (1, 256, 544),     # 32 columns over: on the pool
+    (2, 512, 512),     # the bench config's q/o projection at batch 2, on the pool
 ])
 def test_matches_numpy(branch, m, k, n):
     rng = np.random.default_rng(m * 13 + k + n)
@@ -66,6 +74,22 @@ def test_every_row_count_matches_numpy(branch, m, k, n):
         jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)))
     ref = bf16(x).astype(np.float64) @ bf16(w).astype(np.float64)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.sqrt(k))
+
+
+@needs_kernel
+@pytest.mark.parametrize("branch", branch_params())
+def test_same_bits_inline_and_on_the_pool(branch):
+    # the inline / pool threshold and which thread sums which panel change nothing: panels are
+    # fixed by K and added in order, and a column's sums never see another column. w [256, 512]
+    # (256 KB: the caller alone) against the same w with 32 more columns (on the pool): the
+    # first 512 columns agree bit for bit, run after run.
+    rng = np.random.default_rng(3)
+    x, w = rng.standard_normal((1, 256)), rng.standard_normal((256, 544))
+    f = jax.jit(lambda x, w: bf16_vecmat(x, w, branch=branch))
+    xb, wb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+    inline = np.asarray(f(xb, wb[:, :512]))
+    for _ in range(5):
+        np.testing.assert_array_equal(np.asarray(f(xb, wb))[:, :512], inline)
 
 
 def test_reference_matches_numpy():
