@@ -420,9 +420,8 @@ class Engine:
                 for i in range(0, len(group), self.max_prefill_rows)]
 
     def _mode(self, reqs: list[Request]) -> SampleMode:
-        """The rows' ``SampleMode``; the last one is remembered by the sequences' ids (unique,
-        and a sequence's settings never change), as a decode batch is the same set for many
-        steps in a row."""
+        """The rows' ``SampleMode``, the last one remembered by sequence ids (unique; settings
+        never change): a decode batch is the same set for many steps."""
         ids = tuple(r.id for r in reqs)
         if self._last_mode[0] != ids:
             self._last_mode = (ids, SampleMode.of([self.seqs[r.id].sampling for r in reqs],
@@ -443,33 +442,15 @@ class Engine:
 
     def _rows(self, rows: int, length: int, widths: dict) -> dict:
         """Host inputs of ``rows`` idle rows of ``length`` tokens, the extras' tables
-        ``widths`` wide (see ``engine_state.STEP_INPUT_AXES``): new arrays, copies of a
-        template made once per shape (a decode step's are the same every step)."""
+        ``widths`` wide (see ``engine_state.STEP_INPUT_AXES``): copies of a per-shape template."""
         key = (rows, length, *widths.values())
-        template = self._templates.get(key)
-        if template is None:
+        if (template := self._templates.get(key)) is None:
             if len(self._templates) >= 64:  # a few buckets in practice; never without bound
                 self._templates.clear()
-            template = self._templates[key] = self._idle_rows(rows, length, widths)
+            template = self._templates[key] = engine_state.idle_rows(
+                rows, length, widths, groups=len(self.pages.windows), cols=self.pages.max_pages,
+                null_page=self.pages.null_page)
         return {name: a.copy() for name, a in template.items()}
-
-    def _idle_rows(self, rows: int, length: int, widths: dict) -> dict:
-        g, cols = len(self.pages.windows), self.pages.max_pages
-        table = lambda name, fill=-1, dt=np.int32: np.full((rows, widths[name]), fill, dt)
-        return {"tokens": np.zeros((rows, length), np.int32),
-                "pos": np.full((rows, length), -1, np.int32),
-                "last": np.zeros((rows,), np.int32),
-                "tables": np.full((g, rows, cols), self.pages.null_page, np.int32),
-                "temperature": np.zeros((rows,), np.float32),
-                "top_k": np.zeros((rows,), np.int32), "top_p": np.ones((rows,), np.float32),
-                "min_p": np.zeros((rows,), np.float32),
-                "seed_lo": np.zeros((rows,), np.uint32), "seed_hi": np.zeros((rows,), np.uint32),
-                "step": np.zeros((rows,), np.int32),
-                "presence": np.zeros((rows,), np.float32), "frequency": np.zeros((rows,), np.float32),
-                "repetition": np.ones((rows,), np.float32), "min_tokens": np.zeros((rows,), np.int32),
-                "stop_ids": table("stops"), "bias_ids": table("bias"),
-                "bias": table("bias", 0, np.float32), "out_ids": table("out"),
-                "out_counts": table("out", 0), "prompt_ids": table("prompt")}
 
     def _set_row(self, x: dict, row: int, req: Request, start: int, end: int) -> None:
         """Row ``row`` computes ``req.tokens[start:end]`` and samples with ``req``'s settings."""
@@ -510,14 +491,13 @@ class Engine:
     def _decode_inputs(self, reqs: list[Request], mode: SampleMode) -> dict:
         x = self._rows(self.max_batch, 1, self._widths(mode, reqs))
         for r in reqs:
-            n = r.num_tokens
-            self._set_row(x, r.slot, r, n - 1, n)
+            self._set_row(x, r.slot, r, r.num_tokens - 1, r.num_tokens)
         return x
 
     def _run(self, inputs: dict, mode: SampleMode,
              fill: Callable | None = None) -> tuple[np.ndarray, StepLogprobs | None]:
-        """One step on ``inputs`` in ``mode`` (its rows' ``_mode``): its tokens and logprobs
-        (None unless some row asked); ``fill`` (constrained rows) returns its mask."""
+        """One step on ``inputs`` in ``mode``: its tokens and logprobs (None unless some row
+        asked); ``fill`` (constrained rows) returns its mask."""
         if fill is not None and self.overlap_fill:
             self.state, last, placed = self.executables.forward(self.state, inputs)
             return self.executables.sample(last, placed, fill(), mode)  # fill() overlaps

@@ -136,6 +136,28 @@ _MAX_PLANS = 256
 _PLANS: dict[tuple, tuple] = {}
 
 
+def idle_rows(rows: int, length: int, widths: dict, *, groups: int, cols: int,
+              null_page: int) -> dict:
+    """Host inputs of ``rows`` idle rows of ``length`` tokens (padding, null page tables,
+    neutral sampling settings), the extras' tables ``widths`` wide (``stops``, ``bias``,
+    ``out``, ``prompt``)."""
+    table = lambda name, fill=-1, dt=np.int32: np.full((rows, widths[name]), fill, dt)
+    return {"tokens": np.zeros((rows, length), np.int32),
+            "pos": np.full((rows, length), -1, np.int32),
+            "last": np.zeros((rows,), np.int32),
+            "tables": np.full((groups, rows, cols), null_page, np.int32),
+            "temperature": np.zeros((rows,), np.float32),
+            "top_k": np.zeros((rows,), np.int32), "top_p": np.ones((rows,), np.float32),
+            "min_p": np.zeros((rows,), np.float32),
+            "seed_lo": np.zeros((rows,), np.uint32), "seed_hi": np.zeros((rows,), np.uint32),
+            "step": np.zeros((rows,), np.int32),
+            "presence": np.zeros((rows,), np.float32), "frequency": np.zeros((rows,), np.float32),
+            "repetition": np.ones((rows,), np.float32), "min_tokens": np.zeros((rows,), np.int32),
+            "stop_ids": table("stops"), "bias_ids": table("bias"),
+            "bias": table("bias", 0, np.float32), "out_ids": table("out"),
+            "out_counts": table("out", 0), "prompt_ids": table("prompt")}
+
+
 def unpack(packed: dict, layout: Layout) -> dict:
     """The named inputs of :func:`pack`'s buffers (jittable), plus ``mask`` where given."""
     out = {}
