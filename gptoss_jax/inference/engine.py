@@ -196,6 +196,8 @@ class Engine:
         self.preemptions = 0  # running sequences sent back to the queue (recomputed later)
         self._backlog: list[StepEvent] = []  # events sampled during add(), not yet returned
         self._ran: set = set()  # step shapes run at least once (multi-host timeouts)
+        self._templates: dict[tuple, dict] = {}  # idle step inputs per shape (``_rows``)
+        self._last_mode: tuple = (None, None)  # (sequence ids, their SampleMode): ``_mode``
         self.constraints = SlotConstraints(max_batch, c.vocab_size)  # per-sequence matchers
 
     def _reset(self) -> None:
@@ -340,14 +342,16 @@ class Engine:
         for chunks in self._prefill_calls(plan.prefill):
             reqs = [c.request for c in chunks]
             masked = [(i, c.request.id) for i, c in enumerate(chunks) if c.samples]
-            tokens, lp = self._run(self._prefill_inputs(chunks), reqs,
+            mode = self._mode(reqs)
+            tokens, lp = self._run(self._prefill_inputs(chunks, mode), mode,
                                    self._mask_fill(masked, _pow2(len(chunks))))
             rows = [(i, c.request) for i, c in enumerate(chunks) if c.samples]
             sampled.update((r.id, int(tokens[i])) for i, r in rows)
             self._keep_logprobs(logprobs, lp, rows)
         if plan.decode:
             masked = [(r.slot, r.id) for r in plan.decode]
-            tokens, lp = self._run(self._decode_inputs(plan.decode), plan.decode,
+            mode = self._mode(plan.decode)
+            tokens, lp = self._run(self._decode_inputs(plan.decode, mode), mode,
                                    self._mask_fill(masked, self.max_batch))
             sampled.update((r.id, int(tokens[r.slot])) for r in plan.decode)
             self._keep_logprobs(logprobs, lp, [(r.slot, r) for r in plan.decode])
@@ -416,7 +420,13 @@ class Engine:
                 for i in range(0, len(group), self.max_prefill_rows)]
 
     def _mode(self, reqs: list[Request]) -> SampleMode:
-        return SampleMode.of([self.seqs[r.id].sampling for r in reqs], self.config.vocab_size)
+        """The rows' ``SampleMode``, the last one remembered by sequence ids (unique; settings
+        never change): a decode batch is the same set for many steps."""
+        ids = tuple(r.id for r in reqs)
+        if self._last_mode[0] != ids:
+            self._last_mode = (ids, SampleMode.of([self.seqs[r.id].sampling for r in reqs],
+                                                  self.config.vocab_size))
+        return self._last_mode[1]
 
     def _widths(self, mode: SampleMode, reqs: list[Request] = ()) -> dict:
         """Widths of the extras' tables in a step of ``reqs`` (0 where no row needs one; the
@@ -432,32 +442,25 @@ class Engine:
 
     def _rows(self, rows: int, length: int, widths: dict) -> dict:
         """Host inputs of ``rows`` idle rows of ``length`` tokens, the extras' tables
-        ``widths`` wide (see ``engine_state.STEP_INPUT_AXES``)."""
-        g, cols = len(self.pages.windows), self.pages.max_pages
-        table = lambda name, fill=-1, dt=np.int32: np.full((rows, widths[name]), fill, dt)
-        return {"tokens": np.zeros((rows, length), np.int32),
-                "pos": np.full((rows, length), -1, np.int32),
-                "last": np.zeros((rows,), np.int32),
-                "tables": np.full((g, rows, cols), self.pages.null_page, np.int32),
-                "temperature": np.zeros((rows,), np.float32),
-                "top_k": np.zeros((rows,), np.int32), "top_p": np.ones((rows,), np.float32),
-                "min_p": np.zeros((rows,), np.float32),
-                "seed_lo": np.zeros((rows,), np.uint32), "seed_hi": np.zeros((rows,), np.uint32),
-                "step": np.zeros((rows,), np.int32),
-                "presence": np.zeros((rows,), np.float32), "frequency": np.zeros((rows,), np.float32),
-                "repetition": np.ones((rows,), np.float32), "min_tokens": np.zeros((rows,), np.int32),
-                "stop_ids": table("stops"), "bias_ids": table("bias"),
-                "bias": table("bias", 0, np.float32), "out_ids": table("out"),
-                "out_counts": table("out", 0), "prompt_ids": table("prompt")}
+        ``widths`` wide (see ``engine_state.STEP_INPUT_AXES``): copies of a per-shape template."""
+        key = (rows, length, *widths.values())
+        if (template := self._templates.get(key)) is None:
+            if len(self._templates) >= 64:  # a few buckets in practice; never without bound
+                self._templates.clear()
+            template = self._templates[key] = engine_state.idle_rows(
+                rows, length, widths, groups=len(self.pages.windows), cols=self.pages.max_pages,
+                null_page=self.pages.null_page)
+        return {name: a.copy() for name, a in template.items()}
 
     def _set_row(self, x: dict, row: int, req: Request, start: int, end: int) -> None:
         """Row ``row`` computes ``req.tokens[start:end]`` and samples with ``req``'s settings."""
         n = end - start
-        x["tokens"][row, :n] = req.tokens[start:end]
+        x["tokens"][row, :n] = req.span(start, end)
         x["pos"][row, :n] = np.arange(start, end)
         x["last"][row] = n - 1
         x["tables"][:, row] = self.pages.table(req.id)
-        s = self.seqs[req.id].sampling
+        gen = self.seqs[req.id]
+        s = gen.sampling
         seed = int(s.seed) % (1 << 64)
         x["temperature"][row], x["top_p"][row], x["min_p"][row] = s.temperature, s.top_p, s.min_p
         x["top_k"][row] = min(s.top_k, self.config.vocab_size)
@@ -465,7 +468,6 @@ class Engine:
         x["step"][row] = len(req.output)
         x["presence"][row], x["frequency"][row] = s.presence_penalty, s.frequency_penalty
         x["repetition"][row], x["min_tokens"][row] = s.repetition_penalty, s.min_tokens
-        gen = self.seqs[req.id]
         if x["stop_ids"].shape[1] and s.min_tokens:
             stops = sorted(t for t in gen.stop_tokens if 0 <= t < self.config.vocab_size)
             x["stop_ids"][row, :len(stops)] = stops
@@ -478,25 +480,24 @@ class Engine:
             if x["prompt_ids"].shape[1]:
                 x["prompt_ids"][row, :len(gen.prompt_ids)] = gen.prompt_ids
 
-    def _prefill_inputs(self, chunks: list[Chunk]) -> dict:
+    def _prefill_inputs(self, chunks: list[Chunk], mode: SampleMode) -> dict:
         reqs = [c.request for c in chunks]
         x = self._rows(_pow2(len(chunks)), bucket(max(c.end - c.start for c in chunks)),
-                       self._widths(self._mode(reqs), reqs))
+                       self._widths(mode, reqs))
         for i, c in enumerate(chunks):
             self._set_row(x, i, c.request, c.start, c.end)
         return x
 
-    def _decode_inputs(self, reqs: list[Request]) -> dict:
-        x = self._rows(self.max_batch, 1, self._widths(self._mode(reqs), reqs))
+    def _decode_inputs(self, reqs: list[Request], mode: SampleMode) -> dict:
+        x = self._rows(self.max_batch, 1, self._widths(mode, reqs))
         for r in reqs:
-            self._set_row(x, r.slot, r, len(r.tokens) - 1, len(r.tokens))
+            self._set_row(x, r.slot, r, r.num_tokens - 1, r.num_tokens)
         return x
 
-    def _run(self, inputs: dict, reqs: list[Request],
+    def _run(self, inputs: dict, mode: SampleMode,
              fill: Callable | None = None) -> tuple[np.ndarray, StepLogprobs | None]:
-        """One step on ``inputs``: its tokens and logprobs (None unless some row asked);
-        ``fill`` (constrained rows) returns its mask."""
-        mode = self._mode(reqs)
+        """One step on ``inputs`` in ``mode``: its tokens and logprobs (None unless some row
+        asked); ``fill`` (constrained rows) returns its mask."""
         if fill is not None and self.overlap_fill:
             self.state, last, placed = self.executables.forward(self.state, inputs)
             return self.executables.sample(last, placed, fill(), mode)  # fill() overlaps

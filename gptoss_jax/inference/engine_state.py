@@ -85,25 +85,77 @@ Layout = tuple  # of Field: static under jit, hashable
 
 def pack(inputs: dict) -> tuple[Layout, dict]:
     """Named host step inputs (all but ``mask``) as ``(layout, {"ints", "floats"})``: each
-    input flattened to ``[rows, -1]`` columns of its buffer (:func:`unpack` undoes it)."""
-    fields, cols = [], {"ints": [], "floats": []}
-    width = {"ints": 0, "floats": 0}
-    for name, a in inputs.items():
-        a = np.asarray(a)
+    input flattened to ``[rows, -1]`` columns of its buffer (:func:`unpack` undoes it). The
+    buffers are new on every call (the device may alias them: nothing writes them afterwards);
+    the layout of a set of names, shapes and dtypes is derived once and the same object comes
+    back for it (a cheap compile-cache key)."""
+    arrays = [np.asarray(a) for a in inputs.values()]
+    signature = tuple(zip(inputs, (a.shape for a in arrays), (a.dtype for a in arrays)))
+    plan = _PLANS.get(signature)
+    if plan is None:
+        plan = _plan(signature)
+    layout, rows, widths, columns = plan
+    packed = {"ints": np.empty((rows, widths["ints"]), np.int32),
+              "floats": np.empty((rows, widths["floats"]), np.float32)}
+    for a, (buffer, start, stop, axis) in zip(arrays, columns):
+        if stop > start:
+            if axis:
+                a = np.moveaxis(a, axis, 0)
+            if a.dtype == np.uint32:
+                a = a.view(np.int32)
+            packed[buffer][:, start:stop] = a.reshape(rows, stop - start)
+    return layout, packed
+
+
+def _plan(signature: tuple) -> tuple:
+    """``(layout, rows, widths, columns)`` of the inputs ``signature`` names ((name, shape,
+    dtype) each; ``columns``: (buffer, start, stop, rows axis) each), remembered."""
+    fields, columns, width = [], [], {"ints": 0, "floats": 0}
+    for name, shape, dtype in signature:
         axis = STEP_INPUT_AXES[name].index("batch")
-        rows_first = np.moveaxis(a, axis, 0) if axis else a
-        buffer = "ints" if a.dtype in _INT_KINDS else "floats"
-        if buffer == "floats" and a.dtype != np.float32:
-            raise TypeError(f"step input {name!r} is {a.dtype}, not int32, uint32 or float32")
-        flat = rows_first.reshape(rows_first.shape[0], -1)
-        fields.append(Field(name, buffer, width[buffer], rows_first.shape, axis, a.dtype.name))
-        cols[buffer].append(flat.view(np.int32) if buffer == "ints" else flat)
-        width[buffer] += flat.shape[1]
+        rows_first = (shape[axis], *shape[:axis], *shape[axis + 1:])
+        buffer = "ints" if dtype in _INT_KINDS else "floats"
+        if buffer == "floats" and dtype != np.float32:
+            raise TypeError(f"step input {name!r} is {dtype}, not int32, uint32 or float32")
+        n = int(np.prod(rows_first[1:], dtype=np.int64))
+        fields.append(Field(name, buffer, width[buffer], rows_first, axis, dtype.name))
+        columns.append((buffer, width[buffer], width[buffer] + n, axis))
+        width[buffer] += n
     rows = fields[0].shape[0] if fields else 0
-    packed = {b: (np.concatenate(c, axis=1) if c else
-                  np.zeros((rows, 0), np.int32 if b == "ints" else np.float32))
-              for b, c in cols.items()}
-    return tuple(fields), packed
+    if any(f.shape[0] != rows for f in fields):
+        raise ValueError("step inputs disagree on their rows: "
+                         + ", ".join(f"{f.name} {f.shape[0]}" for f in fields))
+    plan = (tuple(fields), rows, width, tuple(columns))
+    if len(_PLANS) >= _MAX_PLANS:  # a few shape buckets in practice; never grow without bound
+        _PLANS.clear()
+    _PLANS[signature] = plan
+    return plan
+
+
+_MAX_PLANS = 256
+_PLANS: dict[tuple, tuple] = {}
+
+
+def idle_rows(rows: int, length: int, widths: dict, *, groups: int, cols: int,
+              null_page: int) -> dict:
+    """Host inputs of ``rows`` idle rows of ``length`` tokens (padding, null page tables,
+    neutral sampling settings), the extras' tables ``widths`` wide (``stops``, ``bias``,
+    ``out``, ``prompt``)."""
+    table = lambda name, fill=-1, dt=np.int32: np.full((rows, widths[name]), fill, dt)
+    return {"tokens": np.zeros((rows, length), np.int32),
+            "pos": np.full((rows, length), -1, np.int32),
+            "last": np.zeros((rows,), np.int32),
+            "tables": np.full((groups, rows, cols), null_page, np.int32),
+            "temperature": np.zeros((rows,), np.float32),
+            "top_k": np.zeros((rows,), np.int32), "top_p": np.ones((rows,), np.float32),
+            "min_p": np.zeros((rows,), np.float32),
+            "seed_lo": np.zeros((rows,), np.uint32), "seed_hi": np.zeros((rows,), np.uint32),
+            "step": np.zeros((rows,), np.int32),
+            "presence": np.zeros((rows,), np.float32), "frequency": np.zeros((rows,), np.float32),
+            "repetition": np.ones((rows,), np.float32), "min_tokens": np.zeros((rows,), np.int32),
+            "stop_ids": table("stops"), "bias_ids": table("bias"),
+            "bias": table("bias", 0, np.float32), "out_ids": table("out"),
+            "out_counts": table("out", 0), "prompt_ids": table("prompt")}
 
 
 def unpack(packed: dict, layout: Layout) -> dict:

@@ -32,12 +32,14 @@ and is in place before the unembedding starts. Both halves are the same code as 
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from gptoss_jax.inference import engine_state
+from gptoss_jax.inference.direct_call import DirectCall, direct
 from gptoss_jax.inference.engine_state import EngineState, Layout, pack, unpack
 from gptoss_jax.inference.sampler_state import from_inputs
 from gptoss_jax.inference.sampling import SampleMode, sample_step
@@ -123,8 +125,8 @@ def _signature(tree) -> tuple:
 
 
 class _Token:
-    """A key part hashed once: the model's signature (its 150-odd parameter shardings) would
-    otherwise be hashed again at every step's lookup."""
+    """A key (part) hashed once: the model's signature (its 150-odd parameter shardings), and a
+    step's whole key, would otherwise be hashed again at every lookup."""
     __slots__ = ("value", "_hash")
 
     def __init__(self, value):
@@ -142,6 +144,13 @@ def _abstract(packed: dict) -> dict:
     return {n: jax.ShapeDtypeStruct(a.shape, a.dtype) for n, a in packed.items()}
 
 
+class _Step(NamedTuple):
+    """A compiled step, and its :class:`~gptoss_jax.inference.direct_call.DirectCall` (None:
+    called through jax's dispatch, e.g. on a mesh)."""
+    compiled: object  # jax.stages.Compiled
+    direct: DirectCall | None
+
+
 class Executables:
     """Steps compiled ahead of time, one per (rows, T, sample mode), with the engine state's
     shardings as their input and output shardings (``engine_state.step_shardings``).
@@ -151,7 +160,13 @@ class Executables:
 
     Compiled steps are shared by every engine of the same model, mesh and pool shape (a
     process-wide LRU of :data:`CACHE_SIZE`), so ``gptoss_jax.generate`` called again does not
-    compile again."""
+    compile again.
+
+    Host time per step (the device waits for it): without a mesh a step is called through
+    ``direct_call`` (the flat arguments straight to the executable, the model's parameter
+    leaves flattened once: the model's parameters are fixed for an engine's life, as its
+    compile key already assumes), and the last step's key is remembered, so a run of steps of
+    one shape looks the LRU up by identity."""
 
     def __init__(self, model, mesh):
         self.model, self.mesh = model, mesh
@@ -159,9 +174,11 @@ class Executables:
         # state's part of a key is its shapes and dtypes alone
         self._model_key = _Token((model.config, model.runtime, _signature(model.params), mesh))
         self.compile_s = 0.0  # time spent compiling so far (reported apart from run time)
+        self._leaves_of = (None, [])  # (the params tree, its leaves)
+        self._last = (None, None)  # (the last step's key parts, its hashed key)
 
     def _state_key(self, state: EngineState) -> tuple:
-        return tuple((a.shape, a.dtype.name) for a in (*state.k, *state.v))
+        return tuple((a.shape, a.dtype) for a in (*state.k, *state.v))
 
     def key(self, state: EngineState, inputs: dict, mode: SampleMode) -> tuple:
         """What a compiled step is looked up by."""
@@ -172,18 +189,44 @@ class Executables:
     def _key(self, state, layout: Layout, mask_shape, mode) -> tuple:
         return (self._model_key, self._state_key(state), layout, mask_shape, mode)
 
-    def _cached(self, key: tuple, build):
-        exe = _COMPILED.pop(key, None)
-        if exe is None:
+    def _cached(self, key: tuple, build) -> _Step:
+        parts, token = self._last
+        if token is None or len(parts) != len(key) or not all(
+                a is b or a == b for a, b in zip(parts, key)):  # layouts compare by identity
+            token = _Token(key)
+            self._last = (key, token)
+        step = _COMPILED.pop(token, None)
+        if step is None:
             t0 = time.perf_counter()
-            exe = build()
+            compiled = build()
             self.compile_s += time.perf_counter() - t0
-        _COMPILED[key] = exe  # most recently used last
+            step = _Step(compiled, None if self.mesh is not None else direct(compiled))
+        _COMPILED[token] = step  # most recently used last
         while len(_COMPILED) > CACHE_SIZE:
             _COMPILED.pop(next(iter(_COMPILED)))
-        return exe
+        return step
 
-    def _step_exe(self, state: EngineState, layout: Layout, packed: dict, mode: SampleMode):
+    def _params_leaves(self) -> list:
+        params = self.model.params
+        if self._leaves_of[0] is not params:
+            self._leaves_of = (params, jax.tree.leaves(params))
+        return self._leaves_of[1]
+
+    def _place(self, step: _Step, packed: dict) -> dict:
+        """Packed host inputs on the device(s), as ``step`` takes them."""
+        if step.direct is None:
+            return engine_state.place_inputs(packed, self.mesh)
+        return step.direct.put(packed)
+
+    def _call(self, step: _Step, first, placed: dict):
+        """``step(params, first, placed)``; ``first``: the state, or a split step's ``last``."""
+        if step.direct is None:
+            return step.compiled(self.model.params, first, placed)
+        return step.direct.call_flat([*self._params_leaves(), *jax.tree.leaves(first),
+                                      *jax.tree.leaves(placed)])
+
+    def _step_exe(self, state: EngineState, layout: Layout, packed: dict,
+                  mode: SampleMode) -> _Step:
         def build():
             abstract = _abstract(packed)
             ins, outs = engine_state.step_shardings(self.model.params, state, abstract, self.mesh)
@@ -197,27 +240,28 @@ class Executables:
 
     @staticmethod
     def _pack(inputs: dict) -> tuple[Layout, dict]:
-        layout, packed = pack({n: a for n, a in inputs.items() if n != "mask"})
-        if "mask" in inputs:
-            packed["mask"] = np.asarray(inputs["mask"])
+        mask = inputs.get("mask")
+        layout, packed = pack({n: a for n, a in inputs.items() if n != "mask"}
+                              if mask is not None else inputs)
+        if mask is not None:
+            packed["mask"] = np.asarray(mask)
         return layout, packed
 
     def get(self, state: EngineState, inputs: dict, mode: SampleMode):
-        """The compiled step for these named (host) inputs."""
+        """The compiled step (a ``jax.stages.Compiled``) for these named (host) inputs."""
         layout, packed = self._pack(inputs)
-        return self._step_exe(state, layout, packed, mode)
+        return self._step_exe(state, layout, packed, mode).compiled
 
     def run(self, state: EngineState, inputs: dict, mode: SampleMode):
         """``(state, tokens, logprobs)`` of one step on host ``inputs`` (numpy); tokens and
         logprobs (None unless ``mode.logprobs``: only then are they copied) as numpy."""
         layout, packed = self._pack(inputs)
-        exe = self._step_exe(state, layout, packed, mode)
-        state, tokens, lp = exe(self.model.params, state,
-                                engine_state.place_inputs(packed, self.mesh))
+        step = self._step_exe(state, layout, packed, mode)
+        state, tokens, lp = self._call(step, state, self._place(step, packed))
         return state, jax.device_get(tokens), None if lp is None else jax.device_get(lp)
 
     # -- a split step: the forward dispatched, the host fills the mask, then the sampling ------
-    def _forward_exe(self, state: EngineState, layout: Layout, packed: dict):
+    def _forward_exe(self, state: EngineState, layout: Layout, packed: dict) -> _Step:
         def build():
             abstract = _abstract(packed)
             ins, outs = engine_state.step_shardings(self.model.params, state, abstract, self.mesh)
@@ -230,9 +274,9 @@ class Executables:
     def forward_exe(self, state: EngineState, inputs: dict):
         """The compiled :func:`forward_half` for these named (host or abstract) inputs."""
         layout, packed = self._pack(_host(inputs))
-        return self._forward_exe(state, layout, packed)
+        return self._forward_exe(state, layout, packed).compiled
 
-    def _sample_exe(self, last, layout: Layout, packed: dict, mode: SampleMode):
+    def _sample_exe(self, last, layout: Layout, packed: dict, mode: SampleMode) -> _Step:
         last = jax.ShapeDtypeStruct(last.shape, last.dtype)
 
         def build():
@@ -255,24 +299,26 @@ class Executables:
         """The compiled :func:`sample_half` for ``last`` (or its shape) and these named inputs
         (the mask among them)."""
         layout, packed = self._pack(_host(inputs))
-        return self._sample_exe(last, layout, packed, mode)
+        return self._sample_exe(last, layout, packed, mode).compiled
 
     def forward(self, state: EngineState, inputs: dict):
         """Dispatch the forward half on host ``inputs`` (no mask): ``(state, last, placed
         inputs)``, device arrays the device is still computing (the placed inputs opaque: for
         :meth:`sample`)."""
         layout, packed = self._pack(inputs)
-        placed = engine_state.place_inputs(packed, self.mesh)
-        state, last = self._forward_exe(state, layout, packed)(self.model.params, state, placed)
+        step = self._forward_exe(state, layout, packed)
+        placed = self._place(step, packed)
+        state, last = self._call(step, state, placed)
         return state, last, (layout, placed)
 
     def sample(self, last, placed, mask, mode: SampleMode):
         """The second half under the host's ``mask`` (numpy ``[rows, words]``): tokens and
         logprobs (None unless ``mode.logprobs``) as numpy."""
         layout, placed = placed
-        inputs = dict(placed, mask=engine_state.place_inputs({"mask": mask}, self.mesh)["mask"])
-        exe = self._sample_exe(last, layout, inputs, mode)
-        return jax.device_get(exe(self.model.params, last, inputs))
+        mask = np.asarray(mask)
+        step = self._sample_exe(last, layout, dict(placed, mask=mask), mode)
+        inputs = dict(placed, mask=self._place(step, {"mask": mask})["mask"])
+        return jax.device_get(self._call(step, last, inputs))
 
 
 def _host(inputs: dict) -> dict:

@@ -49,7 +49,22 @@ class Request:
 
     @property
     def tokens(self) -> list[int]:
+        """Prompt + output (a new list: per-step code uses :attr:`num_tokens` / :meth:`span`)."""
         return self.prompt + self.output
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    def span(self, start: int, end: int) -> list[int]:
+        """``tokens[start:end]`` without building ``tokens`` (a decode step reads one token of
+        a prompt that may be 100k long)."""
+        p = len(self.prompt)
+        if start >= p:
+            return self.output[start - p:end - p]
+        if end <= p:
+            return self.prompt[start:end]
+        return self.prompt[start:] + self.output[:end - p]
 
 
 class Chunk(NamedTuple):
@@ -60,7 +75,7 @@ class Chunk(NamedTuple):
 
     @property
     def samples(self) -> bool:
-        return self.end == len(self.request.tokens)
+        return self.end == self.request.num_tokens
 
 
 class Plan(NamedTuple):
@@ -99,21 +114,21 @@ class Scheduler:
 
     def pending(self, req: Request) -> int:
         """Tokens of ``req`` whose KV is not computed yet."""
-        return len(req.tokens) - self.pages.computed(req.id)
+        return req.num_tokens - self.pages.computed(req.id)
 
     def plan(self) -> Plan:
         plan = Plan([], [], [], [])
         for req in list(self.running):
             if req in plan.preempted or self.pending(req) != 1:
                 continue
-            if self._reserve(req, len(req.tokens), plan):
+            if self._reserve(req, req.num_tokens, plan):
                 plan.decode.append(req)
         budget = self.prefill_tokens
         for req in list(self.running):
             if budget == 0 or req in plan.preempted or self.pending(req) <= 1:
                 continue
             start = self.pages.computed(req.id)
-            end = min(len(req.tokens), start + budget)
+            end = min(req.num_tokens, start + budget)
             if self._reserve(req, end, plan):
                 plan.prefill.append(Chunk(req, start, end))
                 budget -= end - start
@@ -160,7 +175,7 @@ class Scheduler:
                 req.cached_tokens = min(hit, len(req.prompt))
             req.slot = self._free_slots.pop(0)
             self.running.append(req)
-            end = min(len(req.tokens), hit + budget)
+            end = min(req.num_tokens, hit + budget)
             plan.prefill.append(Chunk(req, hit, end))
             plan.admitted.append(req)
             budget -= end - hit
@@ -184,7 +199,7 @@ class Scheduler:
         ``max_new_tokens`` (already released)."""
         done = []
         steps = [(c.request, c.end, c.samples) for c in plan.prefill]
-        steps += [(r, len(r.tokens), True) for r in plan.decode]
+        steps += [(r, r.num_tokens, True) for r in plan.decode]
         for req, end, samples in steps:
             self.pages.mark_computed(req.id, end)
             if samples:

@@ -386,3 +386,12 @@ def test_random_request_mixes(seed):
     assert kv.pool.refs.sum() == 0 and kv.pool.available == kv.pool.num_pages
     if not kv.prefix_caching:
         assert all(not r.cached_tokens for r in reqs)
+
+
+def test_request_span_is_a_slice_of_prompt_plus_output():
+    req = Request("r", prompt=[11, 12, 13, 14], max_new_tokens=8, output=[21, 22, 23])
+    tokens = req.prompt + req.output
+    assert req.num_tokens == len(tokens) == 7
+    for start in range(len(tokens) + 1):
+        for end in range(start, len(tokens) + 1):
+            assert req.span(start, end) == tokens[start:end], (start, end)
