@@ -147,19 +147,10 @@ struct Rows {
   }
   // elements [i0, i1) of row r (of k), given in natural order in v
   void Put(int64_t r, int64_t k, int64_t i0, int64_t i1, const uint16_t* v) {
-    if (!xp.empty()) {
-      uint16_t* row = xp.data() + r * k;
-      int64_t i = i0;
-      for (; i % 128 != 0 && i < i1; ++i) row[mxfp4::QuadIndex(i, k)] = v[i - i0];
-      for (; i + 128 <= i1 && i + 128 <= k / 128 * 128; i += 128)  // whole quads: a 4-way deal
-        for (int o = 0; o < 4; ++o)
-          for (int w = 0; w < 32; ++w) row[i + 32 * o + w] = v[i - i0 + 4 * w + o];
-      for (; i < i1; ++i) row[mxfp4::QuadIndex(i, k)] = v[i - i0];
-    } else {
-      for (int64_t i = i0; i < i1; ++i)
-        xs[r * k + i / mxfp4::kBlock * mxfp4::kBlock + (i % 2) * 16 + (i % mxfp4::kBlock) / 2] =
-            gptoss_cpu::Bf16ToF32(v[i - i0]);
-    }
+    if (!xp.empty())
+      mxfp4::PutQuad(xp.data() + r * k, k, i0, i1, v);
+    else
+      mxfp4::PutSplit(xs.data() + r * k, i0, i1, v);
   }
   const uint16_t* Xp(int64_t off) const { return xp.empty() ? nullptr : xp.data() + off; }
   const float* Xs(int64_t off) const { return xs.empty() ? nullptr : xs.data() + off; }
