@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import fcntl
 import functools
 import hashlib
 import os
@@ -101,14 +102,20 @@ def build(kernel: Kernel, cxx: str) -> Path:
     if lib.exists():
         return lib
     lib.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
-        out = Path(tmp) / lib.name
-        proc = subprocess.run([cxx, *flags, "-I", include, "-I", str(SRC_DIR), str(source),
-                               "-o", str(out)],
-                              capture_output=True, text=True, timeout=300)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cxx} failed on {source}:\n{proc.stderr[-2000:]}")
-        os.replace(out, lib)  # atomic: concurrent builders each leave a whole library
+    # one compiler run per library: processes starting together (test workers, the processes of
+    # a multi-host run on one machine) wait for the first builder instead of each compiling
+    with open(lib.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if lib.exists():
+            return lib
+        with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
+            out = Path(tmp) / lib.name
+            proc = subprocess.run([cxx, *flags, "-I", include, "-I", str(SRC_DIR), str(source),
+                                   "-o", str(out)],
+                                  capture_output=True, text=True, timeout=300)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{cxx} failed on {source}:\n{proc.stderr[-2000:]}")
+            os.replace(out, lib)  # atomic: a reader never sees a partial library
     return lib
 
 

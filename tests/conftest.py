@@ -24,6 +24,17 @@ SEED = 1234
 configure_offline()
 
 
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pyproject's addopts): one worker per usable CPU, at most four and one per
+    4 GiB of memory (a worker holds jax, torch and transformers' reference models)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        memory_gib = 8.0
+    return max(1, min(cpus or 1, 4, int(memory_gib // 4)))
+
+
 @pytest.fixture(scope="session")
 def tiny_config():
     return TINY

@@ -147,3 +147,34 @@ def test_xla_fallback_when_kernels_cannot_run(how, reason):
         assert out["branch"] == "avx2" and out["gemv_err"] < 1e-5
     elif how == "no-avx2":
         assert out["branch"] is None
+
+
+def test_concurrent_builders_compile_once(tmp_path, monkeypatch):
+    """Processes starting together (test workers, a multi-host run on one machine) share one
+    compiler run per library: the builders that wait find the first one's library. A stand-in
+    compiler counts its runs and writes a file where the library goes."""
+    import threading
+
+    monkeypatch.setenv("GPTOSS_JAX_CACHE", str(tmp_path / "cache"))
+    runs, started = [], threading.Event()
+
+    def fake_run(cmd, **kwargs):
+        runs.append(cmd)
+        started.set()
+        threading.Event().wait(0.3)  # long enough for the other builders to reach the lock
+        with open(cmd[cmd.index("-o") + 1], "wb") as f:
+            f.write(b"library")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(build.subprocess, "run", fake_run)
+    kernel = cpu_kernels.KERNELS["bf16_gemv"]
+    libs = []
+    threads = [threading.Thread(target=lambda: libs.append(build.build(kernel, "c++")))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert started.is_set() and len(runs) == 1
+    assert len(set(libs)) == 1 and libs[0].read_bytes() == b"library"
+    assert sorted(p.suffix for p in libs[0].parent.iterdir()) == [".lock", ".so"]
