@@ -150,11 +150,6 @@ using namespace gptoss_cpu::mxfp4;  // NOLINT: the format's constants
 // R rows of x (xq: quad layout, rows of k) against weight rows [n0, n1) of one expert (n0 a
 // multiple of 16). Lanes 4b..4b+3 of a quad's sum belong to its block b, so one FMA applies the
 // four scales; a last 1-3 blocks go the same way with masked loads (the missing lanes zero).
-// Weight rows go two at a time, each x vector loaded once for both: one row at a time, the
-// x loads (4R zmm a quad against one code load) and the per-row overheads bounded the loop
-// rather than the decode (Zen 5, one core, a hot 1024 x 512 weight: 10.7 -> 8.0 ns a row at
-// R = 1, 12.2 -> 8.8 at R = 2, 16.3 -> 14.5 at R = 4). Each row's sums keep their order (C
-// chains, quad q into chain q % C), so the pairing changes no bits.
 template <int R>
 void Mxfp4Rows(const uint16_t* xq, int64_t k, const Expert& e, int64_t n0, int64_t n1,
                float* out, int64_t out_stride) {
@@ -164,76 +159,62 @@ void Mxfp4Rows(const uint16_t* xq, int64_t k, const Expert& e, int64_t n0, int64
   std::memcpy(table_words + 16, kFp4Bf16, sizeof(kFp4Bf16));  // index bit 4 is the next nibble's
   const __m512i table = _mm512_load_si512(table_words);
   const __m512i quarters = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-  const int64_t kb = e.kb, full = kb / 4, rest = kb - 4 * full, row_bytes = kb * kBlockBytes;
-  // the two rows' scales (the last quad's missing ones stay 0), on the stack up to K = 8192
-  float sc_stack[2][260] = {};
-  std::vector<float> sc_heap(4 * full + 4 > 260 ? 2 * (4 * full + 4) : 0, 0.0f);
-  float* const sc0 = sc_heap.empty() ? sc_stack[0] : sc_heap.data();
-  float* const sc1 = sc_heap.empty() ? sc_stack[1] : sc_heap.data() + 4 * full + 4;
+  const int64_t kb = e.kb, full = kb / 4, rest = kb - 4 * full;
+  // the row's scales (the last quad's missing ones stay 0), on the stack up to K = 8192
+  float sc_stack[260] = {};
+  std::vector<float> sc_heap(4 * full + 4 > 260 ? 4 * full + 4 : 0, 0.0f);
+  float* const sc = sc_heap.empty() ? sc_stack : sc_heap.data();
   // the task's first kAheadRows rows at once (the loop below fetches a row kAheadRows on)
   for (int64_t r = n0; r < std::min(n1, n0 + kAheadRows); ++r) {
-    const char* row = reinterpret_cast<const char*>(e.blocks + r * row_bytes);
-    for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(row + off, _MM_HINT_T0);
+    const char* row = reinterpret_cast<const char*>(e.blocks + r * kb * kBlockBytes);
+    for (int64_t off = 0; off < kb * kBlockBytes; off += 64) _mm_prefetch(row + off, _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(e.scales + r * kb), _MM_HINT_T0);
   }
-  auto fetch_ahead = [&](int64_t row) {  // the row kAheadRows on: in flight while these are summed
-    if (row + kAheadRows >= n1) return;
-    const char* ahead = reinterpret_cast<const char*>(e.blocks + (row + kAheadRows) * row_bytes);
-    for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(e.scales + (row + kAheadRows) * kb), _MM_HINT_T0);
-  };
   // the ragged quad: its code bytes, and the words of each of its x vectors
   const __mmask64 rest_bytes = rest == 0 ? 0 : (~0ull >> (64 - 16 * rest));
   const __mmask32 rest_words = rest == 0 ? 0 : static_cast<__mmask32>((1u << (8 * rest)) - 1);
   for (int64_t g = n0; g < n1; g += 16) {
     const int rows = static_cast<int>(std::min<int64_t>(16, n1 - g));
     __m512 acc[R][16];
-    for (int j = 0; j < 16; j += 2) {
-      for (int r = 0; r < R; ++r) acc[r][j] = acc[r][j + 1] = _mm512_setzero_ps();
+    for (int j = 0; j < 16; ++j) {
+      for (int r = 0; r < R; ++r) acc[r][j] = _mm512_setzero_ps();
       if (j >= rows) continue;
-      const bool pair = j + 1 < rows;  // a lone last row is summed twice, once discarded
-      const uint8_t* b0 = e.blocks + (g + j) * row_bytes;
-      const uint8_t* b1 = pair ? b0 + row_bytes : b0;
-      fetch_ahead(g + j);
-      if (pair) fetch_ahead(g + j + 1);
-      isa_avx512::RowScales(e.scales + (g + j) * kb, kb, sc0);
-      isa_avx512::RowScales(e.scales + (g + j + (pair ? 1 : 0)) * kb, kb, sc1);
-      __m512 a0[R][C], a1[R][C];
+      const uint8_t* b = e.blocks + (g + j) * kb * kBlockBytes;
+      if (g + j + kAheadRows < n1) {  // the row kAheadRows on: in flight while these are summed
+        const char* ahead = reinterpret_cast<const char*>(b + kAheadRows * kb * kBlockBytes);
+        for (int64_t off = 0; off < kb * kBlockBytes; off += 64)
+          _mm_prefetch(ahead + off, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(e.scales + (g + j + kAheadRows) * kb),
+                     _MM_HINT_T0);
+      }
+      isa_avx512::RowScales(e.scales + (g + j) * kb, kb, sc);
+      __m512 a[R][C];
       for (int r = 0; r < R; ++r)
-        for (int c = 0; c < C; ++c) a0[r][c] = a1[r][c] = _mm512_setzero_ps();
-      // quad q of both rows into chain c; `ragged`: the last 1-3 blocks, by masked loads
+        for (int c = 0; c < C; ++c) a[r][c] = _mm512_setzero_ps();
+      // quad q into chain c; `ragged`: the last 1-3 blocks, by masked loads
       auto quad = [&](int64_t q, int c, bool ragged) {
-        __m512bh w[2][4];
-        __m512 s[2];
-        for (int h = 0; h < 2; ++h) {
-          const uint8_t* b = h == 0 ? b0 : b1;
-          const __m512i v = ragged ? _mm512_maskz_loadu_epi8(rest_bytes, b + q * 64)
-                                   : _mm512_loadu_si512(b + q * 64);
-          w[h][0] = reinterpret_cast<__m512bh>(_mm512_permutexvar_epi16(v, table));
-          w[h][1] = reinterpret_cast<__m512bh>(
-              _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table));
-          w[h][2] = reinterpret_cast<__m512bh>(
-              _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), table));
-          w[h][3] = reinterpret_cast<__m512bh>(
-              _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), table));
-          s[h] = _mm512_permutexvar_ps(
-              quarters, _mm512_castps128_ps512(_mm_loadu_ps((h == 0 ? sc0 : sc1) + 4 * q)));
-        }
+        const __m512i w = ragged ? _mm512_maskz_loadu_epi8(rest_bytes, b + q * 64)
+                                 : _mm512_loadu_si512(b + q * 64);
+        const __m512bh w0 = reinterpret_cast<__m512bh>(_mm512_permutexvar_epi16(w, table));
+        const __m512bh w1 = reinterpret_cast<__m512bh>(
+            _mm512_permutexvar_epi16(_mm512_srli_epi16(w, 4), table));
+        const __m512bh w2 = reinterpret_cast<__m512bh>(
+            _mm512_permutexvar_epi16(_mm512_srli_epi16(w, 8), table));
+        const __m512bh w3 = reinterpret_cast<__m512bh>(
+            _mm512_permutexvar_epi16(_mm512_srli_epi16(w, 12), table));
+        const __m512 s =
+            _mm512_permutexvar_ps(quarters, _mm512_castps128_ps512(_mm_loadu_ps(sc + 4 * q)));
         for (int r = 0; r < R; ++r) {
           const uint16_t* xr = xq + r * k + q * 128;
-          __m512bh xv[4];
+          __m512i xv[4];
           for (int o = 0; o < 4; ++o)
-            xv[o] = reinterpret_cast<__m512bh>(
-                ragged ? _mm512_maskz_loadu_epi16(rest_words, xr + 8 * rest * o)
-                       : _mm512_loadu_si512(xr + 32 * o));
-          for (int h = 0; h < 2; ++h) {
-            __m512 d0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), xv[0], w[h][0]);
-            __m512 d1 = _mm512_dpbf16_ps(_mm512_setzero_ps(), xv[1], w[h][1]);
-            d0 = _mm512_dpbf16_ps(d0, xv[2], w[h][2]);
-            d1 = _mm512_dpbf16_ps(d1, xv[3], w[h][3]);
-            __m512& a = h == 0 ? a0[r][c] : a1[r][c];
-            a = _mm512_fmadd_ps(_mm512_add_ps(d0, d1), s[h], a);
-          }
+            xv[o] = ragged ? _mm512_maskz_loadu_epi16(rest_words, xr + 8 * rest * o)
+                           : _mm512_loadu_si512(xr + 32 * o);
+          __m512 d0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), reinterpret_cast<__m512bh>(xv[0]), w0);
+          __m512 d1 = _mm512_dpbf16_ps(_mm512_setzero_ps(), reinterpret_cast<__m512bh>(xv[1]), w1);
+          d0 = _mm512_dpbf16_ps(d0, reinterpret_cast<__m512bh>(xv[2]), w2);
+          d1 = _mm512_dpbf16_ps(d1, reinterpret_cast<__m512bh>(xv[3]), w3);
+          a[r][c] = _mm512_fmadd_ps(_mm512_add_ps(d0, d1), s, a[r][c]);
         }
       };
       int64_t q = 0;  // C quads a step into C accumulators (a static index: registers)
@@ -244,13 +225,9 @@ void Mxfp4Rows(const uint16_t* xq, int64_t k, const Expert& e, int64_t n0, int64
       for (; q < full; ++q) quad(q, 0, false);
       if (rest) quad(full, 0, true);
       for (int r = 0; r < R; ++r) {
-        __m512 sum0 = a0[r][0], sum1 = a1[r][0];
-        for (int c = 1; c < C; ++c) {
-          sum0 = _mm512_add_ps(sum0, a0[r][c]);
-          sum1 = _mm512_add_ps(sum1, a1[r][c]);
-        }
-        acc[r][j] = sum0;
-        if (pair) acc[r][j + 1] = sum1;
+        __m512 sum = a[r][0];
+        for (int c = 1; c < C; ++c) sum = _mm512_add_ps(sum, a[r][c]);
+        acc[r][j] = sum;
       }
     }
     const __mmask16 live = static_cast<__mmask16>((1u << rows) - 1);
