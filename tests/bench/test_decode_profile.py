@@ -23,6 +23,7 @@ def test_ops_inside_steps_summed_per_step():
         x("ynn_fusion.4", 1450, 20), x("ynn_fusion.4", 1460, 40),    # two in the first step
         x("ffi_call.20", 200, 900),                                  # before any step: prefill
         x("ThunkExecutor::Execute", 1010, 480),                      # a wrapper, not an op
+        x("np.asarray(jax.Array)", 1005, 490, tid=0),                # the host waiting
         x("$generate.py:75 run", 0, 5000, tid=0),                    # a Python frame
         {"ph": "i", "name": "ffi_call.35", "ts": 1200},              # not a complete event
     ]
