@@ -37,6 +37,7 @@
 namespace gptoss_cpu::panel {
 
 constexpr int64_t kPanelCols = 64;  // output columns a panel (4 vectors of 16)
+constexpr int64_t kKPairs = 256;    // pairs of the panel a pass over the rows: 64 KB
 
 inline uint32_t Load32(const uint16_t* p) {
   uint32_t w;
@@ -72,6 +73,11 @@ inline void DecodeScalar(const mxfp4::Expert& e, int64_t n0, int64_t n1, uint32_
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
 namespace gptoss_cpu::isa_avx512 {
+
+// The mask of the first n (clamped to [0, 16]) lanes.
+inline __mmask16 Live16(int64_t n) {
+  return static_cast<__mmask16>((1u << std::max<int64_t>(0, std::min<int64_t>(16, n))) - 1);
+}
 
 // 16 x 16 words transposed in place (w[i] lane j <- w[j] lane i).
 inline void Transpose16(__m512i* w) {
@@ -139,13 +145,15 @@ inline void DecodePanel(const mxfp4::Expert& e, int64_t n0, int64_t n1, uint32_t
 // R rows x V vectors of 16 columns: out[r] columns [0, min(cols, 16 V)) = row r . panel, f32
 // FMAs on the pair words widened (even element = word << 16, odd = word & 0xFFFF0000).
 template <int R, int V>
-void Micro(const uint16_t* const* a, int64_t kp, const uint32_t* panel, float* const* out,
-           int64_t cols) {
+void Micro(const uint16_t* const* a, int64_t p0, int64_t p1, const uint32_t* panel,
+           float* const* out, int64_t cols, bool add) {
   const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   __m512 acc[R][V];
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < kp; ++p) {
+    for (int v = 0; v < V; ++v)
+      acc[r][v] = add ? _mm512_maskz_loadu_ps(Live16(cols - 16 * v), out[r] + 16 * v)
+                      : _mm512_setzero_ps();
+  for (int64_t p = p0; p < p1; ++p) {
     __m512 be[V], bo[V];
     for (int v = 0; v < V; ++v) {
       const __m512i w = _mm512_loadu_si512(panel + p * panel::kPanelCols + 16 * v);
@@ -163,10 +171,7 @@ void Micro(const uint16_t* const* a, int64_t kp, const uint32_t* panel, float* c
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) {
-      const int64_t live = std::max<int64_t>(0, std::min<int64_t>(16, cols - 16 * v));
-      _mm512_mask_storeu_ps(out[r] + 16 * v, static_cast<__mmask16>((1u << live) - 1), acc[r][v]);
-    }
+    for (int v = 0; v < V; ++v) _mm512_mask_storeu_ps(out[r] + 16 * v, Live16(cols - 16 * v), acc[r][v]);
 }
 
 }  // namespace gptoss_cpu::isa_avx512
@@ -176,18 +181,21 @@ void Micro(const uint16_t* const* a, int64_t kp, const uint32_t* panel, float* c
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")
 namespace gptoss_cpu::isa_avx512bf16 {
+using isa_avx512::Live16;
 
 // R rows x V vectors of 16 columns: one vdpbf16ps per (row, vector) and pair, the row's pair
 // word broadcast.
 template <int R, int V>
-void Micro(const uint16_t* const* a, int64_t kp, const uint32_t* panel, float* const* out,
-           int64_t cols) {
+void Micro(const uint16_t* const* a, int64_t p0, int64_t p1, const uint32_t* panel,
+           float* const* out, int64_t cols, bool add) {
   __m512 acc[R][V];
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
+    for (int v = 0; v < V; ++v)
+      acc[r][v] = add ? _mm512_maskz_loadu_ps(Live16(cols - 16 * v), out[r] + 16 * v)
+                      : _mm512_setzero_ps();
   const uint16_t* row[R];
   for (int r = 0; r < R; ++r) row[r] = a[r];
-  for (int64_t p = 0; p < kp; ++p) {
+  for (int64_t p = p0; p < p1; ++p) {
     __m512bh b[V];
     for (int v = 0; v < V; ++v)
       b[v] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(panel + p * panel::kPanelCols + 16 * v));
@@ -198,10 +206,7 @@ void Micro(const uint16_t* const* a, int64_t kp, const uint32_t* panel, float* c
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) {
-      const int64_t live = std::max<int64_t>(0, std::min<int64_t>(16, cols - 16 * v));
-      _mm512_mask_storeu_ps(out[r] + 16 * v, static_cast<__mmask16>((1u << live) - 1), acc[r][v]);
-    }
+    for (int v = 0; v < V; ++v) _mm512_mask_storeu_ps(out[r] + 16 * v, Live16(cols - 16 * v), acc[r][v]);
 }
 
 }  // namespace gptoss_cpu::isa_avx512bf16
@@ -215,13 +220,18 @@ namespace gptoss_cpu::isa_avx2 {
 // R rows x V vectors of 8 columns (the panel pointer at the first one), f32 FMAs on the
 // widened pair words.
 template <int R, int V>
-void Micro(const uint16_t* const* a, int64_t kp, const uint32_t* panel, float* const* out,
-           int64_t cols) {
+void Micro(const uint16_t* const* a, int64_t p0, int64_t p1, const uint32_t* panel,
+           float* const* out, int64_t cols, bool add) {
   const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
   __m256 acc[R][V];
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) acc[r][v] = _mm256_setzero_ps();
-  for (int64_t p = 0; p < kp; ++p) {
+    for (int v = 0; v < V; ++v) {
+      alignas(32) float tmp[8] = {};
+      const int64_t live = std::max<int64_t>(0, std::min<int64_t>(8, cols - 8 * v));
+      if (add) std::copy(out[r] + 8 * v, out[r] + 8 * v + live, tmp);
+      acc[r][v] = _mm256_load_ps(tmp);
+    }
+  for (int64_t p = p0; p < p1; ++p) {
     for (int r = 0; r < R; ++r) {
       const uint32_t x = panel::Load32(a[r] + 2 * p);
       const __m256 xe = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(x << 16)));
@@ -249,14 +259,14 @@ void Micro(const uint16_t* const* a, int64_t kp, const uint32_t* panel, float* c
 namespace gptoss_cpu::panel {
 
 // Micro<R, V> of a branch for a runtime row count 1..R (the rows past it not read).
-#define GPTOSS_PANEL_ROWS(NS, R, V, n, a, kp, panel, rows, cols)                          \
-  switch (n) {                                                                             \
-    case 1: NS::Micro<1, V>(a, kp, panel, rows, cols); break;                              \
-    case 2: NS::Micro<2, V>(a, kp, panel, rows, cols); break;                              \
-    case 3: NS::Micro<(R < 3 ? R : 3), V>(a, kp, panel, rows, cols); break;                \
-    case 4: NS::Micro<(R < 4 ? R : 4), V>(a, kp, panel, rows, cols); break;                \
-    case 5: NS::Micro<(R < 5 ? R : 5), V>(a, kp, panel, rows, cols); break;                \
-    default: NS::Micro<R, V>(a, kp, panel, rows, cols); break;                             \
+#define GPTOSS_PANEL_ROWS(NS, R, V, n, ...)                                      \
+  switch (n) {                                                                     \
+    case 1: NS::Micro<1, V>(__VA_ARGS__); break;                                   \
+    case 2: NS::Micro<2, V>(__VA_ARGS__); break;                                   \
+    case 3: NS::Micro<(R < 3 ? R : 3), V>(__VA_ARGS__); break;                     \
+    case 4: NS::Micro<(R < 4 ? R : 4), V>(__VA_ARGS__); break;                     \
+    case 5: NS::Micro<(R < 5 ? R : 5), V>(__VA_ARGS__); break;                     \
+    default: NS::Micro<R, V>(__VA_ARGS__); break;                                  \
   }
 
 // The panel buffer of the calling thread (kept: a prefill calls this a few hundred times).
@@ -279,34 +289,39 @@ inline void PanelProduct(int64_t isa, const uint16_t* const* a, int64_t m, int64
   } else {
     isa_avx512::DecodePanel(e, n0, n1, panel);
   }
+  // pairs kKPairs at a time (a 64 KB slice of the panel, kept near the core while every row passes)
   float* rows[6];
-  for (int64_t r0 = 0; r0 < m;) {
-    if (isa == kAvx2) {  // 2 rows x 32 columns a pass
-      const int64_t n = std::min<int64_t>(2, m - r0);
-      for (int64_t c0 = 0; c0 < cols; c0 += 32) {
-        for (int64_t r = 0; r < n; ++r) rows[r] = out + (r0 + r) * out_stride + c0;
-        const int64_t c = std::min<int64_t>(32, cols - c0);
-        GPTOSS_PANEL_ROWS(isa_avx2, 2, 4, n, a + r0, kp, panel + c0, rows, c)
+  for (int64_t p0 = 0; p0 < kp; p0 += kKPairs) {
+    const int64_t p1 = std::min(kp, p0 + kKPairs);
+    const bool add = p0 > 0;
+    for (int64_t r0 = 0; r0 < m;) {
+      if (isa == kAvx2) {  // 2 rows x 32 columns a pass
+        const int64_t n = std::min<int64_t>(2, m - r0);
+        for (int64_t c0 = 0; c0 < cols; c0 += 32) {
+          for (int64_t r = 0; r < n; ++r) rows[r] = out + (r0 + r) * out_stride + c0;
+          const int64_t c = std::min<int64_t>(32, cols - c0);
+          GPTOSS_PANEL_ROWS(isa_avx2, 2, 4, n, a + r0, p0, p1, panel + c0, rows, c, add)
+        }
+        r0 += n;
+        continue;
+      }
+      const int64_t n = std::min<int64_t>(isa == kAvx512Bf16 ? 6 : 4, m - r0);
+      for (int64_t r = 0; r < n; ++r) rows[r] = out + (r0 + r) * out_stride;
+      if (isa == kAvx512Bf16) {
+        if (cols > 32) {
+          GPTOSS_PANEL_ROWS(isa_avx512bf16, 6, 4, n, a + r0, p0, p1, panel, rows, cols, add)
+        } else {
+          GPTOSS_PANEL_ROWS(isa_avx512bf16, 6, 2, n, a + r0, p0, p1, panel, rows, cols, add)
+        }
+      } else {
+        if (cols > 32) {
+          GPTOSS_PANEL_ROWS(isa_avx512, 4, 4, n, a + r0, p0, p1, panel, rows, cols, add)
+        } else {
+          GPTOSS_PANEL_ROWS(isa_avx512, 4, 2, n, a + r0, p0, p1, panel, rows, cols, add)
+        }
       }
       r0 += n;
-      continue;
     }
-    const int64_t n = std::min<int64_t>(isa == kAvx512Bf16 ? 6 : 4, m - r0);
-    for (int64_t r = 0; r < n; ++r) rows[r] = out + (r0 + r) * out_stride;
-    if (isa == kAvx512Bf16) {
-      if (cols > 32) {
-        GPTOSS_PANEL_ROWS(isa_avx512bf16, 6, 4, n, a + r0, kp, panel, rows, cols)
-      } else {
-        GPTOSS_PANEL_ROWS(isa_avx512bf16, 6, 2, n, a + r0, kp, panel, rows, cols)
-      }
-    } else {
-      if (cols > 32) {
-        GPTOSS_PANEL_ROWS(isa_avx512, 4, 4, n, a + r0, kp, panel, rows, cols)
-      } else {
-        GPTOSS_PANEL_ROWS(isa_avx512, 4, 2, n, a + r0, kp, panel, rows, cols)
-      }
-    }
-    r0 += n;
   }
 }
 
