@@ -384,10 +384,16 @@ ffi::Error ExpertMlpImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Bu
 
   where.assign(t_n * k_n, -1);  // now: the sorted index of each (token, slot)
   for (int64_t p = 0; p < p_n; ++p) where[pairs[p].token * k_n + pairs[p].slot] = p;
-  for (int64_t t = 0; t < t_n; ++t)  // in slot order, as the XLA path sums
-    for (int64_t j = 0; j < k_n; ++j)
-      if (const int64_t p = where[t * k_n + j]; p >= 0)
-        AddWeighted(o.data() + p * d, dnb + pairs[p].expert * d, ws[t * k_n + j], d, out + t * d);
+  // in slot order, as the XLA path sums; kSumTokens tokens a task (a decode step's on the
+  // caller alone, a prefill's shared)
+  constexpr int64_t kSumTokens = 32;
+  gptoss_cpu::ParallelFor(pool, (t_n + kSumTokens - 1) / kSumTokens, [&](int64_t i) {
+    for (int64_t t = i * kSumTokens; t < std::min(t_n, (i + 1) * kSumTokens); ++t)
+      for (int64_t j = 0; j < k_n; ++j)
+        if (const int64_t p = where[t * k_n + j]; p >= 0)
+          AddWeighted(o.data() + p * d, dnb + pairs[p].expert * d, ws[t * k_n + j], d,
+                      out + t * d);
+  });
   return ffi::Error::Success();
 }
 
