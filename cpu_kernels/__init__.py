@@ -14,8 +14,9 @@ the branch an argument, default :func:`cpu_kernels.isa.best`):
   bf16 ``[K, N]`` (the attention projections), streamed in panels of whole rows;
 * :func:`mxfp4_gemv`: bf16 rows sorted by expert times packed MXFP4 experts, a few rows per
   expert (decode);
-* :func:`expert_mlp`: a decode step's whole expert MLP (both matmuls, biases, SwiGLU, routing
-  weights, the sum over slots) on packed experts in one call;
+* :func:`expert_mlp`: a decode step's or a prefill's whole expert MLP (both matmuls, biases,
+  SwiGLU, routing weights, the sum over slots) on packed experts in one call (an expert with
+  many rows as a panel GEMM);
 * :func:`paged_decode_attention` (AVX-512): one query position per row against a bf16 KV cache
   read through page tables into a pool of pages, with sinks;
 * :func:`stream_read`: reads a buffer as the streaming kernels read their weights (the

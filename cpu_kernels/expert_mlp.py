@@ -1,13 +1,16 @@
-"""The expert MLP of a decode step on packed MXFP4 experts in one call (``src/expert_mlp.cc``):
+"""The expert MLP on packed MXFP4 experts in one call (``src/expert_mlp.cc``):
 ``y[t] = sum_j w[t, j] (W_down[e] swiglu(W_gate_up[e] x[t] + b_gate_up[e]) + b_down[e])``,
-``e = idx[t, j]``, for a few bf16 tokens.
+``e = idx[t, j]``, for bf16 tokens: a decode step's few or a prefill's many.
 
 The (token, slot) pairs are grouped by expert inside the kernel; gate_up (each task finishing
 its slice with the bias and the SwiGLU) and down run as one task list on the caller and XLA's
 pool, a down task waiting only for its own expert's gate_up, then the weighted sum in slot
-order, instead of the twenty-odd XLA ops of the sorted path. The SwiGLU is gpt-oss's clamped one, its output
-rounded to bf16 (as the XLA path casts it); the matmuls are ``mxfp4_gemv``'s inner loops on the
-instruction-set branch given (:mod:`cpu_kernels.isa`).
+order, instead of the twenty-odd XLA ops of the sorted path. The SwiGLU is gpt-oss's clamped
+one, its output rounded to bf16 (as the XLA path casts it). An expert with fewer than
+``gemm_rows`` pairs runs ``mxfp4_gemv``'s inner loops (its weight decoded in registers, 4 rows
+a pass); one with more (prefill) a panel GEMM (``src/mxfp4_panel_gemm.h``: 64 output columns
+decoded once to bf16, then all its rows in register blocks). Both on the instruction-set branch
+given (:mod:`cpu_kernels.isa`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ SLICE_ROWS = 128  # the fewest output rows per task
 # cost ~52 us a batch-1 call, 480-row ones ~45 (2-core EPYC), the start of each task's stream
 # paid 4x less often; gpt-oss-20b's rows (1.5 KB) keep 128
 TASK_BYTES = 128 << 10
+# pairs of one expert from which it runs as a panel GEMM: the panel's decode (once, to bf16)
+# is paid back by the rows that share it
+GEMM_ROWS = 16
 
 
 def slice_rows_for(k: int) -> int:
@@ -38,12 +44,14 @@ def slice_rows_for(k: int) -> int:
 
 def expert_mlp(x, idx, weights, gate_up_blocks, gate_up_scales, gate_up_bias, down_blocks,
                down_scales, down_bias, *, limit: float, alpha: float,
-               branch: str | None = None, slice_rows: int | None = None) -> jax.Array:
+               branch: str | None = None, slice_rows: int | None = None,
+               gemm_rows: int = GEMM_ROWS) -> jax.Array:
     """f32 ``[T, D]`` (see the module doc) for ``x`` ``[T, D]`` (taken as bf16), expert ids
     ``idx`` ``[T, K]`` (ids outside ``[0, E)`` count for nothing) and routing ``weights``
     ``[T, K]``; packed ``gate_up`` ``[E, 2F, D/32, 16]`` / ``[E, 2F, D/32]`` (gate even rows, up
     odd), ``down`` ``[E, D, F/32, 16]`` / ``[E, D, F/32]``, bf16 biases ``[E, 2F]``, ``[E, D]``.
-    ``slice_rows``: output rows per task (default :func:`slice_rows_for` the wider of D, F)."""
+    ``slice_rows``: output rows per task (default :func:`slice_rows_for` the wider of D, F);
+    ``gemm_rows``: an expert with at least this many pairs runs the panel GEMM (0: none does)."""
     if slice_rows is None:
         slice_rows = slice_rows_for(max(x.shape[1], down_blocks.shape[2] * 32))
     call = jax.ffi.ffi_call(target("expert_mlp"), jax.ShapeDtypeStruct(x.shape, jnp.float32))
@@ -51,7 +59,7 @@ def expert_mlp(x, idx, weights, gate_up_blocks, gate_up_scales, gate_up_bias, do
                 gate_up_blocks, gate_up_scales, gate_up_bias.astype(jnp.bfloat16), down_blocks,
                 down_scales, down_bias.astype(jnp.bfloat16), isa=isa.attribute(branch),
                 limit=np.float32(limit), alpha=np.float32(alpha),
-                slice_rows=np.int64(slice_rows))
+                slice_rows=np.int64(slice_rows), gemm_rows=np.int64(gemm_rows))
 
 
 def expert_mlp_reference(x, idx, weights, gate_up_blocks, gate_up_scales, gate_up_bias,

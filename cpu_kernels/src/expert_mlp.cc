@@ -1,18 +1,22 @@
-// The expert MLP of a decode step on packed MXFP4 experts in one XLA FFI call:
+// The expert MLP on packed MXFP4 experts in one XLA FFI call:
 //
 //   y[t] = sum_j w[t, j] * (W_down[e] a + b_down[e]),   a = swiglu(W_gate_up[e] x[t] + b_gate_up[e]),
 //   e = idx[t, j];  swiglu(h) = min(g, L) * sigmoid(alpha * min(g, L)) * (clip(u, -L, L) + 1) on
 //   gate g = h[0::2], up u = h[1::2] (gpt-oss's clamped SwiGLU), a rounded to bf16
 //
-// for a few bf16 tokens (decode). The XLA path sorts the (token, slot) pairs by expert, gathers
-// rows, runs the two grouped matmuls with the biases, the SwiGLU, the routing weights and the
-// sum over slots as some twenty separate ops a layer; on the bench config those cost about as
-// much as the matmuls themselves. Here the pairs are grouped by expert on the host side of the
-// call, and one ParallelFor on the caller and XLA's pool runs gate_up (mxfp4_rows.h, per
-// (expert, slice of 2F)), each task ending with its slice's bias + SwiGLU, then down (per
-// (expert, slice of D)), a down task waiting only for its own expert's gate_up slices rather
-// than for a barrier across all experts; the weighted sum per token in slot order follows on
-// the caller. Ids outside [0, E) (expert-parallel padding) belong to no expert.
+// for bf16 tokens, a decode step's few or a prefill's many. The XLA path sorts the (token, slot)
+// pairs by expert, gathers rows, runs the two grouped matmuls with the biases, the SwiGLU, the
+// routing weights and the sum over slots as some twenty separate ops a layer; on the bench
+// config those cost about as much as the matmuls themselves at decode, and its expand-then-GEMM
+// loop runs well below the machine's dot-product rate at prefill. Here the pairs are grouped by
+// expert on the host side of the call, and one ParallelFor on the caller and XLA's pool runs
+// gate_up, each task ending with its slice's bias + SwiGLU, then down, a down task waiting only
+// for its own expert's gate_up tasks rather than for a barrier across all experts; the weighted
+// sum per token in slot order follows on the caller. An expert with few pairs runs in chunks
+// of up to 4 rows against slices of its weight decoded in registers (mxfp4_rows.h); one with
+// at least `gemm_rows` pairs (prefill) runs as one group against panels of 64 output columns,
+// each decoded once to bf16 and met by all of its rows in a register-blocked GEMM
+// (mxfp4_panel_gemm.h). Ids outside [0, E) (expert-parallel padding) belong to no expert.
 
 #include <immintrin.h>
 
@@ -25,6 +29,7 @@
 #include <thread>
 #include <vector>
 
+#include "mxfp4_panel_gemm.h"
 #include "mxfp4_rows.h"
 #include "parallel_for.h"
 #include "simd.h"
@@ -132,8 +137,18 @@ struct Pair {
   int64_t token, slot, expert;
 };
 
-struct Chunk {  // up to kMaxRows pairs of one expert: sorted pairs [p0, p0 + rows)
-  int64_t p0, rows, expert;
+// Sorted pairs [p0, p0 + rows) of one expert: up to kMaxRows of them (rows kernel; their rows
+// of in, h and act from h0), or all of the expert's (gemm: panel GEMM; their rows of act_gemm
+// from h0).
+struct Chunk {
+  int64_t p0, rows, expert, h0;
+  bool gemm;
+};
+
+// One task: output columns [n0, n1) of chunk c's gate_up (down = false) or down weight.
+struct Task {
+  int64_t c, n0, n1;
+  bool down;
 };
 
 // The rows of a phase's input in the layout of the branch: quad (AVX-512 BF16) or split (the
@@ -161,20 +176,47 @@ struct Rows {
 struct Scratch {
   std::vector<Pair> pairs;
   std::vector<Chunk> chunks;
+  std::vector<Task> tasks;
   Rows in, act;
   std::vector<float> h, o;
+  std::vector<uint16_t> act_gemm;            // the gemm chunks' activations, [pairs, F] bf16
+  std::vector<const uint16_t*> x_of, a_of;   // per pair: its gate_up and down input rows
   std::vector<int64_t> where;
   std::unique_ptr<std::atomic<int64_t>[]> ready;
   int64_t ready_n = 0;
 };
 
 // One pass of a chunk's rows over output rows [n0, n1) of its expert's weight, into out.
+// (out: the chunk's first row; rows of n)
+mxfp4::Expert ExpertOf(int64_t expert, int64_t k, const uint8_t* blocks, const uint8_t* scales,
+                       int64_t n) {
+  const int64_t kb = k / mxfp4::kBlock;
+  return {blocks + expert * n * kb * mxfp4::kBlockBytes, scales + expert * n * kb, n, kb};
+}
+
 void RowsTask(int64_t isa, const Chunk& c, const Rows& in, int64_t k, const uint8_t* blocks,
               const uint8_t* scales, int64_t n, int64_t n0, int64_t n1, float* out) {
-  const int64_t kb = k / mxfp4::kBlock, off = c.p0 * k;
-  const mxfp4::Expert e{blocks + c.expert * n * kb * mxfp4::kBlockBytes, scales + c.expert * n * kb,
-                        n, kb};
-  mxfp4::RunRowsN(c.rows, isa, in.Xp(off), in.Xs(off), k, e, n0, n1, out + c.p0 * n, n);
+  const int64_t off = c.h0 * k;
+  mxfp4::RunRowsN(c.rows, isa, in.Xp(off), in.Xs(off), k, ExpertOf(c.expert, k, blocks, scales, n),
+                  n0, n1, out, n);
+}
+
+// The gemm chunk's gate_up panel [n0, n1) (whole (gate, up) pairs) with its bias and SwiGLU:
+// activations [n0 / 2, n1 / 2) of each of its rows, bf16, into act (the chunk's first row; rows
+// of f).
+void GemmGateUpTask(int64_t isa, const Chunk& c, const uint16_t* const* x_of, int64_t d,
+                    const uint8_t* blocks, const uint8_t* scales, const uint16_t* bias, int64_t f2,
+                    int64_t n0, int64_t n1, float limit, float alpha, uint16_t* act) {
+  thread_local std::vector<float> h;  // [rows, kPanelCols]: the panel's outputs
+  if (static_cast<int64_t>(h.size()) < c.rows * gptoss_cpu::panel::kPanelCols)
+    h.resize(c.rows * gptoss_cpu::panel::kPanelCols);
+  gptoss_cpu::panel::PanelProduct(isa, x_of + c.p0, c.rows, d,
+                                  ExpertOf(c.expert, d, blocks, scales, f2), n0, n1, h.data(),
+                                  gptoss_cpu::panel::kPanelCols);
+  const int64_t f = f2 / 2;
+  for (int64_t r = 0; r < c.rows; ++r)
+    SwigluRow(h.data() + r * gptoss_cpu::panel::kPanelCols, bias + c.expert * f2 + n0,
+              (n1 - n0) / 2, limit, alpha, act + r * f + n0 / 2);
 }
 
 bool Dims(ffi::Span<const int64_t> got, std::initializer_list<int64_t> want) {
@@ -186,7 +228,8 @@ ffi::Error ExpertMlpImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Bu
                          ffi::Buffer<ffi::U8> gu_scales, ffi::Buffer<ffi::BF16> gu_bias,
                          ffi::Buffer<ffi::U8> dn_blocks, ffi::Buffer<ffi::U8> dn_scales,
                          ffi::Buffer<ffi::BF16> dn_bias, ffi::ResultBuffer<ffi::F32> y,
-                         int64_t isa, float limit, float alpha, int64_t slice_rows) {
+                         int64_t isa, float limit, float alpha, int64_t slice_rows,
+                         int64_t gemm_rows) {
   const auto xd = x.dimensions(), id = idx.dimensions(), gb = gu_blocks.dimensions();
   if (xd.size() != 2 || id.size() != 2 || id[0] != xd[0] || !Dims(weights.dimensions(), {id[0], id[1]}) ||
       gb.size() != 4 || gb[3] != 16 || gb[2] * 32 != xd[1] || gb[1] % 2 != 0) {
@@ -213,85 +256,144 @@ ffi::Error ExpertMlpImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Bu
   const uint16_t* dnb = reinterpret_cast<const uint16_t*>(dn_bias.untyped_data());
   float* out = y->typed_data();
 
-  // pairs sorted by expert (stable: slot order within an expert), in chunks of <= 4
+  // pairs sorted by expert (stable: slot order within an expert), by counting
   thread_local Scratch scratch;
   std::vector<Pair>& pairs = scratch.pairs;
-  pairs.clear();
-  for (int64_t e = 0; e < e_n; ++e)
-    for (int64_t t = 0; t < t_n; ++t)
-      for (int64_t j = 0; j < k_n; ++j)
-        if (ids[t * k_n + j] == e) pairs.push_back({t, j, e});
-  const int64_t p_n = static_cast<int64_t>(pairs.size());
+  std::vector<int64_t>& where = scratch.where;  // first: each expert's count, then its start
+  where.assign(e_n + 1, 0);
+  for (int64_t i = 0; i < t_n * k_n; ++i)
+    if (ids[i] >= 0 && ids[i] < e_n) ++where[ids[i] + 1];
+  for (int64_t e = 0; e < e_n; ++e) where[e + 1] += where[e];
+  const int64_t p_n = where[e_n];
+  pairs.resize(p_n);
+  for (int64_t i = 0; i < t_n * k_n; ++i)
+    if (ids[i] >= 0 && ids[i] < e_n) pairs[where[ids[i]]++] = {i / k_n, i % k_n, ids[i]};
+  // chunks: an expert of at least gemm_rows pairs whole, the others in chunks of <= 4
   std::vector<Chunk>& chunks = scratch.chunks;
   chunks.clear();
+  int64_t h_n = 0, g_n = 0;  // rows of the rows-kernel chunks, of the gemm ones
   for (int64_t p = 0; p < p_n;) {
     int64_t q = p;
-    while (q < p_n && pairs[q].expert == pairs[p].expert && q - p < mxfp4::kMaxRows) ++q;
-    chunks.push_back({p, q - p, pairs[p].expert});
+    while (q < p_n && pairs[q].expert == pairs[p].expert) ++q;
+    if (gemm_rows > 0 && q - p >= gemm_rows) {
+      chunks.push_back({p, q - p, pairs[p].expert, g_n, true});
+      g_n += q - p;
+    } else {
+      for (int64_t r = p; r < q; r += mxfp4::kMaxRows) {
+        const int64_t rows = std::min<int64_t>(mxfp4::kMaxRows, q - r);
+        chunks.push_back({r, rows, pairs[p].expert, h_n, false});
+        h_n += rows;
+      }
+    }
     p = q;
   }
   std::fill(out, out + t_n * d, 0.0f);
   if (p_n == 0) return ffi::Error::Success();
   // rows per task: a multiple of 16 (whole row groups, and whole (gate, up) pairs)
   const int64_t slice = std::min<int64_t>(1024, std::max<int64_t>(16, slice_rows / 16 * 16));
+  const int64_t panel = gptoss_cpu::panel::kPanelCols;
 
   // One ParallelFor over two runs of tasks: gate_up per (chunk, slice of 2F), each finishing its
   // slice with the bias and the SwiGLU (its rows are whole (gate, up) pairs) and writing the
-  // activations in the down pass's layouts; then down per (chunk, slice of D). A down task waits
-  // (spinning) until its chunk's gate_up slices are all done; tasks are taken in order, so by the
-  // time one is taken every gate_up task has been, and the wait is at most the tail of the
-  // chunk's last slices, not a barrier across all experts.
-  Rows& in = scratch.in;  // gate_up: the pairs' tokens
-  in.Size(isa, p_n, d);
-  for (int64_t p = 0; p < p_n; ++p) in.Put(p, d, 0, d, xs + pairs[p].token * d);
+  // activations in the down pass's layouts; then down per (chunk, slice of D). A slice is
+  // `slice` rows of the weight for a rows-kernel chunk, a panel for a gemm one. A down task
+  // waits (spinning) until its chunk's gate_up slices are all done; tasks are taken in order, so
+  // by the time one is taken every gate_up task has been, and the wait is at most the tail of
+  // the chunk's last slices, not a barrier across all experts.
   const int64_t c_n = static_cast<int64_t>(chunks.size());
-  const int64_t gu_slices = (f2 + slice - 1) / slice, dn_slices = (d + slice - 1) / slice;
+  std::vector<Task>& tasks = scratch.tasks;
+  tasks.clear();
+  for (int pass = 0; pass < 2; ++pass) {
+    const int64_t n = pass == 0 ? f2 : d;
+    for (int64_t c = 0; c < c_n; ++c) {
+      const int64_t step = chunks[c].gemm ? panel : slice;
+      for (int64_t n0 = 0; n0 < n; n0 += step)
+        tasks.push_back({c, n0, std::min(n, n0 + step), pass == 1});
+    }
+  }
+  Rows& in = scratch.in;  // gate_up of the rows-kernel chunks: the pairs' tokens
+  in.Size(isa, h_n, d);
+  Rows& act = scratch.act;  // their down: the SwiGLU of each pair, bf16
+  act.Size(isa, h_n, f);
   std::vector<float>& h = scratch.h;  // h and o: every element written before it is read
   std::vector<float>& o = scratch.o;
-  h.resize(p_n * f2);
+  h.resize(h_n * f2);
   o.resize(p_n * d);
-  Rows& act = scratch.act;  // down: the SwiGLU of each pair, bf16
-  act.Size(isa, p_n, f);
+  std::vector<const uint16_t*>& x_of = scratch.x_of;  // the gemm chunks' rows, in place
+  std::vector<const uint16_t*>& a_of = scratch.a_of;
+  x_of.resize(p_n);
+  a_of.resize(p_n);
+  std::vector<uint16_t>& act_gemm = scratch.act_gemm;
+  act_gemm.resize(g_n * f);
+  for (const Chunk& c : chunks) {
+    for (int64_t r = 0; r < c.rows; ++r) {
+      const int64_t p = c.p0 + r;
+      if (c.gemm) {
+        x_of[p] = xs + pairs[p].token * d;
+        a_of[p] = act_gemm.data() + (c.h0 + r) * f;
+      } else {
+        in.Put(c.h0 + r, d, 0, d, xs + pairs[p].token * d);
+      }
+    }
+  }
   if (scratch.ready_n < c_n) {
     scratch.ready.reset(new std::atomic<int64_t>[c_n]);
     scratch.ready_n = c_n;
   }
   std::atomic<int64_t>* ready = scratch.ready.get();
   for (int64_t c = 0; c < c_n; ++c) ready[c].store(0, std::memory_order_relaxed);
-  const int64_t gu_tasks = c_n * gu_slices;
-  gptoss_cpu::ParallelFor(pool, gu_tasks + c_n * dn_slices, [&](int64_t i) {
-    if (i < gu_tasks) {
-      const Chunk& c = chunks[i / gu_slices];
-      const int64_t n0 = i % gu_slices * slice, n1 = std::min(f2, n0 + slice);
-      RowsTask(isa, c, in, d, gu_blocks.typed_data(), gu_scales.typed_data(), f2, n0, n1, h.data());
-      uint16_t a[512];  // the slice's activations (n1 - n0 <= 2 * 512 rows: slice is capped)
-      for (int64_t p = c.p0; p < c.p0 + c.rows; ++p) {
-        SwigluRow(h.data() + p * f2 + n0, gub + c.expert * f2 + n0, (n1 - n0) / 2, limit, alpha, a);
-        act.Put(p, f, n0 / 2, n1 / 2, a);
+  const int64_t gu_slices = (f2 + slice - 1) / slice, gu_panels = (f2 + panel - 1) / panel;
+  const uint8_t *gbk = gu_blocks.typed_data(), *gsc = gu_scales.typed_data();
+  const uint8_t *dbk = dn_blocks.typed_data(), *dsc = dn_scales.typed_data();
+  gptoss_cpu::ParallelFor(pool, static_cast<int64_t>(tasks.size()), [&](int64_t i) {
+    const Task& task = tasks[i];
+    const Chunk& c = chunks[task.c];
+    const int64_t n0 = task.n0, n1 = task.n1;
+    if (!task.down) {
+      if (c.gemm) {
+        GemmGateUpTask(isa, c, x_of.data(), d, gbk, gsc, gub, f2, n0, n1, limit, alpha,
+                       act_gemm.data() + c.h0 * f);
+      } else {
+        float* hc = h.data() + c.h0 * f2;
+        RowsTask(isa, c, in, d, gbk, gsc, f2, n0, n1, hc);
+        uint16_t a[512];  // the slice's activations (n1 - n0 <= 2 * 512 rows: slice is capped)
+        for (int64_t r = 0; r < c.rows; ++r) {
+          SwigluRow(hc + r * f2 + n0, gub + c.expert * f2 + n0, (n1 - n0) / 2, limit, alpha, a);
+          act.Put(c.h0 + r, f, n0 / 2, n1 / 2, a);
+        }
       }
-      ready[i / gu_slices].fetch_add(1, std::memory_order_release);
+      ready[task.c].fetch_add(1, std::memory_order_release);
       return;
     }
-    const int64_t j = i - gu_tasks;
-    const Chunk& c = chunks[j / dn_slices];
-    for (int spins = 0; ready[j / dn_slices].load(std::memory_order_acquire) < gu_slices; ++spins) {
+    const int64_t need = c.gemm ? gu_panels : gu_slices;
+    for (int spins = 0; ready[task.c].load(std::memory_order_acquire) < need; ++spins) {
       if (spins < 64) {
         _mm_pause();
       } else {
         std::this_thread::yield();
       }
     }
-    const int64_t n0 = j % dn_slices * slice, n1 = std::min(d, n0 + slice);
-    RowsTask(isa, c, act, f, dn_blocks.typed_data(), dn_scales.typed_data(), d, n0, n1, o.data());
+    if (c.gemm) {
+      gptoss_cpu::panel::PanelProduct(isa, a_of.data() + c.p0, c.rows, f,
+                                      ExpertOf(c.expert, f, dbk, dsc, d), n0, n1,
+                                      o.data() + c.p0 * d + n0, d);
+    } else {
+      RowsTask(isa, c, act, f, dbk, dsc, d, n0, n1, o.data() + c.p0 * d);
+    }
   });
 
-  std::vector<int64_t>& where = scratch.where;  // sorted index of each (token, slot)
-  where.assign(t_n * k_n, -1);
+  where.assign(t_n * k_n, -1);  // now: the sorted index of each (token, slot)
   for (int64_t p = 0; p < p_n; ++p) where[pairs[p].token * k_n + pairs[p].slot] = p;
-  for (int64_t t = 0; t < t_n; ++t)  // in slot order, as the XLA path sums
-    for (int64_t j = 0; j < k_n; ++j)
-      if (const int64_t p = where[t * k_n + j]; p >= 0)
-        AddWeighted(o.data() + p * d, dnb + pairs[p].expert * d, ws[t * k_n + j], d, out + t * d);
+  // in slot order, as the XLA path sums; kSumTokens tokens a task (a decode step's on the
+  // caller alone, a prefill's shared)
+  constexpr int64_t kSumTokens = 32;
+  gptoss_cpu::ParallelFor(pool, (t_n + kSumTokens - 1) / kSumTokens, [&](int64_t i) {
+    for (int64_t t = i * kSumTokens; t < std::min(t_n, (i + 1) * kSumTokens); ++t)
+      for (int64_t j = 0; j < k_n; ++j)
+        if (const int64_t p = where[t * k_n + j]; p >= 0)
+          AddWeighted(o.data() + p * d, dnb + pairs[p].expert * d, ws[t * k_n + j], d,
+                      out + t * d);
+  });
   return ffi::Error::Success();
 }
 
@@ -313,4 +415,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossExpertMlp, ExpertMlpImpl,
                                   .Attr<int64_t>("isa")
                                   .Attr<float>("limit")
                                   .Attr<float>("alpha")
-                                  .Attr<int64_t>("slice_rows"));
+                                  .Attr<int64_t>("slice_rows")
+                                  .Attr<int64_t>("gemm_rows"));

@@ -11,7 +11,8 @@ Backends, chosen from the resolved :class:`~gptoss_jax.ops.runtime.Ops` and the 
   (``pallas_kernels.grouped_mxfp4``: Triton-style, or Mosaic GPU when asked for) take the sorted
   pairs straight from the packed weights, with the bias, the SwiGLU and the routing weight fused
   into their epilogues;
-* ``expert_mlp`` (x86-64 with AVX2; packed experts without adapters, bf16 decode rows): the
+* ``expert_mlp`` (x86-64 with AVX2; packed experts without adapters, bf16 rows: decode sizes,
+  and prefill sizes on AVX-512 BF16, where an expert's many rows run as a panel GEMM): the
   whole MLP (both matmuls, biases, SwiGLU, routing weights, the sum over slots) in one C++
   call, which groups the pairs by expert itself; its gradient is the sorted XLA path's;
 * ``mxfp4_gemv`` / ``mxfp4_grouped`` (x86-64; packed experts, decode-sized row counts): the
@@ -19,7 +20,7 @@ Backends, chosen from the resolved :class:`~gptoss_jax.ops.runtime.Ops` and the 
   ``mxfp4_gemv`` (any CPU with AVX2; bf16 rows, up to a few per expert) or ``mxfp4_grouped``
   (AVX-512; 8 rows a pass, f32 rows too);
 * ``xla``: for ``T*k <= E`` pairs the gather path, else the tiled per-expert loop
-  (``experts_xla.py``).
+  (``experts_xla.py``; on CPU the prefill path of the branches without ``expert_mlp``'s GEMM).
 
 Every backend but the gather path works on the (token, slot) pairs sorted by expert
 (:func:`sorted_mlp`); that is also the local computation of the expert-parallel MoE

@@ -42,9 +42,16 @@ CPU_GEMV_MAX_ROWS = {"avx512_bf16": 8, "avx512": 4, "avx2": 4}
 # mxfp4_gemv (bf16 rows in natural order) up to this many (token, slot) pairs per expert on
 # average: it streams an expert's weight once per 4 of its rows. Past it, the 8-row
 # mxfp4_grouped (also for f32 rows), up to CPU_KERNEL_MAX_ROWS_PER_EXPERT; past that (long
-# prefills) XLA's expand-then-GEMM is faster.
+# prefills) expert_mlp's panel GEMM where CPU_PREFILL_GEMM_BRANCHES has the branch, else XLA's
+# expand-then-GEMM (faster there than the grouped kernels). At 16 rows per expert on
+# gpt-oss-20b's shapes mxfp4_grouped took 184-195 ms a layer against 205-260 for the GEMM.
 CPU_GEMV_MAX_ROWS_PER_EXPERT = 4
 CPU_KERNEL_MAX_ROWS_PER_EXPERT = 32
+# Past CPU_KERNEL_MAX_ROWS_PER_EXPERT (prefill), expert_mlp's panel GEMM on these branches: on
+# the bench config's 512-token prompt (2048 pairs, 16 experts) one layer's MLP took 6.9-8.4 ms
+# against 14-15 ms for XLA's expand-then-GEMM (Zen 5, AVX-512 BF16); its f32 branches took 22
+# (AVX-512) and 40 ms (AVX2) forced on the same CPU, so they keep XLA's loop.
+CPU_PREFILL_GEMM_BRANCHES = frozenset({"avx512_bf16"})
 # paged_decode_attention (AVX-512): query heads per KV head and head width it takes.
 CPU_ATTENTION_MAX_GROUP, CPU_ATTENTION_MAX_HEAD_DIM = 16, 128
 # Keys per step of the XLA paged attention's online softmax (``ops.paged_kv``).
@@ -125,10 +132,14 @@ class Ops:
 
     def fused_experts(self, pairs: int, num_experts: int, dtype) -> bool:
         """Whether the whole expert MLP of ``pairs`` (token, slot) pairs with ``dtype`` rows runs
-        in one CPU kernel call (``expert_mlp``: packed experts without adapters, decode sizes)."""
-        return (self.experts == "cpu_kernel" and self._dispatched("expert_mlp")
-                and jnp.dtype(dtype) == jnp.bfloat16
-                and pairs <= CPU_GEMV_MAX_ROWS_PER_EXPERT * num_experts)
+        in one CPU kernel call (``expert_mlp``: packed experts without adapters; decode sizes,
+        and prefill sizes on the branches of its panel GEMM)."""
+        if not (self.experts == "cpu_kernel" and self._dispatched("expert_mlp")
+                and jnp.dtype(dtype) == jnp.bfloat16):
+            return False
+        return (pairs <= CPU_GEMV_MAX_ROWS_PER_EXPERT * num_experts
+                or (pairs > CPU_KERNEL_MAX_ROWS_PER_EXPERT * num_experts
+                    and self.cpu_isa in CPU_PREFILL_GEMM_BRANCHES))
 
     def paged_decode_kernel(self, group: int, head_dim: int, pool_dtype) -> bool:
         """Whether one query position per row attends through page tables in the CPU kernel
@@ -163,9 +174,11 @@ class Ops:
             limit = self.experts_kernel_max_rows
             kernels = []
             if self._dispatched("expert_mlp"):
-                rows = "" if limit is None else f", <= {CPU_GEMV_MAX_ROWS_PER_EXPERT} rows per expert"
-                kernels.append(f"cpu_kernel:expert_mlp{branch} (packed, no adapters, bf16{rows}: "
-                               "the whole MLP in one call)")
+                rows = f", <= {CPU_GEMV_MAX_ROWS_PER_EXPERT}"
+                if self.cpu_isa in CPU_PREFILL_GEMM_BRANCHES:
+                    rows += f" or > {CPU_KERNEL_MAX_ROWS_PER_EXPERT} (panel GEMM)"
+                kernels.append(f"cpu_kernel:expert_mlp{branch} (packed, no adapters, bf16{rows} "
+                               "rows per expert: the whole MLP in one call)")
             if self._dispatched("mxfp4_gemv"):
                 rows = "" if limit is None else f", <= {CPU_GEMV_MAX_ROWS_PER_EXPERT} rows per expert"
                 kernels.append(f"cpu_kernel:mxfp4_gemv{branch} (packed, bf16{rows})")

@@ -127,3 +127,53 @@ def test_default_tasks_match_numpy(branch):
     ref = numpy_mlp(x, idx, w, dequantize(gb, gs), gub, dequantize(db, ds), dnb)
     out = run(args, branch=branch)
     np.testing.assert_allclose(out, ref, rtol=0, atol=2e-3 * np.abs(ref).max())
+
+
+# The panel GEMM (experts of at least gemm_rows pairs: prefill). Rows per expert not a multiple
+# of any branch's row block (6, 4, 2), output widths ending in a half panel (96 = 64 + 32,
+# 2880 = 45 x 64 + 0, 160 -> 2F = 320 = 5 x 64), block counts 2, 3, 5, 7 and gpt-oss-20b's 90.
+@needs_kernel
+@pytest.mark.parametrize("branch", branch_params())
+@pytest.mark.parametrize("t,k,e,d,f,gemm_rows", [
+    (45, 4, 5, 96, 160, 8),   # ~36 pairs an expert, all through the GEMM
+    (29, 3, 6, 224, 64, 1),   # every expert through the GEMM, down's 224 = 3 x 64 + 32
+    (41, 2, 9, 160, 96, 10),  # some experts through the GEMM, the rest through the rows kernel
+])
+def test_gemm_matches_numpy(branch, t, k, e, d, f, gemm_rows):
+    args = case(t, k, e, d, f, seed=3 * t + e)
+    x, idx, w, gb, gs, gub, db, ds, dnb = args
+    idx[0, -1], idx[1, 0] = e, -1  # ids outside [0, E) count for nothing
+    ref = numpy_mlp(x, idx, w, dequantize(gb, gs), gub, dequantize(db, ds), dnb)
+    out = run(args, branch=branch, gemm_rows=gemm_rows)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=2e-3 * np.abs(ref).max())
+
+
+@needs_kernel
+@pytest.mark.parametrize("branch", branch_params())
+def test_gemm_one_expert_takes_every_row(branch):
+    # slot 0 of every token on expert 1 (all 37 rows in one GEMM group), slot 1 on expert 2 for
+    # five tokens (the rows kernel: fewer than gemm_rows), on ids past the experts or negative
+    # for the rest; experts 0 and 3 get nothing
+    t, e, d, f = 37, 4, 64, 224
+    args = list(case(t, 2, e, d, f, seed=17))
+    idx = np.stack([np.ones(t), np.where(np.arange(t) < 5, 2, e + np.arange(t) % 3)], 1)
+    idx[::4, 1] = -1
+    args[1] = idx.astype(np.int32)
+    x, idx, w, gb, gs, gub, db, ds, dnb = args
+    ref = numpy_mlp(x, idx, w, dequantize(gb, gs), gub, dequantize(db, ds), dnb)
+    out = run(tuple(args), branch=branch, gemm_rows=6)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=2e-3 * np.abs(ref).max())
+
+
+@needs_kernel
+@pytest.mark.parametrize("branch", branch_params())
+@pytest.mark.parametrize("t,k,e,d,f", [
+    (19, 3, 4, 2880, 64),  # gpt-oss-20b's width: gate_up panels over K = 2880 (90 blocks)
+    (23, 2, 3, 64, 2880),  # its intermediate size: down panels over K = 2880, gate_up N = 5760
+])
+def test_gemm_at_gpt_oss_20b_widths(branch, t, k, e, d, f):
+    args = case(t, k, e, d, f, seed=t)
+    x, idx, w, gb, gs, gub, db, ds, dnb = args
+    ref = numpy_mlp(x, idx, w, dequantize(gb, gs), gub, dequantize(db, ds), dnb)
+    out = run(args, branch=branch, gemm_rows=4)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=2e-3 * np.abs(ref).max())

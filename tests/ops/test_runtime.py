@@ -70,7 +70,14 @@ def test_kernel_choice_by_rows_dtype_and_branch():
     assert ops.experts_kernel(4 * e, e, bf16) == "mxfp4_gemv"  # decode: a few rows per expert
     assert ops.experts_kernel(4 * e + 1, e, bf16) in ("mxfp4_grouped", None)
     assert ops.experts_kernel(4, e, f32) in ("mxfp4_grouped", None)  # f32 rows: not the gemv
-    assert ops.experts_kernel(33 * e, e, bf16) is None  # long prefills: XLA
+    assert ops.experts_kernel(33 * e, e, bf16) is None  # long prefills: XLA ...
+    # ... or the whole MLP in expert_mlp's panel GEMM, on the branches it is measured on
+    assert ops.fused_experts(33 * e, e, bf16) == (ops.cpu_isa in runtime.CPU_PREFILL_GEMM_BRANCHES)
+    assert not ops.fused_experts(33 * e, e, f32)
+    assert not ops.fused_experts(32 * e, e, bf16)  # between: the grouped kernels
+    for branch in cpu_kernels.isa.supported():
+        forced = resolve(platform="cpu", cpu_isa=branch)
+        assert forced.fused_experts(33 * e, e, bf16) == (branch == "avx512_bf16")
     for branch in cpu_kernels.isa.supported():  # any branch this CPU runs can be forced
         forced = resolve(platform="cpu", cpu_isa=branch)
         assert forced.cpu_isa == branch and f"[{branch}]" in forced.table()["projection"]
