@@ -123,6 +123,15 @@ void Task(const Problem& p, int64_t row, int64_t head, const Keys& keys_at, cons
   // scores, 16 keys at a time: the block's keys widened once into kw (L1), then per query head
   // 16 dot products in registers and one Sum16 (the same sums, in the same order, as one
   // accumulator per key and head)
+  // Rows are read kAhead keys after their prefetch (pages scatter them, so the hardware
+  // prefetcher loses the stream at each page): ~100 ns of memory latency at a few ns a key.
+  constexpr int64_t kAhead = 32;
+  auto prefetch = [&](const uint16_t* base, int64_t j) {
+    if (j >= s_n) return;
+    const char* row = reinterpret_cast<const char*>(base + keys_at.Offset(j));
+    for (int c = 0; c < P; c += 2) _mm_prefetch(row + 32 * c, _MM_HINT_T0);  // 64 B lines
+  };
+  for (int64_t j = 0; j < kAhead; ++j) prefetch(kc, j);
   alignas(64) __m512 kw[16][P];
   for (int64_t j0 = 0; j0 < s_n; j0 += 16) {
     const int n = static_cast<int>(std::min<int64_t>(16, s_n - j0));
@@ -135,10 +144,7 @@ void Task(const Problem& p, int64_t row, int64_t head, const Keys& keys_at, cons
                                     _mm512_set1_epi32(static_cast<int32_t>(p.window)));
     if (ok == 0) continue;
     for (int j = 0; j < 16; ++j) {
-      if (j0 + 16 + j < s_n) {  // the next block's rows, which may sit on another page
-        const char* next = reinterpret_cast<const char*>(kc + keys_at.Offset(j0 + 16 + j));
-        for (int c = 0; c < P; c += 2) _mm_prefetch(next + 32 * c, _MM_HINT_T0);
-      }
+      prefetch(kc, j0 + kAhead + j);
       if (!((ok >> j) & 1)) {
 #pragma GCC unroll 8
         for (int c = 0; c < P; ++c) kw[j][c] = _mm512_setzero_ps();
@@ -161,6 +167,8 @@ void Task(const Problem& p, int64_t row, int64_t head, const Keys& keys_at, cons
       _mm512_mask_storeu_ps(scores.data() + g * s_n + j0, ok, sc);
     }
   }
+
+  for (int64_t j = 0; j < kAhead; ++j) prefetch(vc, j);  // in flight during the softmax
 
   // softmax with the sink, probabilities rounded to bf16
   float* out = p.out + (row * p.kh + head) * g_n * h;
@@ -201,10 +209,7 @@ void Task(const Problem& p, int64_t row, int64_t head, const Keys& keys_at, cons
 #pragma GCC unroll 8
     for (int c = 0; c < P; ++c) a0[c] = a1[c] = a2[c] = a3[c] = _mm512_setzero_ps();
     for (int64_t j = 0; j < s_n; ++j) {
-      if (j + 8 < s_n) {
-        const char* next = reinterpret_cast<const char*>(vc + keys_at.Offset(j + 8));
-        for (int c = 0; c < P; c += 2) _mm_prefetch(next + 32 * c, _MM_HINT_T0);
-      }
+      prefetch(vc, j + kAhead);
       float pj[kGroup];
       bool any = false;
 #pragma GCC unroll 4
