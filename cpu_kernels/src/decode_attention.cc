@@ -120,7 +120,19 @@ void Task(const Problem& p, int64_t row, int64_t head, const Keys& keys_at, cons
       q[g][c] = WidenBf16(p.q + ((row * p.kh + head) * g_n + g) * h + 16 * c, live(c));
   scores.assign(g_n * s_n, kMasked);
 
-  // scores, 16 keys at a time
+  // scores, 16 keys at a time: the block's keys widened once into kw (L1), then per query head
+  // 16 dot products in registers and one Sum16 (the same sums, in the same order, as one
+  // accumulator per key and head)
+  // Rows are read kAhead keys after their prefetch (pages scatter them, so the hardware
+  // prefetcher loses the stream at each page): ~100 ns of memory latency at a few ns a key.
+  constexpr int64_t kAhead = 32;
+  auto prefetch = [&](const uint16_t* base, int64_t j) {
+    if (j >= s_n) return;
+    const char* row = reinterpret_cast<const char*>(base + keys_at.Offset(j));
+    for (int c = 0; c < P; c += 2) _mm_prefetch(row + 32 * c, _MM_HINT_T0);  // 64 B lines
+  };
+  for (int64_t j = 0; j < kAhead; ++j) prefetch(kc, j);
+  alignas(64) __m512 kw[16][P];
   for (int64_t j0 = 0; j0 < s_n; j0 += 16) {
     const int n = static_cast<int>(std::min<int64_t>(16, s_n - j0));
     const __mmask16 keys = static_cast<__mmask16>(n == 16 ? 0xFFFF : (1u << n) - 1);
@@ -131,26 +143,32 @@ void Task(const Problem& p, int64_t row, int64_t head, const Keys& keys_at, cons
       ok &= _mm512_cmplt_epi32_mask(_mm512_sub_epi32(_mm512_set1_epi32(qp), pos),
                                     _mm512_set1_epi32(static_cast<int32_t>(p.window)));
     if (ok == 0) continue;
-    __m512 acc[kMaxG][16];
     for (int j = 0; j < 16; ++j) {
+      prefetch(kc, j0 + kAhead + j);
       if (!((ok >> j) & 1)) {
-        for (int64_t g = 0; g < g_n; ++g) acc[g][j] = _mm512_setzero_ps();
+#pragma GCC unroll 8
+        for (int c = 0; c < P; ++c) kw[j][c] = _mm512_setzero_ps();
         continue;
       }
       const uint16_t* kr = kc + keys_at.Offset(j0 + j);
-      __m512 kv[P];
-      for (int c = 0; c < P; ++c) kv[c] = WidenBf16(kr + 16 * c, live(c));
-      for (int64_t g = 0; g < g_n; ++g) {
-        __m512 t = _mm512_mul_ps(q[g][0], kv[0]);
-        for (int c = 1; c < P; ++c) t = _mm512_fmadd_ps(q[g][c], kv[c], t);
-        acc[g][j] = t;
-      }
+#pragma GCC unroll 8
+      for (int c = 0; c < P; ++c) kw[j][c] = WidenBf16(kr + 16 * c, live(c));
     }
     for (int64_t g = 0; g < g_n; ++g) {
-      const __m512 sc = _mm512_mul_ps(gptoss_cpu::isa_avx512::Sum16(acc[g]), _mm512_set1_ps(scale));
+      __m512 acc[16];
+#pragma GCC unroll 16
+      for (int j = 0; j < 16; ++j) {
+        __m512 t = _mm512_mul_ps(q[g][0], kw[j][0]);
+#pragma GCC unroll 8
+        for (int c = 1; c < P; ++c) t = _mm512_fmadd_ps(q[g][c], kw[j][c], t);
+        acc[j] = t;
+      }
+      const __m512 sc = _mm512_mul_ps(gptoss_cpu::isa_avx512::Sum16(acc), _mm512_set1_ps(scale));
       _mm512_mask_storeu_ps(scores.data() + g * s_n + j0, ok, sc);
     }
   }
+
+  for (int64_t j = 0; j < kAhead; ++j) prefetch(vc, j);  // in flight during the softmax
 
   // softmax with the sink, probabilities rounded to bf16
   float* out = p.out + (row * p.kh + head) * g_n * h;
@@ -174,31 +192,52 @@ void Task(const Problem& p, int64_t row, int64_t head, const Keys& keys_at, cons
     const __m512 dv = _mm512_set1_ps(denom);
     for (int64_t j = 0; j < s_n; j += 16) {
       const __mmask16 m = static_cast<__mmask16>(s_n - j >= 16 ? 0xFFFF : (1u << (s_n - j)) - 1);
-      _mm512_mask_storeu_ps(sg + j, m, RoundBf16(_mm512_div_ps(_mm512_maskz_loadu_ps(m, sg + j), dv)));
+      const __m512 e = _mm512_maskz_loadu_ps(m, sg + j);
+      _mm512_mask_storeu_ps(sg + j, m, RoundBf16(_mm512_div_ps(e, dv)));
     }
   }
 
-  // out = p @ v, four query heads at a time (16 accumulators for h = 64)
-  for (int64_t g0 = 0; g0 < g_n; g0 += 4) {
-    const int64_t gs = std::min<int64_t>(4, g_n - g0);
-    __m512 acc[4][P];
-    for (int64_t g = 0; g < 4; ++g)
-      for (int c = 0; c < P; ++c) acc[g][c] = _mm512_setzero_ps();
+  // out = p @ v, kGroup query heads at a time. One array of P accumulators per head (GCC keeps
+  // small arrays in registers; one [kGroup][P] array, 1 KB, lived on the stack).
+  constexpr int kGroup = P <= 4 ? 4 : 2;
+  for (int64_t g0 = 0; g0 < g_n; g0 += kGroup) {
+    const int64_t gs = std::min<int64_t>(kGroup, g_n - g0);
+    const float* pg[kGroup];
+    for (int g = 0; g < kGroup; ++g)
+      pg[g] = scores.data() + (g0 + std::min<int64_t>(g, gs - 1)) * s_n;
+    __m512 a0[P], a1[P], a2[P], a3[P];
+#pragma GCC unroll 8
+    for (int c = 0; c < P; ++c) a0[c] = a1[c] = a2[c] = a3[c] = _mm512_setzero_ps();
     for (int64_t j = 0; j < s_n; ++j) {
-      float pj[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      prefetch(vc, j + kAhead);
+      float pj[kGroup];
       bool any = false;
-      for (int64_t g = 0; g < gs; ++g) any |= (pj[g] = scores[(g0 + g) * s_n + j]) != 0.0f;
+#pragma GCC unroll 4
+      for (int g = 0; g < kGroup; ++g) {
+        pj[g] = g < gs ? pg[g][j] : 0.0f;  // heads past gs have p = 0
+        any |= pj[g] != 0.0f;
+      }
       if (!any) continue;  // masked (or underflowed) for every head here: no need to read v
       const uint16_t* vr = vc + keys_at.Offset(j);
+      const __m512 p0 = _mm512_set1_ps(pj[0]), p1 = _mm512_set1_ps(pj[1]);
+#pragma GCC unroll 8
       for (int c = 0; c < P; ++c) {
         const __m512 vv = WidenBf16(vr + 16 * c, live(c));
-        for (int g = 0; g < 4; ++g)  // heads past gs have p = 0
-          acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(pj[g]), vv, acc[g][c]);
+        a0[c] = _mm512_fmadd_ps(p0, vv, a0[c]);
+        a1[c] = _mm512_fmadd_ps(p1, vv, a1[c]);
+        if constexpr (kGroup > 2) {
+          a2[c] = _mm512_fmadd_ps(_mm512_set1_ps(pj[2 % kGroup]), vv, a2[c]);
+          a3[c] = _mm512_fmadd_ps(_mm512_set1_ps(pj[3 % kGroup]), vv, a3[c]);
+        }
       }
     }
-    for (int64_t g = 0; g < gs; ++g)
-      for (int c = 0; c < P; ++c)
-        _mm512_mask_storeu_ps(out + (g0 + g) * h + 16 * c, live(c), acc[g][c]);
+    for (int c = 0; c < P; ++c) {
+      float* o = out + g0 * h + 16 * c;
+      _mm512_mask_storeu_ps(o, live(c), a0[c]);
+      if (gs > 1) _mm512_mask_storeu_ps(o + h, live(c), a1[c]);
+      if (gs > 2) _mm512_mask_storeu_ps(o + 2 * h, live(c), a2[c]);
+      if (gs > 3) _mm512_mask_storeu_ps(o + 3 * h, live(c), a3[c]);
+    }
   }
 }
 

@@ -84,6 +84,12 @@ def case(lengths, kh, g, h, size, cols, seed):
     ((1,), 1, 1, 12, 16, 1, None),                 # one key
     ((70, 33), 3, 16, 128, 8, 12, 50),             # the widest heads the kernel takes
     ((29, 17), 2, 5, 40, 5, 6, None),              # page size not a power of two
+    ((31, 32, 33, 47, 48, 49), 2, 7, 64, 16, 4, None),  # lengths about the 32-key prefetch
+                                                   # lead and 16-key blocks; 7 heads: a group of 4
+                                                   # and one of 3
+    ((100, 65), 2, 6, 64, 16, 7, 33),              # groups of 4 and 2, the window mid-block
+    ((90, 34, 15), 1, 3, 96, 16, 6, None),         # h over 64: groups of 2 heads, the last of 1
+    ((61,), 2, 2, 112, 16, 4, 40),                 # h over 64, one group of 2, a window
 ])
 def test_matches_numpy(lengths, kh, g, h, size, cols, window):
     q, k_pool, v_pool, table, q_pos, sinks = case(lengths, kh, g, h, size, cols,
