@@ -72,16 +72,7 @@ def main(argv=None) -> int:
     import generate
     import jax
 
-    from gptoss_jax.model.config import PRESETS
-
-    path = args.checkpoint
-    if path is None:
-        from convert.random_weights import random_getter
-        from convert.writer import write_checkpoint
-        path = os.path.join(tempfile.gettempdir(), f"gptoss_bench_{args.preset}")
-        if not os.path.exists(os.path.join(path, "config.json")):
-            cfg = PRESETS[args.preset]
-            write_checkpoint(random_getter(cfg, seed=0), cfg, path, "hf_mxfp4", progress=False)
+    path = args.checkpoint if args.checkpoint is not None else generate.preset_checkpoint(args.preset)
     ours = generate.Ours(path, args.dtype, args.prompt_len, args.new_tokens)
     ours.run(args.batch)  # compiles
     untraced = ours.run(args.batch)["decode_step_ms"]

@@ -59,6 +59,20 @@ def decode_bytes_per_token(model) -> int:
     return total
 
 
+def preset_checkpoint(preset: str) -> str:
+    """The folder of preset ``preset``'s random checkpoint (seed 0, HF MXFP4 layout) in the temp
+    dir, written on first use and reused by every benchmark after."""
+    from convert.random_weights import random_getter
+    from convert.writer import write_checkpoint
+    from gptoss_jax.model.config import PRESETS
+
+    path = os.path.join(tempfile.gettempdir(), f"gptoss_bench_{preset}")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        cfg = PRESETS[preset]
+        write_checkpoint(random_getter(cfg, seed=0), cfg, path, "hf_mxfp4", progress=False)
+    return path
+
+
 class Ours:
     """gptoss_jax: ``load()`` once, then ``run(b)`` per batch size (compile excluded)."""
 
@@ -168,15 +182,7 @@ def main(argv=None):
 
     import jax
 
-    from gptoss_jax.model.config import PRESETS
-    path = a.checkpoint
-    if path is None:
-        from convert.random_weights import random_getter
-        from convert.writer import write_checkpoint
-        path = os.path.join(tempfile.gettempdir(), f"gptoss_bench_{a.preset}")
-        if not os.path.exists(os.path.join(path, "config.json")):
-            cfg = PRESETS[a.preset]
-            write_checkpoint(random_getter(cfg, seed=0), cfg, path, "hf_mxfp4", progress=False)
+    path = a.checkpoint if a.checkpoint is not None else preset_checkpoint(a.preset)
     result = {
         "bench": "generate", "machine": platform.machine(), "cpus": os.cpu_count(),
         "jax": jax.__version__, "backend": jax.default_backend(),

@@ -299,14 +299,8 @@ def main(argv=None):
         p.error("--batches: 1, or 1 and one more batch size")
     tools = llama_tools(os.path.abspath(os.path.expanduser(a.llama_cpp)), a.converter)
     if a.checkpoint is None:
-        from convert.random_weights import random_getter
-        from convert.writer import write_checkpoint
-        from gptoss_jax.model.config import PRESETS
-        a.checkpoint = os.path.join(tempfile.gettempdir(), f"gptoss_bench_{a.preset}")
-        if not os.path.exists(os.path.join(a.checkpoint, "config.json")):
-            cfg = PRESETS[a.preset]
-            write_checkpoint(random_getter(cfg, seed=0), cfg, a.checkpoint, "hf_mxfp4",
-                             progress=False)
+        from generate import preset_checkpoint
+        a.checkpoint = preset_checkpoint(a.preset)
     gguf = ensure_gguf(a.checkpoint, tools, a.gguf)
 
     import jax
