@@ -186,14 +186,15 @@ struct Scratch {
   int64_t ready_n = 0;
 };
 
-// One pass of a chunk's rows over output rows [n0, n1) of its expert's weight, into out.
-// (out: the chunk's first row; rows of n)
+// Expert `expert`'s packed weight of n rows by k.
 mxfp4::Expert ExpertOf(int64_t expert, int64_t k, const uint8_t* blocks, const uint8_t* scales,
                        int64_t n) {
   const int64_t kb = k / mxfp4::kBlock;
   return {blocks + expert * n * kb * mxfp4::kBlockBytes, scales + expert * n * kb, n, kb};
 }
 
+// One pass of a chunk's rows over output rows [n0, n1) of its expert's weight, into out (the
+// chunk's first row; rows of n).
 void RowsTask(int64_t isa, const Chunk& c, const Rows& in, int64_t k, const uint8_t* blocks,
               const uint8_t* scales, int64_t n, int64_t n0, int64_t n1, float* out) {
   const int64_t off = c.h0 * k;
