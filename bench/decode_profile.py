@@ -31,8 +31,8 @@ sys.path.insert(0, os.path.dirname(BENCH_DIR))
 sys.path.insert(0, BENCH_DIR)
 
 STEP = re.compile(r"^\$engine\.py:\d+ step$")  # the engine's step(), as the tracer names it
-# spans that hold the ops rather than being one (the executor; the host waiting for the result)
-WRAPPERS = ("ThunkExecutor::Execute", "np.asarray(")
+# spans that hold the ops rather than being one (the executors; the host waiting for the result)
+WRAPPERS = ("ThunkExecutor::Execute", "PjRtLoadedExecutable::Execute", "np.asarray(")
 
 
 def per_step(events: list[dict]) -> dict:
