@@ -25,7 +25,7 @@ configure_offline()
 
 
 def pytest_xdist_auto_num_workers(config):
-    """``-n auto`` (pyproject's addopts): one worker per usable CPU, at most four and one per
+    """``-n auto``: one worker per usable CPU, at most four and one per
     4 GiB of memory (a worker holds jax, torch and transformers' reference models)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     try:
